@@ -1,0 +1,179 @@
+"""Parsers for the raw data files: SentiMix CoNLL, ``Uid,Sentiment`` CSV, token-per-line corpora.
+
+Every parser takes the file's path and ``what`` (a short description of where the path came from,
+e.g. ``"task sentiment-en-hi, key train_file"``) and raises :class:`CmmergeError` with one line
+naming the file (and line number where there is one) on bad input.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cmmerge.errors import CmmergeError
+
+_DIGITS = re.compile(r"[0-9]+")
+
+
+@dataclass(frozen=True)
+class SentimixRecord:
+    """One tweet of a SentiMix CoNLL file.
+
+    Attributes:
+        uid: The tweet id from the header line.
+        label: The header's label, or ``None`` in unlabelled files.
+        text: The tweet's tokens joined with single spaces.
+        line: 1-based line number of the header.
+    """
+
+    uid: str
+    label: str | None
+    text: str
+    line: int
+
+
+def resolve_path(data_root: str | Path, rel: str | Path, what: str) -> Path:
+    """Return ``data_root / rel`` after checking that the root folder and the file exist.
+
+    Args:
+        data_root: The data root folder (``data.root``).
+        rel: File path relative to the root (an absolute path is used as is).
+        what: Where ``rel`` came from, for the error message.
+
+    Raises:
+        CmmergeError: If the root folder or the file does not exist.
+    """
+    root = Path(data_root).expanduser().resolve()
+    if not root.is_dir():
+        raise CmmergeError(f"data root folder not found: {root} (set data.root=DIR; {what})")
+    path = (root / Path(rel).expanduser()).resolve()
+    if not path.is_file():
+        raise CmmergeError(f"file not found: {path} ({what}: {rel!s}; data.root={root})")
+    return path
+
+
+def read_text(path: Path, what: str) -> str:
+    """Read a whole file as UTF-8 (a leading BOM is dropped).
+
+    Raises:
+        CmmergeError: If the file is missing, empty (or blank) or not valid UTF-8.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise CmmergeError(f"cannot read {path} ({what}): {err.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        bad = data[err.start : err.end].hex()
+        raise CmmergeError(
+            f"undecodable bytes in {path} line {line}: 0x{bad} is not UTF-8 ({what})"
+        ) from None
+    text = text.removeprefix("\ufeff")
+    if not text.strip():
+        raise CmmergeError(f"empty file: {path} ({what})")
+    return text
+
+
+def split_lines(text: str) -> list[str]:
+    """Split on ``\\n`` only (tweets may hold other Unicode line separators); drop ``\\r``."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+def _header(fields: list[str]) -> bool:
+    """A header line is ``meta<TAB><digits>[<TAB>label]``; ``meta<TAB>lang2`` is a token."""
+    return len(fields) >= 2 and fields[0] == "meta" and bool(_DIGITS.fullmatch(fields[1].strip()))
+
+
+def parse_sentimix_conll(path: Path, what: str) -> list[SentimixRecord]:
+    """Parse a SentiMix CoNLL file into tweets.
+
+    Format: each tweet starts with ``meta<TAB>uid[<TAB>label]``, then one ``token<TAB>tag`` line
+    per token; a blank line (or the next header) ends it. Empty tokens are skipped.
+
+    Raises:
+        CmmergeError: On a token line before the first header, or an unreadable file.
+    """
+    records: list[SentimixRecord] = []
+    uid: str | None = None
+    label: str | None = None
+    start = 0
+    tokens: list[str] = []
+    for number, line in enumerate(split_lines(read_text(path, what)), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if _header(fields):
+            if uid is not None:
+                records.append(SentimixRecord(uid, label, " ".join(tokens), start))
+            uid, start, tokens = fields[1].strip(), number, []
+            label = fields[2].strip() if len(fields) > 2 and fields[2].strip() else None
+        elif uid is None:
+            raise CmmergeError(
+                f"{path} line {number}: token line before any 'meta<TAB>uid' header ({what})"
+            )
+        elif fields[0].strip():
+            tokens.append(fields[0].strip())
+    if uid is not None:
+        records.append(SentimixRecord(uid, label, " ".join(tokens), start))
+    if not records:
+        raise CmmergeError(
+            f"no 'meta<TAB>uid' header in {path}: not a SentiMix CoNLL file ({what})"
+        )
+    return records
+
+
+def parse_token_per_line(path: Path, what: str) -> list[str]:
+    """Parse a ``token<TAB>tag`` a line corpus; blank lines separate tweets.
+
+    Returns:
+        One string per tweet, tokens joined with single spaces.
+    """
+    texts: list[str] = []
+    tokens: list[str] = []
+    for line in split_lines(read_text(path, what)):
+        token = line.split("\t", 1)[0].strip()
+        if line.strip():
+            if token:
+                tokens.append(token)
+        elif tokens:
+            texts.append(" ".join(tokens))
+            tokens = []
+    if tokens:
+        texts.append(" ".join(tokens))
+    return texts
+
+
+def parse_text_lines(path: Path, what: str) -> list[str]:
+    """Parse a plain-text corpus: one text a line, blank lines skipped."""
+    return [line.strip() for line in split_lines(read_text(path, what)) if line.strip()]
+
+
+def read_labels_csv(path: Path, what: str) -> dict[str, str]:
+    """Read a ``Uid,Sentiment`` CSV (header required, names matched case-insensitively).
+
+    Returns:
+        Mapping from uid to label string.
+
+    Raises:
+        CmmergeError: On a missing column, a short row or a uid given two different labels.
+    """
+    rows = csv.reader(io.StringIO(read_text(path, what), newline=""))
+    header = [name.strip().lower() for name in next(rows)]
+    if "uid" not in header or "sentiment" not in header:
+        raise CmmergeError(f"{path} line 1: expected a 'Uid,Sentiment' header ({what})")
+    uid_col, label_col = header.index("uid"), header.index("sentiment")
+    labels: dict[str, str] = {}
+    for number, row in enumerate(rows, start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) <= max(uid_col, label_col):
+            raise CmmergeError(f"{path} line {number}: expected 'Uid,Sentiment' ({what})")
+        uid, label = row[uid_col].strip(), row[label_col].strip()
+        if labels.setdefault(uid, label) != label:
+            raise CmmergeError(f"{path} line {number}: uid {uid} has two labels ({what})")
+    return labels

@@ -1,0 +1,5 @@
+"""The one exception type for bad user input: the CLI prints its message on one line, exit 2."""
+
+
+class CmmergeError(Exception):
+    """A problem the user can fix (bad path, bad option, bad data). The message says what and where."""

@@ -1,0 +1,96 @@
+"""Run directory bookkeeping: atomic JSON writes, stage manifests and fingerprints.
+
+A stage is finished exactly when its ``manifest.json`` exists; it is written last, atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to ``path`` via a temp file in the same folder, fsync and rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(stage_dir: Path) -> dict | None:
+    """The stage's manifest, or None when the stage is not finished (or the file is unreadable)."""
+    path = Path(stage_dir) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        return read_json(path)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def manifest_hash(stage_dir: Path) -> str | None:
+    path = Path(stage_dir) / MANIFEST
+    return file_sha256(path) if path.exists() else None
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """Cheap identity of an external model folder: names, sizes and the config's content."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and not p.name.startswith("."):
+            h.update(f"{p.relative_to(folder)}:{p.stat().st_size}\n".encode())
+    cfg = folder / "config.json"
+    if cfg.exists():
+        h.update(cfg.read_bytes())
+    return h.hexdigest()
+
+
+def fingerprint(config_view: Any, inputs: list[dict]) -> str:
+    """Hash of what determines a stage's result: its config view and its inputs' hashes."""
+    blob = json.dumps({"config": config_view, "inputs": inputs}, sort_keys=True, default=str)
+    return sha256_bytes(blob.encode())
+
+
+def git_revision() -> str | None:
+    """The git revision of the cmmerge source tree, when it is a checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None

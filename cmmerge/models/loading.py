@@ -1,0 +1,127 @@
+"""Resolve and load models by kind: encoder (masked LM) or decoder (causal LM), with heads."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Literal
+
+from omegaconf import DictConfig
+
+from cmmerge.errors import CmmergeError
+from cmmerge.settings import SAMPLES_DIR, cache_dir, load_group_config, plain
+
+log = logging.getLogger("cmmerge")
+
+ModelKind = Literal["encoder", "decoder"]
+
+
+def _tokenizer_corpus() -> list[str]:
+    """Texts the tiny models' tokenizer is trained on: the shipped unlabelled corpus samples."""
+    from cmmerge.data import load_corpus_texts
+
+    texts: list[str] = []
+    for name in ("en-hi", "en-es"):
+        texts += load_corpus_texts(load_group_config("corpus", name), SAMPLES_DIR)
+    return texts
+
+
+def resolve_model(cfg: DictConfig) -> Path:
+    """A local folder for ``cfg.model``: a tiny model (built and cached), a local folder, or a
+    hub id downloaded to the Hugging Face cache."""
+    model = cfg.model
+    if model.get("name_or_path"):
+        return local_model_dir(str(model.name_or_path))
+    if not model.get("tiny"):
+        raise CmmergeError(f"model={model.name}: set model.name_or_path to a folder or hub id")
+    from cmmerge.models.tiny import build_tiny_model, tiny_cache_key
+
+    arch = plain(model.tiny)
+    family, seed = arch.pop("family"), int(arch.pop("seed", 0))
+    texts = _tokenizer_corpus()
+    key = tiny_cache_key(family, arch, texts, seed)
+    out = cache_dir(cfg) / "models" / f"{model.name}-{key}"
+    if not (out / "config.json").exists():
+        print(f"[cmmerge] building {model.name} in {out}", flush=True)
+    return build_tiny_model(family, arch, texts, out, seed=seed)
+
+
+def local_model_dir(name_or_path: str) -> Path:
+    """A local model folder for a path or hub id; one clear error when neither works."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise CmmergeError(f"model folder {path} has no config.json (not a Hugging Face model)")
+        return path
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise CmmergeError(f"model path {name_or_path} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(
+            name_or_path,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"]))
+    except Exception as err:  # noqa: BLE001 - any hub failure becomes one line
+        raise CmmergeError(
+            f"model {name_or_path!r} is neither a local folder nor reachable on the hub "
+            f"({type(err).__name__}); pass model.name_or_path=DIR of a downloaded model") from err
+
+
+def model_kind(model_dir: Path, configured: str = "auto") -> ModelKind:
+    """``encoder`` or ``decoder``: as configured, else from the config's model_type."""
+    if configured in ("encoder", "decoder"):
+        return configured  # type: ignore[return-value]
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    model_type = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "encoder"
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "decoder"
+    raise CmmergeError(
+        f"model type {model_type!r} in {model_dir} is neither a masked-LM encoder nor a causal-LM "
+        "decoder that cmmerge can train; set model.kind=encoder|decoder if you know better")
+
+
+def load_tokenizer(model_dir: Path):
+    """The folder's tokenizer, with a pad token (decoders often lack one: EOS is used)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise CmmergeError(f"tokenizer in {model_dir} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_lm(model_dir: Path, kind: ModelKind):
+    """Masked-LM (encoder) or causal-LM (decoder) model for CPT."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    cls = AutoModelForMaskedLM if kind == "encoder" else AutoModelForCausalLM
+    return cls.from_pretrained(model_dir, dtype="float32")
+
+
+def load_classifier(model_dir: Path, labels: list[str], pad_token_id: int | None):
+    """Sequence classifier over ``labels``; a head of another size is an error, a missing one new."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(model_dir)
+    archs = config.architectures or []
+    has_head = any(a.endswith("ForSequenceClassification") for a in archs)
+    if has_head and config.num_labels != len(labels):
+        raise CmmergeError(
+            f"{model_dir} has a classification head for {config.num_labels} labels, the task has "
+            f"{len(labels)} ({', '.join(labels)})")
+    id2label = dict(enumerate(labels))
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=len(labels), id2label=id2label,
+        label2id={v: k for k, v in id2label.items()}, dtype="float32")
+    if model.config.pad_token_id is None and pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
+    return model

@@ -1,0 +1,1 @@
+"""cmmerge.reporting"""

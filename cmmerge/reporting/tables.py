@@ -1,0 +1,65 @@
+"""Tables of results read back from a run directory's manifests and metrics files."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+from cmmerge.io.manifest import read_json, read_manifest
+
+_ARM_ORDER = {"Full FT": 0, "CPT->FT": 1}
+
+
+def finetune_rows(run_dir: Path) -> list[dict]:
+    """One row per finished fine-tuning run: arm, settings, validation and test metrics."""
+    rows = []
+    for ft_dir in sorted((run_dir / "finetune").glob("*/")):
+        manifest = read_manifest(ft_dir)
+        if manifest is None:
+            continue
+        config = manifest.get("config", {})
+        row = {"arm": manifest.get("arm", ft_dir.name), "finetune_id": ft_dir.name,
+               "task": manifest.get("task"), "seed": config.get("seed"),
+               "merge_id": manifest.get("merge_id") or "",
+               "val_macro_f1": manifest["metrics"].get("macro_f1")}
+        for eval_dir in sorted((run_dir / "evaluate" / ft_dir.name).glob("*/")):
+            if read_manifest(eval_dir) is None:
+                continue
+            metrics = read_json(eval_dir / "metrics.json")
+            suffix = "" if eval_dir.name == row["task"] else f"[{eval_dir.name}]"
+            row[f"test_macro_f1{suffix}"] = metrics["macro_f1"]
+            row[f"test_accuracy{suffix}"] = metrics["accuracy"]
+        rows.append(row)
+    rows.sort(key=lambda r: (_ARM_ORDER.get(r["arm"], 2), r["arm"], str(r["seed"])))
+    return rows
+
+
+def columns(rows: Sequence[dict]) -> list[str]:
+    cols: list[str] = []
+    for row in rows:
+        cols += [k for k in row if k not in cols]
+    return cols
+
+
+def write_csv(rows: Sequence[dict], path: Path, cols: Sequence[str] | None = None) -> None:
+    cols = list(cols or columns(rows))
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "" if value is None else str(value)
+
+
+def markdown_table(rows: Sequence[dict], cols: Sequence[str] | None = None) -> str:
+    cols = list(cols or columns(rows))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

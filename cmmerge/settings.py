@@ -1,0 +1,77 @@
+"""Small helpers over the composed Hydra config: paths, group lookups, plain containers.
+
+``lambda`` is a Python keyword: it lives only in YAML and on the command line, and Python reads it
+here, in :func:`merge_scale`, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from cmmerge.errors import CmmergeError
+
+PACKAGE_ROOT = Path(str(resources.files("cmmerge")))
+CONFIG_DIR = PACKAGE_ROOT / "configs"
+SAMPLES_DIR = PACKAGE_ROOT / "samples"
+
+
+def plain(node: Any) -> Any:
+    """A resolved plain-Python copy of a config node (dicts, lists, scalars)."""
+    if isinstance(node, DictConfig) or OmegaConf.is_config(node):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
+def merge_scale(cfg: DictConfig) -> float:
+    """The merge scale ``lambda`` of the config (the one place Python reads that key)."""
+    return float(cfg["lambda"])
+
+
+def data_root(cfg: DictConfig) -> Path:
+    """Root of the data folders: ``data.root``, or the samples shipped with cmmerge."""
+    root = cfg.data.get("root")
+    path = Path(root).expanduser() if root else SAMPLES_DIR
+    if not path.is_dir():
+        raise CmmergeError(f"data.root={root}: no such folder")
+    return path
+
+
+def cache_dir(cfg: DictConfig) -> Path:
+    """Where built tiny models are cached: ``cache_dir``, $CMMERGE_CACHE or ~/.cache/cmmerge."""
+    configured = cfg.get("cache_dir") or os.environ.get("CMMERGE_CACHE")
+    path = Path(configured).expanduser() if configured else Path.home() / ".cache" / "cmmerge"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.run.root).expanduser() / str(cfg.run.name)
+
+
+def group_options(group: str) -> list[str]:
+    """Names of the options of a config group (``task``, ``model``, ...)."""
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def load_group_config(group: str, name: str) -> DictConfig:
+    """Load ``configs/<group>/<name>.yaml`` on its own (e.g. another task for transfer)."""
+    path = CONFIG_DIR / group / f"{name}.yaml"
+    if not path.exists():
+        raise CmmergeError(
+            f"unknown {group} '{name}'; choose one of: {', '.join(group_options(group))}")
+    node = OmegaConf.load(path)
+    if "defaults" in node:
+        node = OmegaConf.masked_copy(node, [k for k in node if k != "defaults"])
+    return node
+
+
+def task_config(cfg: DictConfig, name: str) -> DictConfig:
+    """The config of task ``name``: the composed one when it is the current task, else its file."""
+    if cfg.task.name == name:
+        return cfg.task
+    return load_group_config("task", name)

@@ -1,0 +1,63 @@
+"""`cmmerge evaluate`: macro-F1, accuracy, per-class report and confusion matrix of a fine-tuned
+model on the test split of its task and of other tasks with the same labels (cross-pair transfer)
+-> evaluate/<finetune-id>/<task>/metrics.json, predictions.jsonl."""
+
+from __future__ import annotations
+
+import json
+
+from omegaconf import DictConfig
+
+from cmmerge.errors import CmmergeError
+from cmmerge.io.manifest import write_json_atomic
+from cmmerge.settings import data_root, plain, task_config
+from cmmerge.stages.ids import cli_hint, finetune_id, stage_dirs
+from cmmerge.stages.inputs import task_splits
+from cmmerge.stages.runner import run_stage, stage_input
+from cmmerge.training.finetune import predict
+
+
+def eval_task_names(cfg: DictConfig) -> list[str]:
+    return [str(t) for t in (cfg.get("eval_tasks") or [cfg.task.name])]
+
+
+def evaluate_one(cfg: DictConfig, task_name: str) -> dict:
+    """Evaluate the configured fine-tuned model on the test split of ``task_name``."""
+    dirs = stage_dirs(cfg)
+    ft_dir = dirs["finetune"]
+    hint = cli_hint(cfg, "finetune", f"init={cfg.init}", f"task={cfg.task.name}",
+                    f"seed={cfg.seed}")
+    inputs = [stage_input(ft_dir, hint)]
+    task = task_config(cfg, task_name)
+    labels = list(cfg.task.labels)
+    if list(task.labels) != labels:
+        raise CmmergeError(f"eval task {task_name} has labels {list(task.labels)}, the model "
+                           f"{finetune_id(cfg)} was trained on {labels}")
+    config_view = {"task": plain(task), "evaluate": plain(cfg.evaluate),
+                   "data_root": str(data_root(cfg)), "seed": int(cfg.seed)}
+
+    def work(stage_dir):
+        test = task_splits(cfg, task_name)["test"]
+        texts, gold = list(test["text"]), list(test["label"])
+        probs, metrics = predict(ft_dir / "model", texts, labels, int(cfg.evaluate.batch_size),
+                                 int(cfg.evaluate.max_length), gold, stage_dir / ".predict")
+        write_json_atomic(stage_dir / "metrics.json", {"split": "test", **metrics})
+        tmp = stage_dir / ".predictions.jsonl.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for text, g, p in zip(texts, gold, probs, strict=True):
+                f.write(json.dumps({"text": text, "gold": labels[g], "pred": labels[int(p.argmax())],
+                                    "probs": {lab: round(float(v), 6) for lab, v in
+                                              zip(labels, p, strict=True)}},
+                                   ensure_ascii=False) + "\n")
+        tmp.replace(stage_dir / "predictions.jsonl")
+        print(f"[cmmerge] evaluate {finetune_id(cfg)} on {task_name}: "
+              f"macro-F1 {metrics['macro_f1']:.4f}, accuracy {metrics['accuracy']:.4f}")
+        return {"metrics": metrics, "outputs": ["metrics.json", "predictions.jsonl"],
+                "finetune_id": finetune_id(cfg), "task": task_name}
+
+    return run_stage(cfg, "evaluate", dirs["evaluate"] / task_name, config_view, inputs, work)
+
+
+def run(cfg: DictConfig) -> dict:
+    results = {name: evaluate_one(cfg, name) for name in eval_task_names(cfg)}
+    return {name: r["metrics"] for name, r in results.items()}

@@ -1,0 +1,130 @@
+"""Run one stage: skip it when finished with the same config and inputs, else do it and write
+its manifest last, atomically."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from cmmerge import __version__
+from cmmerge.errors import CmmergeError
+from cmmerge.io.manifest import (
+    MANIFEST,
+    fingerprint,
+    folder_fingerprint,
+    git_revision,
+    manifest_hash,
+    read_manifest,
+    write_json_atomic,
+)
+from cmmerge.settings import plain, run_dir
+
+log = logging.getLogger("cmmerge")
+
+
+def stage_input(stage_dir: Path, hint: str) -> dict:
+    """An upstream stage this one reads; it must be finished (``hint`` says how to make it)."""
+    digest = manifest_hash(stage_dir)
+    if digest is None:
+        raise CmmergeError(f"{stage_dir} is not a finished stage (no {MANIFEST}): run `{hint}` first")
+    return {"path": str(stage_dir), "manifest_sha256": digest}
+
+
+def folder_input(folder: Path) -> dict:
+    """An external folder this stage reads (a base model, a user's checkpoint)."""
+    finished = read_manifest(folder)
+    if finished is not None:
+        return {"path": str(folder), "manifest_sha256": manifest_hash(folder)}
+    return {"path": str(folder), "fingerprint": folder_fingerprint(folder)}
+
+
+def _versions() -> dict[str, str]:
+    import datasets
+    import peft
+    import torch
+    import transformers
+
+    return {"cmmerge": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__,
+            "datasets": datasets.__version__, "python": sys.version.split()[0]}
+
+
+def _overrides() -> list[str]:
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # not running under Hydra (tests, pipeline called directly)
+        return []
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_stage(cfg: DictConfig, stage: str, stage_dir: Path, config_view: dict[str, Any],
+              inputs: list[dict], work: Callable[[Path], dict[str, Any]]) -> dict:
+    """Do ``work(stage_dir)`` unless an identical finished stage is there; return the manifest.
+
+    Args:
+        cfg: the composed config (for ``force``, ``seed`` and the record).
+        stage: stage name for the manifest.
+        stage_dir: the stage's folder in the run directory.
+        config_view: the part of the config that determines this stage's result.
+        inputs: upstream stages and folders (from :func:`stage_input` / :func:`folder_input`).
+        work: does the stage; returns a dict with ``metrics`` and ``outputs`` (and anything else
+            worth recording).
+    """
+    stage_dir = Path(stage_dir)
+    digest = fingerprint(config_view, inputs)
+    previous = read_manifest(stage_dir)
+    if previous is not None and previous.get("fingerprint") == digest and not cfg.get("force"):
+        log.info("%s: finished already in %s, skipped (force=true redoes it)", stage, stage_dir)
+        print(f"[cmmerge] {stage}: up to date, skipped ({stage_dir})", file=sys.stderr)
+        previous["skipped"] = True
+        return previous
+    if previous is not None:
+        reason = "force=true" if cfg.get("force") else "config or inputs changed"
+        log.info("%s: redoing %s (%s)", stage, stage_dir, reason)
+        print(f"[cmmerge] {stage}: redoing ({reason})", file=sys.stderr)
+    (stage_dir / MANIFEST).unlink(missing_ok=True)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    print(f"[cmmerge] {stage}: running -> {stage_dir}", file=sys.stderr)
+    start = time.time()
+    result = work(stage_dir)
+    root = run_dir(cfg)
+    manifest = {
+        "stage": stage,
+        "status": "finished",
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run_dir": str(root),
+        "fingerprint": digest,
+        "config": config_view,
+        "overrides": _overrides(),
+        "inputs": inputs,
+        "outputs": result.pop("outputs", []),
+        "metrics": result.pop("metrics", {}),
+        "seed": config_view.get("seed", cfg.get("seed")),
+        "versions": _versions(),
+        "git_revision": git_revision(),
+        "wall_time_s": round(time.time() - start, 3),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        **result,
+    }
+    write_json_atomic(stage_dir / MANIFEST, manifest)
+    manifest["skipped"] = False
+    return manifest
+
+
+def view(cfg: DictConfig, *keys: str, **extra: Any) -> dict[str, Any]:
+    """Plain copy of selected top-level config keys (``model``, ``cpt``, ...) plus extras."""
+    out = {k: plain(cfg.get(k)) for k in keys}
+    out.update(extra)
+    return out

@@ -1,0 +1,52 @@
+"""TrainingArguments shared by the CPT and fine-tuning stages."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainingArguments
+
+
+def precision_flags() -> dict[str, bool]:
+    """bf16 where the GPU supports it, fp16 on other GPUs, float32 on the CPU."""
+    if not torch.cuda.is_available():
+        return {}
+    if torch.cuda.is_bf16_supported():
+        return {"bf16": True}
+    return {"fp16": True}
+
+
+def training_arguments(out_dir: Path, params: Mapping[str, Any], seed: int,
+                       **overrides: Any) -> TrainingArguments:
+    """TrainingArguments from a ``cpt:`` or ``finetune:`` config section.
+
+    Keys read: batch_size, lr, epochs, max_steps, warmup (ratio if < 1, else steps),
+    weight_decay, grad_accum, logging_steps.
+    """
+    args: dict[str, Any] = dict(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=int(params["batch_size"]),
+        per_device_eval_batch_size=int(params.get("eval_batch_size") or params["batch_size"]),
+        gradient_accumulation_steps=int(params.get("grad_accum", 1)),
+        learning_rate=float(params["lr"]),
+        num_train_epochs=float(params.get("epochs", 1)),
+        max_steps=int(params.get("max_steps") or -1),
+        warmup_steps=float(params.get("warmup", 0.0)),
+        weight_decay=float(params.get("weight_decay", 0.0)),
+        lr_scheduler_type=str(params.get("scheduler", "linear")),
+        logging_steps=int(params.get("logging_steps", 50)),
+        seed=seed,
+        data_seed=seed,
+        report_to=list(params.get("report_to") or ["none"]),
+        disable_tqdm=not sys.stderr.isatty(),
+        dataloader_num_workers=0,
+        save_only_model=True,
+        use_cpu=not torch.cuda.is_available(),
+        **precision_flags(),
+    )
+    args.update(overrides)
+    return TrainingArguments(**args)

@@ -1,0 +1,94 @@
+"""Sequence-classification fine-tuning with the Trainer: best epoch by validation macro-F1."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from datasets import DatasetDict
+from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer
+
+from cmmerge.evaluation.metrics import classification_metrics, trainer_metrics
+from cmmerge.models.loading import load_classifier, load_tokenizer
+from cmmerge.training.arguments import training_arguments
+
+
+def tokenize_splits(splits: DatasetDict, tokenizer, max_length: int) -> DatasetDict:
+    """Tokenise ``text`` (batched ``datasets.map``); keeps ``label`` as ``labels``."""
+    keep = {"label"}
+    return splits.map(
+        lambda b: tokenizer(b["text"], truncation=True, max_length=max_length),
+        batched=True, desc="tokenising",
+        remove_columns=[c for c in splits["train"].column_names if c not in keep],
+    ).rename_column("label", "labels")
+
+
+def train_classifier(init_dir: Path, splits: DatasetDict, labels: list[str],
+                     params: Mapping[str, Any], out_dir: Path, seed: int) -> dict[str, Any]:
+    """Fine-tune ``init_dir`` on ``splits['train']``; keeps the epoch best on validation macro-F1.
+
+    Saves the best model and tokenizer to ``out_dir/model``; returns the validation metrics of the
+    kept model (flat scalars, ``per_class``, ``confusion_matrix``) and training facts.
+    """
+    tokenizer = load_tokenizer(init_dir)
+    model = load_classifier(init_dir, labels, tokenizer.pad_token_id)
+    data = tokenize_splits(DatasetDict(train=splits["train"], validation=splits["validation"]),
+                           tokenizer, int(params["max_length"]))
+    ckpt_dir = out_dir / "checkpoints"
+    args = training_arguments(
+        ckpt_dir, params, seed, eval_strategy="epoch", save_strategy="epoch",
+        save_total_limit=1, load_best_model_at_end=True, metric_for_best_model="macro_f1",
+        greater_is_better=True, train_sampling_strategy="group_by_length")
+    callbacks = []
+    patience = params.get("early_stopping_patience")
+    if patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=int(patience)))
+    trainer = Trainer(model=model, args=args, train_dataset=data["train"],
+                      eval_dataset=data["validation"], processing_class=tokenizer,
+                      data_collator=DataCollatorWithPadding(tokenizer),
+                      compute_metrics=trainer_metrics, callbacks=callbacks)
+    result = trainer.train()
+    prediction = trainer.predict(data["validation"])
+    pred = np.asarray(prediction.predictions).argmax(-1)
+    metrics = classification_metrics(prediction.label_ids.tolist(), pred.tolist(), labels)
+    metrics["loss"] = float(prediction.metrics.get("test_loss", float("nan")))
+    history = [
+        {"epoch": h["epoch"], "macro_f1": h["eval_macro_f1"], "loss": h["eval_loss"]}
+        for h in trainer.state.log_history if "eval_macro_f1" in h
+    ]
+    model_out = out_dir / "model"
+    trainer.save_model(str(model_out))
+    tokenizer.save_pretrained(model_out)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return {
+        "metrics": metrics,
+        "history": history,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "steps": int(result.global_step),
+        "train_runtime_s": float(result.metrics.get("train_runtime", 0.0)),
+    }
+
+
+def predict(model_dir: Path, texts: list[str], labels: list[str], batch_size: int,
+            max_length: int, gold: list[int], work_dir: Path) -> tuple[np.ndarray, dict]:
+    """Class probabilities for ``texts`` and the metrics against ``gold``."""
+    import torch
+    from datasets import Dataset
+
+    tokenizer = load_tokenizer(model_dir)
+    model = load_classifier(model_dir, labels, tokenizer.pad_token_id)
+    ds = Dataset.from_dict({"text": texts, "label": gold})
+    data = tokenize_splits(DatasetDict(train=ds), tokenizer, max_length)["train"]
+    args = training_arguments(work_dir,
+                              {"batch_size": batch_size, "lr": 0.0}, seed=0)
+    trainer = Trainer(model=model, args=args, processing_class=tokenizer,
+                      data_collator=DataCollatorWithPadding(tokenizer))
+    out = trainer.predict(data)
+    logits = out.predictions[0] if isinstance(out.predictions, tuple) else out.predictions
+    probs = torch.softmax(torch.as_tensor(np.asarray(logits, dtype=np.float32)), dim=-1).numpy()
+    metrics = classification_metrics(gold, probs.argmax(-1).tolist(), labels)
+    metrics["loss"] = float(out.metrics.get("test_loss", float("nan")))
+    return probs, metrics

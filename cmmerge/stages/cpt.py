@@ -9,7 +9,7 @@ from cmmerge.io.model_card import write_model_card
 from cmmerge.models.loading import model_kind, resolve_model
 from cmmerge.settings import data_root, plain
 from cmmerge.stages.ids import stage_dirs
-from cmmerge.stages.inputs import cpt_corpus, leakage_tasks
+from cmmerge.stages.inputs import cpt_corpus, leakage_tasks, split_seed
 from cmmerge.stages.runner import folder_input, run_stage, view
 from cmmerge.training.cpt import train_lm
 
@@ -19,7 +19,8 @@ def run(cfg: DictConfig) -> dict:
     base = resolve_model(cfg)
     kind = model_kind(base, str(cfg.model.kind))
     config_view = view(cfg, "model", "corpus", "cpt", data_root=str(data_root(cfg)),
-                       leakage_tasks=leakage_tasks(cfg), seed=int(cfg.cpt.seed))
+                       leakage_tasks=leakage_tasks(cfg), split_seed=split_seed(cfg),
+                       seed=int(cfg.cpt.seed))
 
     def work(stage_dir):
         texts, corpus_stats = cpt_corpus(cfg)

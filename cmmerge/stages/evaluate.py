@@ -5,6 +5,7 @@ model on the test split of its task and of other tasks with the same labels (cro
 from __future__ import annotations
 
 import json
+import logging
 
 from omegaconf import DictConfig
 
@@ -12,9 +13,11 @@ from cmmerge.errors import CmmergeError
 from cmmerge.io.manifest import write_json_atomic
 from cmmerge.settings import data_root, plain, task_config
 from cmmerge.stages.ids import cli_hint, finetune_id, stage_dirs
-from cmmerge.stages.inputs import task_splits
+from cmmerge.stages.inputs import split_seed, task_splits
 from cmmerge.stages.runner import run_stage, stage_input
 from cmmerge.training.finetune import predict
+
+log = logging.getLogger("cmmerge")
 
 
 def eval_task_names(cfg: DictConfig) -> list[str]:
@@ -34,7 +37,8 @@ def evaluate_one(cfg: DictConfig, task_name: str) -> dict:
         raise CmmergeError(f"eval task {task_name} has labels {list(task.labels)}, the model "
                            f"{finetune_id(cfg)} was trained on {labels}")
     config_view = {"task": plain(task), "evaluate": plain(cfg.evaluate),
-                   "data_root": str(data_root(cfg)), "seed": int(cfg.seed)}
+                   "data_root": str(data_root(cfg)), "split_seed": split_seed(cfg),
+                   "seed": int(cfg.seed)}
 
     def work(stage_dir):
         test = task_splits(cfg, task_name)["test"]
@@ -50,8 +54,8 @@ def evaluate_one(cfg: DictConfig, task_name: str) -> dict:
                                               zip(labels, p, strict=True)}},
                                    ensure_ascii=False) + "\n")
         tmp.replace(stage_dir / "predictions.jsonl")
-        print(f"[cmmerge] evaluate {finetune_id(cfg)} on {task_name}: "
-              f"macro-F1 {metrics['macro_f1']:.4f}, accuracy {metrics['accuracy']:.4f}")
+        log.info("evaluate %s on %s: macro-F1 %.4f, accuracy %.4f", finetune_id(cfg), task_name,
+                 metrics["macro_f1"], metrics["accuracy"])
         return {"metrics": metrics, "outputs": ["metrics.json", "predictions.jsonl"],
                 "finetune_id": finetune_id(cfg), "task": task_name}
 

@@ -12,7 +12,7 @@ from cmmerge.io.model_card import write_model_card
 from cmmerge.models.loading import local_model_dir, resolve_model
 from cmmerge.settings import data_root
 from cmmerge.stages.ids import arm_name, cli_hint, finetune_id, merge_id, stage_dirs
-from cmmerge.stages.inputs import task_splits
+from cmmerge.stages.inputs import split_seed, task_splits
 from cmmerge.stages.runner import folder_input, run_stage, stage_input, view
 from cmmerge.training.finetune import train_classifier
 
@@ -40,7 +40,8 @@ def run(cfg: DictConfig) -> dict:
     labels = list(cfg.task.labels)
     seed = int(cfg.seed)
     config_view = view(cfg, "task", "finetune", init=str(cfg.init), init_dir=str(init_dir),
-                       data_root=str(data_root(cfg)), seed=seed)
+                       data_root=str(data_root(cfg)), split_seed=split_seed(cfg),
+                       seed=seed)
 
     def work(stage_dir):
         splits = task_splits(cfg)

@@ -86,17 +86,15 @@ def run_stage(cfg: DictConfig, stage: str, stage_dir: Path, config_view: dict[st
     digest = fingerprint(config_view, inputs)
     previous = read_manifest(stage_dir)
     if previous is not None and previous.get("fingerprint") == digest and not cfg.get("force"):
-        log.info("%s: finished already in %s, skipped (force=true redoes it)", stage, stage_dir)
-        print(f"[cmmerge] {stage}: up to date, skipped ({stage_dir})", file=sys.stderr)
+        log.info("%s: up to date in %s, skipped (force=true redoes it)", stage, stage_dir)
         previous["skipped"] = True
         return previous
     if previous is not None:
         reason = "force=true" if cfg.get("force") else "config or inputs changed"
         log.info("%s: redoing %s (%s)", stage, stage_dir, reason)
-        print(f"[cmmerge] {stage}: redoing ({reason})", file=sys.stderr)
     (stage_dir / MANIFEST).unlink(missing_ok=True)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    print(f"[cmmerge] {stage}: running -> {stage_dir}", file=sys.stderr)
+    log.info("%s: running -> %s", stage, stage_dir)
     start = time.time()
     result = work(stage_dir)
     root = run_dir(cfg)

@@ -87,6 +87,7 @@ def predict(model_dir: Path, texts: list[str], labels: list[str], batch_size: in
     trainer = Trainer(model=model, args=args, processing_class=tokenizer,
                       data_collator=DataCollatorWithPadding(tokenizer))
     out = trainer.predict(data)
+    shutil.rmtree(work_dir, ignore_errors=True)
     logits = out.predictions[0] if isinstance(out.predictions, tuple) else out.predictions
     probs = torch.softmax(torch.as_tensor(np.asarray(logits, dtype=np.float32)), dim=-1).numpy()
     metrics = classification_metrics(gold, probs.argmax(-1).tolist(), labels)

@@ -1,5 +1,8 @@
 """Parsers for the raw data files: SentiMix CoNLL, ``Uid,Sentiment`` CSV, token-per-line corpora.
 
+Word-level language tags are kept (``SentimixRecord.tags``, :func:`parse_tagged_tokens`) for the
+code-mixing statistics and the English-share filter.
+
 Every parser takes the file's path and ``what`` (a short description of where the path came from,
 e.g. ``"task sentiment-en-hi, key train_file"``) and raises :class:`CmmergeError` with one line
 naming the file (and line number where there is one) on bad input.
@@ -27,12 +30,22 @@ class SentimixRecord:
         label: The header's label, or ``None`` in unlabelled files.
         text: The tweet's tokens joined with single spaces.
         line: 1-based line number of the header.
+        tags: The word-level language tag of each token (``""`` where a line has none).
     """
 
     uid: str
     label: str | None
     text: str
     line: int
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TaggedText:
+    """One text of a token-per-line corpus with the language tag of each token."""
+
+    text: str
+    tags: tuple[str, ...]
 
 
 def resolve_path(data_root: str | Path, rel: str | Path, what: str) -> Path:
@@ -103,14 +116,19 @@ def parse_sentimix_conll(path: Path, what: str) -> list[SentimixRecord]:
     label: str | None = None
     start = 0
     tokens: list[str] = []
+    tags: list[str] = []
+
+    def close() -> None:
+        if uid is not None:
+            records.append(SentimixRecord(uid, label, " ".join(tokens), start, tuple(tags)))
+
     for number, line in enumerate(split_lines(read_text(path, what)), start=1):
         if not line.strip():
             continue
         fields = line.split("\t")
         if _header(fields):
-            if uid is not None:
-                records.append(SentimixRecord(uid, label, " ".join(tokens), start))
-            uid, start, tokens = fields[1].strip(), number, []
+            close()
+            uid, start, tokens, tags = fields[1].strip(), number, [], []
             label = fields[2].strip() if len(fields) > 2 and fields[2].strip() else None
         elif uid is None:
             raise CmmergeError(
@@ -118,8 +136,8 @@ def parse_sentimix_conll(path: Path, what: str) -> list[SentimixRecord]:
             )
         elif fields[0].strip():
             tokens.append(fields[0].strip())
-    if uid is not None:
-        records.append(SentimixRecord(uid, label, " ".join(tokens), start))
+            tags.append(fields[1].strip() if len(fields) > 1 else "")
+    close()
     if not records:
         raise CmmergeError(
             f"no 'meta<TAB>uid' header in {path}: not a SentiMix CoNLL file ({what})"
@@ -127,25 +145,33 @@ def parse_sentimix_conll(path: Path, what: str) -> list[SentimixRecord]:
     return records
 
 
-def parse_token_per_line(path: Path, what: str) -> list[str]:
+def parse_tagged_tokens(path: Path, what: str) -> list[TaggedText]:
     """Parse a ``token<TAB>tag`` a line corpus; blank lines separate tweets.
 
     Returns:
-        One string per tweet, tokens joined with single spaces.
+        One :class:`TaggedText` per tweet, tokens joined with single spaces.
     """
-    texts: list[str] = []
+    texts: list[TaggedText] = []
     tokens: list[str] = []
+    tags: list[str] = []
     for line in split_lines(read_text(path, what)):
-        token = line.split("\t", 1)[0].strip()
+        fields = line.split("\t")
+        token = fields[0].strip()
         if line.strip():
             if token:
                 tokens.append(token)
+                tags.append(fields[1].strip() if len(fields) > 1 else "")
         elif tokens:
-            texts.append(" ".join(tokens))
-            tokens = []
+            texts.append(TaggedText(" ".join(tokens), tuple(tags)))
+            tokens, tags = [], []
     if tokens:
-        texts.append(" ".join(tokens))
+        texts.append(TaggedText(" ".join(tokens), tuple(tags)))
     return texts
+
+
+def parse_token_per_line(path: Path, what: str) -> list[str]:
+    """The texts of :func:`parse_tagged_tokens` (one string per tweet)."""
+    return [record.text for record in parse_tagged_tokens(path, what)]
 
 
 def parse_text_lines(path: Path, what: str) -> list[str]:

@@ -1,15 +1,27 @@
-"""Labelled task data: ``load_task`` builds train/validation/test splits from a task config.
+"""Labelled task data: ``load_task`` builds train / validation / test splits from a task config.
 
-A task config (``configs/task/<name>.yaml``) has the keys ``name``, ``format``
-(``sentimix_conll``), ``labels`` (ordered; label id = index), ``fix_mojibake``, ``train_file``,
-``validation_file`` or ``validation_fraction`` (exactly one), ``test_file`` and optionally
-``test_labels_file`` (a ``Uid,Sentiment`` CSV for an unlabelled test file). File paths are relative
-to the data root (``data.root``).
+Task config keys (``configs/task/<name>.yaml``; file paths relative to ``root``, default
+``data.root``):
+
+- ``name``, ``labels`` (ordered; label id = index), ``format``: ``sentimix_conll`` (alias
+  ``conll``), ``tsv``, ``csv``, ``jsonl`` or ``auto`` (by suffix, else by the first line).
+- ``train``, ``validation``, ``test``: files (``train_file`` etc. are accepted too);
+  ``test_labels``: a ``Uid,Sentiment`` CSV joined by uid to an unlabelled CoNLL test file.
+- ``validation_fraction`` / ``test_fraction``: a split without a file is carved out of train,
+  seeded and stratified (fractions of the whole file; test first).
+- ``text_column``, ``label_column``, ``header`` (CSV/TSV; without a header, columns are 0-based
+  indices), ``label_map`` (raw label -> label, ``null`` drops the row; raw labels are trimmed and
+  labels already in ``labels`` pass through), ``join_continuation_lines`` (a row whose label is
+  not a known raw label is the first line of a text broken over lines: joined with the next).
+- ``fix_mojibake`` (ftfy), ``language_tags`` (word tag -> language) with ``filter_language`` and
+  ``filter_min_share`` (keep tweets whose language-tagged tokens are at least that share of it).
+- ``hub``, ``hub_config``, ``hub_splits`` ({split: hub split}): read the splits from the hub.
 """
 
 from __future__ import annotations
 
 import importlib.resources
+from collections import Counter, defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,18 +29,15 @@ from typing import Any
 import datasets
 import ftfy
 
-from cmmerge.data.formats import (
-    SentimixRecord,
-    parse_sentimix_conll,
-    read_labels_csv,
-    resolve_path,
-)
+from cmmerge.data.formats import parse_sentimix_conll, read_labels_csv, resolve_path
+from cmmerge.data.hub import hub_rows
+from cmmerge.data.tables import FILE_FORMATS, Row, canonical_format, detect_format, read_table
 from cmmerge.errors import CmmergeError
 
-TASK_FORMATS = ("sentimix_conll",)
 SPLITS = ("train", "validation", "test")
 # Repair mojibake but leave clean text alone (the default config would also uncurl quotes).
 _FTFY_CONFIG = ftfy.TextFixerConfig(uncurl_quotes=False)
+Tags = tuple[str, ...]
 
 
 def samples_root() -> Path:
@@ -38,13 +47,10 @@ def samples_root() -> Path:
 
 def as_dict(cfg: Mapping) -> dict[str, Any]:
     """Return a plain ``dict`` copy of a config (a Hydra ``DictConfig`` is resolved first)."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     return dict(cfg)
 
 
@@ -61,70 +67,222 @@ def task_labels(task_cfg: Mapping) -> list[str]:
     return labels
 
 
-def _read_split(
-    cfg: dict[str, Any], key: str, data_root: str | Path, labels_key: str | None = None
-) -> tuple[list[str], list[str], Path]:
-    """Read one split file of a task: (texts, label strings, path)."""
+def split_file(cfg: Mapping, split: str) -> str | None:
+    """The file of ``split`` (``train`` | ``validation`` | ``test`` | ``test_labels``), if any."""
+    return cfg.get(split) or cfg.get(f"{split}_file") or None
+
+
+def _label_map(cfg: dict[str, Any], names: list[str]) -> dict[str, str | None]:
+    """The trimmed raw-label map, checked against ``names``."""
+    raw = cfg.get("label_map") or {}
+    if not isinstance(raw, Mapping):
+        raise CmmergeError(f"task {cfg['name']}: label_map must be a mapping, got {raw!r}")
+    out: dict[str, str | None] = {}
+    for key, value in raw.items():
+        target = None if value is None else str(value).strip()
+        if target is not None and target not in names:
+            raise CmmergeError(f"task {cfg['name']}: label_map maps {key!r} to {value!r}, which "
+                               f"is not one of the labels {names}")
+        out[str(key).strip()] = target
+    return out
+
+
+def _read_rows(cfg: dict[str, Any], split: str, root: Path, info: dict) -> tuple[list, str]:
+    """Rows ``(Row, tags)`` of one split from its file (or hub split) and where they came from."""
     name = cfg["name"]
-    path = resolve_path(data_root, cfg[key], f"task {name}, key {key}")
-    records: list[SentimixRecord] = parse_sentimix_conll(path, f"task {name}, key {key}")
+    what = f"task {name}, key {split}"
+    if cfg.get("hub"):
+        hub_split = cfg["hub_splits"][split]
+        rows = hub_rows(str(cfg["hub"]), cfg.get("hub_config"), hub_split,
+                        str(cfg.get("text_column") or "text"),
+                        str(cfg.get("label_column") or "label"), what)
+        return [(row, ()) for row in rows], f"hub:{cfg['hub']}[{hub_split}]"
+    path = resolve_path(root, split_file(cfg, split), what)  # type: ignore[arg-type]
+    fmt = canonical_format(cfg.get("format"))
+    if fmt == "auto":
+        fmt = detect_format(path, what)
+    if fmt not in FILE_FORMATS:
+        raise CmmergeError(f"task {name}: unknown format {fmt!r} (known: auto, conll, "
+                           f"{', '.join(FILE_FORMATS)})")
+    info["format"] = fmt
+    if fmt != "sentimix_conll":
+        header = bool(cfg.get("header", True))
+        text_col = cfg.get("text_column", "text" if header else 0)
+        label_col = cfg.get("label_column", "label" if header else 1)
+        rows = read_table(path, fmt, what, text_col, label_col, header)
+        return [(row, ()) for row in rows], str(path)
+    records = parse_sentimix_conll(path, what)
     label_of = {r.uid: r.label for r in records}
-    if labels_key and cfg.get(labels_key):
-        where = f"task {name}, key {labels_key}"
-        csv_path = resolve_path(data_root, cfg[labels_key], where)
+    labels_rel = split_file(cfg, "test_labels") if split == "test" else None
+    if labels_rel:
+        where = f"task {name}, key test_labels"
+        csv_path = resolve_path(root, labels_rel, where)
         csv_labels = read_labels_csv(csv_path, where)
         missing = [r.uid for r in records if r.uid not in csv_labels]
         if missing:
-            raise CmmergeError(
-                f"{csv_path}: no label for {len(missing)} uid(s) of {path}, "
-                f"e.g. {missing[:5]} ({where})"
-            )
+            raise CmmergeError(f"{csv_path}: no label for {len(missing)} uid(s) of {path}, "
+                               f"e.g. {missing[:5]} ({where})")
         label_of = {r.uid: csv_labels[r.uid] for r in records}
     unlabelled = [r for r in records if label_of[r.uid] is None]
     if unlabelled:
         r = unlabelled[0]
-        raise CmmergeError(
-            f"{path} line {r.line}: tweet {r.uid} has no label and the config gives no labels "
-            f"file ({len(unlabelled)} unlabelled; task {name}, key {key})"
-        )
-    texts = [r.text for r in records]
+        raise CmmergeError(f"{path} line {r.line}: tweet {r.uid} has no label and the config "
+                           f"gives no labels file ({len(unlabelled)} unlabelled; {what})")
+    return [(Row(r.text, label_of[r.uid], r.line), r.tags) for r in records], str(path)
+
+
+def _join_continuations(rows: list, known: set[str], info: dict) -> list:
+    """Join a row whose label is not a known raw label with the row after it."""
+    out, pending = [], None
+    for row, tags in rows:
+        if pending is not None:
+            row = Row(f"{pending.text} {pending.label or ''} {row.text}".strip(), row.label,
+                      pending.line)
+            pending = None
+        if row.label not in known:
+            pending = row
+            info["continuation_lines_joined"] = info.get("continuation_lines_joined", 0) + 1
+            continue
+        out.append((row, tags))
+    if pending is not None:  # a last line without a label stays, and is reported as unknown
+        info["continuation_lines_joined"] -= 1
+        out.append((pending, ()))
+    return out
+
+
+def _english_share(tags: Tags, lang_of: Mapping[str, str], language: str) -> float | None:
+    langs = [lang_of[t] for t in tags if t in lang_of]
+    return None if not langs else langs.count(language) / len(langs)
+
+
+def _read_split(cfg: dict[str, Any], split: str, root: Path, names: list[str]) -> tuple:
+    """(texts, label ids, tags, info) of one split read from its own file."""
+    info: dict[str, Any] = {}
+    rows, source = _read_rows(cfg, split, root, info)
+    info["source"], info["read"] = source, len(rows)
+    label_map = _label_map(cfg, names)
+    if cfg.get("join_continuation_lines"):
+        rows = _join_continuations(rows, set(label_map) | set(names), info)
+    unknown: dict[str, list[int]] = defaultdict(list)
+    dropped: Counter[str] = Counter()
+    kept = []
+    for row, tags in rows:
+        if row.label is None:
+            raise CmmergeError(f"{source} line {row.line}: empty label (task {cfg['name']}, "
+                               f"key {split})")
+        label = label_map[row.label] if row.label in label_map else row.label
+        if label is None:
+            dropped[row.label] += 1
+        elif label not in names:
+            unknown[row.label].append(row.line)
+        else:
+            kept.append((row.text, names.index(label), tags))
+    if unknown:
+        listed = ", ".join(
+            f"{label!r} ({len(lines)}x, line(s) {', '.join(map(str, lines[:3]))}"
+            f"{'...' if len(lines) > 3 else ''})" for label, lines in unknown.items())
+        raise CmmergeError(f"unknown label(s) {listed} in {source} (task {cfg['name']}, key "
+                           f"{split}); the task's labels are {names}: set task.labels=[...] or "
+                           f"map raw labels with task.label_map")
+    if dropped:
+        info["dropped_by_label_map"] = dict(sorted(dropped.items()))
+    if cfg.get("filter_language"):
+        lang_of, language = cfg.get("language_tags") or {}, str(cfg["filter_language"])
+        share = float(cfg.get("filter_min_share", 0.9))
+        if not any(tags for *_, tags in kept):
+            raise CmmergeError(f"task {cfg['name']}: filter_language needs word-level language "
+                               f"tags (format sentimix_conll), {source} has none")
+        before = len(kept)
+        kept = [k for k in kept if (_english_share(k[2], lang_of, language) or 0.0) >= share]
+        info["filtered_out"] = before - len(kept)
+    texts = [text for text, _, _ in kept]
     if cfg.get("fix_mojibake"):
-        texts = [ftfy.fix_text(t, _FTFY_CONFIG) for t in texts]
-    return texts, [str(label_of[r.uid]) for r in records], path
+        fixed = [ftfy.fix_text(t, _FTFY_CONFIG) for t in texts]
+        info["mojibake_repaired"] = sum(a != b for a, b in zip(texts, fixed, strict=True))
+        texts = fixed
+    if not texts:
+        raise CmmergeError(f"task {cfg['name']}: split {split} ({source}) has no examples left")
+    return texts, [label for _, label, _ in kept], [list(t) for *_, t in kept], info
 
 
-def _to_dataset(
-    texts: list[str], labels: list[str], names: list[str], path: Path
-) -> datasets.Dataset:
-    """Build a ``text``/``label`` dataset, mapping label strings to ids in ``names``."""
-    bad = sorted(set(labels) - set(names))
-    if bad:
-        raise CmmergeError(f"unknown label(s) {bad} in {path} (the task's labels are {names})")
-    index = {label: i for i, label in enumerate(names)}
-    features = datasets.Features(
-        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)}
-    )
-    return datasets.Dataset.from_dict(
-        {"text": texts, "label": [index[label] for label in labels]}, features=features
-    )
+def _to_dataset(texts: list[str], labels: list[int], tags: list, names: list[str]):
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=names),
+                                  "tags": datasets.Sequence(datasets.Value("string"))})
+    return datasets.Dataset.from_dict({"text": texts, "label": labels, "tags": tags},
+                                      features=features)
 
 
-def _check_config(cfg: dict[str, Any]) -> None:
-    """Raise a CmmergeError naming the first missing or inconsistent task config key."""
+def _carve(ds: datasets.Dataset, fraction: float, seed: int, name: str, split: str,
+           names: list[str]) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Split a stratified, seeded ``fraction`` off ``ds``: (rest, carved)."""
+    try:
+        parts = ds.train_test_split(test_size=fraction, stratify_by_column="label", seed=seed)
+    except ValueError as err:
+        counts = {names[i]: n for i, n in sorted(Counter(ds["label"]).items())}
+        raise CmmergeError(f"task {name}: cannot carve a stratified {split} split of "
+                           f"{fraction:.3g} from train (label counts {counts}): {err}") from None
+    return parts["train"], parts["test"]
+
+
+def _fraction(cfg: Mapping, key: str) -> float | None:
+    value = cfg.get(key)
+    if value is None:
+        return None
+    if not 0 < float(value) < 1:
+        raise CmmergeError(f"task {cfg.get('name')}: {key} must be in (0, 1), got {value}")
+    return float(value)
+
+
+def load_task_with_info(task_cfg: Mapping, data_root: str | Path,
+                        seed: int = 0) -> tuple[datasets.DatasetDict, dict]:
+    """Like :func:`load_task`, keeping a ``tags`` column, plus what happened to each split.
+
+    Returns:
+        ``(splits, info)``: info is ``{split: {source, read, dropped_by_label_map, ...}}``.
+    """
+    cfg = as_dict(task_cfg)
     name = cfg.get("name") or "?"
-    for key in ("name", "train_file", "test_file"):
-        if not cfg.get(key):
-            raise CmmergeError(f"task {name}: config key '{key}' is missing")
-    fmt = cfg.get("format", "sentimix_conll")
-    if fmt not in TASK_FORMATS:
-        raise CmmergeError(f"task {name}: unknown format {fmt!r} (known: {list(TASK_FORMATS)})")
-    fraction = cfg.get("validation_fraction")
-    if bool(cfg.get("validation_file")) == (fraction is not None):
-        raise CmmergeError(
-            f"task {name}: set exactly one of 'validation_file' and 'validation_fraction'"
-        )
-    if fraction is not None and not 0 < float(fraction) < 1:
-        raise CmmergeError(f"task {name}: validation_fraction must be in (0, 1), got {fraction}")
+    cfg["name"] = name
+    names = task_labels(cfg)
+    if not cfg.get("hub") and not split_file(cfg, "train"):
+        raise CmmergeError(f"task {name}: no train file (set task.train=PATH or task.hub=NAME)")
+    root = Path(cfg["root"]).expanduser() if cfg.get("root") else Path(data_root)
+    if cfg.get("hub"):
+        cfg["hub_splits"] = cfg.get("hub_splits") or {s: s for s in SPLITS}
+        has = {s: bool(cfg["hub_splits"].get(s)) for s in SPLITS}
+    else:
+        has = {s: bool(split_file(cfg, s)) for s in SPLITS}
+    fractions = {s: _fraction(cfg, f"{s}_fraction") for s in ("validation", "test")}
+    for split in ("validation", "test"):
+        if not has[split] and fractions[split] is None:
+            raise CmmergeError(f"task {name}: no {split} split: set task.{split}=PATH or "
+                               f"task.{split}_fraction=F (carved out of train)")
+    carve_test = not has["test"]
+    carve_val = not has["validation"]
+    if carve_test and carve_val and fractions["test"] + fractions["validation"] >= 1:
+        raise CmmergeError(f"task {name}: validation_fraction + test_fraction must be < 1")
+    info: dict[str, dict] = {}
+    out: dict[str, datasets.Dataset] = {}
+    texts, labels, tags, info["train"] = _read_split(cfg, "train", root, names)
+    train = _to_dataset(texts, labels, tags, names)
+    info["train"]["labelled"] = len(train)
+    if carve_test:
+        train, out["test"] = _carve(train, fractions["test"], seed, name, "test", names)
+        info["test"] = {"source": "train", "carved_fraction": fractions["test"]}
+    if carve_val:
+        share = fractions["validation"] / (1 - fractions["test"]) if carve_test else \
+            fractions["validation"]
+        train, out["validation"] = _carve(train, share, seed, name, "validation", names)
+        info["validation"] = {"source": "train", "carved_fraction": fractions["validation"]}
+    for split in ("validation", "test"):
+        if split not in out:
+            texts, labels, tags, info[split] = _read_split(cfg, split, root, names)
+            out[split] = _to_dataset(texts, labels, tags, names)
+    out["train"] = train
+    for split in SPLITS:
+        info[split]["size"] = len(out[split])
+    return datasets.DatasetDict({s: out[s] for s in SPLITS}), info
 
 
 def load_task(task_cfg: Mapping, data_root: str | Path, seed: int = 0) -> datasets.DatasetDict:
@@ -132,43 +290,22 @@ def load_task(task_cfg: Mapping, data_root: str | Path, seed: int = 0) -> datase
 
     Args:
         task_cfg: The task config (``cfg.task``).
-        data_root: Folder the config's file paths are relative to (``data.root``).
-        seed: Seed of the stratified validation carve-out when the config has
-            ``validation_fraction``; the same seed always gives the same split. Pass a constant
-            (not the training seed) to keep one validation set across training seeds.
+        data_root: Folder the config's file paths are relative to (``data.root``), unless the
+            config has its own ``root``.
+        seed: Seed of the stratified carve-outs (``validation_fraction``, ``test_fraction``); the
+            same seed always gives the same split. Pass a constant (``data.split_seed``), not the
+            training seed, to keep one validation set across training seeds.
 
     Returns:
         A ``DatasetDict`` whose splits have the columns ``text`` (str) and ``label`` (int, a
         ``ClassLabel`` over ``task_cfg['labels']``).
 
     Raises:
-        CmmergeError: On a bad config, a missing, empty or undecodable file, or unknown labels.
+        CmmergeError: On a bad config, a missing, empty or undecodable file, a missing column or
+            unknown labels.
     """
-    cfg = as_dict(task_cfg)
-    _check_config(cfg)
-    names = task_labels(cfg)
-    split = {}
-    texts, labels, path = _read_split(cfg, "train_file", data_root)
-    train = _to_dataset(texts, labels, names, path)
-    fraction = cfg.get("validation_fraction")
-    if fraction is not None:
-        try:
-            parts = train.train_test_split(
-                test_size=float(fraction), stratify_by_column="label", seed=seed
-            )
-        except ValueError as err:
-            raise CmmergeError(
-                f"task {cfg['name']}: cannot carve a stratified {fraction} validation split from "
-                f"{path} (label counts {label_counts(train, names)}): {err}"
-            ) from None
-        split["train"], split["validation"] = parts["train"], parts["test"]
-    else:
-        split["train"] = train
-        texts, labels, path = _read_split(cfg, "validation_file", data_root)
-        split["validation"] = _to_dataset(texts, labels, names, path)
-    texts, labels, path = _read_split(cfg, "test_file", data_root, "test_labels_file")
-    split["test"] = _to_dataset(texts, labels, names, path)
-    return datasets.DatasetDict({name: split[name] for name in SPLITS})
+    splits, _ = load_task_with_info(task_cfg, data_root, seed)
+    return splits.remove_columns("tags")
 
 
 def label_counts(ds: datasets.Dataset, labels: list[str]) -> dict[str, int]:

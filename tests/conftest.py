@@ -1,0 +1,40 @@
+"""Shared fixtures: an isolated model cache, offline hub, and composed configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Fast settings for the tiny models: a few CPT steps, one short fine-tuning epoch.
+FAST = [
+    "train=smoke",
+    "cpt.max_steps=8",
+    "cpt.batch_size=16",
+    "cpt.max_length=32",
+    "finetune.epochs=1",
+    "finetune.max_length=32",
+    "evaluate.max_length=32",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory) -> Path:
+    """Tiny models are built once per test session into a private cache."""
+    cache = Path(os.environ.get("CMMERGE_TEST_CACHE") or tmp_path_factory.mktemp("cache"))
+    os.environ["CMMERGE_CACHE"] = str(cache)
+    return cache
+
+
+def compose(stage: str, overrides: list[str] | None = None):
+    """The composed config of ``stage`` with ``overrides``, as the CLI would build it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    with initialize_config_module(config_module="cmmerge.configs", version_base="1.3"):
+        return hydra_compose(config_name=stage, overrides=list(overrides or []))

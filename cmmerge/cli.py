@@ -17,16 +17,20 @@ STAGES = {
     "evaluate": "macro-F1, accuracy, per-class report, confusion matrix, predictions",
     "sweep": "Hydra multirun over lambda/method/density/seed: merge -> finetune -> evaluate",
     "pipeline": "the paper's arms end to end (experiment=demo for the offline demo)",
+    "prompt": "zero/few-shot prompting baseline of a decoder (verbaliser log-likelihood)",
     "report": "table of arms x metrics from a run directory (Markdown and CSV)",
 }
 
-USAGE = """usage: cmmerge <stage> [key=value ...] [--help] [--cfg job]
+USAGE = (
+    """usage: cmmerge <stage> [key=value ...] [--help] [--cfg job]
 
 Adapt multilingual models to code-mixed tasks: continued pre-training, task vectors, merging,
 fine-tuning and evaluation. Every stage reads and writes ${run.root}/${run.name}.
 
 stages:
-""" + "\n".join(f"  {name:<9} {text}" for name, text in STAGES.items()) + """
+"""
+    + "\n".join(f"  {name:<9} {text}" for name, text in STAGES.items())
+    + """
 
 examples:
   cmmerge pipeline experiment=demo
@@ -38,6 +42,7 @@ examples:
 `cmmerge <stage> --help` lists the config groups and options of a stage;
 add debug=true to see full tracebacks.
 """
+)
 
 
 def _quiet_libraries() -> None:
@@ -61,6 +66,9 @@ def _task(stage: str):
         _quiet_libraries()
         logging.getLogger("cmmerge").setLevel(logging.INFO)
         module = importlib.import_module(f"cmmerge.stages.{stage}")
+        from cmmerge.stages import dist
+
+        dist.init()
         try:
             module.run(cfg)
         except CmmergeError as err:
@@ -86,8 +94,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     stage = argv[0]
     if stage not in STAGES:
-        print(f"cmmerge: unknown stage '{stage}'; choose one of: {', '.join(STAGES)}",
-              file=sys.stderr)
+        print(
+            f"cmmerge: unknown stage '{stage}'; choose one of: {', '.join(STAGES)}", file=sys.stderr
+        )
         sys.exit(2)
     if "debug=true" in argv[1:]:
         os.environ["HYDRA_FULL_ERROR"] = "1"

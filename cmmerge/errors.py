@@ -2,4 +2,4 @@
 
 
 class CmmergeError(Exception):
-    """A problem the user can fix (bad path, bad option, bad data). The message says what and where."""
+    """A problem the user can fix (bad path, option or data); the message says what and where."""

@@ -63,7 +63,8 @@ def load_group_config(group: str, name: str) -> DictConfig:
     path = CONFIG_DIR / group / f"{name}.yaml"
     if not path.exists():
         raise CmmergeError(
-            f"unknown {group} '{name}'; choose one of: {', '.join(group_options(group))}")
+            f"unknown {group} '{name}'; choose one of: {', '.join(group_options(group))}"
+        )
     node = OmegaConf.load(path)
     if "defaults" in node:
         node = OmegaConf.masked_copy(node, [k for k in node if k != "defaults"])

@@ -34,10 +34,20 @@ SAMPLES: list[tuple[str, str, int]] = [
     ("sentimix_spanglish/Spanglish_dev.conll", "conll", 300),
     ("hinglish_unlabeled/l3cube_hinglid/test.txt", "tokens", 3000),
     ("spanglish_unlabeled/borrowing_lm2013/train.conll", "tokens", 3000),
+    ("hinglish_hate_bohra2018/hate_speech.tsv", "bohra", 1000),
+    ("dravidian_codemix_fire2020/tamil_train.tsv", "tsv_header", 1500),
+    ("dravidian_codemix_fire2020/tamil_dev.tsv", "tsv_header", 300),
+    ("dravidian_codemix_fire2020/malayalam_train.tsv", "tsv_header", 1000),
+    ("dravidian_codemix_fire2020/malayalam_dev.tsv", "tsv_header", 300),
 ]
 HINGLISH_TEST = "sentimix_hinglish/Hindi_test_unalbelled_conll_updated.txt"
 HINGLISH_TEST_LABELS = "sentimix_hinglish/test_labels_hinglish.txt"
-LICENCE_FILES = ["sentimix_hinglish/LICENSE", "spanglish_unlabeled/borrowing_lm2013/LICENSE"]
+LICENCE_FILES = [
+    "sentimix_hinglish/LICENSE",
+    "spanglish_unlabeled/borrowing_lm2013/LICENSE",
+    "hinglish_hate_bohra2018/LICENSE_repo_MIT.txt",
+]
+BOHRA_LABELS = (b"yes", b"no")
 
 _HEADER = re.compile(rb"^meta\t([0-9]+)(\t|\r?\n|$)")
 _LINE = re.compile(rb"[^\n]*\n|[^\n]+$")
@@ -84,13 +94,48 @@ def token_records(lines: list[bytes]) -> tuple[bytes, list[bytes]]:
     return prefix, records
 
 
+def bohra_records(lines: list[bytes]) -> tuple[bytes, list[bytes]]:
+    """Bohra TSV rows ``text<TAB>yes|no``; a line whose last field is no label continues."""
+    records: list[bytes] = []
+    open_record = False
+    for line in lines:
+        if open_record:
+            records[-1] += line
+        else:
+            records.append(line)
+        open_record = line.rstrip(b"\r\n").rsplit(b"\t", 1)[-1] not in BOHRA_LABELS
+    return b"", records
+
+
+def header_records(lines: list[bytes]) -> tuple[bytes, list[bytes]]:
+    """A TSV with a header line: the header is kept, each other line is a record."""
+    return lines[0], lines[1:]
+
+
+def group_records(lines: list[bytes], fmt: str, src: Path) -> tuple[bytes, list[bytes]]:
+    if fmt == "conll":
+        return conll_records(lines, src)
+    if fmt == "bohra":
+        return bohra_records(lines)
+    if fmt == "tsv_header":
+        return header_records(lines)
+    return token_records(lines)
+
+
 def sample_file(src: Path, dst: Path, fmt: str, k: int, seed: int) -> list[bytes]:
-    """Write a seeded sample of ``k`` records of ``src`` to ``dst``; return the kept records."""
+    """Write a seeded sample of ``k`` records of ``src`` to ``dst``; return the kept records.
+
+    Records that span several lines (the Bohra continuation lines) are always kept, on top of
+    the ``k`` sampled ones, so the sample shows that quirk.
+    """
     lines = split_lines(src.read_bytes())
-    prefix, records = conll_records(lines, src) if fmt == "conll" else token_records(lines)
+    prefix, records = group_records(lines, fmt, src)
     if k > len(records):
         raise SystemExit(f"{src}: asked for {k} records, file has {len(records)}")
-    keep = sorted(random.Random(f"{seed}:{src.name}").sample(range(len(records)), k))
+    keep = set(random.Random(f"{seed}:{src.name}").sample(range(len(records)), k))
+    if fmt == "bohra":
+        keep |= {i for i, record in enumerate(records) if record.count(b"\n") > 1}
+    keep = sorted(keep)
     kept = [records[i] for i in keep]
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_bytes(prefix + b"".join(kept))
@@ -126,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     kept_by_file: dict[str, list[bytes]] = {}
     for rel, fmt, k in SAMPLES:
         kept_by_file[rel] = sample_file(src_root / rel, out / rel, fmt, k, args.seed)
-        print(f"{rel}: {k} records, {(out / rel).stat().st_size:,} bytes")
+        n = len(kept_by_file[rel])
+        print(f"{rel}: {n} records, {(out / rel).stat().st_size:,} bytes")
     n = sample_labels(
         src_root / HINGLISH_TEST_LABELS, out / HINGLISH_TEST_LABELS, kept_by_file[HINGLISH_TEST]
     )

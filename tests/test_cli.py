@@ -10,7 +10,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-import pytest
 from conftest import FAST
 
 from cmmerge.cli import STAGES
@@ -20,8 +19,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def cmmerge(*args: str, cwd: Path | None = None, env: dict | None = None):
-    return subprocess.run([sys.executable, "-m", "cmmerge.cli", *args], capture_output=True,
-                          text=True, cwd=cwd, env={**os.environ, **(env or {})}, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "cmmerge.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
 
 
 def test_help_lists_every_stage():
@@ -35,7 +40,8 @@ def test_unknown_stage_is_one_line_and_exit_2():
     out = cmmerge("mergee")
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
-        "cmmerge: unknown stage 'mergee'; choose one of: " + ", ".join(STAGES)]
+        "cmmerge: unknown stage 'mergee'; choose one of: " + ", ".join(STAGES)
+    ]
 
 
 def test_stage_help_and_cfg_job(tmp_path):
@@ -47,13 +53,18 @@ def test_stage_help_and_cfg_job(tmp_path):
 
 
 def test_sweep_is_a_real_multirun_with_one_shared_cpt(tmp_path):
-    out = cmmerge("sweep", "lambda=0.5,1.0", "method=tv,ties", f"run.root={tmp_path}",
-                  "run.name=sw", *FAST)
+    out = cmmerge(
+        "sweep", "lambda=0.5,1.0", "method=tv,ties", f"run.root={tmp_path}", "run.name=sw", *FAST
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / "sw"
     rows = list(csv.DictReader((run / "sweep" / "summary.csv").open()))
     assert sorted(r["merge_id"] for r in rows) == [
-        "task_arithmetic-l0.5", "task_arithmetic-l1", "ties-l0.5-d0.2", "ties-l1-d0.2"]
+        "task_arithmetic-l0.5",
+        "task_arithmetic-l1",
+        "ties-l0.5-d0.2",
+        "ties-l1-d0.2",
+    ]
     assert all(0 <= float(r["test_macro_f1"]) <= 1 for r in rows)
     assert "Best by validation macro-F1" in (run / "sweep" / "summary.md").read_text()
     assert len(list((run / "logs").glob("sweep-*/job*"))) == 4
@@ -61,7 +72,8 @@ def test_sweep_is_a_real_multirun_with_one_shared_cpt(tmp_path):
     # CPT ran once and the later jobs reused it
     cpt = read_manifest(run / "cpt")
     assert cpt is not None and "running -> " in "".join(
-        p.read_text() for p in (run / "logs").glob("sweep-*/job0/*.log"))
+        p.read_text() for p in (run / "logs").glob("sweep-*/job0/*.log")
+    )
     later = "".join(p.read_text() for p in (run / "logs").glob("sweep-*/job3/*.log"))
     assert "cpt: up to date" in later and "cpt: running" not in later
 
@@ -95,8 +107,14 @@ def test_bad_inputs_exit_2_with_one_line_and_no_manifest(tmp_path):
     corpus_root = tmp_path / "corpus_root"
     (corpus_root / "hinglish_unlabeled" / "l3cube_hinglid").mkdir(parents=True)
     (corpus_root / "hinglish_unlabeled" / "l3cube_hinglid" / "test.txt").write_text("")
-    out = cmmerge("cpt", f"data.root={corpus_root}", "corpus.task_train_sets=[]",
-                  "data.leakage_tasks=[]", "task.test_file=../x", *run)
+    out = cmmerge(
+        "cpt",
+        f"data.root={corpus_root}",
+        "corpus.task_train_sets=[]",
+        "data.leakage_tasks=[]",
+        "task.test_file=../x",
+        *run,
+    )
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert read_manifest(tmp_path / "bad" / "cpt") is None
 
@@ -110,23 +128,58 @@ def test_debug_true_shows_the_traceback(tmp_path):
 
 
 def test_wheel_ships_configs_and_samples_and_runs_from_another_folder(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(tmp_path / "dist"), str(REPO)], check=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(REPO),
+        ],
+        check=True,
+        timeout=300,
+    )
     wheel = next((tmp_path / "dist").glob("cmmerge-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "cmmerge/configs/pipeline.yaml" in names
     assert "cmmerge/configs/model/tiny-xlmr.yaml" in names
     assert any(n.startswith("cmmerge/samples/sentimix_hinglish/") for n in names)
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
-                    str(site), str(wheel)], check=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(site),
+            str(wheel),
+        ],
+        check=True,
+        timeout=300,
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    code = ("import sys, cmmerge; assert cmmerge.__file__.startswith(sys.argv[1]), "
-            "cmmerge.__file__; from cmmerge.cli import main; sys.argv = sys.argv[:1]; "
-            "main(['data', '--cfg', 'job'])")
-    out = subprocess.run([sys.executable, "-c", code, str(site)], capture_output=True, text=True,
-                         cwd=elsewhere, env={**os.environ, "PYTHONPATH": str(site)}, timeout=120)
+    code = (
+        "import sys, cmmerge; assert cmmerge.__file__.startswith(sys.argv[1]), "
+        "cmmerge.__file__; from cmmerge.cli import main; sys.argv = sys.argv[:1]; "
+        "main(['data', '--cfg', 'job'])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(site)],
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+        env={**os.environ, "PYTHONPATH": str(site)},
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "sentiment-en-hi" in out.stdout
 

@@ -39,11 +39,11 @@ def fixture_task(**overrides: object) -> dict:
         "format": "sentimix_conll",
         "labels": list(LABELS),
         "fix_mojibake": True,
-        "train_file": "spanglish_meta/train.conll",
-        "validation_file": "spanglish_meta/train.conll",
+        "train": "spanglish_meta/train.conll",
+        "validation": "spanglish_meta/train.conll",
         "validation_fraction": None,
-        "test_file": "hinglish_mojibake/test.txt",
-        "test_labels_file": "hinglish_mojibake/labels.csv",
+        "test": "hinglish_mojibake/test.txt",
+        "test_labels": "hinglish_mojibake/labels.csv",
     }
     cfg.update(overrides)
     return cfg
@@ -64,10 +64,13 @@ def spanglish():
 
 
 def test_configs_have_the_agreed_keys():
-    for name in ("sentiment-en-hi", "sentiment-en-es"):
+    tasks = ("sentiment-en-hi", "sentiment-en-es", "hate-en-hi", "sentiment-en-ta",
+             "sentiment-en-ml", "english-sentiment-en-hi", "custom")
+    for name in tasks:
         cfg = load_task_config(name)
-        assert cfg["name"] == name and cfg["labels"] == LABELS
-        assert {"train_file", "test_file", "validation_fraction", "text_column"} <= set(cfg)
+        assert cfg["name"] == name
+        assert cfg["labels"] == (["non-hate", "hate"] if name == "hate-en-hi" else LABELS)
+        assert {"train", "test", "validation_fraction", "text_column", "label_map"} <= set(cfg)
         assert "lambda" not in cfg
     assert load_task_config("sentiment-en-es")["validation_fraction"] == 0.1
     assert corpus_config("en-hi")["task_train_sets"] == ["sentiment-en-hi"]
@@ -191,10 +194,10 @@ GOOD = b"meta\t1\tpositive\nok\tlang1\n\nmeta\t2\tnegative\nno\tlang1\n\n"
 @pytest.mark.parametrize(
     ("train", "expected"),
     [
-        (None, "file not found: {path} (task fixture, key train_file"),
+        (None, "file not found: {path} (task fixture, key train"),
         (b"", "empty file: {path}"),
         (b"\r\n\r\n", "empty file: {path}"),
-        (GOOD + b"meta\t3\tjoy\nhi\tlang1\n", "unknown label(s) ['joy'] in {path}"),
+        (GOOD + b"meta\t3\tjoy\nhi\tlang1\n", "unknown label(s) 'joy' (1x, line(s) 7) in {path}"),
         (GOOD + b"meta\t3\tneutral\nma\xf1ana\tlang2\n", "undecodable bytes in {path} line 8"),
         (b"hola\tlang2\n" + GOOD, "{path} line 1: token line before any 'meta<TAB>uid' header"),
         (b"meta\t1\nok\tlang1\n", "{path} line 1: tweet 1 has no label"),
@@ -204,10 +207,8 @@ def test_bad_input_raises_one_clear_line(tmp_path: Path, train: bytes | None, ex
     write(tmp_path, "test.conll", GOOD)
     if train is not None:
         write(tmp_path, "train.conll", train)
-    cfg = fixture_task(
-        train_file="train.conll", validation_file="test.conll", test_file="test.conll"
-    )
-    cfg["test_labels_file"] = None
+    cfg = fixture_task(train="train.conll", validation="test.conll", test="test.conll")
+    cfg["test_labels"] = None
     with pytest.raises(CmmergeError) as err:
         load_task(cfg, tmp_path)
     message = str(err.value)
@@ -219,12 +220,12 @@ def test_bad_data_root_and_labels_file(tmp_path: Path):
     with pytest.raises(CmmergeError, match="data root folder not found: .*nowhere"):
         load_task(fixture_task(), tmp_path / "nowhere")
     write(tmp_path, "labels.csv", b"Uid,Sentiment\n101,positive\n")
-    cfg = fixture_task(test_labels_file=str(tmp_path / "labels.csv"))
+    cfg = fixture_task(test_labels=str(tmp_path / "labels.csv"))
     with pytest.raises(CmmergeError, match=r"labels.csv: no label for 1 uid\(s\).*\['102'\]"):
         load_task(cfg, FIXTURES)
-    with pytest.raises(CmmergeError, match="exactly one of 'validation_file'"):
-        load_task(fixture_task(validation_fraction=0.1), FIXTURES)
-    with pytest.raises(CmmergeError, match=r"corpus x, sources\[0\].*nothing.txt"):
+    with pytest.raises(CmmergeError, match="no validation split: set task.validation=PATH"):
+        load_task(fixture_task(validation=None), FIXTURES)
+    with pytest.raises(CmmergeError, match=r"corpus x, source 0 \(nothing.txt\)"):
         load_corpus_texts({"name": "x", "sources": [{"path": "nothing.txt"}]}, FIXTURES)
 
 

@@ -13,8 +13,19 @@ from cmmerge.stages import cpt, evaluate, extract, finetune, merge
 
 
 def test_tiny_llama_cpt_merge_finetune_evaluate(tmp_path):
-    cfg = compose("finetune", ["model=tiny-llama", "method=ties", "lambda=0.7", "density=0.5",
-                               "init=merged", f"run.root={tmp_path}", "run.name=llama", *FAST])
+    cfg = compose(
+        "finetune",
+        [
+            "model=tiny-llama",
+            "method=ties",
+            "lambda=0.7",
+            "density=0.5",
+            "init=merged",
+            f"run.root={tmp_path}",
+            "run.name=llama",
+            *FAST,
+        ],
+    )
     cpt_manifest = cpt.run(cfg)
     assert cpt_manifest["kind"] == "decoder"
     assert cpt_manifest["metrics"]["perplexity"] < cpt_manifest["metrics"]["perplexity_before"]

@@ -32,8 +32,10 @@ def _stage_dirs(run: Path) -> list[Path]:
     dirs = [run / "data", run / "cpt", run / "extract", run / "report"]
     dirs += [run / "merge" / m for m in ("task_arithmetic-l0.5", "ties-l1-d0.2")]
     for arm in ARMS:
-        dirs += [run / "finetune" / f"{arm}-sentiment-en-hi-s0",
-                 run / "evaluate" / f"{arm}-sentiment-en-hi-s0" / "sentiment-en-hi"]
+        dirs += [
+            run / "finetune" / f"{arm}-sentiment-en-hi-s0",
+            run / "evaluate" / f"{arm}-sentiment-en-hi-s0" / "sentiment-en-hi",
+        ]
     return dirs
 
 
@@ -43,8 +45,17 @@ def test_every_stage_has_a_complete_manifest(demo):
         manifest = read_manifest(stage_dir)
         assert manifest is not None, stage_dir
         assert manifest["status"] == "finished"
-        for key in ("config", "inputs", "outputs", "metrics", "versions", "wall_time_s",
-                    "peak_rss_mb", "fingerprint", "git_revision"):
+        for key in (
+            "config",
+            "inputs",
+            "outputs",
+            "metrics",
+            "versions",
+            "wall_time_s",
+            "peak_rss_mb",
+            "fingerprint",
+            "git_revision",
+        ):
             assert key in manifest, (stage_dir, key)
         for item in manifest["inputs"]:
             assert item.get("manifest_sha256") or item.get("fingerprint")
@@ -57,8 +68,13 @@ def test_data_stats_count_the_samples(demo):
     dist = stats["task"]["label_distribution"]["test"]
     assert sum(dist.values()) == 300 and set(dist) == {"negative", "neutral", "positive"}
     corpus = stats["corpus"]
-    assert corpus["kept"] == corpus["raw"] - corpus["empty_removed"] - corpus[
-        "duplicates_removed"] - corpus["leakage_removed"]
+    assert (
+        corpus["kept"]
+        == corpus["raw"]
+        - corpus["empty_removed"]
+        - corpus["duplicates_removed"]
+        - corpus["leakage_removed"]
+    )
     assert corpus["kept"] > 3000
 
 
@@ -105,8 +121,9 @@ def test_merges_follow_the_formulas(demo):
 def test_finetune_and_evaluate_metrics_are_consistent(demo):
     _, run = demo
     for arm in ARMS:
-        ft = json.loads((run / "finetune" / f"{arm}-sentiment-en-hi-s0" / "metrics.json")
-                        .read_text())
+        ft = json.loads(
+            (run / "finetune" / f"{arm}-sentiment-en-hi-s0" / "metrics.json").read_text()
+        )
         assert ft["split"] == "validation" and 0.0 <= ft["macro_f1"] <= 1.0
         assert sum(map(sum, ft["confusion_matrix"]["matrix"])) == 300
         ev_dir = run / "evaluate" / f"{arm}-sentiment-en-hi-s0" / "sentiment-en-hi"
@@ -116,8 +133,13 @@ def test_finetune_and_evaluate_metrics_are_consistent(demo):
         preds = [json.loads(line) for line in (ev_dir / "predictions.jsonl").open()]
         assert len(preds) == 300
         labels = ["negative", "neutral", "positive"]
-        recomputed = f1_score([p["gold"] for p in preds], [p["pred"] for p in preds],
-                              labels=labels, average="macro", zero_division=0)
+        recomputed = f1_score(
+            [p["gold"] for p in preds],
+            [p["pred"] for p in preds],
+            labels=labels,
+            average="macro",
+            zero_division=0,
+        )
         assert recomputed == pytest.approx(ev["macro_f1"])
         assert all(abs(sum(p["probs"].values()) - 1) < 1e-4 for p in preds)
 

@@ -7,14 +7,15 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
+from cmmerge.errors import CmmergeError
 from cmmerge.io.manifest import read_manifest
 from cmmerge.stages.runner import run_stage, stage_input
-from cmmerge.errors import CmmergeError
 
 
 def _cfg(tmp_path, force=False):
-    return OmegaConf.create({"run": {"root": str(tmp_path), "name": "r"}, "force": force,
-                             "seed": 3})
+    return OmegaConf.create(
+        {"run": {"root": str(tmp_path), "name": "r"}, "force": force, "seed": 3}
+    )
 
 
 def test_manifest_records_the_stage_and_is_skipped_when_unchanged(tmp_path):

@@ -10,18 +10,31 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokeniz
 from cmmerge.models.loading import model_kind
 from cmmerge.models.tiny import build_tiny_model
 
-ARCH = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_positions=64,
-            vocab_size=300)
-TEXTS = ["yaar ye movie bahut acchi thi", "kya bakwas hai bro", "me encanta esta cancion lol",
-         "this is so bad yaar", "que bonito dia hoy"] * 40
+ARCH = dict(
+    hidden_size=32,
+    num_layers=1,
+    num_heads=2,
+    intermediate_size=64,
+    max_positions=64,
+    vocab_size=300,
+)
+TEXTS = [
+    "yaar ye movie bahut acchi thi",
+    "kya bakwas hai bro",
+    "me encanta esta cancion lol",
+    "this is so bad yaar",
+    "que bonito dia hoy",
+] * 40
 
 
 def _digest(folder, name):
     return hashlib.sha256((folder / name).read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("family,auto_cls,kind", [("xlmr", AutoModelForMaskedLM, "encoder"),
-                                                   ("llama", AutoModelForCausalLM, "decoder")])
+@pytest.mark.parametrize(
+    "family,auto_cls,kind",
+    [("xlmr", AutoModelForMaskedLM, "encoder"), ("llama", AutoModelForCausalLM, "decoder")],
+)
 def test_tiny_model_is_deterministic_and_loads(tmp_path, family, auto_cls, kind):
     a = build_tiny_model(family, ARCH, TEXTS, tmp_path / "a", seed=1)
     b = build_tiny_model(family, ARCH, TEXTS, tmp_path / "b", seed=1)

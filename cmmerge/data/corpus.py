@@ -48,8 +48,14 @@ def _source_format(fmt: str, path: Path, where: str) -> str:
     if fmt != "auto":
         return fmt
     detected = detect_format(path, where)
-    if detected == "sentimix_conll" or path.suffix.lower() in (".csv", ".tsv", ".tab", ".jsonl",
-                                                                ".ndjson", ".json"):
+    if detected == "sentimix_conll" or path.suffix.lower() in (
+        ".csv",
+        ".tsv",
+        ".tab",
+        ".jsonl",
+        ".ndjson",
+        ".json",
+    ):
         return detected
     return "text_lines"
 
@@ -62,7 +68,7 @@ def _read_source(source: Mapping, root: Path, where: str) -> tuple[list[str], di
     if fmt not in SOURCE_FORMATS:
         raise CmmergeError(f"{where}: unknown format {fmt!r} (known: {list(SOURCE_FORMATS)})")
     if source.get("required", True) is False and not (root / str(source["path"])).is_file():
-        log.warning("%s: optional file %s not under %s: skipped", where, source["path"], root)
+        log.debug("%s: optional file %s not under %s: skipped", where, source["path"], root)
         return None
     path = resolve_path(root, source["path"], where)
     fmt = _source_format(fmt, path, where)
@@ -83,8 +89,12 @@ def _read_source(source: Mapping, root: Path, where: str) -> tuple[list[str], di
         column = source.get("text_column", "text")
         texts = [r.text for r in read_table(path, fmt, where, column, None)]
     tags.pop("", None)
-    return texts, {"path": str(path), "format": fmt, "texts": len(texts),
-                   "tag_counts": dict(sorted(tags.items()))}
+    return texts, {
+        "path": str(path),
+        "format": fmt,
+        "texts": len(texts),
+        "tag_counts": dict(sorted(tags.items())),
+    }
 
 
 def load_task_config(name: str) -> dict:
@@ -154,8 +164,10 @@ def load_corpus(
         texts.extend(train)
         info["task_train_sets"][task_name] = len(train)
     if not sources and not task_names:
-        raise CmmergeError(f"corpus {name}: no 'sources', 'paths' or 'task_train_sets' "
-                           "(for corpus=custom set corpus.paths=[FILE,...])")
+        raise CmmergeError(
+            f"corpus {name}: no 'sources', 'paths' or 'task_train_sets' "
+            "(for corpus=custom set corpus.paths=[FILE,...])"
+        )
     return texts, info
 
 

@@ -60,11 +60,14 @@ def resolve_path(data_root: str | Path, rel: str | Path, what: str) -> Path:
         CmmergeError: If the root folder or the file does not exist.
     """
     root = Path(data_root).expanduser().resolve()
-    if not root.is_dir():
+    if Path(rel).expanduser().is_absolute():
+        path, where = Path(rel).expanduser().resolve(), what
+    elif not root.is_dir():
         raise CmmergeError(f"data root folder not found: {root} (set data.root=DIR; {what})")
-    path = (root / Path(rel).expanduser()).resolve()
+    else:
+        path, where = (root / Path(rel).expanduser()).resolve(), f"{what}: {rel!s}; root {root}"
     if not path.is_file():
-        raise CmmergeError(f"file not found: {path} ({what}: {rel!s}; data.root={root})")
+        raise CmmergeError(f"file not found: {path} ({where})")
     return path
 
 

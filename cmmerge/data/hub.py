@@ -34,25 +34,30 @@ def load_hub_dataset(name: str, config: str | None):
     return _cache[key]
 
 
-def hub_rows(name: str, config: str | None, split: str, text_column: str,
-             label_column: str, what: str) -> list[Row]:
+def hub_rows(
+    name: str, config: str | None, split: str, text_column: str, label_column: str, what: str
+) -> list[Row]:
     """Rows of one hub split; a ``ClassLabel`` column gives its label *names*, ``-1`` none."""
     ds = load_hub_dataset(name, config)
     if split not in ds:
-        raise CmmergeError(f"hub data set {name!r} has no split {split!r} (splits: "
-                           f"{', '.join(ds)}; set task.hub_splits.<split>=NAME; {what})")
+        raise CmmergeError(
+            f"hub data set {name!r} has no split {split!r} (splits: "
+            f"{', '.join(ds)}; set task.hub_splits.<split>=NAME; {what})"
+        )
     part = ds[split]
     for column, role in ((text_column, "text"), (label_column, "label")):
         if column not in part.column_names:
             raise CmmergeError(
                 f"hub data set {name!r} split {split!r}: no {role} column {column!r}; columns "
-                f"found: {', '.join(part.column_names)} (set task.{role}_column; {what})")
+                f"found: {', '.join(part.column_names)} (set task.{role}_column; {what})"
+            )
     feature = part.features[label_column]
     names = getattr(feature, "names", None)
     rows = []
     for i, (text, label) in enumerate(zip(part[text_column], part[label_column], strict=True)):
         if names is not None:
             label = names[label] if isinstance(label, int) and 0 <= label < len(names) else None
-        rows.append(Row(str(text or "").strip(), None if label is None else str(label).strip(),
-                        i + 1))
+        rows.append(
+            Row(str(text or "").strip(), None if label is None else str(label).strip(), i + 1)
+        )
     return rows

@@ -20,8 +20,15 @@ from cmmerge.errors import CmmergeError
 
 TABLE_FORMATS = ("csv", "tsv", "jsonl")
 FILE_FORMATS = ("sentimix_conll", *TABLE_FORMATS)
-_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
-             ".json": "jsonl", ".conll": "sentimix_conll"}
+_SUFFIXES = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".conll": "sentimix_conll",
+}
 _CONLL_HEADER = re.compile(r"meta\t[0-9]+(\t|$)")
 
 
@@ -88,15 +95,21 @@ def _jsonl(path: Path, what: str) -> list[tuple[int, dict]]:
 def _cell(value: object) -> str | None:
     if value is None:
         return None
-    text = value if isinstance(value, str) else json.dumps(value) if isinstance(
-        value, (list, dict)) else str(value)
+    text = (
+        value
+        if isinstance(value, str)
+        else json.dumps(value)
+        if isinstance(value, (list, dict))
+        else str(value)
+    )
     return text.strip() or None
 
 
 def _missing_column(path: Path, column: str, role: str, found: Sequence[str], what: str):
     return CmmergeError(
         f"{path}: no {role} column {column!r}; columns found: {', '.join(map(str, found))} "
-        f"(set task.{role}_column; {what})")
+        f"(set task.{role}_column; {what})"
+    )
 
 
 def read_table(
@@ -126,9 +139,14 @@ def read_table(
         for column, role in ((text_column, "text"), (label_column, "label")):
             if column is not None and str(column) not in found:
                 raise _missing_column(path, str(column), role, found, what)
-        return [Row(_cell(obj.get(str(text_column))) or "",
-                    None if label_column is None else _cell(obj.get(str(label_column))), n)
-                for n, obj in rows]
+        return [
+            Row(
+                _cell(obj.get(str(text_column))) or "",
+                None if label_column is None else _cell(obj.get(str(label_column))),
+                n,
+            )
+            for n, obj in rows
+        ]
     if fmt not in ("csv", "tsv"):
         raise CmmergeError(f"{path}: unknown table format {fmt!r} (known: {TABLE_FORMATS})")
     numbered = _delimited(path, fmt, what)
@@ -152,8 +170,10 @@ def read_table(
     out = []
     for number, cells in numbered:
         if len(cells) < need:
-            raise CmmergeError(f"{path} line {number}: {len(cells)} field(s), expected at least "
-                               f"{need} ({fmt}; {what})")
+            raise CmmergeError(
+                f"{path} line {number}: {len(cells)} field(s), expected at least "
+                f"{need} ({fmt}; {what})"
+            )
         label = _cell(cells[index["label"]]) if "label" in index else None
         out.append(Row(cells[index["text"]].strip(), label, number))
     return out

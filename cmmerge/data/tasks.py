@@ -81,8 +81,10 @@ def _label_map(cfg: dict[str, Any], names: list[str]) -> dict[str, str | None]:
     for key, value in raw.items():
         target = None if value is None else str(value).strip()
         if target is not None and target not in names:
-            raise CmmergeError(f"task {cfg['name']}: label_map maps {key!r} to {value!r}, which "
-                               f"is not one of the labels {names}")
+            raise CmmergeError(
+                f"task {cfg['name']}: label_map maps {key!r} to {value!r}, which "
+                f"is not one of the labels {names}"
+            )
         out[str(key).strip()] = target
     return out
 
@@ -93,17 +95,23 @@ def _read_rows(cfg: dict[str, Any], split: str, root: Path, info: dict) -> tuple
     what = f"task {name}, key {split}"
     if cfg.get("hub"):
         hub_split = cfg["hub_splits"][split]
-        rows = hub_rows(str(cfg["hub"]), cfg.get("hub_config"), hub_split,
-                        str(cfg.get("text_column") or "text"),
-                        str(cfg.get("label_column") or "label"), what)
+        rows = hub_rows(
+            str(cfg["hub"]),
+            cfg.get("hub_config"),
+            hub_split,
+            str(cfg.get("text_column") or "text"),
+            str(cfg.get("label_column") or "label"),
+            what,
+        )
         return [(row, ()) for row in rows], f"hub:{cfg['hub']}[{hub_split}]"
     path = resolve_path(root, split_file(cfg, split), what)  # type: ignore[arg-type]
     fmt = canonical_format(cfg.get("format"))
     if fmt == "auto":
         fmt = detect_format(path, what)
     if fmt not in FILE_FORMATS:
-        raise CmmergeError(f"task {name}: unknown format {fmt!r} (known: auto, conll, "
-                           f"{', '.join(FILE_FORMATS)})")
+        raise CmmergeError(
+            f"task {name}: unknown format {fmt!r} (known: auto, conll, {', '.join(FILE_FORMATS)})"
+        )
     info["format"] = fmt
     if fmt != "sentimix_conll":
         header = bool(cfg.get("header", True))
@@ -120,14 +128,18 @@ def _read_rows(cfg: dict[str, Any], split: str, root: Path, info: dict) -> tuple
         csv_labels = read_labels_csv(csv_path, where)
         missing = [r.uid for r in records if r.uid not in csv_labels]
         if missing:
-            raise CmmergeError(f"{csv_path}: no label for {len(missing)} uid(s) of {path}, "
-                               f"e.g. {missing[:5]} ({where})")
+            raise CmmergeError(
+                f"{csv_path}: no label for {len(missing)} uid(s) of {path}, "
+                f"e.g. {missing[:5]} ({where})"
+            )
         label_of = {r.uid: csv_labels[r.uid] for r in records}
     unlabelled = [r for r in records if label_of[r.uid] is None]
     if unlabelled:
         r = unlabelled[0]
-        raise CmmergeError(f"{path} line {r.line}: tweet {r.uid} has no label and the config "
-                           f"gives no labels file ({len(unlabelled)} unlabelled; {what})")
+        raise CmmergeError(
+            f"{path} line {r.line}: tweet {r.uid} has no label and the config "
+            f"gives no labels file ({len(unlabelled)} unlabelled; {what})"
+        )
     return [(Row(r.text, label_of[r.uid], r.line), r.tags) for r in records], str(path)
 
 
@@ -136,8 +148,9 @@ def _join_continuations(rows: list, known: set[str], info: dict) -> list:
     out, pending = [], None
     for row, tags in rows:
         if pending is not None:
-            row = Row(f"{pending.text} {pending.label or ''} {row.text}".strip(), row.label,
-                      pending.line)
+            row = Row(
+                f"{pending.text} {pending.label or ''} {row.text}".strip(), row.label, pending.line
+            )
             pending = None
         if row.label not in known:
             pending = row
@@ -168,8 +181,9 @@ def _read_split(cfg: dict[str, Any], split: str, root: Path, names: list[str]) -
     kept = []
     for row, tags in rows:
         if row.label is None:
-            raise CmmergeError(f"{source} line {row.line}: empty label (task {cfg['name']}, "
-                               f"key {split})")
+            raise CmmergeError(
+                f"{source} line {row.line}: empty label (task {cfg['name']}, key {split})"
+            )
         label = label_map[row.label] if row.label in label_map else row.label
         if label is None:
             dropped[row.label] += 1
@@ -180,18 +194,24 @@ def _read_split(cfg: dict[str, Any], split: str, root: Path, names: list[str]) -
     if unknown:
         listed = ", ".join(
             f"{label!r} ({len(lines)}x, line(s) {', '.join(map(str, lines[:3]))}"
-            f"{'...' if len(lines) > 3 else ''})" for label, lines in unknown.items())
-        raise CmmergeError(f"unknown label(s) {listed} in {source} (task {cfg['name']}, key "
-                           f"{split}); the task's labels are {names}: set task.labels=[...] or "
-                           f"map raw labels with task.label_map")
+            f"{'...' if len(lines) > 3 else ''})"
+            for label, lines in unknown.items()
+        )
+        raise CmmergeError(
+            f"unknown label(s) {listed} in {source} (task {cfg['name']}, key "
+            f"{split}); the task's labels are {names}: set task.labels=[...] or "
+            f"map raw labels with task.label_map"
+        )
     if dropped:
         info["dropped_by_label_map"] = dict(sorted(dropped.items()))
-    if cfg.get("filter_language"):
+    if cfg.get("filter_language") and not cfg.get("hub"):  # hub sets have no word tags
         lang_of, language = cfg.get("language_tags") or {}, str(cfg["filter_language"])
         share = float(cfg.get("filter_min_share", 0.9))
         if not any(tags for *_, tags in kept):
-            raise CmmergeError(f"task {cfg['name']}: filter_language needs word-level language "
-                               f"tags (format sentimix_conll), {source} has none")
+            raise CmmergeError(
+                f"task {cfg['name']}: filter_language needs word-level language "
+                f"tags (format sentimix_conll), {source} has none"
+            )
         before = len(kept)
         kept = [k for k in kept if (_english_share(k[2], lang_of, language) or 0.0) >= share]
         info["filtered_out"] = before - len(kept)
@@ -206,22 +226,30 @@ def _read_split(cfg: dict[str, Any], split: str, root: Path, names: list[str]) -
 
 
 def _to_dataset(texts: list[str], labels: list[int], tags: list, names: list[str]):
-    features = datasets.Features({"text": datasets.Value("string"),
-                                  "label": datasets.ClassLabel(names=names),
-                                  "tags": datasets.Sequence(datasets.Value("string"))})
-    return datasets.Dataset.from_dict({"text": texts, "label": labels, "tags": tags},
-                                      features=features)
+    features = datasets.Features(
+        {
+            "text": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=names),
+            "tags": datasets.Sequence(datasets.Value("string")),
+        }
+    )
+    return datasets.Dataset.from_dict(
+        {"text": texts, "label": labels, "tags": tags}, features=features
+    )
 
 
-def _carve(ds: datasets.Dataset, fraction: float, seed: int, name: str, split: str,
-           names: list[str]) -> tuple[datasets.Dataset, datasets.Dataset]:
+def _carve(
+    ds: datasets.Dataset, fraction: float, seed: int, name: str, split: str, names: list[str]
+) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Split a stratified, seeded ``fraction`` off ``ds``: (rest, carved)."""
     try:
         parts = ds.train_test_split(test_size=fraction, stratify_by_column="label", seed=seed)
     except ValueError as err:
         counts = {names[i]: n for i, n in sorted(Counter(ds["label"]).items())}
-        raise CmmergeError(f"task {name}: cannot carve a stratified {split} split of "
-                           f"{fraction:.3g} from train (label counts {counts}): {err}") from None
+        raise CmmergeError(
+            f"task {name}: cannot carve a stratified {split} split of "
+            f"{fraction:.3g} from train (label counts {counts}): {err}"
+        ) from None
     return parts["train"], parts["test"]
 
 
@@ -234,8 +262,9 @@ def _fraction(cfg: Mapping, key: str) -> float | None:
     return float(value)
 
 
-def load_task_with_info(task_cfg: Mapping, data_root: str | Path,
-                        seed: int = 0) -> tuple[datasets.DatasetDict, dict]:
+def load_task_with_info(
+    task_cfg: Mapping, data_root: str | Path, seed: int = 0
+) -> tuple[datasets.DatasetDict, dict]:
     """Like :func:`load_task`, keeping a ``tags`` column, plus what happened to each split.
 
     Returns:
@@ -256,8 +285,10 @@ def load_task_with_info(task_cfg: Mapping, data_root: str | Path,
     fractions = {s: _fraction(cfg, f"{s}_fraction") for s in ("validation", "test")}
     for split in ("validation", "test"):
         if not has[split] and fractions[split] is None:
-            raise CmmergeError(f"task {name}: no {split} split: set task.{split}=PATH or "
-                               f"task.{split}_fraction=F (carved out of train)")
+            raise CmmergeError(
+                f"task {name}: no {split} split: set task.{split}=PATH or "
+                f"task.{split}_fraction=F (carved out of train)"
+            )
     carve_test = not has["test"]
     carve_val = not has["validation"]
     if carve_test and carve_val and fractions["test"] + fractions["validation"] >= 1:
@@ -271,8 +302,11 @@ def load_task_with_info(task_cfg: Mapping, data_root: str | Path,
         train, out["test"] = _carve(train, fractions["test"], seed, name, "test", names)
         info["test"] = {"source": "train", "carved_fraction": fractions["test"]}
     if carve_val:
-        share = fractions["validation"] / (1 - fractions["test"]) if carve_test else \
-            fractions["validation"]
+        share = (
+            fractions["validation"] / (1 - fractions["test"])
+            if carve_test
+            else fractions["validation"]
+        )
         train, out["validation"] = _carve(train, share, seed, name, "validation", names)
         info["validation"] = {"source": "train", "carved_fraction": fractions["validation"]}
     for split in ("validation", "test"):

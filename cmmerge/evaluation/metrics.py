@@ -5,12 +5,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+)
 
 
-def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int],
-                           labels: Sequence[str]) -> dict:
-    """Flat ``macro_f1``, ``accuracy``, ``weighted_f1``, then ``per_class`` and ``confusion_matrix``.
+def classification_metrics(
+    y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str]
+) -> dict:
+    """Flat ``macro_f1``, ``accuracy``, ``weighted_f1``, then ``per_class``, ``confusion_matrix``.
 
     Args:
         y_true: gold label ids, indices into ``labels``.
@@ -22,12 +28,17 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int],
     return {
         "macro_f1": float(f1_score(y_true, y_pred, labels=ids, average="macro", zero_division=0)),
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "weighted_f1": float(f1_score(y_true, y_pred, labels=ids, average="weighted",
-                                      zero_division=0)),
+        "weighted_f1": float(
+            f1_score(y_true, y_pred, labels=ids, average="weighted", zero_division=0)
+        ),
         "n": len(y_true),
         "per_class": {
-            name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-                   "support": int(s[i])}
+            name: {
+                "precision": float(p[i]),
+                "recall": float(r[i]),
+                "f1": float(f[i]),
+                "support": int(s[i]),
+            }
             for i, name in enumerate(labels)
         },
         "confusion_matrix": {
@@ -48,6 +59,5 @@ def trainer_metrics(eval_pred) -> dict[str, float]:
     return {
         "macro_f1": float(f1_score(gold, pred, labels=ids, average="macro", zero_division=0)),
         "accuracy": float(accuracy_score(gold, pred)),
-        "weighted_f1": float(f1_score(gold, pred, labels=ids, average="weighted",
-                                      zero_division=0)),
+        "weighted_f1": float(f1_score(gold, pred, labels=ids, average="weighted", zero_division=0)),
     }

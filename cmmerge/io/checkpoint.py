@@ -1,7 +1,11 @@
-"""Streaming safetensors I/O: nothing here loads a whole model.
+"""Streaming safetensors I/O: nothing here loads a whole model, and nothing is memory-mapped.
 
-``CheckpointReader`` hands out tensors by name from mmapped files; ``ShardedWriter`` holds at
-most one shard; ``StreamingFileWriter`` writes one file tensor by tensor from a declared layout.
+``CheckpointReader`` parses safetensors headers itself (checking them against the file size, so
+a truncated file is caught before any work) and reads tensors, or flat element ranges of them,
+with ``pread`` into fresh buffers: resident memory is only what the caller holds.
+``StreamingFileWriter`` writes one file from a declared layout, tensor by tensor or chunk by
+chunk, from any thread (``pwrite``); ``ShardedWriter`` spreads a declared layout over shards of
+at most ``max_shard_size`` bytes with an HF index. Both write temp files and rename on close.
 """
 
 from __future__ import annotations
@@ -11,17 +15,19 @@ import json
 import math
 import os
 import struct
+import threading
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from cmmerge.errors import CmmergeError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+PICKLE_FILE = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
 DEFAULT_MAX_SHARD_SIZE = 2 * 1024**3
+_MAX_HEADER = 100 * 1024**2
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -30,6 +36,7 @@ _DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+Layout = dict[str, tuple[torch.dtype, tuple[int, ...]]]
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
@@ -41,29 +48,136 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-class CheckpointReader:
-    """Read tensors by name from an HF model folder (single or sharded) or a .safetensors file."""
+def _bytes_view(tensor: torch.Tensor):
+    """A writable numpy uint8 view of a contiguous tensor's memory (any dtype, bf16 included)."""
+    return tensor.reshape(-1).view(torch.uint8).numpy()
 
-    def __init__(self, path: str | os.PathLike) -> None:
+
+class _SafetensorsFile:
+    """One safetensors file: its validated header and ``pread`` access to its data."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            size = path.stat().st_size
+            self.fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise CmmergeError(f"cannot read safetensors file {path}: {exc}") from None
+        try:
+            self.entries, self.metadata, self.data_start = self._parse(size)
+        except CmmergeError:
+            os.close(self.fd)
+            raise
+
+    def _parse(self, size: int) -> tuple[dict, dict[str, str], int]:
+        bad = f"cannot read safetensors file {self.path}"
+        raw = os.pread(self.fd, 8, 0)
+        if len(raw) < 8:
+            raise CmmergeError(f"{bad}: {size} bytes, too short for a header")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(size - 8, _MAX_HEADER):
+            raise CmmergeError(f"{bad}: header of {n} bytes in a {size}-byte file (corrupt)")
+        try:
+            header = json.loads(os.pread(self.fd, n, 8))
+            metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+            entries = {}
+            for key, info in header.items():
+                dtype, shape = _DTYPES.get(info["dtype"]), tuple(int(s) for s in info["shape"])
+                begin, end = (int(x) for x in info["data_offsets"])
+                if dtype is None:
+                    raise CmmergeError(f"{bad}: unsupported dtype {info['dtype']} for {key!r}")
+                if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
+                    raise CmmergeError(f"{bad}: offsets of {key!r} do not match its shape")
+                entries[key] = (dtype, shape, begin, end)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CmmergeError(f"{bad}: corrupt header ({exc!r})") from None
+        need = 8 + n + max((e[3] for e in entries.values()), default=0)
+        if need > size:
+            raise CmmergeError(f"{bad}: truncated ({size} bytes, the header needs {need})")
+        entries = dict(sorted(entries.items(), key=lambda kv: kv[1][2]))
+        return entries, metadata, 8 + n
+
+    def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Flat elements ``[start, stop)`` of ``key`` as a new 1-D tensor of its dtype."""
+        dtype, shape, begin, _ = self.entries[key]
+        stop = math.prod(shape) if stop is None else stop
+        out = torch.empty(max(stop - start, 0), dtype=dtype)
+        view, offset, done = _bytes_view(out), self.data_start + begin + start * dtype.itemsize, 0
+        while done < len(view):
+            got = os.preadv(self.fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise CmmergeError(f"cannot read tensor {key!r} from {self.path}: file shrank")
+            done += got
+        return out
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class _PickleFile:
+    """A pickle ``.bin`` state dict, loaded (``weights_only``, mmapped) only when allowed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:
+            raise CmmergeError(f"cannot read pickle checkpoint {path}: {exc}") from None
+        self.tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        self.entries = {k: (v.dtype, tuple(v.shape), 0, 0) for k, v in self.tensors.items()}
+        self.metadata: dict[str, str] = {}
+
+    def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return self.tensors[key].reshape(-1)[start:stop].clone()
+
+    def close(self) -> None:
+        self.tensors = {}
+
+
+class CheckpointReader:
+    """Read tensors by name from an HF model folder (single or sharded) or a .safetensors file.
+
+    Pickle checkpoints (``pytorch_model.bin``, its index, or a ``.bin``/``.pt`` file) are
+    refused unless ``allow_pickle`` (unpickling can run code; they are also loaded whole).
+    """
+
+    def __init__(self, path: str | os.PathLike, allow_pickle: bool = False) -> None:
         self.path = Path(path)
-        self._handles: dict[Path, object] = {}
-        self._file_of: dict[str, Path] = {}
+        self.allow_pickle = allow_pickle
         if self.path.is_file():
             files = [self.path]
         elif self.path.is_dir():
             files = self._files_in_folder()
         else:
             raise CmmergeError(f"checkpoint not found: {self.path}")
-        for file in files:
-            for key in self._handle(file).offset_keys():
-                self._file_of.setdefault(key, file)
-        self.metadata: dict[str, str] = dict(self._handle(files[0]).metadata() or {})
+        self._files: list[_SafetensorsFile | _PickleFile] = []
+        self._file_of: dict[str, _SafetensorsFile | _PickleFile] = {}
+        try:
+            for file in files:
+                self._files.append(self._open(file))
+                for key in self._files[-1].entries:
+                    self._file_of.setdefault(key, self._files[-1])
+        except CmmergeError:
+            self.close()
+            raise
+        self.metadata: dict[str, str] = dict(self._files[0].metadata)
+
+    def _open(self, file: Path) -> _SafetensorsFile | _PickleFile:
+        if file.suffix in (".bin", ".pt", ".pth"):
+            if not self.allow_pickle:
+                raise CmmergeError(f"{file} is a pickle checkpoint: refused because unpickling can "
+                                   "run code (allow_pickle=true loads it)")
+            return _PickleFile(file)
+        return _SafetensorsFile(file)
 
     def _files_in_folder(self) -> list[Path]:
-        single, index = self.path / SINGLE_FILE, self.path / INDEX_FILE
-        if single.is_file():
-            return [single]
-        if not index.is_file():
+        for single, index in ((SINGLE_FILE, INDEX_FILE), (PICKLE_FILE, PICKLE_INDEX)):
+            single, index = self.path / single, self.path / index
+            if single.is_file():
+                return [single]
+            if index.is_file():
+                break
+        else:
             hint = ""
             if any(self.path.glob("*.bin")) or any(self.path.glob("*.pt")):
                 hint = " (found only .bin/.pt weights: re-save with safe_serialization=True)"
@@ -78,14 +192,6 @@ class CheckpointReader:
             raise CmmergeError(f"shard(s) listed in {index} are missing: {', '.join(missing)}")
         return files
 
-    def _handle(self, file: Path):
-        if file not in self._handles:
-            try:
-                self._handles[file] = safe_open(str(file), framework="pt")
-            except Exception as exc:  # SafetensorError, OSError
-                raise CmmergeError(f"cannot read safetensors file {file}: {exc}") from None
-        return self._handles[file]
-
     def keys(self) -> list[str]:
         """Tensor names in file order (shard by shard, by data offset within a shard)."""
         return list(self._file_of)
@@ -93,34 +199,37 @@ class CheckpointReader:
     def __contains__(self, key: object) -> bool:
         return key in self._file_of
 
-    def _file(self, key: str) -> Path:
+    def _entry(self, key: str) -> tuple:
         try:
-            return self._file_of[key]
+            return self._file_of[key].entries[key]
         except KeyError:
             raise CmmergeError(f"tensor {key!r} not found in {self.path}") from None
 
     def get(self, key: str) -> torch.Tensor:
-        """Load one tensor (CPU, stored dtype)."""
-        file = self._file(key)
-        try:
-            return self._handle(file).get_tensor(key)
-        except Exception as exc:
-            raise CmmergeError(f"cannot read tensor {key!r} from {file}: {exc}") from None
+        """Load one tensor (CPU, stored dtype, shaped)."""
+        return self.read(key).view(self.shape(key))
+
+    def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Flat elements ``[start, stop)`` of ``key`` (a new 1-D tensor); thread-safe."""
+        self._entry(key)
+        return self._file_of[key].read(key, start, stop)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        """Shape of a tensor, read from the header only."""
-        return tuple(self._handle(self._file(key)).get_slice(key).get_shape())
+        """Shape of a tensor, from the header."""
+        return self._entry(key)[1]
 
     def dtype(self, key: str) -> torch.dtype:
-        """Torch dtype of a tensor, read from the header only."""
-        name = self._handle(self._file(key)).get_slice(key).get_dtype()
-        if name not in _DTYPES:
-            raise CmmergeError(f"unsupported dtype {name} for {key!r} in {self.path}")
-        return _DTYPES[name]
+        """Torch dtype of a tensor, from the header."""
+        return self._entry(key)[0]
+
+    def numel(self, key: str) -> int:
+        return math.prod(self.shape(key))
 
     def close(self) -> None:
-        """Drop the file handles."""
-        self._handles.clear()
+        """Close the files."""
+        for file in getattr(self, "_files", []):
+            file.close()
+        self._files = []
 
     def __enter__(self) -> CheckpointReader:
         return self
@@ -133,113 +242,17 @@ def _str_metadata(metadata: dict | None) -> dict[str, str]:
     return {str(k): str(v) for k, v in (metadata or {}).items()}
 
 
-class ShardedWriter:
-    """Write tensors into HF-layout safetensors shards, flushing each temp shard as it fills.
-
-    ``close()`` removes old weight files in ``out_dir``, then renames the shards to
-    ``model.safetensors`` or ``model-0000i-of-0000N.safetensors`` + the index json.
-    Leaving a ``with`` block by an exception deletes the temp shards and writes nothing final.
-    """
-
-    def __init__(
-        self,
-        out_dir: str | os.PathLike,
-        max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-        metadata: dict[str, str] | None = None,
-    ) -> None:
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.max_shard_size = int(max_shard_size)
-        self.metadata = _str_metadata(metadata if metadata is not None else {"format": "pt"})
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._storages: set[int] = set()
-        self._shards: list[tuple[Path, list[str]]] = []
-        self._seen: set[str] = set()
-        self._buffer_bytes = self._total_size = self._total_params = 0
-        self._closed = False
-
-    def add(self, key: str, tensor: torch.Tensor) -> None:
-        """Buffer ``tensor`` under ``key``; flushes the buffer first if it would overflow."""
-        if self._closed:
-            raise RuntimeError("ShardedWriter is closed")
-        if key in self._seen:
-            raise CmmergeError(f"tensor {key!r} written twice to {self.out_dir}")
-        tensor = tensor.detach().to("cpu").contiguous()
-        if tensor.untyped_storage().data_ptr() in self._storages:  # shared memory: copy
-            tensor = tensor.clone()
-        size = tensor.nbytes
-        if self._buffer and self._buffer_bytes + size > self.max_shard_size:
-            self.flush()
-        self._seen.add(key)
-        self._buffer[key] = tensor
-        self._storages.add(tensor.untyped_storage().data_ptr())
-        self._buffer_bytes += size
-        self._total_size += size
-        self._total_params += tensor.numel()
-
-    def flush(self, force: bool = False) -> None:
-        """Write the buffered tensors to a temp shard file (an empty one only if ``force``)."""
-        if not (self._buffer or force):
-            return
-        tmp = self.out_dir / f".tmp-{os.getpid()}-shard-{len(self._shards) + 1:05d}.safetensors"
-        save_file(self._buffer, str(tmp), metadata=self.metadata)
-        self._shards.append((tmp, list(self._buffer)))
-        self._buffer, self._buffer_bytes, self._storages = {}, 0, set()
-
-    def close(self) -> list[Path]:
-        """Finish writing; returns the final files (shards, then the index if any)."""
-        if self._closed:
-            raise RuntimeError("ShardedWriter is closed")
-        self.flush(force=not self._shards)  # an empty model still gets a valid file
-        self._closed = True
-        old = [*self.out_dir.glob("model-*-of-*.safetensors"), self.out_dir / INDEX_FILE]
-        for path in [self.out_dir / SINGLE_FILE, *old]:
-            path.unlink(missing_ok=True)
-        n = len(self._shards)
-        if n == 1:
-            os.replace(self._shards[0][0], self.out_dir / SINGLE_FILE)
-            return [self.out_dir / SINGLE_FILE]
-        written, weight_map = [], {}
-        for i, (tmp, keys) in enumerate(self._shards, start=1):
-            written.append(self.out_dir / f"model-{i:05d}-of-{n:05d}.safetensors")
-            os.replace(tmp, written[-1])
-            weight_map.update(dict.fromkeys(keys, written[-1].name))
-        index = {
-            "metadata": {"total_size": self._total_size, "total_parameters": self._total_params},
-            "weight_map": dict(sorted(weight_map.items())),
-        }
-        (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        return [*written, self.out_dir / INDEX_FILE]
-
-    def abort(self) -> None:
-        """Delete temp shards without writing final files."""
-        self._closed = True
-        for tmp, _ in self._shards:
-            tmp.unlink(missing_ok=True)
-
-    def __enter__(self) -> ShardedWriter:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
-        if exc_type is not None:
-            self.abort()
-        elif not self._closed:
-            self.close()
-
-
 class StreamingFileWriter:
-    """Write one ``.safetensors`` file tensor by tensor (any order), holding none of them.
+    """Write one ``.safetensors`` file from a declared layout, holding none of the tensors.
 
     ``layout`` (name -> (dtype, shape)) fixes the header up front; widest dtypes come first so
-    every tensor is aligned. ``close()`` checks all came, then renames the temp file into place.
+    every tensor is aligned. ``write`` takes a whole tensor or a flat chunk at element offset
+    ``start``, in any order and from any thread. ``close()`` checks every element came, then
+    renames the temp file into place; ``abort()`` deletes it.
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-        metadata: dict[str, str] | None = None,
-    ) -> None:
+    def __init__(self, path: str | os.PathLike, layout: Layout,
+                 metadata: dict[str, str] | None = None) -> None:
         self.path = Path(path)
         self._layout = dict(layout)
         header: dict[str, object] = {"__metadata__": _str_metadata(metadata)} if metadata else {}
@@ -248,44 +261,53 @@ class StreamingFileWriter:
         for key in sorted(self._layout, key=lambda k: -self._layout[k][0].itemsize):
             dtype, shape = self._layout[key]
             end = start + math.prod(shape) * dtype.itemsize
-            name = _DTYPE_NAMES[dtype]
-            header[key] = {"dtype": name, "shape": list(shape), "data_offsets": [start, end]}
+            header[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape),
+                           "data_offsets": [start, end]}
             self._offsets[key], start = start, end
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         self._data_start = 8 + len(raw)
+        self.nbytes = self._data_start + start
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(f".tmp-{os.getpid()}-{self.path.name}")
-        self._fh = open(self._tmp, "wb")  # closed in close() or abort()
-        self._fh.write(struct.pack("<Q", len(raw)) + raw)
-        self._fh.truncate(self._data_start + start)
-        self._written: set[str] = set()
+        self._fd: int | None = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.pwrite(self._fd, struct.pack("<Q", len(raw)) + raw, 0)
+        os.ftruncate(self._fd, self.nbytes)
+        self._written: dict[str, int] = dict.fromkeys(self._layout, 0)
+        self._lock = threading.Lock()
 
-    def write(self, key: str, tensor: torch.Tensor) -> None:
-        """Write the data of one declared tensor (any order)."""
+    def write(self, key: str, tensor: torch.Tensor, start: int = 0) -> None:
+        """Write ``tensor`` (a whole declared tensor, or flat elements from ``start``)."""
         if key not in self._layout:
             raise CmmergeError(f"tensor {key!r} is not in the declared layout of {self.path}")
         dtype, shape = self._layout[key]
-        if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
-            got = f"{tensor.dtype} {tuple(tensor.shape)}"
+        whole = start == 0 and tuple(tensor.shape) == tuple(shape)
+        if tensor.dtype != dtype or not (whole or start + tensor.numel() <= math.prod(shape)):
+            got = f"{tensor.dtype} {tuple(tensor.shape)} at {start}"
             raise CmmergeError(f"tensor {key!r}: got {got}, declared {dtype} {tuple(shape)}")
-        self._fh.seek(self._data_start + self._offsets[key])
-        self._fh.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-        self._written.add(key)
+        data = _bytes_view(tensor.detach().cpu().contiguous())
+        offset, done = self._data_start + self._offsets[key] + start * dtype.itemsize, 0
+        while done < len(data):
+            done += os.pwrite(self._fd, data[done:], offset + done)
+        with self._lock:
+            self._written[key] += tensor.numel()
 
     def close(self) -> Path:
         """Check completeness, then move the file into place; returns its path."""
-        missing = [k for k in self._layout if k not in self._written]
+        missing = [k for k, (_, s) in self._layout.items() if self._written[k] != math.prod(s)]
         if missing:
             self.abort()
-            raise CmmergeError(f"{len(missing)} declared tensors never written to {self.path}")
-        self._fh.close()
+            raise CmmergeError(f"{len(missing)} declared tensors not fully written to {self.path}")
+        os.close(self._fd)
+        self._fd = None
         os.replace(self._tmp, self.path)
         return self.path
 
     def abort(self) -> None:
         """Close and delete the temp file."""
-        self._fh.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> StreamingFileWriter:
@@ -294,5 +316,101 @@ class StreamingFileWriter:
     def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
         if exc_type is not None:
             self.abort()
-        elif not self._fh.closed:
+        elif self._fd is not None:
+            self.close()
+
+
+def plan_shards(layout: Layout, max_shard_size: int) -> list[list[str]]:
+    """Split ``layout`` (in order) into shards of at most ``max_shard_size`` bytes each
+    (a tensor larger than that gets a shard of its own)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, (dtype, shape) in layout.items():
+        nbytes = math.prod(shape) * dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    return shards
+
+
+class ShardedWriter:
+    """Write a declared layout as HF-layout shards (``model.safetensors``, or
+    ``model-0000i-of-0000N.safetensors`` + index), chunk by chunk, from any thread.
+
+    ``close()`` removes old weight files in ``out_dir`` and renames the shards into place;
+    leaving a ``with`` block by an exception deletes the temp files and writes nothing final.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, layout: Layout,
+                 max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+                 metadata: dict[str, str] | None = None) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if int(max_shard_size) <= 0:
+            raise CmmergeError(f"max_shard_size must be positive, got {max_shard_size}")
+        self.layout = dict(layout)
+        shards = plan_shards(self.layout, int(max_shard_size))
+        n = len(shards)
+        names = [SINGLE_FILE] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors"
+                                              for i in range(1, n + 1)]
+        meta = metadata if metadata is not None else {"format": "pt"}
+        self._writers: list[StreamingFileWriter] = []
+        self._writer_of: dict[str, StreamingFileWriter] = {}
+        self.weight_map: dict[str, str] = {}
+        try:
+            for name, keys in zip(names, shards, strict=True):
+                writer = StreamingFileWriter(self.out_dir / name,
+                                             {k: self.layout[k] for k in keys}, meta)
+                self._writers.append(writer)
+                for key in keys:
+                    self._writer_of[key] = writer
+                    self.weight_map[key] = name
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = False
+
+    def write(self, key: str, tensor: torch.Tensor, start: int = 0) -> None:
+        """Write a whole tensor, or flat elements from ``start``, of declared tensor ``key``."""
+        if key not in self._writer_of:
+            raise CmmergeError(f"tensor {key!r} is not in the declared layout of {self.out_dir}")
+        self._writer_of[key].write(key, tensor, start)
+
+    def close(self) -> list[Path]:
+        """Finish writing; returns the final files (shards, then the index if any)."""
+        if self._closed:
+            raise RuntimeError("ShardedWriter is closed")
+        self._closed = True
+        old = [*self.out_dir.glob("model-*-of-*.safetensors"), self.out_dir / INDEX_FILE]
+        for path in [self.out_dir / SINGLE_FILE, *old]:
+            path.unlink(missing_ok=True)
+        try:
+            files = [w.close() for w in self._writers]
+        except BaseException:
+            self.abort()
+            raise
+        if len(files) == 1:
+            return files
+        total = sum(math.prod(s) * d.itemsize for d, s in self.layout.values())
+        params = sum(math.prod(s) for _, s in self.layout.values())
+        index = {"metadata": {"total_size": total, "total_parameters": params},
+                 "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        return [*files, self.out_dir / INDEX_FILE]
+
+    def abort(self) -> None:
+        """Delete the temp files without writing final ones."""
+        self._closed = True
+        for writer in self._writers:
+            writer.abort()
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._closed:
             self.close()

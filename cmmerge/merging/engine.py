@@ -1,155 +1,230 @@
-"""Streaming task-vector extraction and merging over safetensors checkpoints.
+"""Streaming merge: ``theta = base + lambda * combine(tau_1..tau_n)``, chunk by chunk, on all cores.
 
-Tensors are read, combined and written one at a time (``CheckpointReader`` / ``ShardedWriter``),
-so memory stays near one shard plus one tensor per source. Only weights are written: the caller
-copies config.json, the tokenizer and writes the model card.
+Every tensor is cut into flat chunks of ``CHUNK`` elements. A pool of ``threads`` workers
+(torch single-threaded inside each, so no OpenMP barrier per small op) reads the chunk of the
+base and of every source with ``pread``, computes in float32 and writes the result straight to
+its place in the output shards; the main thread only schedules, keeping at most two chunks per
+worker in flight. Magnitude trimming finds its exact threshold with the two-pass histogram
+selection of ``select`` over the chunks of a tensor (``trim_scope=tensor``, mergekit's rule) or
+of the whole model (``trim_scope=model``, the original TIES code's rule). Memory stays near
+``threads * 2 * (sources + 4) * CHUNK * 4`` bytes plus the interpreter, whatever the model size.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
-from contextlib import ExitStack
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from cmmerge.errors import CmmergeError
-from cmmerge.io.checkpoint import (
-    DEFAULT_MAX_SHARD_SIZE,
-    CheckpointReader,
-    ShardedWriter,
-    StreamingFileWriter,
-)
-from cmmerge.merging.keys import backbone_key, backbone_map, backbone_prefix
-from cmmerge.merging.methods import get_method, resolve_params
+from cmmerge.io.checkpoint import DEFAULT_MAX_SHARD_SIZE, CheckpointReader, ShardedWriter
+from cmmerge.merging.extract import TASK_VECTOR_FILE, extract_task_vector  # noqa: F401
+from cmmerge.merging.methods import MergeMethod, apply_delta, get_method, resolve_params
+from cmmerge.merging.plan import Item, PathLike, Source, open_sources, plan_merge
+from cmmerge.merging.select import Threshold, keep_count, thresholds_over, trim_mask
 
-TASK_VECTOR_FILE = "task_vector.safetensors"
-PathLike = str | os.PathLike
+CHUNK = 1 << 20  # elements per chunk (4 MiB in float32): fits the caches, amortises Python
 
 
-def _check_shape(name: str, base_shape: tuple, other_shape: tuple, base: str, other: str) -> None:
-    """Raise CmmergeError unless the two shapes are equal (vocabulary growth named as such)."""
-    if tuple(base_shape) == tuple(other_shape):
-        return
-    if (
-        len(base_shape) == len(other_shape) == 2
-        and other_shape[0] > base_shape[0]
-        and tuple(other_shape[1:]) == tuple(base_shape[1:])
-    ):
-        raise CmmergeError(
-            f"{name!r} has {other_shape[0]} rows in {other} but {base_shape[0]} in {base}: "
-            "a vocabulary grown during CPT is not supported yet"
-        )
-    shapes = f"{tuple(base_shape)} in {base} vs {tuple(other_shape)} in {other}"
-    raise CmmergeError(f"shape mismatch for {name!r}: {shapes}")
+def default_threads() -> int:
+    """The CPUs this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
-def extract_task_vector(
-    base_dir: PathLike, tuned_dir: PathLike, out_file: PathLike, dtype: torch.dtype = torch.float32
-) -> dict:
-    """Write ``tau = tuned - base`` (float32 math) over the shared floating backbone tensors.
-
-    Args:
-        base_dir: HF model folder of the base model.
-        tuned_dir: HF model folder of the fine-tuned / CPT model.
-        out_file: Output ``.safetensors`` path (a folder gets ``task_vector.safetensors``).
-        dtype: Storage dtype of the task vector.
-
-    Returns:
-        Stats: ``file``, ``n_tensors``, ``n_params``, ``l2_norm``, ``per_tensor`` (``l2``,
-        ``frac_changed``), ``skipped_head_keys`` (``base_only``, ``tuned_only`` and ``both``:
-        keys left out because they are heads or have no counterpart) and ``skipped_non_float``.
-
-    Raises:
-        CmmergeError: Unreadable checkpoints, a shape mismatch, or no tensor in common.
-    """
-    out = Path(out_file)
-    if out.is_dir():
-        out = out / TASK_VECTOR_FILE
-    with CheckpointReader(base_dir) as base, CheckpointReader(tuned_dir) as tuned:
-        base_names = backbone_map(base.keys(), backbone_prefix(base_dir), str(base_dir))
-        tuned_names = backbone_map(tuned.keys(), backbone_prefix(tuned_dir), str(tuned_dir))
-        layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-        non_float: list[str] = []
-        for name, bkey in base_names.items():
-            if name not in tuned_names:
-                continue
-            tkey = tuned_names[name]
-            if not (base.dtype(bkey).is_floating_point and tuned.dtype(tkey).is_floating_point):
-                non_float.append(name)
-                continue
-            _check_shape(name, base.shape(bkey), tuned.shape(tkey), str(base_dir), str(tuned_dir))
-            layout[name] = (dtype, base.shape(bkey))
-        if not layout:
-            raise CmmergeError(f"no backbone tensors in common between {base_dir} and {tuned_dir}")
-
-        used_base = {base_names[n] for n in [*layout, *non_float]}
-        used_tuned = {tuned_names[n] for n in [*layout, *non_float]}
-        left_base = [k for k in base.keys() if k not in used_base]
-        left_tuned = [k for k in tuned.keys() if k not in used_tuned]
-        skipped = {
-            "base_only": [k for k in left_base if k not in tuned],
-            "tuned_only": [k for k in left_tuned if k not in base],
-            "both": [k for k in left_base if k in tuned],
-        }
-
-        per_tensor: dict[str, dict[str, float]] = {}
-        sq_sum, n_params = 0.0, 0
-        metadata = {
-            "format": "pt",
-            "kind": "task_vector",
-            "base": str(base_dir),
-            "tuned": str(tuned_dir),
-        }
-        with StreamingFileWriter(out, layout, metadata) as writer:
-            for name in layout:
-                tau = tuned.get(tuned_names[name]).to(torch.float32) - base.get(
-                    base_names[name]
-                ).to(torch.float32)
-                l2 = float(torch.linalg.vector_norm(tau, dtype=torch.float64))
-                changed = int(torch.count_nonzero(tau))
-                per_tensor[name] = {"l2": l2, "frac_changed": changed / max(tau.numel(), 1)}
-                sq_sum += l2 * l2
-                n_params += tau.numel()
-                writer.write(name, tau.to(dtype))
-    return {
-        "file": str(out),
-        "n_tensors": len(layout),
-        "n_params": n_params,
-        "l2_norm": sq_sum**0.5,
-        "per_tensor": per_tensor,
-        "skipped_head_keys": skipped,
-        "skipped_non_float": non_float,
-    }
+@contextmanager
+def torch_threads(n: int):
+    """Run torch ops single-threaded (``n=1``) inside, restoring the setting after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
-@dataclass
-class _Source:
-    """One thing to merge in: a task vector file, or a model folder (delta = model - base)."""
-
-    label: str
-    reader: CheckpointReader
-    names: dict[str, str]  # backbone name -> key in ``reader``
-    is_model: bool
+def chunk_ranges(n: int, size: int | None = None) -> list[tuple[int, int]]:
+    """``[start, stop)`` flat ranges covering ``n`` elements, ``size`` (default CHUNK) each."""
+    size = size or CHUNK
+    return [(s, min(s + size, n)) for s in range(0, n, size)] or [(0, 0)]
 
 
-def _merge(
-    base_dir: PathLike,
-    source_paths: list[PathLike],
-    is_model: bool,
-    weights: list[float],
-    method: str,
-    scale: float,
-    out_dir: PathLike,
-    density: float | None,
-    sign: str | None,
-    normalize: bool | None,
-    dtype: torch.dtype | None,
-    max_shard_size: int,
-) -> dict:
-    fn = get_method(method).fn
-    kwargs = resolve_params(method, density=density, sign=sign, normalize=normalize)
+class _Scheduler:
+    """A thread pool with a bound on queued work and the first error kept."""
+
+    def __init__(self, threads: int) -> None:
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="cmmerge")
+        self._slots = threading.BoundedSemaphore(2 * threads)
+        self._futures: list[Future] = []
+        self.failed = threading.Event()
+
+    def submit(self, fn: Callable[..., None], *args: object) -> None:
+        if self.failed.is_set():
+            return
+        self._slots.acquire()
+
+        def run() -> None:
+            try:
+                if not self.failed.is_set():
+                    fn(*args)
+            except BaseException:
+                self.failed.set()
+                raise
+            finally:
+                self._slots.release()
+
+        self._futures.append(self.pool.submit(run))
+
+    def map(self, fn: Callable, items) -> list:
+        return list(self.pool.map(fn, items))
+
+    def wait(self) -> None:
+        """Wait for everything; re-raise the first error."""
+        for future in self._futures:
+            exc = future.exception()
+            if exc is not None:
+                raise exc
+        self._futures = []
+
+    def close(self) -> None:
+        self.failed.set()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Merger:
+    """Runs one planned merge (see the module docstring)."""
+
+    def __init__(self, base: CheckpointReader, sources: list[Source], method: MergeMethod,
+                 params: dict, weights: list[float], scale: float, writer: ShardedWriter,
+                 allow_nonfinite: bool) -> None:
+        self.base, self.sources, self.method = base, sources, method
+        self.weights, self.scale, self.writer = weights, scale, writer
+        self.normalize, self.sign = bool(params["normalize"]), str(params.get("sign", "sum"))
+        self.density = float(params.get("density", 1.0))
+        self.seed, self.scope = int(params.get("seed", 0)), str(params.get("trim_scope", "tensor"))
+        self.allow_nonfinite = allow_nonfinite
+        self.trims = method.trim is not None and self.density < 1
+
+    def deltas(self, item: Item, start: int, stop: int) -> tuple[Tensor, list[Tensor]]:
+        """(base chunk in float32, one float32 delta chunk per source), all fresh tensors."""
+        base = self.base.read(item.key, start, stop).to(torch.float32)
+        out = []
+        for s, key in zip(self.sources, item.src_keys, strict=True):
+            x = s.reader.read(key, start, stop).to(torch.float32)
+            out.append(x.sub_(base) if s.is_model else x)
+        return base, out
+
+    def _trim(self, item: Item, start: int, deltas: list[Tensor],
+              thresholds: list[Threshold | None] | None, chunk: int) -> None:
+        if not self.trims:
+            return
+        for i, d in enumerate(deltas):
+            if self.method.trim == "magnitude":
+                if thresholds is not None and thresholds[i] is not None:
+                    d.mul_(trim_mask(d, thresholds[i], chunk))
+            else:  # DARE: seeded by (seed, tensor, source, position), whatever the threads
+                tag = f"{self.seed}/{item.key}/{i}/{start}".encode()
+                g = torch.Generator().manual_seed(int(hashlib.sha256(tag).hexdigest()[:15], 16))
+                d.mul_(torch.rand(d.shape, generator=g) < self.density).mul_(1.0 / self.density)
+
+    def thresholds(self, pieces: list[tuple[Item, int, int]],
+                   map_fn: Callable = map, cached: list[Tensor] | None = None
+                   ) -> list[Threshold | None]:
+        """Per-source magnitude thresholds over a domain of chunks."""
+        total = sum(stop - start for _, start, stop in pieces)
+        ks = [keep_count(self.density, total)] * len(self.sources)
+        if cached is not None:
+            return thresholds_over(lambda c: cached, 1, ks)
+        return thresholds_over(lambda c: self.deltas(*pieces[c])[1], len(pieces), ks, map_fn)
+
+    def apply(self, item: Item, start: int, stop: int,
+              thresholds: list[Threshold | None] | None, chunk: int) -> None:
+        """Merge flat elements ``[start, stop)`` of ``item`` and write them."""
+        base, deltas = self.deltas(item, start, stop)
+        if thresholds is None and self.trims and self.method.trim == "magnitude":
+            thresholds, chunk = self.thresholds([(item, start, stop)], cached=deltas), 0
+        self._trim(item, start, deltas, thresholds, chunk)
+        combined = self.method.combine(deltas, self.weights, normalize=self.normalize,
+                                       sign=self.sign)
+        out = apply_delta(base, combined, self.scale)
+        if not self.allow_nonfinite and not math.isfinite(float(out.sum(dtype=torch.float64))) \
+                and not bool(torch.isfinite(out).all()):
+            self._blame(item, start, stop)
+        self.writer.write(item.key, out.to(item.dtype), start)
+
+    def _blame(self, item: Item, start: int, stop: int) -> None:
+        readers = [(self.base, item.key, "the base")] + [
+            (s.reader, k, s.label) for s, k in zip(self.sources, item.src_keys, strict=True)]
+        where = "the merge (overflow)"
+        for reader, key, label in readers:
+            if not bool(torch.isfinite(reader.read(key, start, stop)).all()):
+                where = label
+                break
+        raise CmmergeError(f"non-finite values (NaN or Inf) in tensor {item.key!r} of {where} "
+                           "(allow_nonfinite=true merges anyway)")
+
+    def copy(self, reader: CheckpointReader, key: str, item: Item, start: int, stop: int,
+             offset: int) -> None:
+        """Copy flat elements ``[start, stop)`` of ``reader[key]`` to ``item`` at ``offset``."""
+        self.writer.write(item.key, reader.read(key, start, stop).to(item.dtype), offset)
+
+    def run(self, items: list[Item], threads: int) -> None:
+        sched = _Scheduler(threads)
+        try:
+            with torch_threads(1):
+                model_thr: list[Threshold | None] | None = None
+                offsets: dict[str, int] = {}
+                if self.trims and self.method.trim == "magnitude" and self.scope == "model":
+                    pieces = [(it, s, e) for it in items if it.src_keys
+                              for s, e in chunk_ranges(it.shared)]
+                    n = 0
+                    for it in items:
+                        if it.src_keys:
+                            offsets[it.key], n = n, n + len(chunk_ranges(it.shared))
+                    model_thr = self.thresholds(pieces, sched.map)
+                for item in items:
+                    self._schedule(item, sched, model_thr, offsets.get(item.key, 0))
+                sched.wait()
+        finally:
+            sched.close()
+
+    def _schedule(self, item: Item, sched: _Scheduler, model_thr: list | None,
+                  first_chunk: int) -> None:
+        if not item.src_keys:
+            for s, e in chunk_ranges(item.numel):
+                sched.submit(self.copy, self.base, item.key, item, s, e, s)
+            return
+        ranges = chunk_ranges(item.shared)
+        thr = model_thr
+        if thr is None and len(ranges) > 1 and self.trims and self.method.trim == "magnitude":
+            thr = self.thresholds([(item, s, e) for s, e in ranges], sched.map)
+        for c, (s, e) in enumerate(ranges):
+            sched.submit(self.apply, item, s, e, thr, first_chunk + c if thr else 0)
+        if item.grown_from is not None:
+            src = self.sources[item.grown_from]
+            key = item.src_keys[item.grown_from]
+            for s, e in chunk_ranges(item.numel - item.shared):
+                sched.submit(self.copy, src.reader, key, item, item.shared + s,
+                             item.shared + e, item.shared + s)
+
+
+def _merge(base_dir: PathLike, source_paths: list[PathLike], is_model: bool,
+           weights: list[float], method: str, scale: float, out_dir: PathLike,
+           dtype: torch.dtype | None = None, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+           allow_nonfinite: bool = False, allow_pickle: bool = False,
+           threads: int | None = None, **params: object) -> dict:
+    merge_method = get_method(method)
+    resolved = resolve_params(method, **params)
     if not source_paths:
         raise CmmergeError("nothing to merge: no task vectors or models given")
     if len(weights) != len(source_paths):
@@ -157,136 +232,60 @@ def _merge(
     if Path(out_dir).resolve() == Path(base_dir).resolve():
         raise CmmergeError(f"output folder {out_dir} is the base model's folder")
     weights = [float(w) for w in weights]
-
     with ExitStack() as stack:
-        base = stack.enter_context(CheckpointReader(base_dir))
-        prefix = backbone_prefix(base_dir)
-        sources = []
-        for path in source_paths:
-            reader = stack.enter_context(CheckpointReader(path))
-            keys = reader.keys()
-            names = (
-                backbone_map(keys, backbone_prefix(path), str(path))
-                if is_model
-                else {k: k for k in keys}
-            )
-            sources.append(_Source(str(path), reader, names, is_model))
-
-        # Plan every tensor (headers only) before writing anything.
-        plan: dict[str, str | None] = {}
-        missing: list[str] = []
-        for key in base.keys():
-            name = backbone_key(key, prefix)
-            plan[key] = None
-            if name is None or not base.dtype(key).is_floating_point:
-                continue
-            if not all(name in s.names for s in sources):
-                missing.append(name)
-                continue
-            if not all(s.reader.dtype(s.names[name]).is_floating_point for s in sources):
-                continue
-            for s in sources:
-                _check_shape(
-                    name, base.shape(key), s.reader.shape(s.names[name]), str(base_dir), s.label
-                )
-            plan[key] = name
-        merged_names = {n for n in plan.values() if n is not None}
-        if not merged_names:
-            raise CmmergeError(f"no tensor of {base_dir} matches the sources to merge")
-        unused = sorted({n for s in sources for n in s.names} - merged_names - set(missing))
-
-        writer = stack.enter_context(ShardedWriter(out_dir, max_shard_size=max_shard_size))
-        n_merged = n_copied = 0
-        for key, name in plan.items():
-            tensor = base.get(key)
-            out_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
-            if name is None:
-                writer.add(key, tensor.to(out_dtype))
-                n_copied += 1
-                continue
-            base_f32 = tensor.to(torch.float32)
-            deltas = []
-            for s in sources:
-                delta = s.reader.get(s.names[name]).to(torch.float32)
-                deltas.append(delta - base_f32 if s.is_model else delta)
-            merged = base_f32 + scale * fn(deltas, weights, **kwargs)
-            writer.add(key, merged.to(out_dtype))
-            n_merged += 1
-            del deltas, merged, base_f32, tensor
+        base = stack.enter_context(CheckpointReader(base_dir, allow_pickle=allow_pickle))
+        sources = open_sources(list(source_paths), is_model, base_dir, allow_pickle)
+        for s in sources:
+            stack.enter_context(s.reader)
+        items, info = plan_merge(base, base_dir, sources, dtype)
+        layout = {it.key: (it.dtype, it.shape) for it in items}
+        writer = stack.enter_context(ShardedWriter(out_dir, layout, max_shard_size))
+        merger = _Merger(base, sources, merge_method, resolved, weights, scale, writer,
+                         allow_nonfinite)
+        merger.run(items, threads or default_threads())
         files = writer.close()
-    return {
-        "n_merged": n_merged,
-        "n_copied": n_copied,
-        "merged_keys_missing_in_tau": missing,
-        "tau_keys_missing_in_base": unused,
-        "files": [str(f) for f in files],
-    }
+    n_merged = sum(1 for it in items if it.src_keys)
+    return {"n_merged": n_merged, "n_copied": len(items) - n_merged, **info,
+            "params": resolved, "files": [str(f) for f in files]}
 
 
-def merge_into_base(
-    base_dir: PathLike,
-    task_vector_files: list[PathLike],
-    weights: list[float],
-    method: str,
-    scale: float,
-    out_dir: PathLike,
-    density: float | None = None,
-    sign: str | None = "sum",
-    normalize: bool | None = None,
-    dtype: torch.dtype | None = None,
-    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-) -> dict:
+def merge_into_base(base_dir: PathLike, task_vector_files: list[PathLike], weights: list[float],
+                    method: str, scale: float, out_dir: PathLike, **options: object) -> dict:
     """Write ``base + scale * combine(method, [tau_1..tau_n], weights)`` to ``out_dir``.
 
-    Base tensors whose backbone name every task vector has are merged (float32 math, cast back
-    to the base dtype or ``dtype``); heads, non-float tensors and tensors some task vector lacks
-    are copied. A tied ``lm_head`` absent from the base stays absent, so the tie is kept.
+    Base tensors whose backbone name is in the task vectors are merged (float32 math, written
+    in the base's dtype or ``dtype``); heads and non-float tensors are copied; a tied
+    ``lm_head`` stays tied.
 
     Args:
         base_dir: HF model folder of the base.
         task_vector_files: Files written by ``extract_task_vector`` (keyed by backbone names).
         weights: One weight per task vector.
-        method: Registry name (``task_arithmetic``/``tv``, ``ties``).
-        scale: The ``lambda`` multiplying the combined delta.
+        method: Registry name (``task_arithmetic``/``tv``, ``ties``, ``dare_linear``, ...).
+        scale: The ``lambda`` multiplying the combined delta (negative: task negation).
         out_dir: Folder for the weights (``model.safetensors`` or shards + index).
-        density: TIES trim density in (0, 1] (None: method default).
-        sign: TIES sign election, ``sum`` or ``count``.
-        normalize: None for the method's default.
-        dtype: Output dtype of floating tensors (None keeps the base's).
-        max_shard_size: Shard size in bytes.
+        **options: Method parameters (``density``, ``sign``, ``normalize``, ``trim_scope``,
+            ``seed``; None for defaults) and ``dtype``, ``max_shard_size``,
+            ``allow_nonfinite``, ``allow_pickle``, ``threads``.
 
     Returns:
-        Stats: ``n_merged``, ``n_copied``, ``merged_keys_missing_in_tau`` (float backbone tensors
-        of the base that some task vector lacks), ``tau_keys_missing_in_base``, ``files``.
+        Stats: ``n_merged``, ``n_copied``, ``tau_keys_missing_in_base``, ``dropped_tied``,
+        ``grown`` (key -> rows), ``params`` (resolved), ``files``.
 
     Raises:
-        CmmergeError: Bad method/params, unreadable checkpoints, or shapes that do not line up.
+        CmmergeError: Bad method or parameters, unreadable or mismatched checkpoints, missing
+            tensors, NaN/Inf (unless allowed). Nothing final is written then.
     """
-    return _merge(
-        base_dir, list(task_vector_files), False, list(weights), method, scale, out_dir,
-        density, sign, normalize, dtype, max_shard_size,
-    )  # fmt: skip
+    return _merge(base_dir, list(task_vector_files), False, list(weights), method, scale,
+                  out_dir, **options)  # type: ignore[arg-type]
 
 
-def merge_models(
-    base_dir: PathLike,
-    model_dirs: list[PathLike],
-    weights: list[float],
-    method: str,
-    scale: float,
-    out_dir: PathLike,
-    density: float | None = None,
-    sign: str | None = "sum",
-    normalize: bool | None = None,
-    dtype: torch.dtype | None = None,
-    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-) -> dict:
-    """Like ``merge_into_base`` with ``tau_i = model_i - base`` computed per tensor on the fly.
+def merge_models(base_dir: PathLike, model_dirs: list[PathLike], weights: list[float],
+                 method: str, scale: float, out_dir: PathLike, **options: object) -> dict:
+    """Like ``merge_into_base`` with ``tau_i = model_i - base`` computed chunk by chunk.
 
-    ``model_dirs`` are HF model folders (any head); their keys are aligned to the base through
-    backbone names, so e.g. a classifier merges into an MLM base. Stats as ``merge_into_base``.
+    ``model_dirs`` are HF model folders (any head, same ``model_type``); their keys are aligned
+    to the base through backbone names, so e.g. a classifier merges into an MLM base.
     """
-    return _merge(
-        base_dir, list(model_dirs), True, list(weights), method, scale, out_dir,
-        density, sign, normalize, dtype, max_shard_size,
-    )  # fmt: skip
+    return _merge(base_dir, list(model_dirs), True, list(weights), method, scale, out_dir,
+                  **options)  # type: ignore[arg-type]

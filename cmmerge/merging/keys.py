@@ -29,6 +29,13 @@ HEAD_PREFIXES: tuple[str, ...] = (
     "discriminator_predictions",
 )
 
+# ``base_model_prefix`` of common architectures (checked against transformers in the tests).
+KNOWN_PREFIXES: dict[str, str] = {
+    "xlm-roberta": "roberta", "roberta": "roberta", "bert": "bert", "distilbert": "distilbert",
+    "llama": "model", "mistral": "model", "qwen2": "model", "qwen3": "model", "gemma": "model",
+    "gemma2": "model", "phi3": "model",
+}  # fmt: skip
+
 
 def backbone_prefix(model_dir: str | os.PathLike) -> str:
     """The ``base_model_prefix`` of the model in ``model_dir`` (from its config.json).
@@ -46,6 +53,8 @@ def backbone_prefix(model_dir: str | os.PathLike) -> str:
     except (ValueError, KeyError, TypeError) as exc:
         raise CmmergeError(f"cannot read model_type from {config_file}: {exc!r}") from None
 
+    if model_type in KNOWN_PREFIXES:  # importing a modeling module costs seconds
+        return KNOWN_PREFIXES[model_type]
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 

@@ -1,8 +1,11 @@
-"""Merge math: plain functions over lists of same-shape float32 task vectors, and a registry.
+"""Merge math: plain functions over same-shape float32 task vectors, and the method registry.
 
-Every function returns the *combined delta*; the caller adds ``scale * combined`` to the base.
-With the same settings the results equal mergekit's ``task_arithmetic`` and ``ties``
-(``generalized_task_arithmetic``) to float32 rounding.
+A method is a *trim* (``magnitude``: keep the top-``density`` entries; ``random``: DARE's
+seeded drop with ``1/density`` rescaling; or none) followed by a *combine* (``weighted_sum``,
+or ``disjoint_merge``: TIES sign election and disjoint mean). ``apply_delta`` adds
+``lambda * combined`` to the base. The operations run in mergekit's order, so with the same
+settings ``task_arithmetic`` and ``ties`` equal mergekit's to float32 rounding (bitwise for one
+source). The streaming engine calls the same functions on chunks.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import torch
 from torch import Tensor
 
 from cmmerge.errors import CmmergeError
+from cmmerge.merging.select import keep_count, threshold_of, trim_mask
 
 SIGN_METHODS = ("sum", "count")
+TRIM_SCOPES = ("tensor", "model")
 
 
 def validate_density(density: float) -> float:
@@ -30,93 +35,112 @@ def validate_density(density: float) -> float:
 
 
 def magnitude_trim(delta: Tensor, density: float) -> Tensor:
-    """Keep the ``k = int(density * numel)`` entries of largest magnitude, zero the rest.
+    """Keep the ``k = max(1, int(density * numel))`` entries of largest magnitude (mergekit's k),
+    zero the rest; ties at the threshold keep the lowest flat indices. ``density >= 1`` returns
+    ``delta`` itself. Exact top-k without a sort (histogram + selection, see ``select``)."""
+    if density >= 1 or delta.numel() == 0:
+        return delta
+    flat = delta.reshape(-1).to(torch.float32)
+    k = keep_count(density, flat.numel())
+    threshold = threshold_of([flat], k)
+    return (flat * trim_mask(flat, threshold, 0)).view_as(delta).to(delta.dtype)
 
-    Args:
-        delta: Any-shape tensor.
-        density: Fraction kept. ``>= 1`` returns ``delta`` itself; ``k == 0`` gives all zeros.
 
-    Returns:
-        Tensor of ``delta``'s shape with exactly ``k`` entries kept (ties broken as torch.topk).
-    """
+def random_drop(delta: Tensor, density: float, generator: torch.Generator | None = None) -> Tensor:
+    """DARE: keep each entry with probability ``density`` and rescale the kept ones by
+    ``1 / density`` (the DARE paper's rescaling; mergekit rescales to the L1 norm instead)."""
     if density >= 1:
         return delta
-    k = int(density * delta.numel())
-    if k <= 0:
-        return torch.zeros_like(delta)
-    flat = delta.reshape(-1)
-    keep = torch.topk(flat.abs(), k, sorted=False).indices
-    out = torch.zeros_like(flat)
-    out[keep] = flat[keep]
-    return out.view_as(delta)
+    keep = torch.rand(delta.shape, generator=generator) < density
+    return delta * keep * (1.0 / density)
 
 
-def _stack(deltas: Sequence[Tensor], weights: Sequence[float]) -> tuple[Tensor, Tensor]:
-    """Stack deltas to ``(n, *shape)`` and weights to ``(n, 1, ..., 1)`` (same dtype/device)."""
+def _weights_like(weights: Sequence[float], ref: Tensor) -> Tensor:
+    return torch.tensor([float(w) for w in weights], dtype=ref.dtype).view(-1, *[1] * ref.dim())
+
+
+def _check(deltas: Sequence[Tensor], weights: Sequence[float]) -> None:
     if len(deltas) == 0:
         raise CmmergeError("no task vectors to combine")
     if len(deltas) != len(weights):
         raise CmmergeError(f"{len(deltas)} task vectors but {len(weights)} weights")
-    shape = deltas[0].shape
     for d in deltas[1:]:
-        if d.shape != shape:
-            raise CmmergeError(f"task vector shapes differ: {tuple(shape)} vs {tuple(d.shape)}")
-    stacked = torch.stack(list(deltas), dim=0)
-    w = torch.tensor([float(x) for x in weights], dtype=stacked.dtype, device=stacked.device)
-    return stacked, w.view(-1, *([1] * len(shape)))
+        if d.shape != deltas[0].shape:
+            raise CmmergeError(f"task vector shapes differ: {tuple(deltas[0].shape)} "
+                               f"vs {tuple(d.shape)}")
 
 
-def task_arithmetic(
-    deltas: Sequence[Tensor], weights: Sequence[float], normalize: bool = False
-) -> Tensor:
-    """Weighted sum ``sum_i w_i * d_i``, divided by ``sum_i w_i`` when ``normalize``.
-
-    A weight sum with magnitude below 1e-8 is treated as 1 (as mergekit does).
-    """
-    stacked, w = _stack(deltas, weights)
-    merged = (stacked * w).sum(dim=0)
+def weighted_sum(deltas: Sequence[Tensor], weights: Sequence[float], normalize: bool = False,
+                 sign: str = "sum") -> Tensor:
+    """``sum_i w_i d_i``, divided by ``sum_i w_i`` when ``normalize`` (a weight sum of magnitude
+    below 1e-8 counts as 1, as in mergekit). ``sign`` is ignored. May reuse ``deltas[0]``."""
+    _check(deltas, weights)
+    if len(deltas) == 1:  # the same float ops as the stacked form, without the copies
+        w, out = float(weights[0]), deltas[0]
+        if w != 1:
+            out = out * w
+            if normalize and abs(w) >= 1e-8:
+                out /= w
+        return out
+    w = _weights_like(weights, deltas[0])
+    merged = (torch.stack(list(deltas)) * w).sum(dim=0)
     if normalize:
         divisor = w.sum(dim=0)
         divisor[divisor.abs() < 1e-8] = 1
-        merged = merged / divisor
+        merged /= divisor
     return merged
 
 
-def ties(
-    deltas: Sequence[Tensor],
-    weights: Sequence[float],
-    density: float = 1.0,
-    sign: str = "sum",
-    normalize: bool = True,
-) -> Tensor:
-    """TIES: trim each delta, elect a sign per element, average the agreeing entries.
-
-    Args:
-        deltas: n tensors of one shape.
-        weights: n per-source weights.
-        density: Fraction of each delta kept by ``magnitude_trim``.
-        sign: ``"sum"`` elects the sign of the weighted sum; ``"count"`` the sign held by most
-            sources. Ties (and an all-zero column) elect +1.
-        normalize: Divide by the sum of the weights of the agreeing sources (disjoint mean).
-
-    Returns:
-        The combined delta, before the caller's ``lambda``.
-    """
+def disjoint_merge(deltas: Sequence[Tensor], weights: Sequence[float], normalize: bool = True,
+                   sign: str = "sum") -> Tensor:
+    """TIES after trimming: elect a sign per entry from the weighted deltas (``sum``: sign of
+    their sum; ``count``: the sign most of them hold; ties elect +), keep the weighted entries
+    of that sign (zeros never agree) and sum them, divided by the sum of their weights when
+    ``normalize`` (disjoint mean; an entry with none divides by 1)."""
+    _check(deltas, weights)
     if sign not in SIGN_METHODS:
         raise CmmergeError(f"sign must be one of {', '.join(SIGN_METHODS)}, got {sign!r}")
-    trimmed = [magnitude_trim(d, density) for d in deltas]
-    stacked, w = _stack(trimmed, weights)
-    weighted = stacked * w
+    if len(deltas) == 1:  # every nonzero entry agrees with itself: the same float ops, no stack
+        w, out = float(weights[0]), deltas[0]
+        if w == 0:
+            return torch.zeros_like(out)
+        if w != 1:
+            out = out * w
+            if normalize:
+                out /= w
+        return out
+    w = _weights_like(weights, deltas[0])
+    weighted = torch.stack(list(deltas)) * w
     signs = weighted.sign()
     votes = weighted.sum(dim=0) if sign == "sum" else signs.sum(dim=0)
-    elected = torch.where(votes >= 0, 1.0, -1.0).to(weighted.dtype)
-    mask = (signs == elected).to(weighted.dtype)  # a zero never agrees with +-1
+    elected = (votes >= 0).to(weighted.dtype) * 2 - 1
+    mask = (signs == elected).to(weighted.dtype)
     merged = (weighted * mask).sum(dim=0)
     if normalize:
         divisor = (w * mask).sum(dim=0)
         divisor[divisor == 0] = 1
-        merged = merged / divisor
+        merged /= divisor
     return merged
+
+
+def apply_delta(base: Tensor, combined: Tensor, scale: float) -> Tensor:
+    """``base + scale * combined`` as mergekit computes it (may modify ``combined``)."""
+    if scale != 1:
+        combined *= scale
+    return base + combined
+
+
+def task_arithmetic(deltas: Sequence[Tensor], weights: Sequence[float],
+                    normalize: bool = False) -> Tensor:
+    """Task arithmetic: ``weighted_sum`` of the task vectors."""
+    return weighted_sum([d.clone() for d in deltas], weights, normalize)
+
+
+def ties(deltas: Sequence[Tensor], weights: Sequence[float], density: float = 1.0,
+         sign: str = "sum", normalize: bool = True) -> Tensor:
+    """TIES: ``magnitude_trim`` each delta to ``density``, then ``disjoint_merge``."""
+    return disjoint_merge([magnitude_trim(d, density).clone() for d in deltas], weights,
+                          normalize, sign)
 
 
 @dataclass(frozen=True)
@@ -124,27 +148,53 @@ class MergeMethod:
     """A merge method as users name it.
 
     Attributes:
-        name: Canonical name (``task_arithmetic``, ``ties``).
-        fn: The math: ``fn(deltas, weights, normalize=..., **params) -> Tensor``.
-        default_normalize: ``normalize`` when the user does not set it.
-        params: Extra parameters the method takes (besides ``normalize``).
+        name: Canonical name (``task_arithmetic``, ``ties``, ...).
+        trim: ``magnitude``, ``random`` (DARE) or None.
+        combine: ``combine(deltas, weights, normalize=..., sign=...) -> Tensor``.
+        default_normalize: ``normalize`` when the user does not set it (mergekit's default).
+        params: Parameters the method takes besides ``normalize``.
+        mergekit: mergekit's name for the same computation, or None.
+        description: One line for docs and the model card.
     """
 
     name: str
-    fn: Callable[..., Tensor]
+    trim: str | None
+    combine: Callable[..., Tensor]
     default_normalize: bool
     params: tuple[str, ...] = ()
+    mergekit: str | None = None
+    description: str = ""
+
+    def fn(self, deltas: Sequence[Tensor], weights: Sequence[float], normalize: bool = False,
+           density: float = 1.0, sign: str = "sum", seed: int = 0, trim_scope: str = "tensor"
+           ) -> Tensor:
+        """Whole-tensor reference: trim each delta (per tensor), then combine."""
+        g = torch.Generator().manual_seed(int(seed))
+        if self.trim == "magnitude":
+            deltas = [magnitude_trim(d, density) for d in deltas]
+        elif self.trim == "random":
+            deltas = [random_drop(d, density, g) for d in deltas]
+        return self.combine([d.clone() for d in deltas], weights, normalize=normalize, sign=sign)
 
 
-_TASK_ARITHMETIC = MergeMethod("task_arithmetic", task_arithmetic, default_normalize=False)
-_TIES = MergeMethod("ties", ties, default_normalize=True, params=("density", "sign"))
-
+_TRIM = ("density", "trim_scope")
+_TA = MergeMethod("task_arithmetic", None, weighted_sum, False, (), "task_arithmetic",
+                  "weighted sum of task vectors")
 MERGE_METHODS: dict[str, MergeMethod] = {
-    "task_arithmetic": _TASK_ARITHMETIC,
-    "tv": _TASK_ARITHMETIC,
-    "ties": _TIES,
+    "task_arithmetic": _TA,
+    "tv": _TA,
+    "ties": MergeMethod("ties", "magnitude", disjoint_merge, True, (*_TRIM, "sign"), "ties",
+                        "trim to top-density magnitudes, elect sign, disjoint mean"),
+    "dare_linear": MergeMethod("dare_linear", "random", weighted_sum, False, ("density", "seed"),
+                               None, "random drop (keep density, rescale 1/density), weighted sum"),
+    "dare_ties": MergeMethod("dare_ties", "random", disjoint_merge, False,
+                             ("density", "seed", "sign"), None,
+                             "random drop (rescale 1/density), elect sign, disjoint sum"),
+    "magnitude": MergeMethod("magnitude", "magnitude", weighted_sum, False, _TRIM, None,
+                             "trim to top-density magnitudes, weighted sum"),
+    "linear": MergeMethod("linear", None, weighted_sum, True, (), "linear",
+                          "weighted average of the full weights (normalize=true)"),
 }
-
 _KNOWN_PARAMS = {"normalize"} | {p for m in MERGE_METHODS.values() for p in m.params}
 
 
@@ -162,7 +212,8 @@ def resolve_params(name: str, **params: object) -> dict[str, object]:
 
     ``None`` values are dropped (defaults apply), parameters that the method does not take
     (e.g. ``density`` for task_arithmetic, so one sweep grid serves all methods) are ignored,
-    names no method knows raise CmmergeError, and ``density`` is checked to lie in (0, 1].
+    names no method knows raise CmmergeError, ``density`` must lie in (0, 1], ``sign`` be
+    ``sum|count`` and ``trim_scope`` be ``tensor|model``.
 
     Returns:
         Keyword arguments for ``get_method(name).fn`` including ``normalize``.
@@ -176,17 +227,20 @@ def resolve_params(name: str, **params: object) -> dict[str, object]:
         if value is None or (key != "normalize" and key not in method.params):
             continue
         kwargs[key] = value
-    if "density" in kwargs:
-        kwargs["density"] = validate_density(kwargs["density"])  # type: ignore[arg-type]
-    if "sign" in kwargs and kwargs["sign"] not in SIGN_METHODS:
-        raise CmmergeError(f"sign must be one of {', '.join(SIGN_METHODS)}, got {kwargs['sign']!r}")
+    if "density" in method.params:
+        kwargs["density"] = validate_density(kwargs.get("density", 1.0))  # type: ignore[arg-type]
+    for key, choices in (("sign", SIGN_METHODS), ("trim_scope", TRIM_SCOPES)):
+        if key in kwargs and kwargs[key] not in choices:
+            raise CmmergeError(f"{key} must be one of {', '.join(choices)}, got {kwargs[key]!r}")
+    if "seed" in kwargs:
+        kwargs["seed"] = int(kwargs["seed"])  # type: ignore[call-overload]
     kwargs["normalize"] = bool(kwargs["normalize"])
     return kwargs
 
 
-def combine(
-    name: str, deltas: Sequence[Tensor], weights: Sequence[float], **params: object
-) -> Tensor:
-    """Combine task vectors with method ``name``; see ``resolve_params`` for ``params``."""
+def combine(name: str, deltas: Sequence[Tensor], weights: Sequence[float],
+            **params: object) -> Tensor:
+    """Combine whole task vectors with method ``name``; see ``resolve_params`` for ``params``."""
     kwargs = resolve_params(name, **params)
-    return get_method(name).fn(list(deltas), list(weights), **kwargs)
+    kwargs.pop("trim_scope", None)
+    return get_method(name).fn(list(deltas), list(weights), **kwargs)  # type: ignore[arg-type]

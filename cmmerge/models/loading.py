@@ -59,13 +59,17 @@ def local_model_dir(name_or_path: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(
-            name_or_path,
-            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"]))
+        return Path(
+            snapshot_download(
+                name_or_path,
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"],
+            )
+        )
     except Exception as err:  # noqa: BLE001 - any hub failure becomes one line
         raise CmmergeError(
             f"model {name_or_path!r} is neither a local folder nor reachable on the hub "
-            f"({type(err).__name__}); pass model.name_or_path=DIR of a downloaded model") from err
+            f"({type(err).__name__}); pass model.name_or_path=DIR of a downloaded model"
+        ) from err
 
 
 def model_kind(model_dir: Path, configured: str = "auto") -> ModelKind:
@@ -84,7 +88,8 @@ def model_kind(model_dir: Path, configured: str = "auto") -> ModelKind:
         return "decoder"
     raise CmmergeError(
         f"model type {model_type!r} in {model_dir} is neither a masked-LM encoder nor a causal-LM "
-        "decoder that cmmerge can train; set model.kind=encoder|decoder if you know better")
+        "decoder that cmmerge can train; set model.kind=encoder|decoder if you know better"
+    )
 
 
 def load_tokenizer(model_dir: Path):
@@ -108,7 +113,7 @@ def load_lm(model_dir: Path, kind: ModelKind):
 
 
 def load_classifier(model_dir: Path, labels: list[str], pad_token_id: int | None):
-    """Sequence classifier over ``labels``; a head of another size is an error, a missing one new."""
+    """Sequence classifier over ``labels``; a head of another size is an error."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     config = AutoConfig.from_pretrained(model_dir)
@@ -117,11 +122,16 @@ def load_classifier(model_dir: Path, labels: list[str], pad_token_id: int | None
     if has_head and config.num_labels != len(labels):
         raise CmmergeError(
             f"{model_dir} has a classification head for {config.num_labels} labels, the task has "
-            f"{len(labels)} ({', '.join(labels)})")
+            f"{len(labels)} ({', '.join(labels)})"
+        )
     id2label = dict(enumerate(labels))
     model = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, num_labels=len(labels), id2label=id2label,
-        label2id={v: k for k, v in id2label.items()}, dtype="float32")
+        model_dir,
+        num_labels=len(labels),
+        id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
+        dtype="float32",
+    )
     if model.config.pad_token_id is None and pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     return model

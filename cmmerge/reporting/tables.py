@@ -19,10 +19,14 @@ def finetune_rows(run_dir: Path) -> list[dict]:
         if manifest is None:
             continue
         config = manifest.get("config", {})
-        row = {"arm": manifest.get("arm", ft_dir.name), "finetune_id": ft_dir.name,
-               "task": manifest.get("task"), "seed": config.get("seed"),
-               "merge_id": manifest.get("merge_id") or "",
-               "val_macro_f1": manifest["metrics"].get("macro_f1")}
+        row = {
+            "arm": manifest.get("arm", ft_dir.name),
+            "finetune_id": ft_dir.name,
+            "task": manifest.get("task"),
+            "seed": config.get("seed"),
+            "merge_id": manifest.get("merge_id") or "",
+            "val_macro_f1": manifest["metrics"].get("macro_f1"),
+        }
         for eval_dir in sorted((run_dir / "evaluate" / ft_dir.name).glob("*/")):
             if read_manifest(eval_dir) is None:
                 continue
@@ -31,7 +35,23 @@ def finetune_rows(run_dir: Path) -> list[dict]:
             row[f"test_macro_f1{suffix}"] = metrics["macro_f1"]
             row[f"test_accuracy{suffix}"] = metrics["accuracy"]
         rows.append(row)
+    rows += prompt_rows(run_dir)
     rows.sort(key=lambda r: (_ARM_ORDER.get(r["arm"], 2), r["arm"], str(r["seed"])))
+    return rows
+
+
+def prompt_rows(run_dir: Path) -> list[dict]:
+    """One row per finished prompting run (no validation score: nothing is trained)."""
+    rows = []
+    for stage_dir in sorted((run_dir / "prompt").glob("*/")):
+        manifest = read_manifest(stage_dir)
+        if manifest is None:
+            continue
+        metrics = manifest["metrics"]
+        rows.append({"arm": manifest.get("arm", stage_dir.name), "finetune_id": stage_dir.name,
+                     "task": manifest.get("task"), "seed": manifest.get("seed"), "merge_id": "",
+                     "val_macro_f1": None, "test_macro_f1": metrics["macro_f1"],
+                     "test_accuracy": metrics["accuracy"]})
     return rows
 
 

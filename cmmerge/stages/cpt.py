@@ -18,24 +18,44 @@ def run(cfg: DictConfig) -> dict:
     dirs = stage_dirs(cfg)
     base = resolve_model(cfg)
     kind = model_kind(base, str(cfg.model.kind))
-    config_view = view(cfg, "model", "corpus", "cpt", data_root=str(data_root(cfg)),
-                       leakage_tasks=leakage_tasks(cfg), split_seed=split_seed(cfg),
-                       seed=int(cfg.cpt.seed))
+    config_view = view(
+        cfg,
+        "model",
+        "corpus",
+        "cpt",
+        data_root=str(data_root(cfg)),
+        leakage_tasks=leakage_tasks(cfg),
+        split_seed=split_seed(cfg),
+        seed=int(cfg.cpt.seed),
+    )
 
     def work(stage_dir):
         texts, corpus_stats = cpt_corpus(cfg)
         metrics = train_lm(base, kind, texts, plain(cfg.cpt), stage_dir, int(cfg.cpt.seed))
         write_json_atomic(stage_dir / "metrics.json", metrics)
         objective = "masked LM" if kind == "encoder" else "causal LM"
-        write_model_card(stage_dir / "model", f"{cfg.model.name} + CPT on {cfg.corpus.name}",
-                         f"Continued pre-training ({objective}, full parameters) of `{base}` on "
-                         f"the {cfg.corpus.name} code-mixed corpus by cmmerge.",
-                         {"base": base, "corpus": cfg.corpus.name, "texts": corpus_stats["kept"],
-                          "leakage removed": corpus_stats["leakage_removed"],
-                          "steps": metrics["steps"], "lr": cfg.cpt.lr,
-                          "held-out perplexity": f"{metrics['perplexity_before']:.2f} -> "
-                                                 f"{metrics['perplexity']:.2f}"})
-        return {"metrics": metrics, "outputs": ["model/", "metrics.json"],
-                "corpus": corpus_stats, "base_model": str(base), "kind": kind}
+        write_model_card(
+            stage_dir / "model",
+            f"{cfg.model.name} + CPT on {cfg.corpus.name}",
+            f"Continued pre-training ({objective}, full parameters) of `{base}` on "
+            f"the {cfg.corpus.name} code-mixed corpus by cmmerge.",
+            {
+                "base": base,
+                "corpus": cfg.corpus.name,
+                "texts": corpus_stats["kept"],
+                "leakage removed": corpus_stats["leakage_removed"],
+                "steps": metrics["steps"],
+                "lr": cfg.cpt.lr,
+                "held-out perplexity": f"{metrics['perplexity_before']:.2f} -> "
+                f"{metrics['perplexity']:.2f}",
+            },
+        )
+        return {
+            "metrics": metrics,
+            "outputs": ["model/", "metrics.json"],
+            "corpus": corpus_stats,
+            "base_model": str(base),
+            "kind": kind,
+        }
 
     return run_stage(cfg, "cpt", dirs["cpt"], config_view, [folder_input(base)], work)

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from cmmerge.errors import CmmergeError
 from cmmerge.io.manifest import write_json_atomic
 from cmmerge.settings import data_root, plain, task_config
+from cmmerge.stages import dist
 from cmmerge.stages.ids import cli_hint, finetune_id, stage_dirs
 from cmmerge.stages.inputs import split_seed, task_splits
 from cmmerge.stages.runner import run_stage, stage_input
@@ -28,38 +29,74 @@ def evaluate_one(cfg: DictConfig, task_name: str) -> dict:
     """Evaluate the configured fine-tuned model on the test split of ``task_name``."""
     dirs = stage_dirs(cfg)
     ft_dir = dirs["finetune"]
-    hint = cli_hint(cfg, "finetune", f"init={cfg.init}", f"task={cfg.task.name}",
-                    f"seed={cfg.seed}")
+    hint = cli_hint(
+        cfg, "finetune", f"init={cfg.init}", f"task={cfg.task.name}", f"seed={cfg.seed}"
+    )
     inputs = [stage_input(ft_dir, hint)]
     task = task_config(cfg, task_name)
     labels = list(cfg.task.labels)
     if list(task.labels) != labels:
-        raise CmmergeError(f"eval task {task_name} has labels {list(task.labels)}, the model "
-                           f"{finetune_id(cfg)} was trained on {labels}")
-    config_view = {"task": plain(task), "evaluate": plain(cfg.evaluate),
-                   "data_root": str(data_root(cfg)), "split_seed": split_seed(cfg),
-                   "seed": int(cfg.seed)}
+        raise CmmergeError(
+            f"eval task {task_name} has labels {list(task.labels)}, the model "
+            f"{finetune_id(cfg)} was trained on {labels}"
+        )
+    config_view = {
+        "task": plain(task),
+        "evaluate": plain(cfg.evaluate),
+        "data_root": str(data_root(cfg)),
+        "split_seed": split_seed(cfg),
+        "seed": int(cfg.seed),
+    }
 
     def work(stage_dir):
         test = task_splits(cfg, task_name)["test"]
         texts, gold = list(test["text"]), list(test["label"])
-        probs, metrics = predict(ft_dir / "model", texts, labels, int(cfg.evaluate.batch_size),
-                                 int(cfg.evaluate.max_length), gold, stage_dir / ".predict")
+        probs, metrics = predict(
+            ft_dir / "model",
+            texts,
+            labels,
+            int(cfg.evaluate.batch_size),
+            int(cfg.evaluate.max_length),
+            gold,
+            stage_dir / ".predict",
+        )
+        if not dist.is_main():
+            return {"metrics": metrics}
         write_json_atomic(stage_dir / "metrics.json", {"split": "test", **metrics})
         tmp = stage_dir / ".predictions.jsonl.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             for text, g, p in zip(texts, gold, probs, strict=True):
-                f.write(json.dumps({"text": text, "gold": labels[g], "pred": labels[int(p.argmax())],
-                                    "probs": {lab: round(float(v), 6) for lab, v in
-                                              zip(labels, p, strict=True)}},
-                                   ensure_ascii=False) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "text": text,
+                            "gold": labels[g],
+                            "pred": labels[int(p.argmax())],
+                            "probs": {
+                                lab: round(float(v), 6) for lab, v in zip(labels, p, strict=True)
+                            },
+                        },
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
         tmp.replace(stage_dir / "predictions.jsonl")
-        log.info("evaluate %s on %s: macro-F1 %.4f, accuracy %.4f", finetune_id(cfg), task_name,
-                 metrics["macro_f1"], metrics["accuracy"])
-        return {"metrics": metrics, "outputs": ["metrics.json", "predictions.jsonl"],
-                "finetune_id": finetune_id(cfg), "task": task_name}
+        log.info(
+            "evaluate %s on %s: macro-F1 %.4f, accuracy %.4f",
+            finetune_id(cfg),
+            task_name,
+            metrics["macro_f1"],
+            metrics["accuracy"],
+        )
+        return {
+            "metrics": metrics,
+            "outputs": ["metrics.json", "predictions.jsonl"],
+            "finetune_id": finetune_id(cfg),
+            "task": task_name,
+        }
 
-    return run_stage(cfg, "evaluate", dirs["evaluate"] / task_name, config_view, inputs, work)
+    stage_dir = dirs["evaluate"] / task_name
+    return run_stage(cfg, "evaluate", stage_dir, config_view, inputs, work, all_ranks=True)
 
 
 def run(cfg: DictConfig) -> dict:

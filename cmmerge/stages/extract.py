@@ -1,30 +1,58 @@
-"""`cmmerge extract`: task vector tau = theta_cpt - theta_base over backbone parameters."""
+"""`cmmerge extract`: task vector tau = theta_cpt - theta_base over backbone parameters.
+
+Writes ``task_vector.safetensors`` (float32, or ``dtype=bfloat16``/``float16``), ``stats.json``
+(per-tensor L2 norm and fraction changed, per-layer totals, and the cosine with every
+``task_vectors=[FILE,...]`` given for comparison) and ``norm_by_layer.png``.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import DictConfig
 
+from cmmerge.errors import CmmergeError
 from cmmerge.io.manifest import write_json_atomic
-from cmmerge.merging.engine import TASK_VECTOR_FILE, extract_task_vector
+from cmmerge.merging.extract import TASK_VECTOR_FILE, extract_task_vector, task_vector_cosines
 from cmmerge.models.loading import resolve_model
 from cmmerge.stages.ids import cli_hint, stage_dirs
 from cmmerge.stages.runner import folder_input, run_stage, stage_input, view
+
+_DTYPES = ("float32", "float16", "bfloat16")
+PLOT_FILE = "norm_by_layer.png"
 
 
 def run(cfg: DictConfig) -> dict:
     dirs = stage_dirs(cfg)
     base = resolve_model(cfg)
-    inputs = [folder_input(base), stage_input(dirs["cpt"], cli_hint(cfg, "cpt"))]
-    config_view = view(cfg, "model", dtype=cfg.get("dtype"))
+    if cfg.get("dtype") and str(cfg.dtype) not in _DTYPES:
+        raise CmmergeError(f"dtype={cfg.dtype}: choose one of {', '.join(_DTYPES)}")
+    others = [Path(p).expanduser() for p in (cfg.get("task_vectors") or [])]
+    for p in others:
+        if not p.is_file():
+            raise CmmergeError(f"task vector file {p} does not exist")
+    inputs = [folder_input(base), stage_input(dirs["cpt"], cli_hint(cfg, "cpt")),
+              *({"path": str(p), "size": p.stat().st_size} for p in others)]
+    config_view = view(cfg, "model", dtype=cfg.get("dtype"),
+                       compare_with=[str(p) for p in others])
 
     def work(stage_dir):
         import torch
 
+        from cmmerge.reporting.plots import plot_norm_by_layer
+
         dtype = getattr(torch, str(cfg.dtype)) if cfg.get("dtype") else torch.float32
-        stats = extract_task_vector(base, dirs["cpt"] / "model", stage_dir / TASK_VECTOR_FILE,
-                                    dtype=dtype)
+        out = stage_dir / TASK_VECTOR_FILE
+        stats = extract_task_vector(base, dirs["cpt"] / "model", out, dtype=dtype,
+                                    allow_pickle=bool(cfg.get("allow_pickle")))
+        if others:
+            cos = task_vector_cosines([out, *others])
+            stats["cosine"] = {"files": [str(out), *map(str, others)], "matrix": cos}
         write_json_atomic(stage_dir / "stats.json", stats)
+        plot_norm_by_layer(stats["per_layer"], stage_dir / PLOT_FILE)
         metrics = {k: stats[k] for k in ("n_tensors", "n_params", "l2_norm") if k in stats}
-        return {"metrics": metrics, "outputs": [TASK_VECTOR_FILE, "stats.json"]}
+        if others:
+            metrics["cosine_with"] = cos[0][1:]
+        return {"metrics": metrics, "outputs": [TASK_VECTOR_FILE, "stats.json", PLOT_FILE]}
 
     return run_stage(cfg, "extract", dirs["extract"], config_view, inputs, work)

@@ -1,16 +1,23 @@
-"""`cmmerge finetune`: sequence classification from init=base|cpt|merged|DIR, best epoch by
-validation macro-F1 -> finetune/<init>-<task>-s<seed>/model/ and metrics.json."""
+"""`cmmerge finetune`: sequence classification from init=base|cpt|merged|DIR, full or LoRA, best
+epoch by validation macro-F1 -> finetune/<finetune-id>/model/ and metrics.json.
+
+``finetune.sequential=[TASK,...]`` fine-tunes on those tasks first, in order (sequential FT);
+``finetune.joint=[TASK,...]`` adds their train sets to the task's (joint FT).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from datasets import DatasetDict, concatenate_datasets
 from omegaconf import DictConfig
 
+from cmmerge.errors import CmmergeError
 from cmmerge.io.manifest import write_json_atomic
 from cmmerge.io.model_card import write_model_card
 from cmmerge.models.loading import local_model_dir, resolve_model
-from cmmerge.settings import data_root
+from cmmerge.settings import data_root, plain, task_config
+from cmmerge.stages import dist
 from cmmerge.stages.ids import arm_name, cli_hint, finetune_id, merge_id, stage_dirs
 from cmmerge.stages.inputs import split_seed, task_splits
 from cmmerge.stages.runner import folder_input, run_stage, stage_input, view
@@ -27,11 +34,38 @@ def init_model(cfg: DictConfig) -> tuple[Path, dict]:
     if init == "cpt":
         return dirs["cpt"] / "model", stage_input(dirs["cpt"], cli_hint(cfg, "cpt"))
     if init == "merged":
-        hint = cli_hint(cfg, "merge", f"method={cfg.method.name}", f"lambda={cfg['lambda']}",
-                        f"density={cfg.density}")
+        hint = cli_hint(
+            cfg,
+            "merge",
+            f"method={cfg.method.name}",
+            f"lambda={cfg['lambda']}",
+            f"density={cfg.density}",
+        )
         return dirs["merge"] / "model", stage_input(dirs["merge"], hint)
     path = local_model_dir(init)
     return path, folder_input(path)
+
+
+def _same_labels(cfg: DictConfig, names: list[str]) -> None:
+    labels = list(cfg.task.labels)
+    for name in names:
+        other = list(task_config(cfg, name).labels)
+        if other != labels:
+            raise CmmergeError(
+                f"task {name} has labels {other}; {cfg.task.name} has {labels}: "
+                "sequential and joint fine-tuning need the same label set"
+            )
+
+
+def training_data(cfg: DictConfig) -> DatasetDict:
+    """The task's splits, with the train sets of ``finetune.joint`` tasks added to train."""
+    splits = task_splits(cfg)
+    joint = [str(t) for t in cfg.finetune.get("joint") or []]
+    if joint:
+        extra = [task_splits(cfg, name)["train"].cast(splits["train"].features) for name in joint]
+        train = concatenate_datasets([splits["train"], *extra]).shuffle(seed=int(cfg.seed))
+        splits = DatasetDict(train=train, validation=splits["validation"], test=splits["test"])
+    return splits
 
 
 def run(cfg: DictConfig) -> dict:
@@ -39,24 +73,70 @@ def run(cfg: DictConfig) -> dict:
     init_dir, init_input = init_model(cfg)
     labels = list(cfg.task.labels)
     seed = int(cfg.seed)
-    config_view = view(cfg, "task", "finetune", init=str(cfg.init), init_dir=str(init_dir),
-                       data_root=str(data_root(cfg)), split_seed=split_seed(cfg),
-                       seed=seed)
+    sequential = [str(t) for t in cfg.finetune.get("sequential") or []]
+    _same_labels(cfg, sequential + [str(t) for t in cfg.finetune.get("joint") or []])
+    peft_cfg = plain(cfg.get("peft"))
+    config_view = view(
+        cfg,
+        "task",
+        "finetune",
+        init=str(cfg.init),
+        init_dir=str(init_dir),
+        data_root=str(data_root(cfg)),
+        split_seed=split_seed(cfg),
+        seed=seed,
+        peft=peft_cfg,
+    )
 
     def work(stage_dir):
-        splits = task_splits(cfg)
-        result = train_classifier(init_dir, splits, labels, config_view["finetune"], stage_dir,
-                                  seed)
+        start, steps = init_dir, []
+        for name in sequential:  # earlier tasks first, each from the previous result
+            step_dir = stage_dir / "sequential" / name
+            result = train_classifier(
+                start,
+                task_splits(cfg, name),
+                labels,
+                config_view["finetune"],
+                step_dir,
+                seed,
+                peft_cfg,
+            )
+            steps.append({"task": name, "validation_macro_f1": result["metrics"]["macro_f1"]})
+            start = step_dir / "model"
+        result = train_classifier(
+            start, training_data(cfg), labels, config_view["finetune"], stage_dir, seed, peft_cfg
+        )
         metrics = result.pop("metrics")
+        if not dist.is_main():
+            return {"metrics": metrics}
         write_json_atomic(stage_dir / "metrics.json", {"split": "validation", **metrics})
-        write_model_card(stage_dir / "model", f"{finetune_id(cfg)}",
-                         f"Fine-tuned by cmmerge for {cfg.task.name} ({', '.join(labels)}) from "
-                         f"`{init_dir}`; the epoch kept is the best on validation macro-F1.",
-                         {"arm": arm_name(cfg), "init": init_dir, "task": cfg.task.name,
-                          "seed": seed, "validation macro-F1": f"{metrics['macro_f1']:.4f}",
-                          "lr": cfg.finetune.lr, "epochs": cfg.finetune.epochs})
-        return {"metrics": metrics, "outputs": ["model/", "metrics.json"], **result,
-                "arm": arm_name(cfg), "init": str(cfg.init), "task": str(cfg.task.name),
-                "merge_id": merge_id(cfg) if str(cfg.init) == "merged" else None}
+        write_model_card(
+            stage_dir / "model",
+            f"{finetune_id(cfg)}",
+            f"Fine-tuned by cmmerge for {cfg.task.name} ({', '.join(labels)}) from "
+            f"`{init_dir}`; the epoch kept is the best on validation macro-F1.",
+            {
+                "arm": arm_name(cfg),
+                "init": init_dir,
+                "task": cfg.task.name,
+                "seed": seed,
+                "validation macro-F1": f"{metrics['macro_f1']:.4f}",
+                "peft": (peft_cfg or {}).get("name", "none"),
+                "lr": cfg.finetune.lr,
+                "epochs": cfg.finetune.epochs,
+            },
+        )
+        return {
+            "metrics": metrics,
+            "outputs": ["model/", "metrics.json"],
+            **result,
+            "sequential_steps": steps,
+            "arm": arm_name(cfg),
+            "init": str(cfg.init),
+            "task": str(cfg.task.name),
+            "merge_id": merge_id(cfg) if str(cfg.init) == "merged" else None,
+        }
 
-    return run_stage(cfg, "finetune", dirs["finetune"], config_view, [init_input], work)
+    return run_stage(
+        cfg, "finetune", dirs["finetune"], config_view, [init_input], work, all_ranks=True
+    )

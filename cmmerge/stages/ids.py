@@ -39,13 +39,33 @@ def init_id(cfg: DictConfig) -> str:
     return "dir_" + re.sub(r"[^A-Za-z0-9_.]+", "_", Path(init).name or "model")
 
 
+def _task_list(cfg: DictConfig, key: str) -> list[str]:
+    return [str(t) for t in (cfg.finetune.get(key) or [])]
+
+
 def finetune_id(cfg: DictConfig) -> str:
-    """``<init>-<task>-s<seed>``."""
-    return f"{init_id(cfg)}-{cfg.task.name}-s{int(cfg.seed)}"
+    """``<init>-<task>[-seq_<tasks>][-joint_<tasks>][-lora]-s<seed>``."""
+    parts = [init_id(cfg), str(cfg.task.name)]
+    if _task_list(cfg, "sequential"):
+        parts.append("seq_" + "+".join(_task_list(cfg, "sequential")))
+    if _task_list(cfg, "joint"):
+        parts.append("joint_" + "+".join(_task_list(cfg, "joint")))
+    if str(cfg.get("peft", {}).get("name", "none")) != "none":
+        parts.append(str(cfg.peft.name))
+    return "-".join(parts) + f"-s{int(cfg.seed)}"
 
 
 def arm_name(cfg: DictConfig) -> str:
     """The paper's name of the arm this fine-tuning run belongs to."""
+    lora = " (LoRA)" if str(cfg.get("peft", {}).get("name", "none")) == "lora" else ""
+    if _task_list(cfg, "sequential"):
+        return f"Sequential FT ({' -> '.join(_task_list(cfg, 'sequential'))} first){lora}"
+    if _task_list(cfg, "joint"):
+        return f"Joint FT (+{'+'.join(_task_list(cfg, 'joint'))}){lora}"
+    return _init_arm(cfg) + lora
+
+
+def _init_arm(cfg: DictConfig) -> str:
     init = str(cfg.init)
     if init == "base":
         return "Full FT"
@@ -59,10 +79,17 @@ def arm_name(cfg: DictConfig) -> str:
 
 def stage_dirs(cfg: DictConfig) -> dict[str, Path]:
     root = run_dir(cfg)
-    return {"run": root, "data": root / "data", "cpt": root / "cpt", "extract": root / "extract",
-            "merge": root / "merge" / merge_id(cfg), "finetune": root / "finetune" / finetune_id(cfg),
-            "evaluate": root / "evaluate" / finetune_id(cfg), "sweep": root / "sweep",
-            "report": root / "report"}
+    return {
+        "run": root,
+        "data": root / "data",
+        "cpt": root / "cpt",
+        "extract": root / "extract",
+        "merge": root / "merge" / merge_id(cfg),
+        "finetune": root / "finetune" / finetune_id(cfg),
+        "evaluate": root / "evaluate" / finetune_id(cfg),
+        "sweep": root / "sweep",
+        "report": root / "report",
+    }
 
 
 def cli_hint(cfg: DictConfig, stage: str, *extra: str) -> str:

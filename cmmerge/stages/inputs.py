@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 from datasets import DatasetDict
 from omegaconf import DictConfig
 
-from cmmerge.data import build_corpus, load_corpus_texts, load_task, normalize_text
+from cmmerge.data import build_corpus, load_corpus, load_task, normalize_text
+from cmmerge.data.tasks import SPLITS, split_file
 from cmmerge.settings import data_root, plain, task_config
+
+log = logging.getLogger("cmmerge")
 
 
 def split_seed(cfg: DictConfig) -> int:
@@ -21,26 +27,67 @@ def task_splits(cfg: DictConfig, name: str | None = None) -> DatasetDict:
 
 
 def leakage_tasks(cfg: DictConfig) -> list[str]:
-    """Tasks whose validation and test texts must never be in a CPT corpus."""
-    names = list(cfg.data.get("leakage_tasks") or [])
-    if cfg.task.name not in names:
-        names.append(str(cfg.task.name))
+    """Tasks whose validation and test texts must never be in a CPT corpus: ``data.leakage_tasks``
+    plus the configured task and ``eval_tasks``."""
+    names = [str(n) for n in cfg.data.get("leakage_tasks") or []]
+    for name in [str(cfg.task.name), *[str(t) for t in cfg.get("eval_tasks") or []]]:
+        if name not in names:
+            names.append(name)
     return names
+
+
+def missing_task_files(cfg: DictConfig, name: str) -> list[str]:
+    """Files of task ``name`` that are not under its root (``[]`` for hub tasks)."""
+    task = plain(task_config(cfg, name))
+    if task.get("hub"):
+        return []
+    root = Path(task["root"]).expanduser() if task.get("root") else data_root(cfg)
+    files = [split_file(task, s) for s in (*SPLITS, "test_labels")]
+    return [str(f) for f in files if f and not (root / str(f)).is_file()]
+
+
+def evaluation_texts_with_info(cfg: DictConfig) -> tuple[set[str], dict]:
+    """Normalised validation and test texts of every leakage task, and what was read.
+
+    A task of ``data.leakage_tasks`` whose files are missing under ``data.root`` is skipped (and
+    listed); the configured task and ``eval_tasks`` must load.
+    """
+    required = {str(cfg.task.name), *[str(t) for t in cfg.get("eval_tasks") or []]}
+    texts: set[str] = set()
+    info: dict = {"tasks": {}, "skipped": {}}
+    for name in leakage_tasks(cfg):
+        missing = [] if name in required else missing_task_files(cfg, name)
+        if missing:
+            log.warning("leakage guard: task %s skipped, files missing under %s: %s", name,
+                        data_root(cfg), ", ".join(missing))
+            info["skipped"][name] = missing
+            continue
+        splits = load_task(plain(task_config(cfg, name)), data_root(cfg), seed=split_seed(cfg))
+        for split in ("validation", "test"):
+            texts.update(normalize_text(t) for t in splits[split]["text"])
+        info["tasks"][name] = {s: len(splits[s]) for s in ("validation", "test")}
+    return texts, info
 
 
 def evaluation_texts(cfg: DictConfig) -> set[str]:
     """Normalised validation and test texts of every leakage task whose files exist."""
-    texts: set[str] = set()
-    for name in leakage_tasks(cfg):
-        splits = load_task(plain(task_config(cfg, name)), data_root(cfg), seed=split_seed(cfg))
-        for split in ("validation", "test"):
-            texts.update(normalize_text(t) for t in splits[split]["text"])
-    return texts
+    return evaluation_texts_with_info(cfg)[0]
+
+
+def cpt_corpus_with_info(cfg: DictConfig) -> tuple[list[str], dict, dict]:
+    """:func:`cpt_corpus` plus the corpus sources read (with their word-tag counts)."""
+    raw, sources = load_corpus(plain(cfg.corpus), data_root(cfg), seed=split_seed(cfg))
+    banned, guard = evaluation_texts_with_info(cfg)
+    texts, stats = build_corpus(raw, banned)
+    stats["leakage_tasks"] = list(guard["tasks"])
+    if guard["skipped"]:
+        stats["leakage_tasks_skipped"] = guard["skipped"]
+    if sources["missing_sources"]:
+        stats["missing_sources"] = sources["missing_sources"]
+    return texts, stats, sources
 
 
 def cpt_corpus(cfg: DictConfig) -> tuple[list[str], dict]:
     """The CPT corpus (normalised, de-duplicated, evaluation texts removed) and its counts."""
-    raw = load_corpus_texts(plain(cfg.corpus), data_root(cfg), seed=split_seed(cfg))
-    texts, stats = build_corpus(raw, evaluation_texts(cfg))
-    stats["leakage_tasks"] = leakage_tasks(cfg)
+    texts, stats, _ = cpt_corpus_with_info(cfg)
     return texts, stats

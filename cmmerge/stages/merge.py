@@ -17,7 +17,8 @@ from cmmerge.errors import CmmergeError
 from cmmerge.io.manifest import read_manifest
 from cmmerge.io.model_card import copy_model_files, write_model_card
 from cmmerge.merging.engine import TASK_VECTOR_FILE, merge_into_base, merge_models
-from cmmerge.merging.methods import resolve_params
+from cmmerge.io.checkpoint import DEFAULT_MAX_SHARD_SIZE
+from cmmerge.merging.methods import get_method, resolve_params
 from cmmerge.models.loading import local_model_dir, resolve_model
 from cmmerge.settings import merge_scale
 from cmmerge.stages.ids import cli_hint, merge_id, method_name, stage_dirs
@@ -30,7 +31,49 @@ def method_params(cfg: DictConfig) -> dict:
     """The validated parameters of the configured method (density only where it applies)."""
     method = cfg.method
     return resolve_params(str(method.name), density=cfg.get("density"),
-                          sign=method.get("sign"), normalize=method.get("normalize"))
+                          sign=method.get("sign"), normalize=method.get("normalize"),
+                          trim_scope=method.get("trim_scope"), seed=method.get("seed"))
+
+
+def mergekit_yaml(method: str, scale: float, params: dict, weights: list[float], base: Path,
+                  sources: list[Path], dtype: str) -> str | None:
+    """A mergekit config computing the same merge, or None where mergekit has no equivalent
+    (task-vector files, ``trim_scope=model``, ``sign=count``, DARE's rescaling...)."""
+    name = get_method(method).mergekit
+    if name is None or params.get("trim_scope", "tensor") != "tensor" or \
+            params.get("sign", "sum") != "sum" or (name == "linear" and scale != 1):
+        return None
+    models = []
+    for path, weight in zip(sources, weights, strict=True):
+        p = {"weight": weight}
+        if "density" in params:
+            p["density"] = params["density"]
+        models.append({"model": str(path), "parameters": p})
+    config: dict = {"merge_method": name, "models": models, "dtype": dtype}
+    if name == "linear":
+        config["parameters"] = {"normalize": params["normalize"]}
+    else:
+        config["base_model"] = str(base)
+        config["parameters"] = {"lambda": scale, "normalize": params["normalize"]}
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def _int_size(value: object) -> int:
+    """``max_shard_size`` in bytes: an int or ``"500MB"``/``"2GB"``/``"1GiB"``."""
+    text = str(value).strip().upper().replace("IB", "B")
+    for suffix, mult in (("KB", 1024), ("MB", 1024**2), ("GB", 1024**3), ("B", 1)):
+        if text.endswith(suffix):
+            text, factor = text[: -len(suffix)], mult
+            break
+    else:
+        factor = 1
+    try:
+        size = int(float(text) * factor)
+    except ValueError:
+        raise CmmergeError(f"max_shard_size={value}: give bytes or e.g. 500MB, 2GB") from None
+    if size <= 0:
+        raise CmmergeError(f"max_shard_size={value} must be positive")
+    return size
 
 
 def _sources(cfg: DictConfig, dirs: dict) -> tuple[list[Path], bool, list[dict]]:
@@ -43,6 +86,10 @@ def _sources(cfg: DictConfig, dirs: dict) -> tuple[list[Path], bool, list[dict]]
             if not p.is_file():
                 raise CmmergeError(f"task vector file {p} does not exist")
         return paths, False, [{"path": str(p), "size": p.stat().st_size} for p in paths]
+    if cfg.get("models") is not None and len(cfg.models) == 0:
+        raise CmmergeError("models=[] is empty: give at least one model folder to merge")
+    if cfg.get("task_vectors") is not None and len(cfg.task_vectors) == 0:
+        raise CmmergeError("task_vectors=[] is empty: give at least one task-vector file")
     if cfg.get("models"):
         paths = [local_model_dir(str(p)) for p in cfg.models]
         return paths, True, [folder_input(p) for p in paths]
@@ -78,12 +125,15 @@ def run(cfg: DictConfig) -> dict:
     scale = merge_scale(cfg)
     if cfg.get("dtype") and str(cfg.dtype) not in _DTYPES:
         raise CmmergeError(f"dtype={cfg.dtype}: choose one of {', '.join(_DTYPES)}")
+    shard_size = _int_size(cfg.get("max_shard_size") or DEFAULT_MAX_SHARD_SIZE)
     base = local_model_dir(str(cfg.base)) if cfg.get("base") else resolve_model(cfg)
     sources, are_models, source_inputs = _sources(cfg, dirs)
     weights = _weights(cfg, len(sources))
     stage_dir, model_dir = _output_dirs(cfg, dirs)
-    config_view = {"method": method_name(cfg), "lambda": scale, "weights": weights,
-                   "params": params, "dtype": cfg.get("dtype"),
+    method = method_name(cfg)
+    config_view = {"method": method, "lambda": scale, "weights": weights, "params": params,
+                   "dtype": cfg.get("dtype"), "max_shard_size": shard_size,
+                   "allow_nonfinite": bool(cfg.get("allow_nonfinite")),
                    "sources": [str(s) for s in sources]}
 
     def work(_stage_dir):
@@ -96,21 +146,54 @@ def run(cfg: DictConfig) -> dict:
         marker.touch()
         merge = merge_models if are_models else merge_into_base
         dtype = getattr(torch, str(cfg.dtype)) if cfg.get("dtype") else None
-        stats = merge(base, sources, weights, method_name(cfg), scale, model_dir,
-                      density=params.get("density"), sign=params.get("sign"),
-                      normalize=params["normalize"], dtype=dtype)
+        try:
+            stats = merge(base, sources, weights, method, scale, model_dir, dtype=dtype,
+                          max_shard_size=shard_size, allow_nonfinite=bool(cfg.get("allow_nonfinite")),
+                          allow_pickle=bool(cfg.get("allow_pickle")), **params)
+        except BaseException:
+            shutil.rmtree(model_dir, ignore_errors=True)  # nothing that looks like a model
+            raise
         copy_model_files(base, model_dir)
-        record = {"method": method_name(cfg), "lambda": scale, **params, "weights": weights,
-                  "base": str(base), "sources": [str(s) for s in sources]}
+        if stats["grown"]:
+            _record_grown_vocab(model_dir, sources if are_models else [], stats["grown"])
+        hashes = [i.get("manifest_sha256") or i.get("fingerprint") or i.get("size")
+                  for i in source_inputs]
+        record = {"method": method, "lambda": scale, **params, "weights": weights,
+                  "dtype": str(cfg.dtype) if cfg.get("dtype") else None, "base": str(base),
+                  "sources": [{"path": str(s), "hash": h} for s, h in zip(sources, hashes)]}
         (model_dir / "merge.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+        mk = mergekit_yaml(method, scale, params, weights, base, sources,
+                           str(cfg.dtype or "float32")) if are_models else None
+        if mk is not None:
+            (model_dir / "mergekit.yaml").write_text(mk)
         write_model_card(model_dir, f"{merge_id(cfg)} merge",
-                         f"`{base}` merged with {len(sources)} task vector(s) by cmmerge "
-                         f"({method_name(cfg)}).", {**record, "sources": ", ".join(
-                             f"{i['path']} ({i.get('manifest_sha256') or i.get('fingerprint') or i.get('size')})"
-                             for i in source_inputs)})
+                         f"`{base}` merged with {len(sources)} source(s) by cmmerge ({method}: "
+                         f"{get_method(method).description}).",
+                         {**{k: v for k, v in record.items() if k != "sources"},
+                          "sources": ", ".join(f"{s} ({h})" for s, h in zip(sources, hashes)),
+                          "mergekit config": "mergekit.yaml" if mk else "none (no equivalent)"})
         marker.unlink()
         return {"metrics": {k: stats[k] for k in ("n_merged", "n_copied") if k in stats},
                 "outputs": ["model/" if model_dir != stage_dir else "."], "merge": stats}
 
     return run_stage(cfg, "merge", stage_dir, config_view,
                      [folder_input(base), *source_inputs], work)
+
+
+def _record_grown_vocab(model_dir: Path, model_sources: list[Path], grown: dict) -> None:
+    """A vocabulary grown by CPT: the new size goes into config.json, and the tokenizer comes
+    from the source model that grew it (a task vector carries no tokenizer)."""
+    import json
+
+    config_file = model_dir / "config.json"
+    config = json.loads(config_file.read_text())
+    rows = max(grown.values())
+    config["vocab_size"] = rows
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+    for src in model_sources:
+        if json.loads((src / "config.json").read_text()).get("vocab_size") == rows:
+            for path in src.iterdir():
+                if path.name.startswith(("tokenizer", "special_tokens", "vocab", "merges",
+                                         "sentencepiece", "added_tokens")):
+                    shutil.copy2(path, model_dir / path.name)
+            break

@@ -27,6 +27,7 @@ from cmmerge.io.manifest import (
     write_json_atomic,
 )
 from cmmerge.settings import plain, run_dir
+from cmmerge.stages import dist
 
 log = logging.getLogger("cmmerge")
 
@@ -35,7 +36,9 @@ def stage_input(stage_dir: Path, hint: str) -> dict:
     """An upstream stage this one reads; it must be finished (``hint`` says how to make it)."""
     digest = manifest_hash(stage_dir)
     if digest is None:
-        raise CmmergeError(f"{stage_dir} is not a finished stage (no {MANIFEST}): run `{hint}` first")
+        raise CmmergeError(
+            f"{stage_dir} is not a finished stage (no {MANIFEST}): run `{hint}` first"
+        )
     return {"path": str(stage_dir), "manifest_sha256": digest}
 
 
@@ -53,9 +56,14 @@ def _versions() -> dict[str, str]:
     import torch
     import transformers
 
-    return {"cmmerge": __version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__,
-            "datasets": datasets.__version__, "python": sys.version.split()[0]}
+    return {
+        "cmmerge": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "datasets": datasets.__version__,
+        "python": sys.version.split()[0],
+    }
 
 
 def _overrides() -> list[str]:
@@ -69,8 +77,15 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run_stage(cfg: DictConfig, stage: str, stage_dir: Path, config_view: dict[str, Any],
-              inputs: list[dict], work: Callable[[Path], dict[str, Any]]) -> dict:
+def run_stage(
+    cfg: DictConfig,
+    stage: str,
+    stage_dir: Path,
+    config_view: dict[str, Any],
+    inputs: list[dict],
+    work: Callable[[Path], dict[str, Any]],
+    all_ranks: bool = False,
+) -> dict:
     """Do ``work(stage_dir)`` unless an identical finished stage is there; return the manifest.
 
     Args:
@@ -81,6 +96,9 @@ def run_stage(cfg: DictConfig, stage: str, stage_dir: Path, config_view: dict[st
         inputs: upstream stages and folders (from :func:`stage_input` / :func:`folder_input`).
         work: does the stage; returns a dict with ``metrics`` and ``outputs`` (and anything else
             worth recording).
+        all_ranks: under a multi-process launch, every process runs ``work`` (training,
+            prediction); otherwise rank 0 alone does and the others wait. Rank 0 alone writes
+            the manifest either way.
     """
     stage_dir = Path(stage_dir)
     digest = fingerprint(config_view, inputs)
@@ -92,17 +110,38 @@ def run_stage(cfg: DictConfig, stage: str, stage_dir: Path, config_view: dict[st
     if previous is not None:
         reason = "force=true" if cfg.get("force") else "config or inputs changed"
         log.info("%s: redoing %s (%s)", stage, stage_dir, reason)
-    (stage_dir / MANIFEST).unlink(missing_ok=True)
-    stage_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()  # every rank has read the old manifest before rank 0 removes it
+    if dist.is_main():
+        (stage_dir / MANIFEST).unlink(missing_ok=True)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    if dist.is_main() or all_ranks:
+        manifest = _do(cfg, stage, stage_dir, config_view, inputs, work, digest)
+    dist.barrier()
+    if not dist.is_main():
+        manifest = read_manifest(stage_dir) or {}
+    manifest["skipped"] = False
+    return manifest
+
+
+def _do(cfg, stage, stage_dir, config_view, inputs, work, digest) -> dict:
+    handler = logging.FileHandler(stage_dir / f"{stage}.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("cmmerge", "transformers"):
+        logging.getLogger(name).addHandler(handler)
     log.info("%s: running -> %s", stage, stage_dir)
     start = time.time()
-    result = work(stage_dir)
-    root = run_dir(cfg)
+    try:
+        result = work(stage_dir)
+    finally:
+        for name in ("cmmerge", "transformers"):
+            logging.getLogger(name).removeHandler(handler)
+        handler.close()
     manifest = {
         "stage": stage,
         "status": "finished",
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "run_dir": str(root),
+        "run_dir": str(run_dir(cfg)),
         "fingerprint": digest,
         "config": config_view,
         "overrides": _overrides(),
@@ -114,11 +153,21 @@ def run_stage(cfg: DictConfig, stage: str, stage_dir: Path, config_view: dict[st
         "git_revision": git_revision(),
         "wall_time_s": round(time.time() - start, 3),
         "peak_rss_mb": round(_peak_rss_mb(), 1),
+        **_gpu_peak(),
+        "world_size": dist.world_size(),
         **result,
     }
-    write_json_atomic(stage_dir / MANIFEST, manifest)
-    manifest["skipped"] = False
+    if dist.is_main():
+        write_json_atomic(stage_dir / MANIFEST, manifest)
     return manifest
+
+
+def _gpu_peak() -> dict[str, float]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
 
 
 def view(cfg: DictConfig, *keys: str, **extra: Any) -> dict[str, Any]:

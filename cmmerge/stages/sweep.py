@@ -21,12 +21,14 @@ def write_summary(cfg: DictConfig) -> list[dict]:
     for r in rows:
         method = r["merge_id"].split("-l")[0]
         if r["val_macro_f1"] is not None and (
-                method not in best or r["val_macro_f1"] > best[method]["val_macro_f1"]):
+            method not in best or r["val_macro_f1"] > best[method]["val_macro_f1"]
+        ):
             best[method] = r
     text = "# Sweep summary\n\n" + markdown_table(rows) if rows else "# Sweep summary\n\nempty\n"
     if best:
         text += "\n## Best by validation macro-F1 (test only reported)\n\n" + markdown_table(
-            list(best.values()))
+            list(best.values())
+        )
     (out / "summary.md").write_text(text, encoding="utf-8")
     return rows
 

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
+
+log = logging.getLogger("cmmerge")
+
+
+class LogCallback(TrainerCallback):
+    """Send the Trainer's logs (loss, learning rate, eval metrics) to the stage's log file."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            log.info("step %d: %s", state.global_step,
+                     ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in logs.items()))
 
 
 def precision_flags() -> dict[str, bool]:
@@ -20,8 +33,15 @@ def precision_flags() -> dict[str, bool]:
     return {"fp16": True}
 
 
-def training_arguments(out_dir: Path, params: Mapping[str, Any], seed: int,
-                       **overrides: Any) -> TrainingArguments:
+def _report_to(value: Any) -> list[str]:
+    if not value:
+        return ["none"]
+    return [value] if isinstance(value, str) else [str(v) for v in value]
+
+
+def training_arguments(
+    out_dir: Path, params: Mapping[str, Any], seed: int, **overrides: Any
+) -> TrainingArguments:
     """TrainingArguments from a ``cpt:`` or ``finetune:`` config section.
 
     Keys read: batch_size, lr, epochs, max_steps, warmup (ratio if < 1, else steps),
@@ -41,7 +61,7 @@ def training_arguments(out_dir: Path, params: Mapping[str, Any], seed: int,
         logging_steps=int(params.get("logging_steps", 50)),
         seed=seed,
         data_seed=seed,
-        report_to=list(params.get("report_to") or ["none"]),
+        report_to=_report_to(params.get("report_to")),
         disable_tqdm=not sys.stderr.isatty(),
         dataloader_num_workers=0,
         save_only_model=True,

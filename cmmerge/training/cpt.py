@@ -1,4 +1,10 @@
-"""Continued pre-training: masked LM for encoders, causal LM for decoders, with the Trainer."""
+"""Continued pre-training: masked LM for encoders, causal LM for decoders, with the Trainer.
+
+With ``cpt.fast_loss`` (default) the loss comes from :mod:`cmmerge.training.losses` (MLM head on
+the masked positions only; chunked causal-LM loss); with ``cpt.packing`` (default for decoders)
+documents are packed into full blocks (:mod:`cmmerge.training.packing`). The model stays the
+standard ``*ForMaskedLM`` / ``*ForCausalLM``, so the saved checkpoint is the same either way.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +15,21 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from datasets import Dataset
+from torch import nn
 from transformers import DataCollatorForLanguageModeling, Trainer
 
 from cmmerge.errors import CmmergeError
 from cmmerge.models.loading import ModelKind, load_lm, load_tokenizer
 from cmmerge.training.arguments import training_arguments
+from cmmerge.training.losses import (
+    DEFAULT_CHUNK_SIZE,
+    causal_lm_loss,
+    masked_lm_loss,
+    mlm_head,
+)
+from cmmerge.training.packing import pack_dataset, packing_collator, packing_keeps_documents_apart
 
 log = logging.getLogger("cmmerge")
 
@@ -34,6 +49,54 @@ def _collator(tokenizer, kind: ModelKind, mlm_probability: float, seed: int):
                                            else None, seed=seed)
 
 
+class CptTrainer(Trainer):
+    """Trainer whose loss is :func:`masked_lm_loss` or :func:`causal_lm_loss` (``fast_loss``),
+    or the model's own (``fast_loss=False``)."""
+
+    def __init__(self, *args: Any, kind: ModelKind, fast_loss: bool = True,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.kind, self.fast_loss, self.chunk_size = kind, fast_loss, chunk_size
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None):
+        """The fast loss, normalised like the default one (see the class docstring of Trainer:
+        a loss divided by ``num_items_in_batch`` counts as scaled for gradient accumulation)."""
+        if not self.fast_loss or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        shift_labels = inputs.pop("shift_labels", None)
+        bare = self.accelerator.unwrap_model(model)
+        if self.kind == "encoder":
+            loss, outputs = masked_lm_loss(model, inputs, labels, num_items_in_batch,
+                                           head=mlm_head(bare))
+        else:
+            loss = causal_lm_loss(model, inputs, labels, num_items_in_batch, self.chunk_size,
+                                  shift_labels, unwrapped=bare)
+            outputs = {"loss": loss}
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+
+def _use_packing(params: Mapping[str, Any], kind: ModelKind, model: nn.Module) -> bool:
+    """``cpt.packing`` (null: true for decoders), where the model keeps packed documents apart."""
+    wanted = params.get("packing")
+    wanted = kind == "decoder" if wanted is None else bool(wanted)
+    if not wanted:
+        return False
+    if kind == "encoder":
+        log.info("cpt.packing applies to causal-LM decoders only: encoder texts stay unpacked")
+        return False
+    if not packing_keeps_documents_apart(model):
+        log.warning("%s does not keep packed documents apart (attention %s): training without "
+                    "packing", type(model).__name__,
+                    getattr(model.config, "_attn_implementation", "?"))
+        return False
+    return True
+
+
 def _perplexity(trainer: Trainer, make_collator, eval_ds: Dataset) -> dict[str, float]:
     trainer.data_collator = make_collator()  # same masks before and after training
     loss = float(trainer.evaluate(eval_ds)["eval_loss"])
@@ -49,7 +112,8 @@ def train_lm(model_dir: Path, kind: ModelKind, texts: Sequence[str], params: Map
     """
     tokenizer = load_tokenizer(model_dir)
     if kind == "encoder" and tokenizer.mask_token is None:
-        raise CmmergeError(f"tokenizer in {model_dir} has no mask token: it cannot do masked-LM CPT")
+        raise CmmergeError(
+            f"tokenizer in {model_dir} has no mask token: it cannot do masked-LM CPT")
     dataset = tokenize_texts(texts, tokenizer, int(params["max_length"]))
     n_eval = max(1, int(len(dataset) * float(params.get("eval_fraction", 0.05))))
     if len(dataset) - n_eval < int(params["batch_size"]):
@@ -59,15 +123,26 @@ def train_lm(model_dir: Path, kind: ModelKind, texts: Sequence[str], params: Map
     split = dataset.train_test_split(test_size=n_eval, seed=seed)
     model = load_lm(model_dir, kind)
     mlm_p = float(params.get("mlm_probability", 0.15))
+    packed = _use_packing(params, kind, model)
+    fast_loss = bool(params.get("fast_loss", True))
+    n_tokens = sum(len(ids) for ids in split["train"]["input_ids"])
+    n_texts = {name: len(split[name]) for name in ("train", "test")}
+    if packed:
+        block = int(params["max_length"])
+        split = {name: pack_dataset(split[name], block) for name in ("train", "test")}
+        log.info("packed %d training tokens into %d blocks of %d", n_tokens, len(split["train"]),
+                 block)
 
     def make_collator():
-        return _collator(tokenizer, kind, mlm_p, seed)
+        return packing_collator if packed else _collator(tokenizer, kind, mlm_p, seed)
 
     ckpt_dir = out_dir / "checkpoints"
     args = training_arguments(ckpt_dir, params, seed, eval_strategy="no", save_strategy="no",
                               remove_unused_columns=True)
-    trainer = Trainer(model=model, args=args, train_dataset=split["train"],
-                      data_collator=make_collator(), processing_class=tokenizer)
+    trainer = CptTrainer(model=model, args=args, train_dataset=split["train"],
+                         data_collator=make_collator(), processing_class=tokenizer, kind=kind,
+                         fast_loss=fast_loss,
+                         chunk_size=int(params.get("loss_chunk_size") or DEFAULT_CHUNK_SIZE))
     before = _perplexity(trainer, make_collator, split["test"])
     trainer.data_collator = make_collator()
     result = trainer.train()
@@ -76,7 +151,6 @@ def train_lm(model_dir: Path, kind: ModelKind, texts: Sequence[str], params: Map
     trainer.save_model(str(model_out))
     tokenizer.save_pretrained(model_out)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
-    n_tokens = sum(len(ids) for ids in split["train"]["input_ids"])
     return {
         "loss": after["loss"],
         "perplexity": after["perplexity"],
@@ -84,8 +158,10 @@ def train_lm(model_dir: Path, kind: ModelKind, texts: Sequence[str], params: Map
         "loss_before": before["loss"],
         "train_loss": float(result.training_loss),
         "steps": int(result.global_step),
-        "train_texts": len(split["train"]),
-        "heldout_texts": len(split["test"]),
+        "train_texts": n_texts["train"],
+        "heldout_texts": n_texts["test"],
         "train_tokens_per_epoch": int(n_tokens),
         "train_runtime_s": float(result.metrics.get("train_runtime", 0.0)),
+        "fast_loss": fast_loss,
+        "packing": packed,
     }

@@ -8,12 +8,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from datasets import DatasetDict
 from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer
 
+from cmmerge.errors import CmmergeError
 from cmmerge.evaluation.metrics import classification_metrics, trainer_metrics
 from cmmerge.models.loading import load_classifier, load_tokenizer
-from cmmerge.training.arguments import training_arguments
+from cmmerge.stages import dist
+from cmmerge.training import lora
+from cmmerge.training.arguments import LogCallback, training_arguments
 
 
 def tokenize_splits(splits: DatasetDict, tokenizer, max_length: int) -> DatasetDict:
@@ -21,35 +25,86 @@ def tokenize_splits(splits: DatasetDict, tokenizer, max_length: int) -> DatasetD
     keep = {"label"}
     return splits.map(
         lambda b: tokenizer(b["text"], truncation=True, max_length=max_length),
-        batched=True, desc="tokenising",
+        batched=True,
+        desc="tokenising",
         remove_columns=[c for c in splits["train"].column_names if c not in keep],
     ).rename_column("label", "labels")
 
 
-def train_classifier(init_dir: Path, splits: DatasetDict, labels: list[str],
-                     params: Mapping[str, Any], out_dir: Path, seed: int) -> dict[str, Any]:
+def class_weights(train_labels: list[int], n_labels: int, mode: str | None) -> torch.Tensor | None:
+    """``balanced`` weights (n / (k * count_c)) for an imbalanced task, else None."""
+    if not mode or mode == "none":
+        return None
+    if mode != "balanced":
+        raise CmmergeError(f"finetune.class_weights={mode}: use balanced or none")
+    counts = torch.bincount(torch.as_tensor(train_labels), minlength=n_labels).float()
+    return len(train_labels) / (n_labels * counts.clamp(min=1))
+
+
+def _weighted_loss(weights: torch.Tensor):
+    def loss(outputs, labels, num_items_in_batch=None):
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        return torch.nn.functional.cross_entropy(
+            logits.float(), labels, weight=weights.to(logits.device)
+        )
+
+    return loss
+
+
+def train_classifier(
+    init_dir: Path,
+    splits: DatasetDict,
+    labels: list[str],
+    params: Mapping[str, Any],
+    out_dir: Path,
+    seed: int,
+    peft_cfg: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Fine-tune ``init_dir`` on ``splits['train']``; keeps the epoch best on validation macro-F1.
 
-    Saves the best model and tokenizer to ``out_dir/model``; returns the validation metrics of the
-    kept model (flat scalars, ``per_class``, ``confusion_matrix``) and training facts.
+    Saves the best model and tokenizer to ``out_dir/model`` (with LoRA: the adapter and trained
+    head to ``out_dir/adapter``, the merged full model to ``out_dir/model``); returns the
+    validation metrics of the kept model (flat scalars, ``per_class``, ``confusion_matrix``) and
+    training facts.
     """
     tokenizer = load_tokenizer(init_dir)
     model = load_classifier(init_dir, labels, tokenizer.pad_token_id)
-    data = tokenize_splits(DatasetDict(train=splits["train"], validation=splits["validation"]),
-                           tokenizer, int(params["max_length"]))
+    if lora.enabled(peft_cfg):
+        model = lora.wrap(model, peft_cfg, "seq_cls")
+    data = tokenize_splits(
+        DatasetDict(train=splits["train"], validation=splits["validation"]),
+        tokenizer,
+        int(params["max_length"]),
+    )
     ckpt_dir = out_dir / "checkpoints"
     args = training_arguments(
-        ckpt_dir, params, seed, eval_strategy="epoch", save_strategy="epoch",
-        save_total_limit=1, load_best_model_at_end=True, metric_for_best_model="macro_f1",
-        greater_is_better=True, train_sampling_strategy="group_by_length")
-    callbacks = []
+        ckpt_dir,
+        params,
+        seed,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="macro_f1",
+        greater_is_better=True,
+        train_sampling_strategy="group_by_length",
+    )
+    callbacks: list = [LogCallback()]
     patience = params.get("early_stopping_patience")
     if patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=int(patience)))
-    trainer = Trainer(model=model, args=args, train_dataset=data["train"],
-                      eval_dataset=data["validation"], processing_class=tokenizer,
-                      data_collator=DataCollatorWithPadding(tokenizer),
-                      compute_metrics=trainer_metrics, callbacks=callbacks)
+    weights = class_weights(list(data["train"]["labels"]), len(labels), params.get("class_weights"))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data["train"],
+        eval_dataset=data["validation"],
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=trainer_metrics,
+        callbacks=callbacks,
+        compute_loss_func=_weighted_loss(weights) if weights is not None else None,
+    )
     result = trainer.train()
     prediction = trainer.predict(data["validation"])
     pred = np.asarray(prediction.predictions).argmax(-1)
@@ -57,37 +112,59 @@ def train_classifier(init_dir: Path, splits: DatasetDict, labels: list[str],
     metrics["loss"] = float(prediction.metrics.get("test_loss", float("nan")))
     history = [
         {"epoch": h["epoch"], "macro_f1": h["eval_macro_f1"], "loss": h["eval_loss"]}
-        for h in trainer.state.log_history if "eval_macro_f1" in h
+        for h in trainer.state.log_history
+        if "eval_macro_f1" in h
     ]
     model_out = out_dir / "model"
-    trainer.save_model(str(model_out))
-    tokenizer.save_pretrained(model_out)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if lora.enabled(peft_cfg):
+        if dist.is_main():
+            lora.merge_and_save(trainer.model, model_out, out_dir / "adapter", tokenizer)
+    else:
+        trainer.save_model(str(model_out))
+        if dist.is_main():
+            tokenizer.save_pretrained(model_out)
+    dist.barrier()
+    if dist.is_main():
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    useful_tokens = sum(len(x) for x in data["train"]["input_ids"]) * float(
+        result.metrics.get("epoch", 1.0)
+    )
     return {
         "metrics": metrics,
         "history": history,
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "steps": int(result.global_step),
         "train_runtime_s": float(result.metrics.get("train_runtime", 0.0)),
+        "train_tokens_per_s": useful_tokens / max(result.metrics.get("train_runtime", 0.0), 1e-9),
     }
 
 
-def predict(model_dir: Path, texts: list[str], labels: list[str], batch_size: int,
-            max_length: int, gold: list[int], work_dir: Path) -> tuple[np.ndarray, dict]:
+def predict(
+    model_dir: Path,
+    texts: list[str],
+    labels: list[str],
+    batch_size: int,
+    max_length: int,
+    gold: list[int],
+    work_dir: Path,
+) -> tuple[np.ndarray, dict]:
     """Class probabilities for ``texts`` and the metrics against ``gold``."""
-    import torch
     from datasets import Dataset
 
     tokenizer = load_tokenizer(model_dir)
     model = load_classifier(model_dir, labels, tokenizer.pad_token_id)
     ds = Dataset.from_dict({"text": texts, "label": gold})
     data = tokenize_splits(DatasetDict(train=ds), tokenizer, max_length)["train"]
-    args = training_arguments(work_dir,
-                              {"batch_size": batch_size, "lr": 0.0}, seed=0)
-    trainer = Trainer(model=model, args=args, processing_class=tokenizer,
-                      data_collator=DataCollatorWithPadding(tokenizer))
+    args = training_arguments(work_dir, {"batch_size": batch_size, "lr": 0.0}, seed=0)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+    )
     out = trainer.predict(data)
-    shutil.rmtree(work_dir, ignore_errors=True)
+    if dist.is_main():
+        shutil.rmtree(work_dir, ignore_errors=True)
     logits = out.predictions[0] if isinstance(out.predictions, tuple) else out.predictions
     probs = torch.softmax(torch.as_tensor(np.asarray(logits, dtype=np.float32)), dim=-1).numpy()
     metrics = classification_metrics(gold, probs.argmax(-1).tolist(), labels)

@@ -1,0 +1,69 @@
+"""`cmmerge prompt`: zero/few-shot prompting of a decoder -> prompt/<task>-k<shots>-s<seed>/."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from omegaconf import DictConfig, open_dict
+
+from cmmerge.errors import CmmergeError
+from cmmerge.evaluation.metrics import classification_metrics
+from cmmerge.evaluation.prompting import (
+    draw_shots,
+    few_shot_prefix,
+    score_verbalizers,
+    verbalizer_list,
+)
+from cmmerge.io.manifest import write_json_atomic
+from cmmerge.models.loading import load_lm, load_tokenizer, model_kind
+from cmmerge.settings import data_root, plain, run_dir
+from cmmerge.stages.finetune import init_model
+from cmmerge.stages.inputs import split_seed, task_splits
+from cmmerge.stages.runner import run_stage
+
+log = logging.getLogger("cmmerge")
+
+
+def run(cfg: DictConfig) -> dict:
+    shots, seed = int(cfg.shots), int(cfg.seed)
+    if shots < 0:
+        raise CmmergeError(f"shots={shots}: give 0 (zero-shot) or a positive number")
+    init_cfg = cfg.copy()
+    with open_dict(init_cfg):
+        init_cfg.init = cfg.prompt.init
+    model_dir, model_input = init_model(init_cfg)
+    if model_kind(model_dir, str(cfg.model.kind)) != "decoder":
+        raise CmmergeError(f"prompting needs a decoder (causal LM); {model_dir} is an encoder")
+    labels = list(cfg.task.labels)
+    stage_dir = run_dir(cfg) / "prompt" / f"{cfg.task.name}-k{shots}-s{seed}"
+    config_view = {"task": plain(cfg.task), "prompt": plain(cfg.prompt), "shots": shots,
+                   "seed": seed, "data_root": str(data_root(cfg)), "split_seed": split_seed(cfg)}
+
+    def work(out_dir):
+        splits = task_splits(cfg)
+        verbalizers = verbalizer_list(labels, plain(cfg.prompt.verbalizers))
+        template = str(cfg.prompt.template)
+        demos = draw_shots(splits["train"]["text"], splits["train"]["label"], shots, seed)
+        prefix = few_shot_prefix(demos, template, verbalizers)
+        test = splits["test"]
+        prompts = [prefix + template.format(text=t) for t in test["text"]]
+        tokenizer = load_tokenizer(model_dir)
+        model = load_lm(model_dir, "decoder")
+        scores = score_verbalizers(model, tokenizer, prompts, verbalizers,
+                                   int(cfg.prompt.batch_size), int(cfg.prompt.max_length),
+                                   str(cfg.prompt.reduce))
+        pred = scores.argmax(-1).tolist()
+        metrics = classification_metrics(list(test["label"]), pred, labels)
+        write_json_atomic(out_dir / "metrics.json", {"split": "test", **metrics})
+        with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
+            for text, gold, p, s in zip(test["text"], test["label"], pred, scores, strict=True):
+                row = {"text": text, "gold": labels[gold], "pred": labels[p],
+                       "scores": dict(zip(labels, map(float, s), strict=True))}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        log.info("prompt %s k=%d: macro-F1 %.4f", cfg.task.name, shots, metrics["macro_f1"])
+        return {"metrics": metrics, "outputs": ["metrics.json", "predictions.jsonl"],
+                "shots_used": [{"text": t, "label": labels[y]} for t, y in demos],
+                "arm": f"Prompting ({shots}-shot)", "task": str(cfg.task.name)}
+
+    return run_stage(cfg, "prompt", stage_dir, config_view, [model_input], work)

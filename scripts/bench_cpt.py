@@ -1,0 +1,182 @@
+"""Benchmark a CPT training step: cmmerge's fast losses against the default transformers classes.
+
+One step = forward + backward + AdamW step on the same seeded batches. Every (variant, run) is a
+fresh subprocess, so peak RSS is the whole process (model load included); runs are interleaved
+across variants and reported as medians, with the fast/default ratios from the same invocation.
+
+* ``mlm``: multilingual-e5-small (BERT, XLM-R vocabulary of 250k) as ``BertForMaskedLM``, batch
+  32 x 48, 15% of positions masked; default = the model's forward with labels, fast =
+  :func:`cmmerge.training.losses.masked_lm_loss`.
+* ``clm``: a random Llama-shaped decoder (hidden 512, 4 layers, vocabulary 128256, tied
+  embeddings), batch 8 x 256; default = the model's forward with labels, fast =
+  :func:`cmmerge.training.losses.causal_lm_loss` (chunked).
+
+Usage::
+
+    /work/shared/tools/me5_small/make_me5_small.sh /tmp/me5_small
+    python scripts/bench_cpt.py --me5 /tmp/me5_small --runs 3 --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+VARIANTS = ("mlm-default", "mlm-fast", "clm-default", "clm-fast")
+
+
+def _mlm_setup(args: argparse.Namespace):
+    import torch
+    from transformers import AutoModelForMaskedLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the e5 folder has no MLM head: it is initialised
+    torch.manual_seed(0)
+    model = AutoModelForMaskedLM.from_pretrained(args.me5, dtype="float32")
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(args.steps + 1):
+        ids = torch.randint(5, vocab, (args.mlm_batch, args.mlm_length), generator=g)
+        pick = torch.rand(ids.shape, generator=g) < 0.15
+        labels = torch.where(pick, ids, torch.full_like(ids, -100))
+        inputs = {"input_ids": ids.masked_fill(pick, 4), "attention_mask": torch.ones_like(ids),
+                  "token_type_ids": torch.zeros_like(ids)}
+        batches.append((inputs, labels))
+    return model, batches
+
+
+def _clm_setup(args: argparse.Namespace):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128256, hidden_size=512, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=2, intermediate_size=1536,
+                         max_position_embeddings=1024, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(args.steps + 1):
+        ids = torch.randint(3, config.vocab_size, (args.clm_batch, args.clm_length), generator=g)
+        batches.append(({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ids.clone()))
+    return model, batches
+
+
+def worker(variant: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``args.steps`` timed steps (after one warm-up step) of one variant; returns figures."""
+    import torch
+
+    from cmmerge.training.losses import causal_lm_loss, masked_lm_loss
+
+    objective, impl = variant.split("-")
+    model, batches = (_mlm_setup if objective == "mlm" else _clm_setup)(args)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def step(inputs: dict, labels: torch.Tensor) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        if impl == "default":
+            loss = model(**inputs, labels=labels).loss
+        elif objective == "mlm":
+            loss = masked_lm_loss(model, inputs, labels)[0]
+        else:
+            loss = causal_lm_loss(model, inputs, labels, chunk_size=args.chunk_size)
+        loss.backward()
+        optimizer.step()
+        return float(loss)
+
+    first_loss = step(*batches[0])  # warm-up: allocates the optimizer state
+    times = []
+    for inputs, labels in batches[1:]:
+        start = time.perf_counter()
+        step(inputs, labels)
+        times.append(time.perf_counter() - start)
+    tokens = batches[0][1].numel()
+    sec = statistics.median(times)
+    return {"variant": variant, "step_s": sec, "tokens_per_s": tokens / sec,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "first_loss": first_loss, "threads": torch.get_num_threads()}
+
+
+def _run_worker(variant: str, argv: list[str]) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--worker", variant, *argv]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _table(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
+    rows = ["| objective | setting | variant | step s | tokens/s | peak RSS MB | loss step 1 |"
+            " tokens/s vs default | peak RSS vs default |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    settings = {"mlm": f"me5-small BertForMaskedLM, {args.mlm_batch} x {args.mlm_length}",
+                "clm": f"Llama h512 L4 V128256 tied, {args.clm_batch} x {args.clm_length}"}
+    med = {v: {k: statistics.median(r[k] for r in rs)
+               for k in ("step_s", "tokens_per_s", "peak_rss_mb", "first_loss")}
+           for v, rs in results.items()}
+    for v, m in med.items():
+        objective, impl = v.split("-")
+        base = med.get(f"{objective}-default")
+        speed = f"{m['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        mem = f"{m['peak_rss_mb'] / base['peak_rss_mb']:.2f}x" if base else "-"
+        name = "transformers default" if impl == "default" else "cmmerge fast loss"
+        if objective == "clm" and impl == "fast":
+            name += f" (chunk {args.chunk_size})"
+        rows.append(f"| {objective.upper()} | {settings[objective]} | {name} | {m['step_s']:.2f} |"
+                    f" {m['tokens_per_s']:.0f} | {m['peak_rss_mb']:.0f} | {m['first_loss']:.5f} |"
+                    f" {speed} | {mem} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--me5", default="/tmp/me5_small", help="multilingual-e5-small folder")
+    parser.add_argument("--runs", type=int, default=3, help="processes per variant")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per process")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--mlm-batch", type=int, default=32)
+    parser.add_argument("--mlm-length", type=int, default=48)
+    parser.add_argument("--clm-batch", type=int, default=8)
+    parser.add_argument("--clm-length", type=int, default=256)
+    parser.add_argument("--chunk-size", type=int, default=1024)
+    parser.add_argument("--json", type=Path, help="also write the raw figures here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args)), flush=True)
+        return
+    variants = [v for v in args.variants.split(",") if v]
+    if any(v.startswith("mlm") for v in variants) and not (Path(args.me5) / "config.json").exists():
+        sys.exit(f"no model in {args.me5}: build it with make_me5_small.sh (see the docstring)")
+    argv = [f"--me5={args.me5}", f"--steps={args.steps}", f"--mlm-batch={args.mlm_batch}",
+            f"--mlm-length={args.mlm_length}", f"--clm-batch={args.clm_batch}",
+            f"--clm-length={args.clm_length}", f"--chunk-size={args.chunk_size}"]
+    results: dict[str, list[dict]] = {v: [] for v in variants}
+    for run in range(args.runs):
+        for v in variants:  # interleaved, so load from other processes hits both alike
+            r = _run_worker(v, argv)
+            results[v].append(r)
+            print(f"run {run + 1}/{args.runs} {v}: {r['step_s']:.2f} s/step, "
+                  f"{r['tokens_per_s']:.0f} tokens/s, {r['peak_rss_mb']:.0f} MB", file=sys.stderr)
+    import torch
+
+    print(f"\nMachine: {platform.machine()}, {os.cpu_count()} CPUs, "
+          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
+          f"torch {torch.__version__}, {results[variants[0]][0]['threads']} threads; "
+          f"median of {args.runs} processes x {args.steps} steps (AdamW, float32)\n")
+    print(_table(results, args))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Packing keeps documents apart; fast-loss CPT trains like the default and saves the same layout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, LlamaConfig, LlamaForCausalLM
+
+from cmmerge.models.tiny import build_tiny_model
+from cmmerge.training.cpt import train_lm
+from cmmerge.training.losses import causal_lm_loss
+from cmmerge.training.packing import pack_examples, packing_collator, packing_keeps_documents_apart
+
+ARCH = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_positions=64,
+            vocab_size=300)
+TEXTS = [
+    "yaar ye movie bahut acchi thi",
+    "kya bakwas hai bro, ekdum bekaar",
+    "me encanta esta cancion lol",
+    "this is so bad yaar",
+    "que bonito dia hoy amigo",
+    "aaj ka match dekha kya, kohli ne kamaal kar diya",
+] * 30
+PARAMS = dict(seed=0, epochs=1, max_steps=4, batch_size=8, grad_accum=1, max_length=24, lr=1e-3,
+              warmup=0.0, weight_decay=0.0, mlm_probability=0.15, eval_fraction=0.05,
+              logging_steps=50, loss_chunk_size=16)
+
+
+def _llama(attn: str) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+        tie_word_embeddings=True, attn_implementation=attn))
+
+
+def test_pack_examples_restarts_positions_and_ignores_document_starts():
+    out = pack_examples({"input_ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9]]}, block_size=4)
+    assert out["input_ids"] == [[1, 2, 3, 4], [5, 6, 7, 8]]  # the tail [9] is dropped
+    assert out["position_ids"] == [[0, 1, 2, 0], [1, 0, 1, 2]]
+    assert out["labels"] == [[-100, 2, 3, -100], [5, -100, 7, 8]]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_loss_equals_documents_run_separately(attn):
+    model = _llama(attn)
+    assert packing_keeps_documents_apart(model)
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(3, 101, (n,), generator=g).tolist() for n in (7, 11, 5)]
+    block = pack_examples({"input_ids": docs}, block_size=23)
+    batch = packing_collator([{k: v[0] for k, v in block.items()}])
+    labels = batch.pop("labels")
+    packed = causal_lm_loss(model, batch, labels, chunk_size=6)
+    # the default loss of each document on its own, weighted by its number of targets
+    total = sum(model(input_ids=torch.tensor([d]), labels=torch.tensor([d])).loss * (len(d) - 1)
+                for d in docs)
+    separate = total / sum(len(d) - 1 for d in docs)
+    assert abs(packed.item() - separate.item()) < 1e-5
+
+
+def _keys(folder) -> set[str]:
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return set(f.keys())
+
+
+def _train(tmp_path, family, name, **overrides):
+    base = build_tiny_model(family, ARCH, TEXTS, tmp_path / f"base-{family}", seed=0)
+    kind = "encoder" if family == "xlmr" else "decoder"
+    metrics = train_lm(base, kind, TEXTS, {**PARAMS, **overrides}, tmp_path / name, seed=0)
+    return base, metrics, tmp_path / name / "model"
+
+
+@pytest.mark.parametrize("family", ["xlmr", "llama"])
+def test_fast_loss_trains_like_the_default_and_saves_the_same_checkpoint(tmp_path, family):
+    auto = AutoModelForMaskedLM if family == "xlmr" else AutoModelForCausalLM
+    _, fast, fast_dir = _train(tmp_path, family, "fast", fast_loss=True, packing=False)
+    _, slow, slow_dir = _train(tmp_path, family, "slow", fast_loss=False, packing=False)
+    assert fast["fast_loss"] and not slow["fast_loss"]
+    assert _keys(fast_dir) == _keys(slow_dir)
+    assert json.loads((fast_dir / "config.json").read_text())["architectures"] == json.loads(
+        (slow_dir / "config.json").read_text())["architectures"]
+    a, b = auto.from_pretrained(fast_dir), auto.from_pretrained(slow_dir)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4, msg=name)
+    for key in ("loss_before", "loss", "train_loss"):
+        assert abs(fast[key] - slow[key]) < 1e-4, key
+
+
+def test_packed_decoder_cpt_runs_and_reports_it(tmp_path):
+    _, metrics, out = _train(tmp_path, "llama", "packed", fast_loss=True, packing=None)
+    assert metrics["packing"] is True and metrics["steps"] == PARAMS["max_steps"]
+    assert metrics["loss"] < metrics["loss_before"]
+    AutoModelForCausalLM.from_pretrained(out)

@@ -1,0 +1,118 @@
+"""`cmmerge merge` as users run it: outputs of a standalone merge, and bad input ending with one
+line on stderr, exit status 2 and nothing that looks finished."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_module
+from safetensors.torch import save_file
+
+from cmmerge.errors import CmmergeError
+from cmmerge.io.checkpoint import CheckpointReader
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    cfg = transformers.XLMRobertaConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=40)
+    torch.manual_seed(0)
+    model = transformers.XLMRobertaForMaskedLM(cfg)
+    model.save_pretrained(root / "base")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape))
+    model.save_pretrained(root / "tuned")
+    return root
+
+
+def _cli(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cmmerge.cli", "merge", *args,
+                           f"run.root={cwd}/runs"], cwd=cwd, capture_output=True, text=True)
+
+
+def _assert_refused(proc: subprocess.CompletedProcess, out, pattern: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert pattern in lines[0], lines[0]
+    assert not (out / "manifest.json").exists() and not out.exists()
+
+
+def test_standalone_merge_writes_a_loadable_described_model(dirs, tmp_path):
+    out = tmp_path / "merged"
+    proc = _cli(f"base={dirs / 'base'}", f"models=[{dirs / 'tuned'}]", "weights=[0.7]",
+                "method=ties", "lambda=0.8", "density=0.3", f"output={out}",
+                "max_shard_size=100KB", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "README.md", "merge.yaml", "mergekit.yaml", "manifest.json",
+            "model.safetensors.index.json"} <= names
+    assert ".cmmerge-partial" not in names
+    record = yaml.safe_load((out / "merge.yaml").read_text())
+    assert record["method"] == "ties" and record["lambda"] == 0.8 and record["density"] == 0.3
+    assert record["weights"] == [0.7] and record["sources"][0]["hash"]
+    mk = yaml.safe_load((out / "mergekit.yaml").read_text())
+    assert mk["merge_method"] == "ties" and mk["parameters"]["lambda"] == 0.8
+    assert mk["models"][0]["parameters"] == {"weight": 0.7, "density": 0.3}
+    card = (out / "README.md").read_text()
+    assert "| lambda | 0.8 |" in card and "tuned" in card
+    model = transformers.AutoModelForMaskedLM.from_pretrained(out)
+    with CheckpointReader(out) as r:
+        emb = r.get("roberta.embeddings.word_embeddings.weight")
+    assert torch.equal(model.get_input_embeddings().weight, emb)
+    assert json.loads((out / "manifest.json").read_text())["status"] == "finished"
+
+
+def test_cli_bad_density_and_truncated_checkpoint(dirs, tmp_path):
+    out = tmp_path / "o"
+    proc = _cli(f"base={dirs / 'base'}", f"models=[{dirs / 'tuned'}]", "method=ties",
+                "density=1.5", f"output={out}", cwd=tmp_path)
+    _assert_refused(proc, out, "density must be in (0, 1], got 1.5")
+    trunc = tmp_path / "trunc"
+    shutil.copytree(dirs / "tuned", trunc)
+    data = (trunc / "model.safetensors").read_bytes()
+    (trunc / "model.safetensors").write_bytes(data[:-1000])
+    proc = _cli(f"base={dirs / 'base'}", f"models=[{trunc}]", "method=tv", f"output={out}",
+                cwd=tmp_path)
+    _assert_refused(proc, out, "truncated")
+
+
+def _run_stage(tmp_path, *overrides: str) -> None:
+    from cmmerge.stages import merge
+
+    with initialize_config_module("cmmerge.configs", version_base="1.3"):
+        cfg = compose("merge", overrides=[f"run.root={tmp_path}/runs", *overrides])
+    merge.run(cfg)
+
+
+def test_stage_refuses_bad_input_and_leaves_nothing(dirs, tmp_path):
+    out = tmp_path / "o"
+    common = (f"base={dirs / 'base'}", f"output={out}")
+    with pytest.raises(CmmergeError, match=r"models=\[\] is empty"):
+        _run_stage(tmp_path, *common, "models=[]")
+    nan = tmp_path / "nan"
+    nan.mkdir()
+    shutil.copy(dirs / "tuned" / "config.json", nan)
+    with CheckpointReader(dirs / "tuned") as r:
+        tensors = {k: r.get(k) for k in r.keys()}
+    tensors["roberta.encoder.layer.0.output.dense.weight"][0, 0] = float("nan")
+    save_file(tensors, str(nan / "model.safetensors"))
+    with pytest.raises(CmmergeError, match="non-finite .*layer.0.output.dense.weight"):
+        _run_stage(tmp_path, *common, f"models=[{nan}]", "method=tv")
+    assert not out.exists()
+    with pytest.raises(CmmergeError, match="weights has 2 values for 1 sources"):
+        _run_stage(tmp_path, *common, f"models=[{dirs / 'tuned'}]", "weights=[1,2]")
+    _run_stage(tmp_path, *common, f"models=[{nan}]", "method=tv", "allow_nonfinite=true")
+    assert (out / "manifest.json").exists()
+    assert yaml.safe_load((out / "merge.yaml").read_text())["method"] == "task_arithmetic"

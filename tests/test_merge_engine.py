@@ -1,0 +1,276 @@
+"""Streaming engine: chunking, sharding and threads change nothing; trim scopes; vocabulary
+growth; the new methods end to end; and every bad input of issue 3 at the API level."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import cmmerge.merging.engine as engine
+from cmmerge.errors import CmmergeError
+from cmmerge.io.checkpoint import CheckpointReader
+from cmmerge.merging.engine import merge_into_base, merge_models
+from cmmerge.merging.extract import extract_task_vector, task_vector_cosines
+from cmmerge.merging.methods import disjoint_merge, magnitude_trim
+from cmmerge.merging.select import keep_count, threshold_of, trim_mask
+
+transformers = pytest.importorskip("transformers")
+
+
+def _tensors(path):
+    with CheckpointReader(path) as r:
+        return {k: r.get(k) for k in r.keys()}
+
+
+def _llama(vocab=100):
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=True)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _perturb(model, seed, scale=0.02):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eng")
+    torch.manual_seed(0)
+    model = _llama()
+    model.save_pretrained(root / "base")
+    _perturb(model, 1).save_pretrained(root / "a")
+    _perturb(model, 2).save_pretrained(root / "b")
+    model.to(torch.bfloat16).save_pretrained(root / "b16")
+    return root
+
+
+def test_chunks_shards_threads_change_nothing(dirs, tmp_path, monkeypatch):
+    kw = dict(density=0.3, sign="sum")
+    srcs = [dirs / "a", dirs / "b"]
+    merge_models(dirs / "base", srcs, [1.0, 0.6], "ties", 0.8, tmp_path / "ref", **kw)
+    ref = _tensors(tmp_path / "ref")
+    monkeypatch.setattr(engine, "CHUNK", 333)  # many chunks per tensor, ragged last chunk
+    for shard, threads in ((10**9, 1), (5000, 2), (1, 3)):
+        out = tmp_path / f"o{shard}"
+        merge_models(dirs / "base", srcs, [1.0, 0.6], "ties", 0.8, out,
+                     max_shard_size=shard, threads=threads, **kw)
+        got = _tensors(out)
+        assert got.keys() == ref.keys()
+        assert all(torch.equal(got[k], ref[k]) for k in ref), (shard, threads)
+    assert len(list((tmp_path / "o1").glob("model-*.safetensors"))) == len(ref)
+    index = json.loads((tmp_path / "o5000" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(ref)
+
+
+def test_streamed_ties_equals_whole_tensor_math(dirs, tmp_path, monkeypatch):
+    monkeypatch.setattr(engine, "CHUNK", 500)
+    base, a, b = (_tensors(dirs / n) for n in ("base", "a", "b"))
+    merge_models(dirs / "base", [dirs / "a", dirs / "b"], [1.0, -0.5], "ties", -0.7,
+                 tmp_path / "o", density=0.2, sign="count", normalize=False)
+    got = _tensors(tmp_path / "o")
+    for key in base:
+        deltas = [magnitude_trim(x[key] - base[key], 0.2) for x in (a, b)]
+        expected = base[key] + -0.7 * disjoint_merge(deltas, [1.0, -0.5], False, "count")
+        assert torch.allclose(got[key], expected, atol=1e-6), key
+
+
+def test_trim_scope_model_uses_one_threshold(dirs, tmp_path, monkeypatch):
+    monkeypatch.setattr(engine, "CHUNK", 700)
+    base, a = _tensors(dirs / "base"), _tensors(dirs / "a")
+    merge_models(dirs / "base", [dirs / "a"], [1.0], "magnitude", 1.0, tmp_path / "o",
+                 density=0.1, trim_scope="model")
+    got = _tensors(tmp_path / "o")
+    flat = torch.cat([(a[k] - base[k]).reshape(-1) for k in base])
+    k = keep_count(0.1, flat.numel())
+    kept = sum(int(((got[key] - base[key]) != 0).sum()) for key in base)
+    assert abs(kept - k) <= 2  # exactly k up to float rounding of base + delta == base
+    cutoff = torch.topk(flat.abs(), k).values.min()
+    for key in base:
+        delta = a[key] - base[key]
+        expected = base[key] + delta * (delta.abs() >= cutoff)
+        assert torch.allclose(got[key], expected, atol=1e-7), key
+    per_tensor = [int(((got[key] - base[key]) != 0).sum()) / got[key].numel() for key in base]
+    assert max(per_tensor) - min(per_tensor) > 0.05  # densities differ across tensors
+
+
+def test_selection_over_chunks_is_exact_with_ties():
+    x = torch.tensor([3.0, -1.0, 2.0, -3.0, 2.0, 2.0, 0.5, -2.0, 1.0, 2.0])
+    for k in range(1, 11):
+        parts = list(x.split(3))
+        thr = threshold_of(parts, k)
+        masks = [trim_mask(p, thr, i) for i, p in enumerate(parts)]
+        keep = torch.cat(masks)
+        assert int(keep.sum()) == k
+        # the largest magnitudes, ties broken by position
+        order = sorted(range(10), key=lambda i: (-abs(float(x[i])), i))[:k]
+        assert set(keep.nonzero().view(-1).tolist()) == set(order), k
+
+
+def test_dare_is_seeded_and_rescaled(dirs, tmp_path):
+    kw = dict(density=0.5, seed=3)
+    for name in ("r1", "r2"):
+        merge_models(dirs / "base", [dirs / "a"], [1.0], "dare_linear", 1.0, tmp_path / name,
+                     threads=1 if name == "r1" else 2, **kw)
+    merge_models(dirs / "base", [dirs / "a"], [1.0], "dare_linear", 1.0, tmp_path / "r3",
+                 density=0.5, seed=4)
+    r1, r2, r3 = (_tensors(tmp_path / n) for n in ("r1", "r2", "r3"))
+    assert all(torch.equal(r1[k], r2[k]) for k in r1)
+    assert not all(torch.equal(r1[k], r3[k]) for k in r1)
+    base, a = _tensors(dirs / "base"), _tensors(dirs / "a")
+    key = "model.layers.0.mlp.up_proj.weight"
+    delta, got = a[key] - base[key], r1[key] - base[key]
+    kept = got != 0
+    assert 0.4 < float(kept.float().mean()) < 0.6
+    assert torch.allclose(got[kept], 2 * delta[kept], atol=1e-6)  # rescaled by 1/density
+    merge_models(dirs / "base", [dirs / "a", dirs / "b"], [1.0, 1.0], "dare_ties", 1.0,
+                 tmp_path / "dt", density=0.5, seed=0)
+
+
+def test_linear_is_weighted_average_and_negation(dirs, tmp_path):
+    base, a, b = (_tensors(dirs / n) for n in ("base", "a", "b"))
+    merge_models(dirs / "base", [dirs / "a", dirs / "b"], [3.0, 1.0], "linear", 1.0,
+                 tmp_path / "lin")
+    got = _tensors(tmp_path / "lin")
+    for key in base:
+        assert torch.allclose(got[key], (3 * a[key] + b[key]) / 4, atol=1e-6), key
+    merge_models(dirs / "base", [dirs / "a"], [1.0], "tv", -1.0, tmp_path / "neg")
+    neg = _tensors(tmp_path / "neg")
+    for key in base:
+        assert torch.allclose(neg[key], 2 * base[key] - a[key], atol=1e-6), key
+
+
+def test_bf16_output_dtype_and_override(dirs, tmp_path):
+    merge_models(dirs / "b16", [dirs / "a"], [1.0], "ties", 0.5, tmp_path / "o", density=0.5)
+    assert {t.dtype for t in _tensors(tmp_path / "o").values()} == {torch.bfloat16}
+    merge_models(dirs / "b16", [dirs / "a"], [1.0], "tv", 0.5, tmp_path / "f",
+                 dtype=torch.float32)
+    assert {t.dtype for t in _tensors(tmp_path / "f").values()} == {torch.float32}
+
+
+def test_vocabulary_grown_by_cpt(dirs, tmp_path):
+    torch.manual_seed(0)
+    grown = _llama(vocab=100)
+    grown.load_state_dict(_llama(vocab=100).state_dict())  # any weights
+    grown = transformers.LlamaForCausalLM.from_pretrained(dirs / "a")
+    grown.resize_token_embeddings(104)
+    grown.save_pretrained(tmp_path / "grown")
+    base, src = _tensors(dirs / "base"), _tensors(tmp_path / "grown")
+    emb = "model.embed_tokens.weight"
+    tv = tmp_path / "tv.safetensors"
+    stats = extract_task_vector(dirs / "base", tmp_path / "grown", tv)
+    assert stats["grown"] == {"embed_tokens.weight": 104}
+    for how, sources in (("models", [tmp_path / "grown"]), ("tv", [tv])):
+        out = tmp_path / how
+        fn = merge_models if how == "models" else merge_into_base
+        info = fn(dirs / "base", sources, [1.0], "ties", 0.5, out, density=0.5)
+        assert info["grown"] == {emb: 104}
+        got = _tensors(out)
+        assert got[emb].shape == (104, 32)
+        assert torch.equal(got[emb][100:], src[emb][100:])  # new rows from the source
+        shared = magnitude_trim(src[emb][:100] - base[emb], 0.5)
+        assert torch.allclose(got[emb][:100], base[emb] + 0.5 * shared, atol=1e-6)
+
+
+def test_extract_stats_and_cosines(dirs, tmp_path):
+    s1 = extract_task_vector(dirs / "base", dirs / "a", tmp_path / "a.safetensors")
+    extract_task_vector(dirs / "base", dirs / "b", tmp_path / "b.safetensors")
+    assert {"layer.0", "layer.1", "embed_tokens", "norm"} <= set(s1["per_layer"])
+    total = math.sqrt(sum(v["l2"] ** 2 for v in s1["per_layer"].values()))
+    assert total == pytest.approx(s1["l2_norm"], rel=1e-9)
+    cos = task_vector_cosines([tmp_path / "a.safetensors", tmp_path / "b.safetensors",
+                               tmp_path / "a.safetensors"])
+    assert cos[0][0] == pytest.approx(1.0) and cos[0][2] == pytest.approx(1.0)
+    assert 0.65 < cos[0][1] < 0.76  # tau_b = tau_a + independent noise: cos ~ 1/sqrt(2)
+    from cmmerge.reporting.plots import plot_norm_by_layer
+
+    png = plot_norm_by_layer(s1["per_layer"], tmp_path / "n.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _copy_with(dirs, tmp_path, name, change):
+    out = tmp_path / name
+    out.mkdir()
+    shutil.copy(dirs / "a" / "config.json", out)
+    tensors = _tensors(dirs / "a")
+    change(tensors)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_source_is_named(dirs, tmp_path, value):
+    def poison(t):
+        t["model.layers.1.mlp.down_proj.weight"][3, 4] = value
+
+    bad = _copy_with(dirs, tmp_path, "nan", poison)
+    for method in ("tv", "ties", "dare_ties"):
+        with pytest.raises(CmmergeError, match=r"non-finite .*'model.layers.1.mlp.down_proj"
+                                               r".weight' of .*nan \(allow_nonfinite=true"):
+            merge_models(dirs / "base", [dirs / "a", bad], [1, 1], method, 1.0, tmp_path / "o",
+                         density=0.5)
+        assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+    merge_models(dirs / "base", [bad], [1.0], "tv", 1.0, tmp_path / "ok", allow_nonfinite=True)
+
+
+def test_missing_tensor_and_architecture(dirs, tmp_path):
+    bad = _copy_with(dirs, tmp_path, "missing",
+                     lambda t: t.pop("model.layers.1.self_attn.q_proj.weight"))
+    with pytest.raises(CmmergeError, match="'layers.1.self_attn.q_proj.weight' of the base is "
+                                           "missing in .*missing"):
+        merge_models(dirs / "base", [bad], [1.0], "tv", 1.0, tmp_path / "o")
+    other = _copy_with(dirs, tmp_path, "bert", lambda t: None)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
+    with pytest.raises(CmmergeError, match="architectures differ: .* 'llama' but .* 'mistral'"):
+        merge_models(dirs / "base", [other], [1.0], "tv", 1.0, tmp_path / "o")
+    with pytest.raises(CmmergeError, match="architectures differ"):
+        extract_task_vector(dirs / "base", other, tmp_path / "x.safetensors")
+
+
+def test_truncated_corrupt_and_pickle_checkpoints(dirs, tmp_path):
+    trunc = tmp_path / "trunc"
+    shutil.copytree(dirs / "a", trunc)
+    data = (trunc / "model.safetensors").read_bytes()
+    (trunc / "model.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(CmmergeError, match="truncated"):
+        merge_models(dirs / "base", [trunc], [1.0], "tv", 1.0, tmp_path / "o")
+    (trunc / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(CmmergeError, match="corrupt"):
+        merge_models(dirs / "base", [trunc], [1.0], "tv", 1.0, tmp_path / "o")
+
+    pkl = tmp_path / "pkl"
+    pkl.mkdir()
+    shutil.copy(dirs / "a" / "config.json", pkl)
+    torch.save(_tensors(dirs / "a"), pkl / "pytorch_model.bin")
+    with pytest.raises(CmmergeError, match="pickle checkpoint: refused .*allow_pickle=true"):
+        merge_models(dirs / "base", [pkl], [1.0], "tv", 1.0, tmp_path / "o")
+    merge_models(dirs / "base", [pkl], [1.0], "tv", 1.0, tmp_path / "p", allow_pickle=True)
+    merge_models(dirs / "base", [dirs / "a"], [1.0], "tv", 1.0, tmp_path / "s")
+    got, ref = _tensors(tmp_path / "p"), _tensors(tmp_path / "s")
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_bad_parameters(dirs, tmp_path):
+    for bad in (0, -0.1, 1.01, float("nan")):
+        with pytest.raises(CmmergeError, match="density must be in"):
+            merge_models(dirs / "base", [dirs / "a"], [1.0], "ties", 1.0, tmp_path / "o",
+                         density=bad)
+    with pytest.raises(CmmergeError, match="nothing to merge"):
+        merge_models(dirs / "base", [], [], "ties", 1.0, tmp_path / "o", density=0.5)
+    with pytest.raises(CmmergeError, match="trim_scope must be one of tensor, model"):
+        merge_models(dirs / "base", [dirs / "a"], [1.0], "ties", 1.0, tmp_path / "o",
+                     density=0.5, trim_scope="layer")
+    assert not (tmp_path / "o").exists()

@@ -23,17 +23,45 @@ import time
 from pathlib import Path
 
 SHAPES = {
-    "xlmr": {"label": "XLM-R-base, float32", "dtype": "float32", "config": {
-        "model_type": "xlm-roberta", "architectures": ["XLMRobertaForMaskedLM"],
-        "vocab_size": 250002, "hidden_size": 768, "num_hidden_layers": 12,
-        "num_attention_heads": 12, "intermediate_size": 3072, "max_position_embeddings": 514,
-        "type_vocab_size": 1, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2}},
-    "llama": {"label": "Llama-3.2-1B, bfloat16, tied", "dtype": "bfloat16", "config": {
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256,
-        "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
-        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
-        "max_position_embeddings": 131072, "rope_theta": 500000.0, "tie_word_embeddings": True,
-        "rms_norm_eps": 1e-5, "bos_token_id": 128000, "eos_token_id": 128001}},
+    "xlmr": {
+        "label": "XLM-R-base, float32",
+        "dtype": "float32",
+        "config": {
+            "model_type": "xlm-roberta",
+            "architectures": ["XLMRobertaForMaskedLM"],
+            "vocab_size": 250002,
+            "hidden_size": 768,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "intermediate_size": 3072,
+            "max_position_embeddings": 514,
+            "type_vocab_size": 1,
+            "pad_token_id": 1,
+            "bos_token_id": 0,
+            "eos_token_id": 2,
+        },
+    },
+    "llama": {
+        "label": "Llama-3.2-1B, bfloat16, tied",
+        "dtype": "bfloat16",
+        "config": {
+            "model_type": "llama",
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": 128256,
+            "hidden_size": 2048,
+            "intermediate_size": 8192,
+            "num_hidden_layers": 16,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "head_dim": 64,
+            "max_position_embeddings": 131072,
+            "rope_theta": 500000.0,
+            "tie_word_embeddings": True,
+            "rms_norm_eps": 1e-5,
+            "bos_token_id": 128000,
+            "eos_token_id": 128001,
+        },
+    },
 }
 DENSITY, LAMBDA = 0.2, 0.5
 
@@ -71,13 +99,25 @@ def build_pair(shape: str, root: Path) -> tuple[Path, Path]:
 def commands(tool: str, base: Path, tuned: Path, out: Path, dtype: str) -> list[str]:
     """The command line that runs ``tool`` on the benchmark merge."""
     if tool == "cmmerge":
-        return [sys.executable, "-m", "cmmerge.cli", "merge", f"base={base}",
-                f"models=[{tuned}]", "method=ties", f"lambda={LAMBDA}", f"density={DENSITY}",
-                f"output={out}", f"run.root={out.parent / 'runs'}"]
+        return [
+            sys.executable,
+            "-m",
+            "cmmerge.cli",
+            "merge",
+            f"base={base}",
+            f"models=[{tuned}]",
+            "method=ties",
+            f"lambda={LAMBDA}",
+            f"density={DENSITY}",
+            f"output={out}",
+            f"run.root={out.parent / 'runs'}",
+        ]
     config = out.parent / f"{out.name}.yaml"
-    config.write_text(f"merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {tuned}\n"
-                      f"    parameters: {{weight: 1.0, density: {DENSITY}}}\n"
-                      f"parameters: {{lambda: {LAMBDA}}}\ndtype: {dtype}\n")
+    config.write_text(
+        f"merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {tuned}\n"
+        f"    parameters: {{weight: 1.0, density: {DENSITY}}}\n"
+        f"parameters: {{lambda: {LAMBDA}}}\ndtype: {dtype}\n"
+    )
     mergekit = shutil.which("mergekit-yaml") or str(Path(sys.executable).parent / "mergekit-yaml")
     return [mergekit, str(config), str(out), "--quiet", "--no-copy-tokenizer"]
 
@@ -117,23 +157,34 @@ def main() -> None:
             cmd = commands(tool, base, tuned, out, SHAPES[shape]["dtype"])
             runs = [run_once(cmd, out) for _ in range(args.runs)]
             raw[f"{shape}/{tool}"] = runs
-            med[tool] = (statistics.median(r[0] for r in runs),
-                         statistics.median(r[1] for r in runs))
-            print(f"{shape} {tool}: " + ", ".join(f"{w:.1f} s / {m:.2f} GB" for w, m in runs),
-                  file=sys.stderr, flush=True)
+            med[tool] = (
+                statistics.median(r[0] for r in runs),
+                statistics.median(r[1] for r in runs),
+            )
+            print(
+                f"{shape} {tool}: " + ", ".join(f"{w:.1f} s / {m:.2f} GB" for w, m in runs),
+                file=sys.stderr,
+                flush=True,
+            )
             shutil.rmtree(out, ignore_errors=True)
         for tool in tools:
             ratio = ""
             if tool != "mergekit" and "mergekit" in med:
-                ratio = (f"{med['mergekit'][0] / med[tool][0]:.1f}x faster, "
-                         f"{med['mergekit'][1] / med[tool][1]:.1f}x less memory")
-            rows.append(f"| {SHAPES[shape]['label']} | {tool} | {med[tool][0]:.1f} | "
-                        f"{med[tool][1]:.2f} | {ratio} |")
+                ratio = (
+                    f"{med['mergekit'][0] / med[tool][0]:.1f}x faster, "
+                    f"{med['mergekit'][1] / med[tool][1]:.1f}x less memory"
+                )
+            rows.append(
+                f"| {SHAPES[shape]['label']} | {tool} | {med[tool][0]:.1f} | "
+                f"{med[tool][1]:.2f} | {ratio} |"
+            )
     cpus = len(os.sched_getaffinity(0))
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
-    print(f"One-source ties, density {DENSITY}, lambda {LAMBDA}; median of {args.runs} runs; "
-          f"{cpus} CPUs, {mem:.0f} GB RAM, {platform.processor() or platform.machine()}, "
-          f"Python {platform.python_version()}\n")
+    print(
+        f"One-source ties, density {DENSITY}, lambda {LAMBDA}; median of {args.runs} runs; "
+        f"{cpus} CPUs, {mem:.0f} GB RAM, {platform.processor() or platform.machine()}, "
+        f"Python {platform.python_version()}\n"
+    )
     print("| checkpoint | tool | wall (s) | peak RSS (GB) | vs mergekit |")
     print("|---|---|---|---|---|")
     print("\n".join(rows))

@@ -24,8 +24,13 @@ transformers = pytest.importorskip("transformers")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     cfg = transformers.XLMRobertaConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=40)
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=40,
+    )
     torch.manual_seed(0)
     model = transformers.XLMRobertaForMaskedLM(cfg)
     model.save_pretrained(root / "base")
@@ -37,8 +42,12 @@ def dirs(tmp_path_factory):
 
 
 def _cli(*args: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cmmerge.cli", "merge", *args,
-                           f"run.root={cwd}/runs"], cwd=cwd, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "cmmerge.cli", "merge", *args, f"run.root={cwd}/runs"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+    )
 
 
 def _assert_refused(proc: subprocess.CompletedProcess, out, pattern: str) -> None:
@@ -51,13 +60,27 @@ def _assert_refused(proc: subprocess.CompletedProcess, out, pattern: str) -> Non
 
 def test_standalone_merge_writes_a_loadable_described_model(dirs, tmp_path):
     out = tmp_path / "merged"
-    proc = _cli(f"base={dirs / 'base'}", f"models=[{dirs / 'tuned'}]", "weights=[0.7]",
-                "method=ties", "lambda=0.8", "density=0.3", f"output={out}",
-                "max_shard_size=100KB", cwd=tmp_path)
+    proc = _cli(
+        f"base={dirs / 'base'}",
+        f"models=[{dirs / 'tuned'}]",
+        "weights=[0.7]",
+        "method=ties",
+        "lambda=0.8",
+        "density=0.3",
+        f"output={out}",
+        "max_shard_size=30KB",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "README.md", "merge.yaml", "mergekit.yaml", "manifest.json",
-            "model.safetensors.index.json"} <= names
+    assert {
+        "config.json",
+        "README.md",
+        "merge.yaml",
+        "mergekit.yaml",
+        "manifest.json",
+        "model.safetensors.index.json",
+    } <= names
     assert ".cmmerge-partial" not in names
     record = yaml.safe_load((out / "merge.yaml").read_text())
     assert record["method"] == "ties" and record["lambda"] == 0.8 and record["density"] == 0.3
@@ -76,15 +99,22 @@ def test_standalone_merge_writes_a_loadable_described_model(dirs, tmp_path):
 
 def test_cli_bad_density_and_truncated_checkpoint(dirs, tmp_path):
     out = tmp_path / "o"
-    proc = _cli(f"base={dirs / 'base'}", f"models=[{dirs / 'tuned'}]", "method=ties",
-                "density=1.5", f"output={out}", cwd=tmp_path)
+    proc = _cli(
+        f"base={dirs / 'base'}",
+        f"models=[{dirs / 'tuned'}]",
+        "method=ties",
+        "density=1.5",
+        f"output={out}",
+        cwd=tmp_path,
+    )
     _assert_refused(proc, out, "density must be in (0, 1], got 1.5")
     trunc = tmp_path / "trunc"
     shutil.copytree(dirs / "tuned", trunc)
     data = (trunc / "model.safetensors").read_bytes()
     (trunc / "model.safetensors").write_bytes(data[:-1000])
-    proc = _cli(f"base={dirs / 'base'}", f"models=[{trunc}]", "method=tv", f"output={out}",
-                cwd=tmp_path)
+    proc = _cli(
+        f"base={dirs / 'base'}", f"models=[{trunc}]", "method=tv", f"output={out}", cwd=tmp_path
+    )
     _assert_refused(proc, out, "truncated")
 
 

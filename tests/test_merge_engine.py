@@ -29,8 +29,14 @@ def _tensors(path):
 
 def _llama(vocab=100):
     cfg = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=True)
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        tie_word_embeddings=True,
+    )
     return transformers.LlamaForCausalLM(cfg)
 
 
@@ -62,8 +68,17 @@ def test_chunks_shards_threads_change_nothing(dirs, tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "CHUNK", 333)  # many chunks per tensor, ragged last chunk
     for shard, threads in ((10**9, 1), (5000, 2), (1, 3)):
         out = tmp_path / f"o{shard}"
-        merge_models(dirs / "base", srcs, [1.0, 0.6], "ties", 0.8, out,
-                     max_shard_size=shard, threads=threads, **kw)
+        merge_models(
+            dirs / "base",
+            srcs,
+            [1.0, 0.6],
+            "ties",
+            0.8,
+            out,
+            max_shard_size=shard,
+            threads=threads,
+            **kw,
+        )
         got = _tensors(out)
         assert got.keys() == ref.keys()
         assert all(torch.equal(got[k], ref[k]) for k in ref), (shard, threads)
@@ -75,8 +90,17 @@ def test_chunks_shards_threads_change_nothing(dirs, tmp_path, monkeypatch):
 def test_streamed_ties_equals_whole_tensor_math(dirs, tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "CHUNK", 500)
     base, a, b = (_tensors(dirs / n) for n in ("base", "a", "b"))
-    merge_models(dirs / "base", [dirs / "a", dirs / "b"], [1.0, -0.5], "ties", -0.7,
-                 tmp_path / "o", density=0.2, sign="count", normalize=False)
+    merge_models(
+        dirs / "base",
+        [dirs / "a", dirs / "b"],
+        [1.0, -0.5],
+        "ties",
+        -0.7,
+        tmp_path / "o",
+        density=0.2,
+        sign="count",
+        normalize=False,
+    )
     got = _tensors(tmp_path / "o")
     for key in base:
         deltas = [magnitude_trim(x[key] - base[key], 0.2) for x in (a, b)]
@@ -87,8 +111,16 @@ def test_streamed_ties_equals_whole_tensor_math(dirs, tmp_path, monkeypatch):
 def test_trim_scope_model_uses_one_threshold(dirs, tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "CHUNK", 700)
     base, a = _tensors(dirs / "base"), _tensors(dirs / "a")
-    merge_models(dirs / "base", [dirs / "a"], [1.0], "magnitude", 1.0, tmp_path / "o",
-                 density=0.1, trim_scope="model")
+    merge_models(
+        dirs / "base",
+        [dirs / "a"],
+        [1.0],
+        "magnitude",
+        1.0,
+        tmp_path / "o",
+        density=0.1,
+        trim_scope="model",
+    )
     got = _tensors(tmp_path / "o")
     flat = torch.cat([(a[k] - base[k]).reshape(-1) for k in base])
     k = keep_count(0.1, flat.numel())
@@ -119,10 +151,19 @@ def test_selection_over_chunks_is_exact_with_ties():
 def test_dare_is_seeded_and_rescaled(dirs, tmp_path):
     kw = dict(density=0.5, seed=3)
     for name in ("r1", "r2"):
-        merge_models(dirs / "base", [dirs / "a"], [1.0], "dare_linear", 1.0, tmp_path / name,
-                     threads=1 if name == "r1" else 2, **kw)
-    merge_models(dirs / "base", [dirs / "a"], [1.0], "dare_linear", 1.0, tmp_path / "r3",
-                 density=0.5, seed=4)
+        merge_models(
+            dirs / "base",
+            [dirs / "a"],
+            [1.0],
+            "dare_linear",
+            1.0,
+            tmp_path / name,
+            threads=1 if name == "r1" else 2,
+            **kw,
+        )
+    merge_models(
+        dirs / "base", [dirs / "a"], [1.0], "dare_linear", 1.0, tmp_path / "r3", density=0.5, seed=4
+    )
     r1, r2, r3 = (_tensors(tmp_path / n) for n in ("r1", "r2", "r3"))
     assert all(torch.equal(r1[k], r2[k]) for k in r1)
     assert not all(torch.equal(r1[k], r3[k]) for k in r1)
@@ -132,14 +173,23 @@ def test_dare_is_seeded_and_rescaled(dirs, tmp_path):
     kept = got != 0
     assert 0.4 < float(kept.float().mean()) < 0.6
     assert torch.allclose(got[kept], 2 * delta[kept], atol=1e-6)  # rescaled by 1/density
-    merge_models(dirs / "base", [dirs / "a", dirs / "b"], [1.0, 1.0], "dare_ties", 1.0,
-                 tmp_path / "dt", density=0.5, seed=0)
+    merge_models(
+        dirs / "base",
+        [dirs / "a", dirs / "b"],
+        [1.0, 1.0],
+        "dare_ties",
+        1.0,
+        tmp_path / "dt",
+        density=0.5,
+        seed=0,
+    )
 
 
 def test_linear_is_weighted_average_and_negation(dirs, tmp_path):
     base, a, b = (_tensors(dirs / n) for n in ("base", "a", "b"))
-    merge_models(dirs / "base", [dirs / "a", dirs / "b"], [3.0, 1.0], "linear", 1.0,
-                 tmp_path / "lin")
+    merge_models(
+        dirs / "base", [dirs / "a", dirs / "b"], [3.0, 1.0], "linear", 1.0, tmp_path / "lin"
+    )
     got = _tensors(tmp_path / "lin")
     for key in base:
         assert torch.allclose(got[key], (3 * a[key] + b[key]) / 4, atol=1e-6), key
@@ -152,8 +202,7 @@ def test_linear_is_weighted_average_and_negation(dirs, tmp_path):
 def test_bf16_output_dtype_and_override(dirs, tmp_path):
     merge_models(dirs / "b16", [dirs / "a"], [1.0], "ties", 0.5, tmp_path / "o", density=0.5)
     assert {t.dtype for t in _tensors(tmp_path / "o").values()} == {torch.bfloat16}
-    merge_models(dirs / "b16", [dirs / "a"], [1.0], "tv", 0.5, tmp_path / "f",
-                 dtype=torch.float32)
+    merge_models(dirs / "b16", [dirs / "a"], [1.0], "tv", 0.5, tmp_path / "f", dtype=torch.float32)
     assert {t.dtype for t in _tensors(tmp_path / "f").values()} == {torch.float32}
 
 
@@ -187,8 +236,9 @@ def test_extract_stats_and_cosines(dirs, tmp_path):
     assert {"layer.0", "layer.1", "embed_tokens", "norm"} <= set(s1["per_layer"])
     total = math.sqrt(sum(v["l2"] ** 2 for v in s1["per_layer"].values()))
     assert total == pytest.approx(s1["l2_norm"], rel=1e-9)
-    cos = task_vector_cosines([tmp_path / "a.safetensors", tmp_path / "b.safetensors",
-                               tmp_path / "a.safetensors"])
+    cos = task_vector_cosines(
+        [tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "a.safetensors"]
+    )
     assert cos[0][0] == pytest.approx(1.0) and cos[0][2] == pytest.approx(1.0)
     assert 0.65 < cos[0][1] < 0.76  # tau_b = tau_a + independent noise: cos ~ 1/sqrt(2)
     from cmmerge.reporting.plots import plot_norm_by_layer
@@ -217,19 +267,25 @@ def test_nonfinite_source_is_named(dirs, tmp_path, value):
 
     bad = _copy_with(dirs, tmp_path, "nan", poison)
     for method in ("tv", "ties", "dare_ties"):
-        with pytest.raises(CmmergeError, match=r"non-finite .*'model.layers.1.mlp.down_proj"
-                                               r".weight' of .*nan \(allow_nonfinite=true"):
-            merge_models(dirs / "base", [dirs / "a", bad], [1, 1], method, 1.0, tmp_path / "o",
-                         density=0.5)
+        with pytest.raises(
+            CmmergeError,
+            match=r"non-finite .*'model.layers.1.mlp.down_proj"
+            r".weight' of .*nan \(allow_nonfinite=true",
+        ):
+            merge_models(
+                dirs / "base", [dirs / "a", bad], [1, 1], method, 1.0, tmp_path / "o", density=0.5
+            )
         assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
     merge_models(dirs / "base", [bad], [1.0], "tv", 1.0, tmp_path / "ok", allow_nonfinite=True)
 
 
 def test_missing_tensor_and_architecture(dirs, tmp_path):
-    bad = _copy_with(dirs, tmp_path, "missing",
-                     lambda t: t.pop("model.layers.1.self_attn.q_proj.weight"))
-    with pytest.raises(CmmergeError, match="'layers.1.self_attn.q_proj.weight' of the base is "
-                                           "missing in .*missing"):
+    bad = _copy_with(
+        dirs, tmp_path, "missing", lambda t: t.pop("model.layers.1.self_attn.q_proj.weight")
+    )
+    with pytest.raises(
+        CmmergeError, match="'layers.1.self_attn.q_proj.weight' of the base is missing in .*missing"
+    ):
         merge_models(dirs / "base", [bad], [1.0], "tv", 1.0, tmp_path / "o")
     other = _copy_with(dirs, tmp_path, "bert", lambda t: None)
     config = json.loads((other / "config.json").read_text())
@@ -266,11 +322,20 @@ def test_truncated_corrupt_and_pickle_checkpoints(dirs, tmp_path):
 def test_bad_parameters(dirs, tmp_path):
     for bad in (0, -0.1, 1.01, float("nan")):
         with pytest.raises(CmmergeError, match="density must be in"):
-            merge_models(dirs / "base", [dirs / "a"], [1.0], "ties", 1.0, tmp_path / "o",
-                         density=bad)
+            merge_models(
+                dirs / "base", [dirs / "a"], [1.0], "ties", 1.0, tmp_path / "o", density=bad
+            )
     with pytest.raises(CmmergeError, match="nothing to merge"):
         merge_models(dirs / "base", [], [], "ties", 1.0, tmp_path / "o", density=0.5)
     with pytest.raises(CmmergeError, match="trim_scope must be one of tensor, model"):
-        merge_models(dirs / "base", [dirs / "a"], [1.0], "ties", 1.0, tmp_path / "o",
-                     density=0.5, trim_scope="layer")
+        merge_models(
+            dirs / "base",
+            [dirs / "a"],
+            [1.0],
+            "ties",
+            1.0,
+            tmp_path / "o",
+            density=0.5,
+            trim_scope="layer",
+        )
     assert not (tmp_path / "o").exists()

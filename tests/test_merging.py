@@ -422,6 +422,8 @@ def test_engine_errors(llama_dirs, tmp_path):
     wide = dict(_tensors(tv))
     wide["embed_tokens.weight"] = torch.zeros(100, 33)
     save_file(wide, str(tmp_path / "wide.safetensors"))
-    with pytest.raises(CmmergeError, match=r"'embed_tokens.weight': \(100, 32\) in .* vs \(100, 33\)"):
+    with pytest.raises(
+        CmmergeError, match=r"'embed_tokens.weight': \(100, 32\) in .* vs \(100, 33\)"
+    ):
         merge_into_base(base_dir, [tmp_path / "wide.safetensors"], [1.0], "tv", 1.0, tmp_path / "o")
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

@@ -20,8 +20,10 @@ try:
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
 except ImportError:  # pragma: no cover - depends on the environment
-    pytest.skip("mergekit is not importable: pip install -e .[parity] to run the parity tests",
-                allow_module_level=True)
+    pytest.skip(
+        "mergekit is not importable: pip install -e .[parity] to run the parity tests",
+        allow_module_level=True,
+    )
 
 import transformers  # noqa: E402
 
@@ -35,12 +37,23 @@ pytestmark = [pytest.mark.parity, pytest.mark.filterwarnings("ignore::Deprecatio
 def _models(kind: str):
     if kind == "xlmr":
         cfg = transformers.XLMRobertaConfig(
-            vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=64, max_position_embeddings=40)
+            vocab_size=120,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=40,
+        )
         return transformers.XLMRobertaForMaskedLM(cfg)
     cfg = transformers.LlamaConfig(
-        vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=True)
+        vocab_size=120,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        tie_word_embeddings=True,
+    )
     return transformers.LlamaForCausalLM(cfg)
 
 
@@ -66,10 +79,18 @@ def _mergekit(root, method, weights, density, scale, normalize, out):
     for name, w in zip(("m1", "m2"), weights, strict=False):
         params = {"weight": w} | ({"density": density} if method == "ties" else {})
         models.append({"model": str(root / name), "parameters": params})
-    config = {"merge_method": method, "base_model": str(root / "base"), "models": models,
-              "parameters": {"lambda": scale, "normalize": normalize}, "dtype": "float32"}
-    run_merge(MergeConfiguration.model_validate(yaml.safe_load(yaml.safe_dump(config))),
-              str(out), MergeOptions(copy_tokenizer=False, quiet=True))
+    config = {
+        "merge_method": method,
+        "base_model": str(root / "base"),
+        "models": models,
+        "parameters": {"lambda": scale, "normalize": normalize},
+        "dtype": "float32",
+    }
+    run_merge(
+        MergeConfiguration.model_validate(yaml.safe_load(yaml.safe_dump(config))),
+        str(out),
+        MergeOptions(copy_tokenizer=False, quiet=True),
+    )
 
 
 def _check(root, tmp_path, method, weights, density, scale, normalize):
@@ -77,8 +98,9 @@ def _check(root, tmp_path, method, weights, density, scale, normalize):
     ref, got = tmp_path / f"mk-{tag}", tmp_path / f"cm-{tag}"
     _mergekit(root, method, weights, density, scale, normalize, ref)
     sources = [root / n for n in ("m1", "m2")[: len(weights)]]
-    merge_models(root / "base", sources, weights, method, scale, got, density=density,
-                 normalize=normalize)
+    merge_models(
+        root / "base", sources, weights, method, scale, got, density=density, normalize=normalize
+    )
     n = 0
     with CheckpointReader(ref) as r, CheckpointReader(got) as c:
         for key in c.keys():

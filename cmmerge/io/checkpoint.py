@@ -165,8 +165,10 @@ class CheckpointReader:
     def _open(self, file: Path) -> _SafetensorsFile | _PickleFile:
         if file.suffix in (".bin", ".pt", ".pth"):
             if not self.allow_pickle:
-                raise CmmergeError(f"{file} is a pickle checkpoint: refused because unpickling can "
-                                   "run code (allow_pickle=true loads it)")
+                raise CmmergeError(
+                    f"{file} is a pickle checkpoint: refused because unpickling can "
+                    "run code (allow_pickle=true loads it)"
+                )
             return _PickleFile(file)
         return _SafetensorsFile(file)
 
@@ -251,8 +253,9 @@ class StreamingFileWriter:
     renames the temp file into place; ``abort()`` deletes it.
     """
 
-    def __init__(self, path: str | os.PathLike, layout: Layout,
-                 metadata: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike, layout: Layout, metadata: dict[str, str] | None = None
+    ) -> None:
         self.path = Path(path)
         self._layout = dict(layout)
         header: dict[str, object] = {"__metadata__": _str_metadata(metadata)} if metadata else {}
@@ -261,8 +264,11 @@ class StreamingFileWriter:
         for key in sorted(self._layout, key=lambda k: -self._layout[k][0].itemsize):
             dtype, shape = self._layout[key]
             end = start + math.prod(shape) * dtype.itemsize
-            header[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape),
-                           "data_offsets": [start, end]}
+            header[key] = {
+                "dtype": _DTYPE_NAMES[dtype],
+                "shape": list(shape),
+                "data_offsets": [start, end],
+            }
             self._offsets[key], start = start, end
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
@@ -343,9 +349,13 @@ class ShardedWriter:
     leaving a ``with`` block by an exception deletes the temp files and writes nothing final.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, layout: Layout,
-                 max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-                 metadata: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        layout: Layout,
+        max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if int(max_shard_size) <= 0:
@@ -353,16 +363,20 @@ class ShardedWriter:
         self.layout = dict(layout)
         shards = plan_shards(self.layout, int(max_shard_size))
         n = len(shards)
-        names = [SINGLE_FILE] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors"
-                                              for i in range(1, n + 1)]
+        names = (
+            [SINGLE_FILE]
+            if n == 1
+            else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        )
         meta = metadata if metadata is not None else {"format": "pt"}
         self._writers: list[StreamingFileWriter] = []
         self._writer_of: dict[str, StreamingFileWriter] = {}
         self.weight_map: dict[str, str] = {}
         try:
             for name, keys in zip(names, shards, strict=True):
-                writer = StreamingFileWriter(self.out_dir / name,
-                                             {k: self.layout[k] for k in keys}, meta)
+                writer = StreamingFileWriter(
+                    self.out_dir / name, {k: self.layout[k] for k in keys}, meta
+                )
                 self._writers.append(writer)
                 for key in keys:
                     self._writer_of[key] = writer
@@ -395,8 +409,10 @@ class ShardedWriter:
             return files
         total = sum(math.prod(s) * d.itemsize for d, s in self.layout.values())
         params = sum(math.prod(s) for _, s in self.layout.values())
-        index = {"metadata": {"total_size": total, "total_parameters": params},
-                 "weight_map": dict(sorted(self.weight_map.items()))}
+        index = {
+            "metadata": {"total_size": total, "total_parameters": params},
+            "weight_map": dict(sorted(self.weight_map.items())),
+        }
         (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         return [*files, self.out_dir / INDEX_FILE]
 

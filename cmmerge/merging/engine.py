@@ -104,9 +104,17 @@ class _Scheduler:
 class _Merger:
     """Runs one planned merge (see the module docstring)."""
 
-    def __init__(self, base: CheckpointReader, sources: list[Source], method: MergeMethod,
-                 params: dict, weights: list[float], scale: float, writer: ShardedWriter,
-                 allow_nonfinite: bool) -> None:
+    def __init__(
+        self,
+        base: CheckpointReader,
+        sources: list[Source],
+        method: MergeMethod,
+        params: dict,
+        weights: list[float],
+        scale: float,
+        writer: ShardedWriter,
+        allow_nonfinite: bool,
+    ) -> None:
         self.base, self.sources, self.method = base, sources, method
         self.weights, self.scale, self.writer = weights, scale, writer
         self.normalize, self.sign = bool(params["normalize"]), str(params.get("sign", "sum"))
@@ -124,8 +132,14 @@ class _Merger:
             out.append(x.sub_(base) if s.is_model else x)
         return base, out
 
-    def _trim(self, item: Item, start: int, deltas: list[Tensor],
-              thresholds: list[Threshold | None] | None, chunk: int) -> None:
+    def _trim(
+        self,
+        item: Item,
+        start: int,
+        deltas: list[Tensor],
+        thresholds: list[Threshold | None] | None,
+        chunk: int,
+    ) -> None:
         if not self.trims:
             return
         for i, d in enumerate(deltas):
@@ -137,9 +151,12 @@ class _Merger:
                 g = torch.Generator().manual_seed(int(hashlib.sha256(tag).hexdigest()[:15], 16))
                 d.mul_(torch.rand(d.shape, generator=g) < self.density).mul_(1.0 / self.density)
 
-    def thresholds(self, pieces: list[tuple[Item, int, int]],
-                   map_fn: Callable = map, cached: list[Tensor] | None = None
-                   ) -> list[Threshold | None]:
+    def thresholds(
+        self,
+        pieces: list[tuple[Item, int, int]],
+        map_fn: Callable = map,
+        cached: list[Tensor] | None = None,
+    ) -> list[Threshold | None]:
         """Per-source magnitude thresholds over a domain of chunks."""
         total = sum(stop - start for _, start, stop in pieces)
         ks = [keep_count(self.density, total)] * len(self.sources)
@@ -147,34 +164,48 @@ class _Merger:
             return thresholds_over(lambda c: cached, 1, ks)
         return thresholds_over(lambda c: self.deltas(*pieces[c])[1], len(pieces), ks, map_fn)
 
-    def apply(self, item: Item, start: int, stop: int,
-              thresholds: list[Threshold | None] | None, chunk: int) -> None:
+    def apply(
+        self,
+        item: Item,
+        start: int,
+        stop: int,
+        thresholds: list[Threshold | None] | None,
+        chunk: int,
+    ) -> None:
         """Merge flat elements ``[start, stop)`` of ``item`` and write them."""
         base, deltas = self.deltas(item, start, stop)
         if thresholds is None and self.trims and self.method.trim == "magnitude":
             thresholds, chunk = self.thresholds([(item, start, stop)], cached=deltas), 0
         self._trim(item, start, deltas, thresholds, chunk)
-        combined = self.method.combine(deltas, self.weights, normalize=self.normalize,
-                                       sign=self.sign)
+        combined = self.method.combine(
+            deltas, self.weights, normalize=self.normalize, sign=self.sign
+        )
         out = apply_delta(base, combined, self.scale)
-        if not self.allow_nonfinite and not math.isfinite(float(out.sum(dtype=torch.float64))) \
-                and not bool(torch.isfinite(out).all()):
+        if (
+            not self.allow_nonfinite
+            and not math.isfinite(float(out.sum(dtype=torch.float64)))
+            and not bool(torch.isfinite(out).all())
+        ):
             self._blame(item, start, stop)
         self.writer.write(item.key, out.to(item.dtype), start)
 
     def _blame(self, item: Item, start: int, stop: int) -> None:
         readers = [(self.base, item.key, "the base")] + [
-            (s.reader, k, s.label) for s, k in zip(self.sources, item.src_keys, strict=True)]
+            (s.reader, k, s.label) for s, k in zip(self.sources, item.src_keys, strict=True)
+        ]
         where = "the merge (overflow)"
         for reader, key, label in readers:
             if not bool(torch.isfinite(reader.read(key, start, stop)).all()):
                 where = label
                 break
-        raise CmmergeError(f"non-finite values (NaN or Inf) in tensor {item.key!r} of {where} "
-                           "(allow_nonfinite=true merges anyway)")
+        raise CmmergeError(
+            f"non-finite values (NaN or Inf) in tensor {item.key!r} of {where} "
+            "(allow_nonfinite=true merges anyway)"
+        )
 
-    def copy(self, reader: CheckpointReader, key: str, item: Item, start: int, stop: int,
-             offset: int) -> None:
+    def copy(
+        self, reader: CheckpointReader, key: str, item: Item, start: int, stop: int, offset: int
+    ) -> None:
         """Copy flat elements ``[start, stop)`` of ``reader[key]`` to ``item`` at ``offset``."""
         self.writer.write(item.key, reader.read(key, start, stop).to(item.dtype), offset)
 
@@ -185,8 +216,12 @@ class _Merger:
                 model_thr: list[Threshold | None] | None = None
                 offsets: dict[str, int] = {}
                 if self.trims and self.method.trim == "magnitude" and self.scope == "model":
-                    pieces = [(it, s, e) for it in items if it.src_keys
-                              for s, e in chunk_ranges(it.shared)]
+                    pieces = [
+                        (it, s, e)
+                        for it in items
+                        if it.src_keys
+                        for s, e in chunk_ranges(it.shared)
+                    ]
                     n = 0
                     for it in items:
                         if it.src_keys:
@@ -198,8 +233,9 @@ class _Merger:
         finally:
             sched.close()
 
-    def _schedule(self, item: Item, sched: _Scheduler, model_thr: list | None,
-                  first_chunk: int) -> None:
+    def _schedule(
+        self, item: Item, sched: _Scheduler, model_thr: list | None, first_chunk: int
+    ) -> None:
         if not item.src_keys:
             for s, e in chunk_ranges(item.numel):
                 sched.submit(self.copy, self.base, item.key, item, s, e, s)
@@ -214,15 +250,32 @@ class _Merger:
             src = self.sources[item.grown_from]
             key = item.src_keys[item.grown_from]
             for s, e in chunk_ranges(item.numel - item.shared):
-                sched.submit(self.copy, src.reader, key, item, item.shared + s,
-                             item.shared + e, item.shared + s)
+                sched.submit(
+                    self.copy,
+                    src.reader,
+                    key,
+                    item,
+                    item.shared + s,
+                    item.shared + e,
+                    item.shared + s,
+                )
 
 
-def _merge(base_dir: PathLike, source_paths: list[PathLike], is_model: bool,
-           weights: list[float], method: str, scale: float, out_dir: PathLike,
-           dtype: torch.dtype | None = None, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-           allow_nonfinite: bool = False, allow_pickle: bool = False,
-           threads: int | None = None, **params: object) -> dict:
+def _merge(
+    base_dir: PathLike,
+    source_paths: list[PathLike],
+    is_model: bool,
+    weights: list[float],
+    method: str,
+    scale: float,
+    out_dir: PathLike,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    allow_nonfinite: bool = False,
+    allow_pickle: bool = False,
+    threads: int | None = None,
+    **params: object,
+) -> dict:
     merge_method = get_method(method)
     resolved = resolve_params(method, **params)
     if not source_paths:
@@ -240,17 +293,30 @@ def _merge(base_dir: PathLike, source_paths: list[PathLike], is_model: bool,
         items, info = plan_merge(base, base_dir, sources, dtype)
         layout = {it.key: (it.dtype, it.shape) for it in items}
         writer = stack.enter_context(ShardedWriter(out_dir, layout, max_shard_size))
-        merger = _Merger(base, sources, merge_method, resolved, weights, scale, writer,
-                         allow_nonfinite)
+        merger = _Merger(
+            base, sources, merge_method, resolved, weights, scale, writer, allow_nonfinite
+        )
         merger.run(items, threads or default_threads())
         files = writer.close()
     n_merged = sum(1 for it in items if it.src_keys)
-    return {"n_merged": n_merged, "n_copied": len(items) - n_merged, **info,
-            "params": resolved, "files": [str(f) for f in files]}
+    return {
+        "n_merged": n_merged,
+        "n_copied": len(items) - n_merged,
+        **info,
+        "params": resolved,
+        "files": [str(f) for f in files],
+    }
 
 
-def merge_into_base(base_dir: PathLike, task_vector_files: list[PathLike], weights: list[float],
-                    method: str, scale: float, out_dir: PathLike, **options: object) -> dict:
+def merge_into_base(
+    base_dir: PathLike,
+    task_vector_files: list[PathLike],
+    weights: list[float],
+    method: str,
+    scale: float,
+    out_dir: PathLike,
+    **options: object,
+) -> dict:
     """Write ``base + scale * combine(method, [tau_1..tau_n], weights)`` to ``out_dir``.
 
     Base tensors whose backbone name is in the task vectors are merged (float32 math, written
@@ -276,16 +342,25 @@ def merge_into_base(base_dir: PathLike, task_vector_files: list[PathLike], weigh
         CmmergeError: Bad method or parameters, unreadable or mismatched checkpoints, missing
             tensors, NaN/Inf (unless allowed). Nothing final is written then.
     """
-    return _merge(base_dir, list(task_vector_files), False, list(weights), method, scale,
-                  out_dir, **options)  # type: ignore[arg-type]
+    return _merge(
+        base_dir, list(task_vector_files), False, list(weights), method, scale, out_dir, **options
+    )  # type: ignore[arg-type]
 
 
-def merge_models(base_dir: PathLike, model_dirs: list[PathLike], weights: list[float],
-                 method: str, scale: float, out_dir: PathLike, **options: object) -> dict:
+def merge_models(
+    base_dir: PathLike,
+    model_dirs: list[PathLike],
+    weights: list[float],
+    method: str,
+    scale: float,
+    out_dir: PathLike,
+    **options: object,
+) -> dict:
     """Like ``merge_into_base`` with ``tau_i = model_i - base`` computed chunk by chunk.
 
     ``model_dirs`` are HF model folders (any head, same ``model_type``); their keys are aligned
     to the base through backbone names, so e.g. a classifier merges into an MLM base.
     """
-    return _merge(base_dir, list(model_dirs), True, list(weights), method, scale, out_dir,
-                  **options)  # type: ignore[arg-type]
+    return _merge(
+        base_dir, list(model_dirs), True, list(weights), method, scale, out_dir, **options
+    )  # type: ignore[arg-type]

@@ -33,13 +33,24 @@ def layer_totals(per_tensor: dict[str, dict]) -> dict[str, dict]:
         agg["l2"] += st["l2"] ** 2
         agg["n_params"] += st["n_params"]
         agg["changed"] += st["frac_changed"] * st["n_params"]
-    return {k: {"l2": v["l2"] ** 0.5, "n_params": v["n_params"],
-                "frac_changed": v["changed"] / max(v["n_params"], 1)} for k, v in out.items()}
+    return {
+        k: {
+            "l2": v["l2"] ** 0.5,
+            "n_params": v["n_params"],
+            "frac_changed": v["changed"] / max(v["n_params"], 1),
+        }
+        for k, v in out.items()
+    }
 
 
-def extract_task_vector(base_dir: PathLike, tuned_dir: PathLike, out_file: PathLike,
-                        dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
-                        threads: int | None = None) -> dict:
+def extract_task_vector(
+    base_dir: PathLike,
+    tuned_dir: PathLike,
+    out_file: PathLike,
+    dtype: torch.dtype = torch.float32,
+    allow_pickle: bool = False,
+    threads: int | None = None,
+) -> dict:
     """Write ``tau = tuned - base`` (float32 math) over the shared floating backbone tensors.
 
     Rows a CPT run added to the vocabulary are stored as the tuned values (base taken as 0),
@@ -69,10 +80,13 @@ def extract_task_vector(base_dir: PathLike, tuned_dir: PathLike, out_file: PathL
         out = out / TASK_VECTOR_FILE
     base_type, tuned_type = (read_config(d).get("model_type") for d in (base_dir, tuned_dir))
     if base_type and tuned_type and base_type != tuned_type:
-        raise CmmergeError(f"architectures differ: {base_dir} is {base_type!r} but {tuned_dir} "
-                           f"is {tuned_type!r}")
-    with CheckpointReader(base_dir, allow_pickle) as base, \
-            CheckpointReader(tuned_dir, allow_pickle) as tuned:
+        raise CmmergeError(
+            f"architectures differ: {base_dir} is {base_type!r} but {tuned_dir} is {tuned_type!r}"
+        )
+    with (
+        CheckpointReader(base_dir, allow_pickle) as base,
+        CheckpointReader(tuned_dir, allow_pickle) as tuned,
+    ):
         base_names = backbone_map(base.keys(), backbone_prefix(base_dir), str(base_dir))
         tuned_names = backbone_map(tuned.keys(), backbone_prefix(tuned_dir), str(tuned_dir))
         layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
@@ -96,11 +110,18 @@ def extract_task_vector(base_dir: PathLike, tuned_dir: PathLike, out_file: PathL
         used_tuned = {tuned_names[n] for n in [*layout, *non_float]}
         left_base = [k for k in base.keys() if k not in used_base]
         left_tuned = [k for k in tuned.keys() if k not in used_tuned]
-        skipped = {"base_only": [k for k in left_base if k not in tuned],
-                   "tuned_only": [k for k in left_tuned if k not in base],
-                   "both": [k for k in left_base if k in tuned]}
-        metadata = {"format": "pt", "kind": "task_vector", "base": str(base_dir),
-                    "tuned": str(tuned_dir), "model_type": str(base_type or "")}
+        skipped = {
+            "base_only": [k for k in left_base if k not in tuned],
+            "tuned_only": [k for k in left_tuned if k not in base],
+            "both": [k for k in left_base if k in tuned],
+        }
+        metadata = {
+            "format": "pt",
+            "kind": "task_vector",
+            "base": str(base_dir),
+            "tuned": str(tuned_dir),
+            "model_type": str(base_type or ""),
+        }
         sums: dict[str, list[float]] = {n: [0.0, 0.0] for n in layout}  # squares, nonzeros
         lock = threading.Lock()
 
@@ -108,8 +129,9 @@ def extract_task_vector(base_dir: PathLike, tuned_dir: PathLike, out_file: PathL
             shared = math.prod(base.shape(base_names[name]))
             tau = tuned.read(tuned_names[name], start, stop).to(torch.float32)
             if start < shared:
-                tau[: shared - start].sub_(base.read(base_names[name], start, min(stop, shared))
-                                           .to(torch.float32))
+                tau[: shared - start].sub_(
+                    base.read(base_names[name], start, min(stop, shared)).to(torch.float32)
+                )
             sq = float(torch.linalg.vector_norm(tau, dtype=torch.float64)) ** 2
             nz = int(torch.count_nonzero(tau))
             writer.write(name, tau.to(dtype), start)
@@ -117,20 +139,37 @@ def extract_task_vector(base_dir: PathLike, tuned_dir: PathLike, out_file: PathL
                 sums[name][0] += sq
                 sums[name][1] += nz
 
-        with StreamingFileWriter(out, layout, metadata) as writer, \
-                torch_threads(1), ThreadPoolExecutor(threads or default_threads()) as pool:
-            futures = [pool.submit(work, name, s, e) for name, (_, shape) in layout.items()
-                       for s, e in chunk_ranges(math.prod(shape))]
+        with (
+            StreamingFileWriter(out, layout, metadata) as writer,
+            torch_threads(1),
+            ThreadPoolExecutor(threads or default_threads()) as pool,
+        ):
+            futures = [
+                pool.submit(work, name, s, e)
+                for name, (_, shape) in layout.items()
+                for s, e in chunk_ranges(math.prod(shape))
+            ]
             for future in futures:
                 future.result()
-    per_tensor = {n: {"l2": sums[n][0] ** 0.5, "n_params": math.prod(s),
-                      "frac_changed": sums[n][1] / max(math.prod(s), 1)}
-                  for n, (_, s) in layout.items()}
-    return {"file": str(out), "n_tensors": len(layout),
-            "n_params": sum(p["n_params"] for p in per_tensor.values()),
-            "l2_norm": sum(p["l2"] ** 2 for p in per_tensor.values()) ** 0.5,
-            "per_tensor": per_tensor, "per_layer": layer_totals(per_tensor), "grown": grown,
-            "skipped_head_keys": skipped, "skipped_non_float": non_float}
+    per_tensor = {
+        n: {
+            "l2": sums[n][0] ** 0.5,
+            "n_params": math.prod(s),
+            "frac_changed": sums[n][1] / max(math.prod(s), 1),
+        }
+        for n, (_, s) in layout.items()
+    }
+    return {
+        "file": str(out),
+        "n_tensors": len(layout),
+        "n_params": sum(p["n_params"] for p in per_tensor.values()),
+        "l2_norm": sum(p["l2"] ** 2 for p in per_tensor.values()) ** 0.5,
+        "per_tensor": per_tensor,
+        "per_layer": layer_totals(per_tensor),
+        "grown": grown,
+        "skipped_head_keys": skipped,
+        "skipped_non_float": non_float,
+    }
 
 
 def task_vector_cosines(files: list[PathLike]) -> list[list[float]]:
@@ -139,8 +178,11 @@ def task_vector_cosines(files: list[PathLike]) -> list[list[float]]:
 
     readers = [CheckpointReader(f) for f in files]
     try:
-        shared = [k for k in readers[0].keys()
-                  if all(k in r and r.shape(k) == readers[0].shape(k) for r in readers[1:])]
+        shared = [
+            k
+            for k in readers[0].keys()
+            if all(k in r and r.shape(k) == readers[0].shape(k) for r in readers[1:])
+        ]
         n = len(readers)
         dots = torch.zeros(n, n, dtype=torch.float64)
         for key in shared:

@@ -66,12 +66,14 @@ def _check(deltas: Sequence[Tensor], weights: Sequence[float]) -> None:
         raise CmmergeError(f"{len(deltas)} task vectors but {len(weights)} weights")
     for d in deltas[1:]:
         if d.shape != deltas[0].shape:
-            raise CmmergeError(f"task vector shapes differ: {tuple(deltas[0].shape)} "
-                               f"vs {tuple(d.shape)}")
+            raise CmmergeError(
+                f"task vector shapes differ: {tuple(deltas[0].shape)} vs {tuple(d.shape)}"
+            )
 
 
-def weighted_sum(deltas: Sequence[Tensor], weights: Sequence[float], normalize: bool = False,
-                 sign: str = "sum") -> Tensor:
+def weighted_sum(
+    deltas: Sequence[Tensor], weights: Sequence[float], normalize: bool = False, sign: str = "sum"
+) -> Tensor:
     """``sum_i w_i d_i``, divided by ``sum_i w_i`` when ``normalize`` (a weight sum of magnitude
     below 1e-8 counts as 1, as in mergekit). ``sign`` is ignored. May reuse ``deltas[0]``."""
     _check(deltas, weights)
@@ -91,8 +93,9 @@ def weighted_sum(deltas: Sequence[Tensor], weights: Sequence[float], normalize: 
     return merged
 
 
-def disjoint_merge(deltas: Sequence[Tensor], weights: Sequence[float], normalize: bool = True,
-                   sign: str = "sum") -> Tensor:
+def disjoint_merge(
+    deltas: Sequence[Tensor], weights: Sequence[float], normalize: bool = True, sign: str = "sum"
+) -> Tensor:
     """TIES after trimming: elect a sign per entry from the weighted deltas (``sum``: sign of
     their sum; ``count``: the sign most of them hold; ties elect +), keep the weighted entries
     of that sign (zeros never agree) and sum them, divided by the sum of their weights when
@@ -130,17 +133,24 @@ def apply_delta(base: Tensor, combined: Tensor, scale: float) -> Tensor:
     return base + combined
 
 
-def task_arithmetic(deltas: Sequence[Tensor], weights: Sequence[float],
-                    normalize: bool = False) -> Tensor:
+def task_arithmetic(
+    deltas: Sequence[Tensor], weights: Sequence[float], normalize: bool = False
+) -> Tensor:
     """Task arithmetic: ``weighted_sum`` of the task vectors."""
     return weighted_sum([d.clone() for d in deltas], weights, normalize)
 
 
-def ties(deltas: Sequence[Tensor], weights: Sequence[float], density: float = 1.0,
-         sign: str = "sum", normalize: bool = True) -> Tensor:
+def ties(
+    deltas: Sequence[Tensor],
+    weights: Sequence[float],
+    density: float = 1.0,
+    sign: str = "sum",
+    normalize: bool = True,
+) -> Tensor:
     """TIES: ``magnitude_trim`` each delta to ``density``, then ``disjoint_merge``."""
-    return disjoint_merge([magnitude_trim(d, density).clone() for d in deltas], weights,
-                          normalize, sign)
+    return disjoint_merge(
+        [magnitude_trim(d, density).clone() for d in deltas], weights, normalize, sign
+    )
 
 
 @dataclass(frozen=True)
@@ -165,9 +175,16 @@ class MergeMethod:
     mergekit: str | None = None
     description: str = ""
 
-    def fn(self, deltas: Sequence[Tensor], weights: Sequence[float], normalize: bool = False,
-           density: float = 1.0, sign: str = "sum", seed: int = 0, trim_scope: str = "tensor"
-           ) -> Tensor:
+    def fn(
+        self,
+        deltas: Sequence[Tensor],
+        weights: Sequence[float],
+        normalize: bool = False,
+        density: float = 1.0,
+        sign: str = "sum",
+        seed: int = 0,
+        trim_scope: str = "tensor",
+    ) -> Tensor:
         """Whole-tensor reference: trim each delta (per tensor), then combine."""
         g = torch.Generator().manual_seed(int(seed))
         if self.trim == "magnitude":
@@ -178,22 +195,63 @@ class MergeMethod:
 
 
 _TRIM = ("density", "trim_scope")
-_TA = MergeMethod("task_arithmetic", None, weighted_sum, False, (), "task_arithmetic",
-                  "weighted sum of task vectors")
+_TA = MergeMethod(
+    "task_arithmetic",
+    None,
+    weighted_sum,
+    False,
+    (),
+    "task_arithmetic",
+    "weighted sum of task vectors",
+)
 MERGE_METHODS: dict[str, MergeMethod] = {
     "task_arithmetic": _TA,
     "tv": _TA,
-    "ties": MergeMethod("ties", "magnitude", disjoint_merge, True, (*_TRIM, "sign"), "ties",
-                        "trim to top-density magnitudes, elect sign, disjoint mean"),
-    "dare_linear": MergeMethod("dare_linear", "random", weighted_sum, False, ("density", "seed"),
-                               None, "random drop (keep density, rescale 1/density), weighted sum"),
-    "dare_ties": MergeMethod("dare_ties", "random", disjoint_merge, False,
-                             ("density", "seed", "sign"), None,
-                             "random drop (rescale 1/density), elect sign, disjoint sum"),
-    "magnitude": MergeMethod("magnitude", "magnitude", weighted_sum, False, _TRIM, None,
-                             "trim to top-density magnitudes, weighted sum"),
-    "linear": MergeMethod("linear", None, weighted_sum, True, (), "linear",
-                          "weighted average of the full weights (normalize=true)"),
+    "ties": MergeMethod(
+        "ties",
+        "magnitude",
+        disjoint_merge,
+        True,
+        (*_TRIM, "sign"),
+        "ties",
+        "trim to top-density magnitudes, elect sign, disjoint mean",
+    ),
+    "dare_linear": MergeMethod(
+        "dare_linear",
+        "random",
+        weighted_sum,
+        False,
+        ("density", "seed"),
+        None,
+        "random drop (keep density, rescale 1/density), weighted sum",
+    ),
+    "dare_ties": MergeMethod(
+        "dare_ties",
+        "random",
+        disjoint_merge,
+        False,
+        ("density", "seed", "sign"),
+        None,
+        "random drop (rescale 1/density), elect sign, disjoint sum",
+    ),
+    "magnitude": MergeMethod(
+        "magnitude",
+        "magnitude",
+        weighted_sum,
+        False,
+        _TRIM,
+        None,
+        "trim to top-density magnitudes, weighted sum",
+    ),
+    "linear": MergeMethod(
+        "linear",
+        None,
+        weighted_sum,
+        True,
+        (),
+        "linear",
+        "weighted average of the full weights (normalize=true)",
+    ),
 }
 _KNOWN_PARAMS = {"normalize"} | {p for m in MERGE_METHODS.values() for p in m.params}
 
@@ -238,8 +296,9 @@ def resolve_params(name: str, **params: object) -> dict[str, object]:
     return kwargs
 
 
-def combine(name: str, deltas: Sequence[Tensor], weights: Sequence[float],
-            **params: object) -> Tensor:
+def combine(
+    name: str, deltas: Sequence[Tensor], weights: Sequence[float], **params: object
+) -> Tensor:
     """Combine whole task vectors with method ``name``; see ``resolve_params`` for ``params``."""
     kwargs = resolve_params(name, **params)
     kwargs.pop("trim_scope", None)

@@ -63,48 +63,60 @@ def read_config(model_dir: PathLike) -> dict:
         raise CmmergeError(f"cannot read {path}: {exc}") from None
 
 
-def open_sources(paths: list[PathLike], is_model: bool, base_dir: PathLike,
-                 allow_pickle: bool) -> list[Source]:
+def open_sources(
+    paths: list[PathLike], is_model: bool, base_dir: PathLike, allow_pickle: bool
+) -> list[Source]:
     """Open the sources, aligning model keys to backbone names; the architecture (config
     ``model_type``, or a task vector's recorded one) must be the base's."""
     base_type = read_config(base_dir).get("model_type")
     sources = []
     for path in paths:
         reader = CheckpointReader(path, allow_pickle=allow_pickle)
-        other = read_config(path).get("model_type") if is_model else \
-            reader.metadata.get("model_type")
+        other = (
+            read_config(path).get("model_type") if is_model else reader.metadata.get("model_type")
+        )
         if base_type and other and other != base_type:
             reader.close()
             for s in sources:
                 s.reader.close()
-            raise CmmergeError(f"architectures differ: {base_dir} is {base_type!r} but {path} "
-                               f"is {other!r}")
+            raise CmmergeError(
+                f"architectures differ: {base_dir} is {base_type!r} but {path} is {other!r}"
+            )
         keys = reader.keys()
-        names = backbone_map(keys, backbone_prefix(path), str(path)) if is_model else \
-            {k: k for k in keys}
+        names = (
+            backbone_map(keys, backbone_prefix(path), str(path))
+            if is_model
+            else {k: k for k in keys}
+        )
         sources.append(Source(str(path), reader, names, is_model))
     return sources
 
 
 def _grown_rows(base_shape: tuple, other: tuple) -> bool:
-    return len(base_shape) == len(other) == 2 and other[0] > base_shape[0] and \
-        other[1] == base_shape[1]
+    return (
+        len(base_shape) == len(other) == 2
+        and other[0] > base_shape[0]
+        and other[1] == base_shape[1]
+    )
 
 
-def check_shape(name: str, base_shape: tuple, other: tuple, base: str, src: str,
-                grow: bool = False) -> bool:
+def check_shape(
+    name: str, base_shape: tuple, other: tuple, base: str, src: str, grow: bool = False
+) -> bool:
     """True when ``other`` grows the rows of ``base_shape`` (allowed only with ``grow``); raise
     CmmergeError naming the tensor and both shapes when the shapes otherwise differ."""
     if tuple(base_shape) == tuple(other):
         return False
     if grow and _grown_rows(tuple(base_shape), tuple(other)):
         return True
-    raise CmmergeError(f"shape mismatch for {name!r}: {tuple(base_shape)} in {base} vs "
-                       f"{tuple(other)} in {src}")
+    raise CmmergeError(
+        f"shape mismatch for {name!r}: {tuple(base_shape)} in {base} vs {tuple(other)} in {src}"
+    )
 
 
-def plan_merge(base: CheckpointReader, base_dir: PathLike, sources: list[Source],
-               dtype: torch.dtype | None) -> tuple[list[Item], dict]:
+def plan_merge(
+    base: CheckpointReader, base_dir: PathLike, sources: list[Source], dtype: torch.dtype | None
+) -> tuple[list[Item], dict]:
     """Plan every output tensor of ``base + merge(sources)`` from the headers.
 
     Floating backbone tensors of the base merge and must exist in every source with the same
@@ -142,15 +154,19 @@ def plan_merge(base: CheckpointReader, base_dir: PathLike, sources: list[Source]
         for i, s in enumerate(sources):
             other = s.reader.shape(s.names[name])
             if not s.reader.dtype(s.names[name]).is_floating_point:
-                raise CmmergeError(f"{name!r} is {s.reader.dtype(s.names[name])} in {s.label} "
-                                   f"but floating point in {base_dir}")
+                raise CmmergeError(
+                    f"{name!r} is {s.reader.dtype(s.names[name])} in {s.label} "
+                    f"but floating point in {base_dir}"
+                )
             if check_shape(name, shape, other, str(base_dir), s.label, grow=True):
                 if item.grown_from is None:
                     item.grown_from, item.shape = i, tuple(other)
                 elif tuple(other) != item.shape:
-                    raise CmmergeError(f"sources grew {name!r} differently: {item.shape} in "
-                                       f"{sources[item.grown_from].label} vs {tuple(other)} "
-                                       f"in {s.label}")
+                    raise CmmergeError(
+                        f"sources grew {name!r} differently: {item.shape} in "
+                        f"{sources[item.grown_from].label} vs {tuple(other)} "
+                        f"in {s.label}"
+                    )
         if item.grown_from is not None:
             grown[key] = item.shape[0]
         used.add(name)

@@ -35,8 +35,9 @@ def magnitude_bits(x: Tensor) -> Tensor:
 
 def histogram(x: Tensor) -> Tensor:
     """Counts of ``magnitude_bits(x) >> 16`` in ``NBINS`` bins (int64)."""
-    return torch.bincount(magnitude_bits(x).bitwise_right_shift_(_SHIFT).reshape(-1),
-                          minlength=NBINS)
+    return torch.bincount(
+        magnitude_bits(x).bitwise_right_shift_(_SHIFT).reshape(-1), minlength=NBINS
+    )
 
 
 def in_bin(x: Tensor, b: int) -> Tensor:
@@ -72,8 +73,12 @@ def _bin_of_kth(hist: Tensor, k: int) -> tuple[int, int]:
     return b, above
 
 
-def thresholds_over(chunks: Callable[[int], list[Tensor]], n_chunks: int, ks: list[int],
-                    map_fn: Callable[..., Iterable] = map) -> list[Threshold | None]:
+def thresholds_over(
+    chunks: Callable[[int], list[Tensor]],
+    n_chunks: int,
+    ks: list[int],
+    map_fn: Callable[..., Iterable] = map,
+) -> list[Threshold | None]:
     """One ``Threshold`` per source over a domain of ``n_chunks`` chunks.
 
     Args:
@@ -90,8 +95,9 @@ def thresholds_over(chunks: Callable[[int], list[Tensor]], n_chunks: int, ks: li
     hists: list[Tensor] = []
     for chunk_hists in map_fn(hist_of, range(n_chunks)):  # summed as they come: bounded memory
         hists = [a + b for a, b in zip(hists, chunk_hists, strict=True)] if hists else chunk_hists
-    found = [_bin_of_kth(h, k) if 0 < k < int(h.sum()) else None for h, k in zip(hists, ks,
-                                                                              strict=True)]
+    found = [
+        _bin_of_kth(h, k) if 0 < k < int(h.sum()) else None for h, k in zip(hists, ks, strict=True)
+    ]
 
     def cands_of(c: int) -> list[Tensor | None]:
         return [in_bin(x, f[0]) if f else None for x, f in zip(chunks(c), found, strict=True)]
@@ -112,8 +118,14 @@ def thresholds_over(chunks: Callable[[int], list[Tensor]], n_chunks: int, ks: li
         before = [0]
         for e in equal[:-1]:
             before.append(before[-1] + e)
-        out.append(Threshold(bits, keep_equal, before if keep_equal < sum(equal) else [],
-                             bool(hists[i][NONFINITE_BIN:].sum() > 0)))
+        out.append(
+            Threshold(
+                bits,
+                keep_equal,
+                before if keep_equal < sum(equal) else [],
+                bool(hists[i][NONFINITE_BIN:].sum() > 0),
+            )
+        )
     return out
 
 

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from cmmerge.errors import CmmergeError
 from cmmerge.settings import SAMPLES_DIR, cache_dir, load_group_config, plain
+from cmmerge.stages import dist
 
 log = logging.getLogger("cmmerge")
 
@@ -42,9 +43,11 @@ def resolve_model(cfg: DictConfig) -> Path:
     texts = _tokenizer_corpus()
     key = tiny_cache_key(family, arch, texts, seed)
     out = cache_dir(cfg) / "models" / f"{model.name}-{key}"
-    if not (out / "config.json").exists():
-        print(f"[cmmerge] building {model.name} in {out}", flush=True)
-    return build_tiny_model(family, arch, texts, out, seed=seed)
+    if not (out / "config.json").exists() and dist.is_main():
+        log.info("building %s in %s", model.name, out)
+        build_tiny_model(family, arch, texts, out, seed=seed)
+    dist.barrier()  # under a multi-process launch, rank 0 builds and the others wait
+    return out
 
 
 def local_model_dir(name_or_path: str) -> Path:

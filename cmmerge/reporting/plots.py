@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def plot_norm_by_layer(per_layer: dict[str, dict], path: str | Path,
-                       title: str = "Task vector L2 norm by layer") -> Path:
+def plot_norm_by_layer(
+    per_layer: dict[str, dict], path: str | Path, title: str = "Task vector L2 norm by layer"
+) -> Path:
     """Bar chart of the ``l2`` of each layer group (``extract``'s ``per_layer`` stats)."""
     import matplotlib
 

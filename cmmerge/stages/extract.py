@@ -31,10 +31,12 @@ def run(cfg: DictConfig) -> dict:
     for p in others:
         if not p.is_file():
             raise CmmergeError(f"task vector file {p} does not exist")
-    inputs = [folder_input(base), stage_input(dirs["cpt"], cli_hint(cfg, "cpt")),
-              *({"path": str(p), "size": p.stat().st_size} for p in others)]
-    config_view = view(cfg, "model", dtype=cfg.get("dtype"),
-                       compare_with=[str(p) for p in others])
+    inputs = [
+        folder_input(base),
+        stage_input(dirs["cpt"], cli_hint(cfg, "cpt")),
+        *({"path": str(p), "size": p.stat().st_size} for p in others),
+    ]
+    config_view = view(cfg, "model", dtype=cfg.get("dtype"), compare_with=[str(p) for p in others])
 
     def work(stage_dir):
         import torch
@@ -43,8 +45,13 @@ def run(cfg: DictConfig) -> dict:
 
         dtype = getattr(torch, str(cfg.dtype)) if cfg.get("dtype") else torch.float32
         out = stage_dir / TASK_VECTOR_FILE
-        stats = extract_task_vector(base, dirs["cpt"] / "model", out, dtype=dtype,
-                                    allow_pickle=bool(cfg.get("allow_pickle")))
+        stats = extract_task_vector(
+            base,
+            dirs["cpt"] / "model",
+            out,
+            dtype=dtype,
+            allow_pickle=bool(cfg.get("allow_pickle")),
+        )
         if others:
             cos = task_vector_cosines([out, *others])
             stats["cosine"] = {"files": [str(out), *map(str, others)], "matrix": cos}

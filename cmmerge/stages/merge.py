@@ -14,10 +14,10 @@ import yaml
 from omegaconf import DictConfig
 
 from cmmerge.errors import CmmergeError
+from cmmerge.io.checkpoint import DEFAULT_MAX_SHARD_SIZE
 from cmmerge.io.manifest import read_manifest
 from cmmerge.io.model_card import copy_model_files, write_model_card
 from cmmerge.merging.engine import TASK_VECTOR_FILE, merge_into_base, merge_models
-from cmmerge.io.checkpoint import DEFAULT_MAX_SHARD_SIZE
 from cmmerge.merging.methods import get_method, resolve_params
 from cmmerge.models.loading import local_model_dir, resolve_model
 from cmmerge.settings import merge_scale
@@ -30,18 +30,34 @@ _DTYPES = ("float32", "float16", "bfloat16")
 def method_params(cfg: DictConfig) -> dict:
     """The validated parameters of the configured method (density only where it applies)."""
     method = cfg.method
-    return resolve_params(str(method.name), density=cfg.get("density"),
-                          sign=method.get("sign"), normalize=method.get("normalize"),
-                          trim_scope=method.get("trim_scope"), seed=method.get("seed"))
+    return resolve_params(
+        str(method.name),
+        density=cfg.get("density"),
+        sign=method.get("sign"),
+        normalize=method.get("normalize"),
+        trim_scope=method.get("trim_scope"),
+        seed=method.get("seed"),
+    )
 
 
-def mergekit_yaml(method: str, scale: float, params: dict, weights: list[float], base: Path,
-                  sources: list[Path], dtype: str) -> str | None:
+def mergekit_yaml(
+    method: str,
+    scale: float,
+    params: dict,
+    weights: list[float],
+    base: Path,
+    sources: list[Path],
+    dtype: str,
+) -> str | None:
     """A mergekit config computing the same merge, or None where mergekit has no equivalent
     (task-vector files, ``trim_scope=model``, ``sign=count``, DARE's rescaling...)."""
     name = get_method(method).mergekit
-    if name is None or params.get("trim_scope", "tensor") != "tensor" or \
-            params.get("sign", "sum") != "sum" or (name == "linear" and scale != 1):
+    if (
+        name is None
+        or params.get("trim_scope", "tensor") != "tensor"
+        or params.get("sign", "sum") != "sum"
+        or (name == "linear" and scale != 1)
+    ):
         return None
     models = []
     for path, weight in zip(sources, weights, strict=True):
@@ -112,10 +128,16 @@ def _output_dirs(cfg: DictConfig, dirs: dict) -> tuple[Path, Path]:
     if not cfg.get("output"):
         return dirs["merge"], dirs["merge"] / "model"
     out = Path(str(cfg.output)).expanduser()
-    if out.exists() and any(out.iterdir()) and read_manifest(out) is None \
-            and not (out / ".cmmerge-partial").exists():
-        raise CmmergeError(f"output={out} exists and is not a cmmerge merge: choose a new folder "
-                           "(cmmerge never overwrites other files)")
+    if (
+        out.exists()
+        and any(out.iterdir())
+        and read_manifest(out) is None
+        and not (out / ".cmmerge-partial").exists()
+    ):
+        raise CmmergeError(
+            f"output={out} exists and is not a cmmerge merge: choose a new folder "
+            "(cmmerge never overwrites other files)"
+        )
     return out, out
 
 
@@ -131,10 +153,16 @@ def run(cfg: DictConfig) -> dict:
     weights = _weights(cfg, len(sources))
     stage_dir, model_dir = _output_dirs(cfg, dirs)
     method = method_name(cfg)
-    config_view = {"method": method, "lambda": scale, "weights": weights, "params": params,
-                   "dtype": cfg.get("dtype"), "max_shard_size": shard_size,
-                   "allow_nonfinite": bool(cfg.get("allow_nonfinite")),
-                   "sources": [str(s) for s in sources]}
+    config_view = {
+        "method": method,
+        "lambda": scale,
+        "weights": weights,
+        "params": params,
+        "dtype": cfg.get("dtype"),
+        "max_shard_size": shard_size,
+        "allow_nonfinite": bool(cfg.get("allow_nonfinite")),
+        "sources": [str(s) for s in sources],
+    }
 
     def work(_stage_dir):
         import torch
@@ -147,37 +175,68 @@ def run(cfg: DictConfig) -> dict:
         merge = merge_models if are_models else merge_into_base
         dtype = getattr(torch, str(cfg.dtype)) if cfg.get("dtype") else None
         try:
-            stats = merge(base, sources, weights, method, scale, model_dir, dtype=dtype,
-                          max_shard_size=shard_size, allow_nonfinite=bool(cfg.get("allow_nonfinite")),
-                          allow_pickle=bool(cfg.get("allow_pickle")), **params)
+            stats = merge(
+                base,
+                sources,
+                weights,
+                method,
+                scale,
+                model_dir,
+                dtype=dtype,
+                max_shard_size=shard_size,
+                allow_nonfinite=bool(cfg.get("allow_nonfinite")),
+                allow_pickle=bool(cfg.get("allow_pickle")),
+                **params,
+            )
         except BaseException:
             shutil.rmtree(model_dir, ignore_errors=True)  # nothing that looks like a model
             raise
         copy_model_files(base, model_dir)
         if stats["grown"]:
             _record_grown_vocab(model_dir, sources if are_models else [], stats["grown"])
-        hashes = [i.get("manifest_sha256") or i.get("fingerprint") or i.get("size")
-                  for i in source_inputs]
-        record = {"method": method, "lambda": scale, **params, "weights": weights,
-                  "dtype": str(cfg.dtype) if cfg.get("dtype") else None, "base": str(base),
-                  "sources": [{"path": str(s), "hash": h} for s, h in zip(sources, hashes)]}
+        hashes = [
+            i.get("manifest_sha256") or i.get("fingerprint") or i.get("size") for i in source_inputs
+        ]
+        record = {
+            "method": method,
+            "lambda": scale,
+            **params,
+            "weights": weights,
+            "dtype": str(cfg.dtype) if cfg.get("dtype") else None,
+            "base": str(base),
+            "sources": [{"path": str(s), "hash": h} for s, h in zip(sources, hashes, strict=True)],
+        }
         (model_dir / "merge.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
-        mk = mergekit_yaml(method, scale, params, weights, base, sources,
-                           str(cfg.dtype or "float32")) if are_models else None
+        mk = (
+            mergekit_yaml(
+                method, scale, params, weights, base, sources, str(cfg.dtype or "float32")
+            )
+            if are_models
+            else None
+        )
         if mk is not None:
             (model_dir / "mergekit.yaml").write_text(mk)
-        write_model_card(model_dir, f"{merge_id(cfg)} merge",
-                         f"`{base}` merged with {len(sources)} source(s) by cmmerge ({method}: "
-                         f"{get_method(method).description}).",
-                         {**{k: v for k, v in record.items() if k != "sources"},
-                          "sources": ", ".join(f"{s} ({h})" for s, h in zip(sources, hashes)),
-                          "mergekit config": "mergekit.yaml" if mk else "none (no equivalent)"})
+        write_model_card(
+            model_dir,
+            f"{merge_id(cfg)} merge",
+            f"`{base}` merged with {len(sources)} source(s) by cmmerge ({method}: "
+            f"{get_method(method).description}).",
+            {
+                **{k: v for k, v in record.items() if k != "sources"},
+                "sources": ", ".join(f"{s} ({h})" for s, h in zip(sources, hashes, strict=True)),
+                "mergekit config": "mergekit.yaml" if mk else "none (no equivalent)",
+            },
+        )
         marker.unlink()
-        return {"metrics": {k: stats[k] for k in ("n_merged", "n_copied") if k in stats},
-                "outputs": ["model/" if model_dir != stage_dir else "."], "merge": stats}
+        return {
+            "metrics": {k: stats[k] for k in ("n_merged", "n_copied") if k in stats},
+            "outputs": ["model/" if model_dir != stage_dir else "."],
+            "merge": stats,
+        }
 
-    return run_stage(cfg, "merge", stage_dir, config_view,
-                     [folder_input(base), *source_inputs], work)
+    return run_stage(
+        cfg, "merge", stage_dir, config_view, [folder_input(base), *source_inputs], work
+    )
 
 
 def _record_grown_vocab(model_dir: Path, model_sources: list[Path], grown: dict) -> None:
@@ -193,7 +252,15 @@ def _record_grown_vocab(model_dir: Path, model_sources: list[Path], grown: dict)
     for src in model_sources:
         if json.loads((src / "config.json").read_text()).get("vocab_size") == rows:
             for path in src.iterdir():
-                if path.name.startswith(("tokenizer", "special_tokens", "vocab", "merges",
-                                         "sentencepiece", "added_tokens")):
+                if path.name.startswith(
+                    (
+                        "tokenizer",
+                        "special_tokens",
+                        "vocab",
+                        "merges",
+                        "sentencepiece",
+                        "added_tokens",
+                    )
+                ):
                     shutil.copy2(path, model_dir / path.name)
             break

@@ -65,6 +65,7 @@ def training_arguments(
         disable_tqdm=not sys.stderr.isatty(),
         dataloader_num_workers=0,
         save_only_model=True,
+        ddp_find_unused_parameters=False,
         use_cpu=not torch.cuda.is_available(),
         **precision_flags(),
     )

@@ -1,16 +1,19 @@
-"""Packing keeps documents apart; fast-loss CPT trains like the default and saves the same layout."""
+"""Packing keeps documents apart; fast-loss CPT trains like the default, saves the same layout."""
 
 from __future__ import annotations
 
 import json
+import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors import safe_open
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, LlamaConfig, LlamaForCausalLM
 
 from cmmerge.models.tiny import build_tiny_model
-from cmmerge.training.cpt import train_lm
+from cmmerge.training.cpt import use_packing, train_lm
 from cmmerge.training.losses import causal_lm_loss
 from cmmerge.training.packing import pack_examples, packing_collator, packing_keeps_documents_apart
 
@@ -61,6 +64,29 @@ def test_packed_loss_equals_documents_run_separately(attn):
     assert abs(packed.item() - separate.item()) < 1e-5
 
 
+class _Leaky(nn.Module):
+    """A "model" whose every position sees all earlier tokens, whatever the position_ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(vocab_size=50, _attn_implementation="none")
+        self.emb = nn.Embedding(50, 50)
+
+    def forward(self, input_ids, position_ids=None, use_cache=None):  # noqa: ARG002
+        return SimpleNamespace(logits=self.emb(input_ids).cumsum(1))
+
+
+def test_packing_falls_back_when_the_model_mixes_documents(caplog):
+    leaky = _Leaky()
+    assert not packing_keeps_documents_apart(leaky)
+    with caplog.at_level(logging.WARNING, logger="cmmerge"):
+        assert not use_packing({"packing": True}, "decoder", leaky)
+    assert "does not keep packed documents apart" in caplog.text
+    assert not use_packing({"packing": None}, "encoder", leaky)
+    assert use_packing({"packing": None}, "decoder", _llama("sdpa"))
+    assert not use_packing({"packing": False}, "decoder", _llama("sdpa"))
+
+
 def _keys(folder) -> set[str]:
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         return set(f.keys())
@@ -94,3 +120,13 @@ def test_packed_decoder_cpt_runs_and_reports_it(tmp_path):
     assert metrics["packing"] is True and metrics["steps"] == PARAMS["max_steps"]
     assert metrics["loss"] < metrics["loss_before"]
     AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_gradient_accumulation_matches_the_larger_batch(tmp_path):
+    _, one, a = _train(tmp_path, "llama", "ga1", batch_size=8, grad_accum=1, max_steps=2)
+    _, two, b = _train(tmp_path, "llama", "ga2", batch_size=4, grad_accum=2, max_steps=2)
+    assert one["packing"] and two["packing"]
+    x, y = AutoModelForCausalLM.from_pretrained(a), AutoModelForCausalLM.from_pretrained(b)
+    for (name, p), q in zip(x.state_dict().items(), y.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4, msg=name)
+    assert abs(one["train_loss"] - two["train_loss"]) < 1e-4

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,20 @@ def precision_flags() -> dict[str, bool]:
     if torch.cuda.is_bf16_supported():
         return {"bf16": True}
     return {"fp16": True}
+
+
+class StepTimer(TrainerCallback):
+    """Wall time spent in training steps only (no evaluation, saving or set-up)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds += time.perf_counter() - self._start
 
 
 def _report_to(value: Any) -> list[str]:

@@ -80,7 +80,7 @@ class CptTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def _use_packing(params: Mapping[str, Any], kind: ModelKind, model: nn.Module) -> bool:
+def use_packing(params: Mapping[str, Any], kind: ModelKind, model: nn.Module) -> bool:
     """``cpt.packing`` (null: true for decoders), where the model keeps packed documents apart."""
     wanted = params.get("packing")
     wanted = kind == "decoder" if wanted is None else bool(wanted)
@@ -123,7 +123,7 @@ def train_lm(model_dir: Path, kind: ModelKind, texts: Sequence[str], params: Map
     split = dataset.train_test_split(test_size=n_eval, seed=seed)
     model = load_lm(model_dir, kind)
     mlm_p = float(params.get("mlm_probability", 0.15))
-    packed = _use_packing(params, kind, model)
+    packed = use_packing(params, kind, model)
     fast_loss = bool(params.get("fast_loss", True))
     n_tokens = sum(len(ids) for ids in split["train"]["input_ids"])
     n_texts = {name: len(split[name]) for name in ("train", "test")}

@@ -17,7 +17,7 @@ from cmmerge.evaluation.metrics import classification_metrics, trainer_metrics
 from cmmerge.models.loading import load_classifier, load_tokenizer
 from cmmerge.stages import dist
 from cmmerge.training import lora
-from cmmerge.training.arguments import LogCallback, training_arguments
+from cmmerge.training.arguments import LogCallback, StepTimer, training_arguments
 
 
 def tokenize_splits(splits: DatasetDict, tokenizer, max_length: int) -> DatasetDict:
@@ -89,7 +89,8 @@ def train_classifier(
         greater_is_better=True,
         train_sampling_strategy="group_by_length",
     )
-    callbacks: list = [LogCallback()]
+    timer = StepTimer()
+    callbacks: list = [LogCallback(), timer]
     patience = params.get("early_stopping_patience")
     if patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=int(patience)))
@@ -135,7 +136,8 @@ def train_classifier(
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "steps": int(result.global_step),
         "train_runtime_s": float(result.metrics.get("train_runtime", 0.0)),
-        "train_tokens_per_s": useful_tokens / max(result.metrics.get("train_runtime", 0.0), 1e-9),
+        "train_step_time_s": timer.seconds,
+        "train_tokens_per_s": useful_tokens / max(timer.seconds, 1e-9),
     }
 
 

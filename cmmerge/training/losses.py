@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from cmmerge.errors import CmmergeError
 
 IGNORE_INDEX = -100
-DEFAULT_CHUNK_SIZE = 4096
+DEFAULT_CHUNK_SIZE = 1024
 
 
 def mlm_head(model: nn.Module) -> nn.Module:

@@ -49,8 +49,11 @@ def _mlm_setup(args: argparse.Namespace):
         ids = torch.randint(5, vocab, (args.mlm_batch, args.mlm_length), generator=g)
         pick = torch.rand(ids.shape, generator=g) < 0.15
         labels = torch.where(pick, ids, torch.full_like(ids, -100))
-        inputs = {"input_ids": ids.masked_fill(pick, 4), "attention_mask": torch.ones_like(ids),
-                  "token_type_ids": torch.zeros_like(ids)}
+        inputs = {
+            "input_ids": ids.masked_fill(pick, 4),
+            "attention_mask": torch.ones_like(ids),
+            "token_type_ids": torch.zeros_like(ids),
+        }
         batches.append((inputs, labels))
     return model, batches
 
@@ -60,9 +63,16 @@ def _clm_setup(args: argparse.Namespace):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128256, hidden_size=512, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=2, intermediate_size=1536,
-                         max_position_embeddings=1024, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=128256,
+        hidden_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=1536,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(config)
     g = torch.Generator().manual_seed(1)
     batches = []
@@ -105,10 +115,15 @@ def worker(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         cpu.append(time.process_time() - start_cpu)
     tokens = batches[0][1].numel()
     sec = statistics.median(times)
-    return {"variant": variant, "step_s": sec, "tokens_per_s": tokens / sec,
-            "step_cpu_s": statistics.median(cpu),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "first_loss": first_loss, "threads": torch.get_num_threads()}
+    return {
+        "variant": variant,
+        "step_s": sec,
+        "tokens_per_s": tokens / sec,
+        "step_cpu_s": statistics.median(cpu),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "first_loss": first_loss,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def _run_worker(variant: str, argv: list[str]) -> dict[str, Any]:
@@ -118,14 +133,22 @@ def _run_worker(variant: str, argv: list[str]) -> dict[str, Any]:
 
 
 def _table(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
-    rows = ["| objective | setting | variant | step s | step CPU s | tokens/s | peak RSS MB |"
-            " loss step 1 | tokens/s vs default | peak RSS vs default |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    settings = {"mlm": f"me5-small BertForMaskedLM, {args.mlm_batch} x {args.mlm_length}",
-                "clm": f"Llama h512 L4 V128256 tied, {args.clm_batch} x {args.clm_length}"}
-    med = {v: {k: statistics.median(r[k] for r in rs)
-               for k in ("step_s", "step_cpu_s", "tokens_per_s", "peak_rss_mb", "first_loss")}
-           for v, rs in results.items()}
+    rows = [
+        "| objective | setting | variant | step s | step CPU s | tokens/s | peak RSS MB |"
+        " loss step 1 | tokens/s vs default | peak RSS vs default |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    settings = {
+        "mlm": f"me5-small BertForMaskedLM, {args.mlm_batch} x {args.mlm_length}",
+        "clm": f"Llama h512 L4 V128256 tied, {args.clm_batch} x {args.clm_length}",
+    }
+    med = {
+        v: {
+            k: statistics.median(r[k] for r in rs)
+            for k in ("step_s", "step_cpu_s", "tokens_per_s", "peak_rss_mb", "first_loss")
+        }
+        for v, rs in results.items()
+    }
     for v, m in med.items():
         objective, impl = v.split("-")
         base = med.get(f"{objective}-default")
@@ -134,10 +157,12 @@ def _table(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
         name = "transformers default" if impl == "default" else "cmmerge fast loss"
         if objective == "clm" and impl == "fast":
             name += f" (chunk {args.chunk_size})"
-        rows.append(f"| {objective.upper()} | {settings[objective]} | {name} | {m['step_s']:.2f} |"
-                    f" {m['step_cpu_s']:.2f} | {m['tokens_per_s']:.0f} | {m['peak_rss_mb']:.0f} |"
-                    f" {m['first_loss']:.5f} |"
-                    f" {speed} | {mem} |")
+        rows.append(
+            f"| {objective.upper()} | {settings[objective]} | {name} | {m['step_s']:.2f} |"
+            f" {m['step_cpu_s']:.2f} | {m['tokens_per_s']:.0f} | {m['peak_rss_mb']:.0f} |"
+            f" {m['first_loss']:.5f} |"
+            f" {speed} | {mem} |"
+        )
     return "\n".join(rows)
 
 
@@ -161,24 +186,35 @@ def main() -> None:
     variants = [v for v in args.variants.split(",") if v]
     if any(v.startswith("mlm") for v in variants) and not (Path(args.me5) / "config.json").exists():
         sys.exit(f"no model in {args.me5}: build it with make_me5_small.sh (see the docstring)")
-    argv = [f"--me5={args.me5}", f"--steps={args.steps}", f"--mlm-batch={args.mlm_batch}",
-            f"--mlm-length={args.mlm_length}", f"--clm-batch={args.clm_batch}",
-            f"--clm-length={args.clm_length}", f"--chunk-size={args.chunk_size}"]
+    argv = [
+        f"--me5={args.me5}",
+        f"--steps={args.steps}",
+        f"--mlm-batch={args.mlm_batch}",
+        f"--mlm-length={args.mlm_length}",
+        f"--clm-batch={args.clm_batch}",
+        f"--clm-length={args.clm_length}",
+        f"--chunk-size={args.chunk_size}",
+    ]
     results: dict[str, list[dict]] = {v: [] for v in variants}
     load = os.getloadavg()
     for run in range(args.runs):
         for v in variants:  # interleaved, so load from other processes hits both alike
             r = _run_worker(v, argv)
             results[v].append(r)
-            print(f"run {run + 1}/{args.runs} {v}: {r['step_s']:.2f} s/step, "
-                  f"{r['tokens_per_s']:.0f} tokens/s, {r['peak_rss_mb']:.0f} MB", file=sys.stderr)
+            print(
+                f"run {run + 1}/{args.runs} {v}: {r['step_s']:.2f} s/step, "
+                f"{r['tokens_per_s']:.0f} tokens/s, {r['peak_rss_mb']:.0f} MB",
+                file=sys.stderr,
+            )
     import torch
 
-    print(f"\nMachine: {platform.machine()}, {os.cpu_count()} CPUs, "
-          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
-          f"torch {torch.__version__}, {results[variants[0]][0]['threads']} threads; "
-          f"median of {args.runs} processes x {args.steps} steps (fused AdamW, float32); "
-          f"load average before: {load[0]:.1f}\n")
+    print(
+        f"\nMachine: {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
+        f"torch {torch.__version__}, {results[variants[0]][0]['threads']} threads; "
+        f"median of {args.runs} processes x {args.steps} steps (fused AdamW, float32); "
+        f"load average before: {load[0]:.1f}\n"
+    )
     print(_table(results, args))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

@@ -145,12 +145,20 @@ def main() -> None:
     parser.add_argument("--tools", default="cmmerge,mergekit", help="comma list")
     parser.add_argument("--workdir", default="/tmp/cmmerge-bench", help="checkpoints go here")
     parser.add_argument("--json", default=None, help="also write the raw timings here")
+    parser.add_argument("--build", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     root = Path(args.workdir)
+    if args.build:
+        build_pair(args.build, root)
+        return
     tools = args.tools.split(",")
     rows, raw = [], {}
     for shape in args.shapes.split(","):
-        base, tuned = build_pair(shape, root)
+        # built in a child: a forked child inherits the parent's peak RSS (ru_maxrss)
+        subprocess.run(
+            [sys.executable, __file__, "--build", shape, "--workdir", str(root)], check=True
+        )
+        base, tuned = root / shape / "base", root / shape / "tuned"
         med = {}
         for tool in tools:
             out = root / shape / f"out-{tool}"

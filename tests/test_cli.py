@@ -112,7 +112,7 @@ def test_bad_inputs_exit_2_with_one_line_and_no_manifest(tmp_path):
         f"data.root={corpus_root}",
         "corpus.task_train_sets=[]",
         "data.leakage_tasks=[]",
-        "task.test_file=../x",
+        "task.test=../x",
         *run,
     )
     assert out.returncode == 2 and "Traceback" not in out.stderr

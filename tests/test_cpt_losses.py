@@ -29,9 +29,16 @@ from cmmerge.training.losses import (
 )
 
 VOCAB = 97
-SMALL = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-             intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-             attention_probs_dropout_prob=0.0)
+SMALL = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
 
 
 def _encoder(family: str) -> nn.Module:
@@ -42,17 +49,33 @@ def _encoder(family: str) -> nn.Module:
         return BertForMaskedLM(BertConfig(**SMALL))
     if family == "electra":
         return ElectraForMaskedLM(ElectraConfig(**SMALL, embedding_size=16))
-    return DistilBertForMaskedLM(DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4,
-                                                  hidden_dim=64, max_position_embeddings=64,
-                                                  dropout=0.0, attention_dropout=0.0))
+    return DistilBertForMaskedLM(
+        DistilBertConfig(
+            vocab_size=VOCAB,
+            dim=32,
+            n_layers=2,
+            n_heads=4,
+            hidden_dim=64,
+            max_position_embeddings=64,
+            dropout=0.0,
+            attention_dropout=0.0,
+        )
+    )
 
 
 def _llama(attn: str = "sdpa", vocab: int = VOCAB) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                         max_position_embeddings=128, tie_word_embeddings=True,
-                         attn_implementation=attn)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        attn_implementation=attn,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -132,8 +155,11 @@ def _clm_batch(batch: int = 3, length: int = 20) -> tuple[dict, torch.Tensor]:
 def test_chunked_causal_lm_loss_and_gradients_equal_the_default(chunk_size):
     model = _llama()
     inputs, labels = _clm_batch()
-    check = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
-             "model.norm.weight"]
+    check = [
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.norm.weight",
+    ]
     default = model(**inputs, labels=labels)
     default.loss.backward()
     want = _grads(model, check)
@@ -187,3 +213,17 @@ def test_fused_linear_cross_entropy_with_bias_and_frozen_weight():
     assert abs(got.item() - want.item()) < 1e-4
     for a, b in zip(g_got, g_want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_fast_losses_through_peft_lora_models():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_encoder("xlmr"), LoraConfig(r=4, target_modules=["query", "value"]))
+    inputs, labels = _mlm_batch()
+    want = model(**inputs, labels=labels).loss
+    got, _ = masked_lm_loss(model, inputs, labels)
+    assert abs(got.item() - want.item()) < 1e-5
+    llama = get_peft_model(_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    inputs, labels = _clm_batch()
+    want = llama(**inputs, labels=labels).loss
+    assert abs(causal_lm_loss(llama, inputs, labels, chunk_size=8).item() - want.item()) < 1e-5

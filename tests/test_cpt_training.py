@@ -13,12 +13,18 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, LlamaConfig, LlamaForCausalLM
 
 from cmmerge.models.tiny import build_tiny_model
-from cmmerge.training.cpt import use_packing, train_lm
+from cmmerge.training.cpt import train_lm, use_packing
 from cmmerge.training.losses import causal_lm_loss
 from cmmerge.training.packing import pack_examples, packing_collator, packing_keeps_documents_apart
 
-ARCH = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_positions=64,
-            vocab_size=300)
+ARCH = dict(
+    hidden_size=32,
+    num_layers=1,
+    num_heads=2,
+    intermediate_size=64,
+    max_positions=64,
+    vocab_size=300,
+)
 TEXTS = [
     "yaar ye movie bahut acchi thi",
     "kya bakwas hai bro, ekdum bekaar",
@@ -27,17 +33,38 @@ TEXTS = [
     "que bonito dia hoy amigo",
     "aaj ka match dekha kya, kohli ne kamaal kar diya",
 ] * 30
-PARAMS = dict(seed=0, epochs=1, max_steps=4, batch_size=8, grad_accum=1, max_length=24, lr=1e-3,
-              warmup=0.0, weight_decay=0.0, mlm_probability=0.15, eval_fraction=0.05,
-              logging_steps=50, loss_chunk_size=16)
+PARAMS = dict(
+    seed=0,
+    epochs=1,
+    max_steps=4,
+    batch_size=8,
+    grad_accum=1,
+    max_length=24,
+    lr=1e-3,
+    warmup=0.0,
+    weight_decay=0.0,
+    mlm_probability=0.15,
+    eval_fraction=0.05,
+    logging_steps=50,
+    loss_chunk_size=16,
+)
 
 
 def _llama(attn: str) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
-        tie_word_embeddings=True, attn_implementation=attn))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=101,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            tie_word_embeddings=True,
+            attn_implementation=attn,
+        )
+    )
 
 
 def test_pack_examples_restarts_positions_and_ignores_document_starts():
@@ -58,8 +85,10 @@ def test_packed_loss_equals_documents_run_separately(attn):
     labels = batch.pop("labels")
     packed = causal_lm_loss(model, batch, labels, chunk_size=6)
     # the default loss of each document on its own, weighted by its number of targets
-    total = sum(model(input_ids=torch.tensor([d]), labels=torch.tensor([d])).loss * (len(d) - 1)
-                for d in docs)
+    total = sum(
+        model(input_ids=torch.tensor([d]), labels=torch.tensor([d])).loss * (len(d) - 1)
+        for d in docs
+    )
     separate = total / sum(len(d) - 1 for d in docs)
     assert abs(packed.item() - separate.item()) < 1e-5
 
@@ -106,8 +135,10 @@ def test_fast_loss_trains_like_the_default_and_saves_the_same_checkpoint(tmp_pat
     _, slow, slow_dir = _train(tmp_path, family, "slow", fast_loss=False, packing=False)
     assert fast["fast_loss"] and not slow["fast_loss"]
     assert _keys(fast_dir) == _keys(slow_dir)
-    assert json.loads((fast_dir / "config.json").read_text())["architectures"] == json.loads(
-        (slow_dir / "config.json").read_text())["architectures"]
+    assert (
+        json.loads((fast_dir / "config.json").read_text())["architectures"]
+        == json.loads((slow_dir / "config.json").read_text())["architectures"]
+    )
     a, b = auto.from_pretrained(fast_dir), auto.from_pretrained(slow_dir)
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4, msg=name)

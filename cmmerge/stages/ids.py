@@ -20,12 +20,22 @@ def method_name(cfg: DictConfig) -> str:
     return get_method(str(cfg.method.name)).name
 
 
+def source_names(cfg: DictConfig) -> list[str]:
+    """What a run-directory merge combines: ``cpt`` (default) and/or task names (tau of the
+    model fine-tuned on that task from the base)."""
+    return [str(s) for s in (cfg.get("sources") or ["cpt"])]
+
+
 def merge_id(cfg: DictConfig) -> str:
-    """``<method>-l<lambda>[-d<density>]``."""
+    """``<method>-l<lambda>[-d<density>][-src_<sources>][-w<weights>]``."""
     method = get_method(str(cfg.method.name))
     out = f"{method.name}-l{_num(merge_scale(cfg))}"
     if "density" in method.params:
         out += f"-d{_num(cfg.density)}"
+    if source_names(cfg) != ["cpt"]:
+        out += "-src_" + "+".join(source_names(cfg))
+    if cfg.get("weights") is not None and not cfg.get("models") and not cfg.get("task_vectors"):
+        out += "-w" + "+".join(_num(w) for w in cfg.weights)
     return out
 
 
@@ -73,7 +83,8 @@ def _init_arm(cfg: DictConfig) -> str:
         return "CPT->FT"
     if init == "merged":
         short = {"task_arithmetic": "TV", "ties": "TIES"}.get(method_name(cfg), method_name(cfg))
-        return f"{short}->FT (lambda={_num(merge_scale(cfg))})"
+        sources = "" if source_names(cfg) == ["cpt"] else f"{'+'.join(source_names(cfg))}, "
+        return f"{short}->FT ({sources}lambda={_num(merge_scale(cfg))})"
     return f"FT from {init}"
 
 

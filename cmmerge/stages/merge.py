@@ -21,7 +21,7 @@ from cmmerge.merging.engine import TASK_VECTOR_FILE, merge_into_base, merge_mode
 from cmmerge.merging.methods import get_method, resolve_params
 from cmmerge.models.loading import local_model_dir, resolve_model
 from cmmerge.settings import merge_scale
-from cmmerge.stages.ids import cli_hint, merge_id, method_name, stage_dirs
+from cmmerge.stages.ids import cli_hint, merge_id, method_name, source_names, stage_dirs
 from cmmerge.stages.runner import folder_input, run_stage, stage_input
 
 _DTYPES = ("float32", "float16", "bfloat16")
@@ -109,8 +109,22 @@ def _sources(cfg: DictConfig, dirs: dict) -> tuple[list[Path], bool, list[dict]]
     if cfg.get("models"):
         paths = [local_model_dir(str(p)) for p in cfg.models]
         return paths, True, [folder_input(p) for p in paths]
+    names = source_names(cfg)
+    if names != ["cpt"]:  # multi-source: task vectors computed from the models on the fly
+        found = [_run_source(cfg, dirs, name) for name in names]
+        return [p for p, _ in found], True, [i for _, i in found]
     extract = dirs["extract"]
     return [extract / TASK_VECTOR_FILE], False, [stage_input(extract, cli_hint(cfg, "extract"))]
+
+
+def _run_source(cfg: DictConfig, dirs: dict, name: str) -> tuple[Path, dict]:
+    """A run-directory source: ``cpt``, or a task name = the model fine-tuned on that task from
+    the base (its task vector, e.g. tau_en of an English task)."""
+    if name == "cpt":
+        return dirs["cpt"] / "model", stage_input(dirs["cpt"], cli_hint(cfg, "cpt"))
+    ft = dirs["run"] / "finetune" / f"base-{name}-s{int(cfg.seed)}"
+    hint = cli_hint(cfg, "finetune", "init=base", f"task={name}", f"seed={cfg.seed}")
+    return ft / "model", stage_input(ft, hint)
 
 
 def _weights(cfg: DictConfig, n: int) -> list[float]:

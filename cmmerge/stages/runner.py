@@ -50,20 +50,17 @@ def folder_input(folder: Path) -> dict:
     return {"path": str(folder), "fingerprint": folder_fingerprint(folder)}
 
 
-def _versions() -> dict[str, str]:
-    import datasets
-    import peft
-    import torch
-    import transformers
+def _versions() -> dict[str, str | None]:
+    """Installed versions, read from package metadata (importing peft or datasets costs seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {
-        "cmmerge": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "datasets": datasets.__version__,
-        "python": sys.version.split()[0],
-    }
+    out: dict[str, str | None] = {"cmmerge": __version__, "python": sys.version.split()[0]}
+    for name in ("torch", "transformers", "peft", "datasets", "safetensors", "accelerate"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def _overrides() -> list[str]:

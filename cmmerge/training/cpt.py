@@ -37,29 +37,48 @@ log = logging.getLogger("cmmerge")
 def tokenize_texts(texts: Sequence[str], tokenizer, max_length: int) -> Dataset:
     """Tokenise with ``datasets.map(batched=True)``; drops texts that tokenise to nothing."""
     ds = Dataset.from_dict({"text": list(texts)})
-    ds = ds.map(lambda b: tokenizer(b["text"], truncation=True, max_length=max_length,
-                                    return_special_tokens_mask=True),
-                batched=True, remove_columns=["text"], desc="tokenising corpus")
+    ds = ds.map(
+        lambda b: tokenizer(
+            b["text"], truncation=True, max_length=max_length, return_special_tokens_mask=True
+        ),
+        batched=True,
+        remove_columns=["text"],
+        desc="tokenising corpus",
+    )
     return ds.filter(lambda ex: len(ex["input_ids"]) > 2)
 
 
 def _collator(tokenizer, kind: ModelKind, mlm_probability: float, seed: int):
-    return DataCollatorForLanguageModeling(tokenizer, mlm=kind == "encoder",
-                                           mlm_probability=mlm_probability if kind == "encoder"
-                                           else None, seed=seed)
+    return DataCollatorForLanguageModeling(
+        tokenizer,
+        mlm=kind == "encoder",
+        mlm_probability=mlm_probability if kind == "encoder" else None,
+        seed=seed,
+    )
 
 
 class CptTrainer(Trainer):
     """Trainer whose loss is :func:`masked_lm_loss` or :func:`causal_lm_loss` (``fast_loss``),
     or the model's own (``fast_loss=False``)."""
 
-    def __init__(self, *args: Any, kind: ModelKind, fast_loss: bool = True,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        kind: ModelKind,
+        fast_loss: bool = True,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.kind, self.fast_loss, self.chunk_size = kind, fast_loss, chunk_size
 
-    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: torch.Tensor | int | None = None):
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
         """The fast loss, normalised like the default one (see the class docstring of Trainer:
         a loss divided by ``num_items_in_batch`` counts as scaled for gradient accumulation)."""
         if not self.fast_loss or "labels" not in inputs:
@@ -69,11 +88,19 @@ class CptTrainer(Trainer):
         shift_labels = inputs.pop("shift_labels", None)
         bare = self.accelerator.unwrap_model(model)
         if self.kind == "encoder":
-            loss, outputs = masked_lm_loss(model, inputs, labels, num_items_in_batch,
-                                           head=mlm_head(bare))
+            loss, outputs = masked_lm_loss(
+                model, inputs, labels, num_items_in_batch, head=mlm_head(bare)
+            )
         else:
-            loss = causal_lm_loss(model, inputs, labels, num_items_in_batch, self.chunk_size,
-                                  shift_labels, unwrapped=bare)
+            loss = causal_lm_loss(
+                model,
+                inputs,
+                labels,
+                num_items_in_batch,
+                self.chunk_size,
+                shift_labels,
+                unwrapped=bare,
+            )
             outputs = {"loss": loss}
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
@@ -90,9 +117,11 @@ def use_packing(params: Mapping[str, Any], kind: ModelKind, model: nn.Module) ->
         log.info("cpt.packing applies to causal-LM decoders only: encoder texts stay unpacked")
         return False
     if not packing_keeps_documents_apart(model):
-        log.warning("%s does not keep packed documents apart (attention %s): training without "
-                    "packing", type(model).__name__,
-                    getattr(model.config, "_attn_implementation", "?"))
+        log.warning(
+            "%s does not keep packed documents apart (attention %s): training without packing",
+            type(model).__name__,
+            getattr(model.config, "_attn_implementation", "?"),
+        )
         return False
     return True
 
@@ -103,8 +132,14 @@ def _perplexity(trainer: Trainer, make_collator, eval_ds: Dataset) -> dict[str, 
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
-def train_lm(model_dir: Path, kind: ModelKind, texts: Sequence[str], params: Mapping[str, Any],
-             out_dir: Path, seed: int) -> dict[str, Any]:
+def train_lm(
+    model_dir: Path,
+    kind: ModelKind,
+    texts: Sequence[str],
+    params: Mapping[str, Any],
+    out_dir: Path,
+    seed: int,
+) -> dict[str, Any]:
     """Continue pre-training ``model_dir`` on ``texts``; saves the model to ``out_dir/model``.
 
     Returns held-out loss and perplexity before and after, and the number of training steps and
@@ -113,13 +148,15 @@ def train_lm(model_dir: Path, kind: ModelKind, texts: Sequence[str], params: Map
     tokenizer = load_tokenizer(model_dir)
     if kind == "encoder" and tokenizer.mask_token is None:
         raise CmmergeError(
-            f"tokenizer in {model_dir} has no mask token: it cannot do masked-LM CPT")
+            f"tokenizer in {model_dir} has no mask token: it cannot do masked-LM CPT"
+        )
     dataset = tokenize_texts(texts, tokenizer, int(params["max_length"]))
     n_eval = max(1, int(len(dataset) * float(params.get("eval_fraction", 0.05))))
     if len(dataset) - n_eval < int(params["batch_size"]):
         raise CmmergeError(
             f"the corpus has {len(dataset)} usable texts, too few for one batch of "
-            f"{params['batch_size']} plus {n_eval} held out; add text or lower cpt.batch_size")
+            f"{params['batch_size']} plus {n_eval} held out; add text or lower cpt.batch_size"
+        )
     split = dataset.train_test_split(test_size=n_eval, seed=seed)
     model = load_lm(model_dir, kind)
     mlm_p = float(params.get("mlm_probability", 0.15))
@@ -130,19 +167,27 @@ def train_lm(model_dir: Path, kind: ModelKind, texts: Sequence[str], params: Map
     if packed:
         block = int(params["max_length"])
         split = {name: pack_dataset(split[name], block) for name in ("train", "test")}
-        log.info("packed %d training tokens into %d blocks of %d", n_tokens, len(split["train"]),
-                 block)
+        log.info(
+            "packed %d training tokens into %d blocks of %d", n_tokens, len(split["train"]), block
+        )
 
     def make_collator():
         return packing_collator if packed else _collator(tokenizer, kind, mlm_p, seed)
 
     ckpt_dir = out_dir / "checkpoints"
-    args = training_arguments(ckpt_dir, params, seed, eval_strategy="no", save_strategy="no",
-                              remove_unused_columns=True)
-    trainer = CptTrainer(model=model, args=args, train_dataset=split["train"],
-                         data_collator=make_collator(), processing_class=tokenizer, kind=kind,
-                         fast_loss=fast_loss,
-                         chunk_size=int(params.get("loss_chunk_size") or DEFAULT_CHUNK_SIZE))
+    args = training_arguments(
+        ckpt_dir, params, seed, eval_strategy="no", save_strategy="no", remove_unused_columns=True
+    )
+    trainer = CptTrainer(
+        model=model,
+        args=args,
+        train_dataset=split["train"],
+        data_collator=make_collator(),
+        processing_class=tokenizer,
+        kind=kind,
+        fast_loss=fast_loss,
+        chunk_size=int(params.get("loss_chunk_size") or DEFAULT_CHUNK_SIZE),
+    )
     before = _perplexity(trainer, make_collator, split["test"])
     trainer.data_collator = make_collator()
     result = trainer.train()

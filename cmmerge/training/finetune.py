@@ -136,6 +136,7 @@ def train_classifier(
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "steps": int(result.global_step),
         "train_runtime_s": float(result.metrics.get("train_runtime", 0.0)),
+        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
         "train_step_time_s": timer.seconds,
         "train_tokens_per_s": useful_tokens / max(timer.seconds, 1e-9),
     }

@@ -35,27 +35,36 @@ def mlm_head(model: nn.Module) -> nn.Module:
     """The MLM head of a ``*ForMaskedLM`` model: its top-level child that holds the output
     embeddings (``cls`` for BERT, ``lm_head`` for RoBERTa/XLM-R, ``vocab_projector`` for
     DistilBERT, ``generator_lm_head`` for ELECTRA)."""
+    if hasattr(model, "get_base_model"):  # a peft model: the transformers model inside it
+        model = model.get_base_model()
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if out is None:
-        raise CmmergeError(f"{type(model).__name__} has no output embeddings: no MLM head to "
-                           "apply to masked positions; set cpt.fast_loss=false")
+        raise CmmergeError(
+            f"{type(model).__name__} has no output embeddings: no MLM head to "
+            "apply to masked positions; set cpt.fast_loss=false"
+        )
     base = getattr(model, getattr(model, "base_model_prefix", ""), None)
     for child in model.children():
         if child is not base and any(m is out for m in child.modules()):
             return child
-    raise CmmergeError(f"{type(model).__name__}: cannot find the module around its output "
-                       "embeddings; set cpt.fast_loss=false")
+    raise CmmergeError(
+        f"{type(model).__name__}: cannot find the module around its output "
+        "embeddings; set cpt.fast_loss=false"
+    )
 
 
 @contextmanager
-def _replace_head_input(head: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor],
-                        model_name: str) -> Iterator[None]:
+def _replace_head_input(
+    head: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], model_name: str
+) -> Iterator[None]:
     """While active, ``head(hidden, ...)`` runs as ``head(fn(hidden), ...)``."""
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if not args or not torch.is_tensor(args[0]):
-            raise CmmergeError(f"{model_name}: its head is not called with hidden states as the "
-                               "first argument; set cpt.fast_loss=false")
+            raise CmmergeError(
+                f"{model_name}: its head is not called with hidden states as the "
+                "first argument; set cpt.fast_loss=false"
+            )
         return (fn(args[0]), *args[1:]), kwargs
 
     handle = head.register_forward_pre_hook(hook, with_kwargs=True)
@@ -67,13 +76,16 @@ def _replace_head_input(head: nn.Module, fn: Callable[[torch.Tensor], torch.Tens
 
 def _check_shape(hidden: torch.Tensor, labels: torch.Tensor, model_name: str) -> None:
     if hidden.dim() != 3 or hidden.shape[:2] != labels.shape:
-        raise CmmergeError(f"{model_name}: its head sees hidden states of shape "
-                           f"{tuple(hidden.shape)}, not [batch, length, hidden] like the labels "
-                           f"{tuple(labels.shape)}; set cpt.fast_loss=false")
+        raise CmmergeError(
+            f"{model_name}: its head sees hidden states of shape "
+            f"{tuple(hidden.shape)}, not [batch, length, hidden] like the labels "
+            f"{tuple(labels.shape)}; set cpt.fast_loss=false"
+        )
 
 
-def _normalise(loss_sum: torch.Tensor, n_targets: int,
-               num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
+def _normalise(
+    loss_sum: torch.Tensor, n_targets: int, num_items_in_batch: torch.Tensor | int | None
+) -> torch.Tensor:
     """Sum over ``num_items_in_batch`` if given (the Trainer's gradient accumulation), else mean;
     a batch without targets gives 0, not NaN."""
     if num_items_in_batch is not None:
@@ -83,9 +95,13 @@ def _normalise(loss_sum: torch.Tensor, n_targets: int,
     return loss_sum / max(n_targets, 1)
 
 
-def masked_lm_loss(model: nn.Module, inputs: Mapping[str, Any], labels: torch.Tensor,
-                   num_items_in_batch: torch.Tensor | int | None = None,
-                   head: nn.Module | None = None) -> tuple[torch.Tensor, Any]:
+def masked_lm_loss(
+    model: nn.Module,
+    inputs: Mapping[str, Any],
+    labels: torch.Tensor,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    head: nn.Module | None = None,
+) -> tuple[torch.Tensor, Any]:
     """MLM loss with the head applied to the masked positions only.
 
     Args:
@@ -111,8 +127,9 @@ def masked_lm_loss(model: nn.Module, inputs: Mapping[str, Any], labels: torch.Te
         outputs = model(**inputs)
     logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
     targets = labels[mask].to(logits.device)
-    loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets,
-                               reduction="sum")
+    loss_sum = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets, reduction="sum"
+    )
     return _normalise(loss_sum, int(targets.numel()), num_items_in_batch), outputs
 
 
@@ -142,8 +159,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     the gradients are computed in the forward pass and only scaled in the backward."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor, chunk_size: int) -> torch.Tensor:  # noqa: D102
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        chunk_size: int,
+    ) -> torch.Tensor:  # noqa: D102
         dev = hidden.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -155,18 +178,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         with torch.autocast(dev, enabled=False):
             for start in range(0, hidden.shape[0], chunk_size):
-                h = hidden[start:start + chunk_size].to(dtype)
-                t = targets[start:start + chunk_size]
-                logits = (F.linear(h, w, b)).float()  # [chunk, vocab]
-                lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                h = hidden[start : start + chunk_size].to(dtype)
+                t = targets[start : start + chunk_size]
+                logits = F.linear(h, w, b).float()  # [chunk, vocab]: the one big buffer
+                target_logit = logits.gather(1, t[:, None])
+                top = logits.amax(dim=-1, keepdim=True)
+                probs = logits.sub_(top).exp_()  # in place: no second [chunk, vocab] tensor
+                norm = probs.sum(dim=-1, keepdim=True)
+                total += (norm.log() + top - target_logit).sum()
                 if not (need_h or need_w or need_b):
                     continue
-                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                grad = probs.div_(norm)  # softmax
                 grad[torch.arange(t.numel(), device=t.device), t] -= 1.0
                 grad = grad.to(dtype)
                 if need_h:
-                    grad_h[start:start + chunk_size] = grad @ w
+                    grad_h[start : start + chunk_size] = grad @ w
                 if need_w:
                     grad_w.addmm_(grad.t().float(), h.float())
                 if need_b:
@@ -177,18 +203,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):  # noqa: D102
+        if getattr(ctx, "backward_done", False):
+            raise RuntimeError("the fused linear cross-entropy supports one backward pass only")
+        ctx.backward_done = True
         grad_h, grad_w, grad_b = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
-        out_h = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
-        out_w = (grad_w * grad_out).to(w_dtype) if grad_w is not None else None
-        out_b = (grad_b * grad_out).to(b_dtype) if grad_b is not None else None
+        # in place: the buffers serve this one backward pass
+        out_h = grad_h.mul_(grad_out.to(grad_h.dtype)) if grad_h is not None else None
+        out_w = grad_w.mul_(grad_out).to(w_dtype) if grad_w is not None else None
+        out_b = grad_b.mul_(grad_out).to(b_dtype) if grad_b is not None else None
         return out_h, out_w, out_b, None, None
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
-                          chunk_size: int = DEFAULT_CHUNK_SIZE,
-                          transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                          ) -> torch.Tensor:
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    head: nn.Module,
+    targets: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Summed cross-entropy of ``transform(head(hidden))`` against ``targets``, at most
     ``chunk_size`` rows of logits at a time.
 
@@ -213,17 +246,22 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.
 
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_size):
-        h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-        total = total + (checkpoint(chunk_loss, h, t, use_reentrant=False) if grad
-                         else chunk_loss(h, t))
+        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        total = total + (
+            checkpoint(chunk_loss, h, t, use_reentrant=False) if grad else chunk_loss(h, t)
+        )
     return total
 
 
-def causal_lm_loss(model: nn.Module, inputs: Mapping[str, Any], labels: torch.Tensor,
-                   num_items_in_batch: torch.Tensor | int | None = None,
-                   chunk_size: int = DEFAULT_CHUNK_SIZE,
-                   shift_labels: torch.Tensor | None = None,
-                   unwrapped: nn.Module | None = None) -> torch.Tensor:
+def causal_lm_loss(
+    model: nn.Module,
+    inputs: Mapping[str, Any],
+    labels: torch.Tensor,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    shift_labels: torch.Tensor | None = None,
+    unwrapped: nn.Module | None = None,
+) -> torch.Tensor:
     """Next-token loss of a ``*ForCausalLM`` model without the full logits tensor.
 
     Args:
@@ -254,6 +292,7 @@ def causal_lm_loss(model: nn.Module, inputs: Mapping[str, Any], labels: torch.Te
     hidden = captured[0]
     valid = shift_labels.ne(IGNORE_INDEX).to(hidden.device)
     targets = shift_labels.to(hidden.device)[valid]
-    loss_sum = chunked_cross_entropy(hidden[valid], head, targets, chunk_size,
-                                     logit_transform(getattr(bare, "config", None)))
+    loss_sum = chunked_cross_entropy(
+        hidden[valid], head, targets, chunk_size, logit_transform(getattr(bare, "config", None))
+    )
     return _normalise(loss_sum, int(targets.numel()), num_items_in_batch)

@@ -16,7 +16,7 @@ from cmmerge.errors import CmmergeError
 from cmmerge.io.manifest import write_json_atomic
 from cmmerge.io.model_card import write_model_card
 from cmmerge.models.loading import local_model_dir, resolve_model
-from cmmerge.settings import data_root, plain, task_config
+from cmmerge.settings import cache_dir, data_root, plain, task_config
 from cmmerge.stages import dist
 from cmmerge.stages.ids import arm_name, cli_hint, finetune_id, merge_id, stage_dirs
 from cmmerge.stages.inputs import split_seed, task_splits
@@ -88,6 +88,8 @@ def run(cfg: DictConfig) -> dict:
         peft=peft_cfg,
     )
 
+    tokens_cache = cache_dir(cfg) / "tokenized"
+
     def work(stage_dir):
         start, steps = init_dir, []
         for name in sequential:  # earlier tasks first, each from the previous result
@@ -100,11 +102,19 @@ def run(cfg: DictConfig) -> dict:
                 step_dir,
                 seed,
                 peft_cfg,
+                tokens_cache,
             )
             steps.append({"task": name, "validation_macro_f1": result["metrics"]["macro_f1"]})
             start = step_dir / "model"
         result = train_classifier(
-            start, training_data(cfg), labels, config_view["finetune"], stage_dir, seed, peft_cfg
+            start,
+            training_data(cfg),
+            labels,
+            config_view["finetune"],
+            stage_dir,
+            seed,
+            peft_cfg,
+            tokens_cache,
         )
         metrics = result.pop("metrics")
         if not dist.is_main():

@@ -12,6 +12,7 @@ import torch
 from datasets import DatasetDict
 from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer
 
+from cmmerge.data.stats import tokenize_cached
 from cmmerge.errors import CmmergeError
 from cmmerge.evaluation.metrics import classification_metrics, trainer_metrics
 from cmmerge.models.loading import load_classifier, load_tokenizer
@@ -20,15 +21,17 @@ from cmmerge.training import lora
 from cmmerge.training.arguments import LogCallback, StepTimer, training_arguments
 
 
-def tokenize_splits(splits: DatasetDict, tokenizer, max_length: int) -> DatasetDict:
-    """Tokenise ``text`` (batched ``datasets.map``); keeps ``label`` as ``labels``."""
-    keep = {"label"}
-    return splits.map(
-        lambda b: tokenizer(b["text"], truncation=True, max_length=max_length),
-        batched=True,
-        desc="tokenising",
-        remove_columns=[c for c in splits["train"].column_names if c not in keep],
-    ).rename_column("label", "labels")
+def tokenize_splits(
+    splits: DatasetDict, tokenizer, max_length: int, cache_dir: Path | None = None
+) -> DatasetDict:
+    """Tokenise ``text`` with batched ``datasets.map``, cached on disk under ``cache_dir`` (a
+    second run re-uses it); keeps ``label`` as ``labels``."""
+    out = {}
+    for name, ds in splits.items():
+        ds = tokenize_cached(ds, tokenizer, max_length, cache_dir)
+        drop = [c for c in ds.column_names if c not in ("input_ids", "attention_mask", "label")]
+        out[name] = ds.remove_columns(drop).rename_column("label", "labels")
+    return DatasetDict(out)
 
 
 def class_weights(train_labels: list[int], n_labels: int, mode: str | None) -> torch.Tensor | None:
@@ -59,6 +62,7 @@ def train_classifier(
     out_dir: Path,
     seed: int,
     peft_cfg: Mapping[str, Any] | None = None,
+    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``init_dir`` on ``splits['train']``; keeps the epoch best on validation macro-F1.
 
@@ -75,6 +79,7 @@ def train_classifier(
         DatasetDict(train=splits["train"], validation=splits["validation"]),
         tokenizer,
         int(params["max_length"]),
+        cache_dir,
     )
     ckpt_dir = out_dir / "checkpoints"
     args = training_arguments(

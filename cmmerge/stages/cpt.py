@@ -8,6 +8,7 @@ from cmmerge.io.manifest import write_json_atomic
 from cmmerge.io.model_card import write_model_card
 from cmmerge.models.loading import model_kind, resolve_model
 from cmmerge.settings import data_root, plain
+from cmmerge.stages import dist
 from cmmerge.stages.ids import stage_dirs
 from cmmerge.stages.inputs import cpt_corpus, leakage_tasks, split_seed
 from cmmerge.stages.runner import folder_input, run_stage, view
@@ -27,17 +28,24 @@ def run(cfg: DictConfig) -> dict:
         leakage_tasks=leakage_tasks(cfg),
         split_seed=split_seed(cfg),
         seed=int(cfg.cpt.seed),
+        peft=plain(cfg.get("peft")),
     )
 
     def work(stage_dir):
         texts, corpus_stats = cpt_corpus(cfg)
-        metrics = train_lm(base, kind, texts, plain(cfg.cpt), stage_dir, int(cfg.cpt.seed))
+        peft_cfg = config_view["peft"]
+        metrics = train_lm(
+            base, kind, texts, config_view["cpt"], stage_dir, int(cfg.cpt.seed), peft_cfg
+        )
+        if not dist.is_main():
+            return {"metrics": metrics}
         write_json_atomic(stage_dir / "metrics.json", metrics)
         objective = "masked LM" if kind == "encoder" else "causal LM"
+        how = "LoRA, merged into the weights" if metrics["lora"] else "full parameters"
         write_model_card(
             stage_dir / "model",
             f"{cfg.model.name} + CPT on {cfg.corpus.name}",
-            f"Continued pre-training ({objective}, full parameters) of `{base}` on "
+            f"Continued pre-training ({objective}, {how}) of `{base}` on "
             f"the {cfg.corpus.name} code-mixed corpus by cmmerge.",
             {
                 "base": base,
@@ -46,6 +54,8 @@ def run(cfg: DictConfig) -> dict:
                 "leakage removed": corpus_stats["leakage_removed"],
                 "steps": metrics["steps"],
                 "lr": cfg.cpt.lr,
+                "fast loss": metrics["fast_loss"],
+                "packing": metrics["packing"],
                 "held-out perplexity": f"{metrics['perplexity_before']:.2f} -> "
                 f"{metrics['perplexity']:.2f}",
             },
@@ -58,4 +68,5 @@ def run(cfg: DictConfig) -> dict:
             "kind": kind,
         }
 
-    return run_stage(cfg, "cpt", dirs["cpt"], config_view, [folder_input(base)], work)
+    inputs = [folder_input(base)]
+    return run_stage(cfg, "cpt", dirs["cpt"], config_view, inputs, work, all_ranks=True)

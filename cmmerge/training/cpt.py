@@ -8,6 +8,7 @@ standard ``*ForMaskedLM`` / ``*ForCausalLM``, so the saved checkpoint is the sam
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -22,6 +23,8 @@ from transformers import DataCollatorForLanguageModeling, Trainer
 
 from cmmerge.errors import CmmergeError
 from cmmerge.models.loading import ModelKind, load_lm, load_tokenizer
+from cmmerge.stages import dist
+from cmmerge.training import lora
 from cmmerge.training.arguments import training_arguments
 from cmmerge.training.losses import (
     DEFAULT_CHUNK_SIZE,
@@ -48,13 +51,28 @@ def tokenize_texts(texts: Sequence[str], tokenizer, max_length: int) -> Dataset:
     return ds.filter(lambda ex: len(ex["input_ids"]) > 2)
 
 
-def _collator(tokenizer, kind: ModelKind, mlm_probability: float, seed: int):
+def _collator(tokenizer, kind: ModelKind, mlm_probability: float, seed: int, wwm: bool = False):
     return DataCollatorForLanguageModeling(
         tokenizer,
         mlm=kind == "encoder",
         mlm_probability=mlm_probability if kind == "encoder" else None,
+        whole_word_mask=wwm and kind == "encoder",
         seed=seed,
     )
+
+
+def _resumable_checkpoint(ckpt_dir: Path, identity: dict) -> bool:
+    """True when ``ckpt_dir`` holds checkpoints of this very run (same model, data and settings)
+    left by an interruption; stale checkpoints of another run are removed."""
+    marker = ckpt_dir / "cmmerge-run.json"
+    same = marker.exists() and json.loads(marker.read_text()) == identity
+    if dist.is_main():
+        if not same:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(identity, sort_keys=True))
+    dist.barrier()
+    return same and any(ckpt_dir.glob("checkpoint-*"))
 
 
 class CptTrainer(Trainer):
@@ -139,11 +157,14 @@ def train_lm(
     params: Mapping[str, Any],
     out_dir: Path,
     seed: int,
+    peft_cfg: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Continue pre-training ``model_dir`` on ``texts``; saves the model to ``out_dir/model``.
 
-    Returns held-out loss and perplexity before and after, and the number of training steps and
-    tokens.
+    With LoRA (``peft_cfg``) the adapter is kept in ``out_dir/adapter`` and merged into the full
+    weights saved in ``out_dir/model``. Checkpoints every ``save_steps`` let an interrupted run
+    resume where it stopped. Returns held-out loss and perplexity before and after, and the
+    number of training steps and tokens.
     """
     tokenizer = load_tokenizer(model_dir)
     if kind == "encoder" and tokenizer.mask_token is None:
@@ -159,6 +180,8 @@ def train_lm(
         )
     split = dataset.train_test_split(test_size=n_eval, seed=seed)
     model = load_lm(model_dir, kind)
+    if lora.enabled(peft_cfg):
+        model = lora.wrap(model, peft_cfg, "causal_lm" if kind == "decoder" else "masked_lm")
     mlm_p = float(params.get("mlm_probability", 0.15))
     packed = use_packing(params, kind, model)
     fast_loss = bool(params.get("fast_loss", True))
@@ -172,11 +195,31 @@ def train_lm(
         )
 
     def make_collator():
-        return packing_collator if packed else _collator(tokenizer, kind, mlm_p, seed)
+        if packed:
+            return packing_collator
+        return _collator(tokenizer, kind, mlm_p, seed, bool(params.get("whole_word_mask")))
 
     ckpt_dir = out_dir / "checkpoints"
+    identity = {
+        "model": str(model_dir),
+        "params": dict(params),
+        "seed": seed,
+        "texts": len(texts),
+        "peft": dict(peft_cfg or {}),
+    }
+    resume = _resumable_checkpoint(ckpt_dir, identity)
+    save_steps = int(params.get("save_steps") or 0)
     args = training_arguments(
-        ckpt_dir, params, seed, eval_strategy="no", save_strategy="no", remove_unused_columns=True
+        ckpt_dir,
+        params,
+        seed,
+        eval_strategy="no",
+        save_strategy="steps" if save_steps > 0 else "no",
+        save_steps=max(save_steps, 1),
+        save_total_limit=1,
+        save_only_model=False,  # optimizer and scheduler state too, to resume exactly
+        activation_checkpointing=bool(params.get("gradient_checkpointing")),
+        remove_unused_columns=True,
     )
     trainer = CptTrainer(
         model=model,
@@ -190,12 +233,21 @@ def train_lm(
     )
     before = _perplexity(trainer, make_collator, split["test"])
     trainer.data_collator = make_collator()
-    result = trainer.train()
+    if resume:
+        log.info("resuming CPT from the last checkpoint in %s", ckpt_dir)
+    result = trainer.train(resume_from_checkpoint=True if resume else None)
     after = _perplexity(trainer, make_collator, split["test"])
     model_out = out_dir / "model"
-    trainer.save_model(str(model_out))
-    tokenizer.save_pretrained(model_out)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if lora.enabled(peft_cfg):
+        if dist.is_main():
+            lora.merge_and_save(trainer.model, model_out, out_dir / "adapter", tokenizer)
+    else:
+        trainer.save_model(str(model_out))
+        if dist.is_main():
+            tokenizer.save_pretrained(model_out)
+    dist.barrier()
+    if dist.is_main():
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     return {
         "loss": after["loss"],
         "perplexity": after["perplexity"],
@@ -209,4 +261,6 @@ def train_lm(
         "train_runtime_s": float(result.metrics.get("train_runtime", 0.0)),
         "fast_loss": fast_loss,
         "packing": packed,
+        "resumed": resume,
+        "lora": lora.enabled(peft_cfg),
     }

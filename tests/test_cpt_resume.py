@@ -1,0 +1,53 @@
+"""An interrupted CPT leaves no manifest and resumes from its last checkpoint on the re-run;
+LoRA CPT keeps the adapter and saves merged full weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import FAST, compose
+from transformers import AutoModelForCausalLM
+
+from cmmerge.io.manifest import read_manifest
+from cmmerge.stages import cpt, extract
+
+
+def test_killed_cpt_resumes_from_its_checkpoint(tmp_path):
+    args = [sys.executable, "-m", "cmmerge.cli", "cpt", f"run.root={tmp_path}", "run.name=r",
+            "train=smoke", "cpt.max_steps=300", "cpt.save_steps=20", "cpt.batch_size=8",
+            "cpt.max_length=32"]
+    stage = tmp_path / "r" / "cpt"
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while not list((stage / "checkpoints").glob("checkpoint-*/trainer_state.json")):
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the end"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # as a pre-empted job would be
+    proc.wait()
+    assert read_manifest(stage) is None  # unfinished: no manifest
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    manifest = read_manifest(stage)
+    assert manifest["metrics"]["resumed"] is True
+    assert manifest["metrics"]["steps"] == 300
+    assert not (stage / "checkpoints").exists()
+    assert "resuming CPT" in (stage / "cpt.log").read_text()
+
+
+def test_lora_cpt_on_the_decoder_merges_the_adapter(tmp_path):
+    cfg = compose("cpt", ["model=tiny-llama", "peft=lora", f"run.root={tmp_path}", *FAST])
+    manifest = cpt.run(cfg)
+    out = tmp_path / "default" / "cpt"
+    assert manifest["metrics"]["lora"] is True
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 8
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    stats = extract.run(cfg)["metrics"]
+    assert stats["l2_norm"] > 0  # the merged adapter changed the attention/MLP weights

@@ -73,3 +73,24 @@ def test_prompting_a_decoder_zero_and_few_shot(tmp_path):
         assert all(p["pred"] == max(p["scores"], key=p["scores"].get) for p in preds)
     with pytest.raises(CmmergeError, match="needs a decoder"):
         prompt.run(compose("prompt", [f"run.root={tmp_path}"]))
+
+
+def test_a_head_for_other_labels_and_an_untrainable_kind_are_named(tmp_path):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from cmmerge.models.loading import model_kind, resolve_model
+
+    base = resolve_model(compose("finetune", []))
+    two = tmp_path / "two_labels"
+    AutoModelForSequenceClassification.from_pretrained(base, num_labels=2).save_pretrained(two)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (two / name).write_bytes((base / name).read_bytes())
+    cfg = compose("finetune", [f"init={two}", f"run.root={tmp_path}", *FAST])
+    with pytest.raises(CmmergeError, match="head for 2 labels, the task has 3"):
+        finetune.run(cfg)
+
+    t5 = tmp_path / "t5"
+    AutoConfig.for_model("t5", d_model=8, num_layers=1, num_heads=1, d_kv=4, d_ff=8,
+                         vocab_size=10).save_pretrained(t5)
+    with pytest.raises(CmmergeError, match="model type 't5'.*neither a masked-LM"):
+        model_kind(t5)

@@ -32,6 +32,9 @@ from cmmerge.merging.plan import Item, PathLike, Source, open_sources, plan_merg
 from cmmerge.merging.select import Threshold, keep_count, thresholds_over, trim_mask
 
 CHUNK = 1 << 20  # elements per chunk (4 MiB in float32): fits the caches, amortises Python
+# Per-tensor trims of tensors up to this many elements keep their float32 deltas between the
+# selection passes and the merge (at most 128 MiB per source and worker); larger ones recompute.
+CACHED_TRIM = 32 * 1024 * 1024
 
 
 def default_threads() -> int:
@@ -164,6 +167,17 @@ class _Merger:
             return thresholds_over(lambda c: cached, 1, ks)
         return thresholds_over(lambda c: self.deltas(*pieces[c])[1], len(pieces), ks, map_fn)
 
+    def apply_tensor(self, item: Item, ranges: list[tuple[int, int]]) -> None:
+        """Trim and merge a whole tensor in one task: each chunk's deltas are computed once and
+        serve both the threshold passes and the merge (instead of being re-read per pass)."""
+        cached = [self.deltas(item, s, e)[1] for s, e in ranges]  # deltas only: base re-read
+        ks = [keep_count(self.density, item.shared)] * len(self.sources)
+        thr = thresholds_over(lambda c: cached[c], len(ranges), ks)
+        for c, (s, e) in enumerate(ranges):
+            base = self.base.read(item.key, s, e).to(torch.float32)
+            self.apply(item, s, e, thr, c, (base, cached[c]))
+            cached[c] = None  # free as we go
+
     def apply(
         self,
         item: Item,
@@ -171,9 +185,10 @@ class _Merger:
         stop: int,
         thresholds: list[Threshold | None] | None,
         chunk: int,
+        computed: tuple[Tensor, list[Tensor]] | None = None,
     ) -> None:
         """Merge flat elements ``[start, stop)`` of ``item`` and write them."""
-        base, deltas = self.deltas(item, start, stop)
+        base, deltas = computed or self.deltas(item, start, stop)
         if thresholds is None and self.trims and self.method.trim == "magnitude":
             thresholds, chunk = self.thresholds([(item, start, stop)], cached=deltas), 0
         self._trim(item, start, deltas, thresholds, chunk)
@@ -183,7 +198,7 @@ class _Merger:
         out = apply_delta(base, combined, self.scale)
         if (
             not self.allow_nonfinite
-            and not math.isfinite(float(out.sum(dtype=torch.float64)))
+            and not math.isfinite(float(out.sum()))  # cheap: NaN/Inf (or overflow) shows here
             and not bool(torch.isfinite(out).all())
         ):
             self._blame(item, start, stop)
@@ -242,7 +257,11 @@ class _Merger:
             return
         ranges = chunk_ranges(item.shared)
         thr = model_thr
-        if thr is None and len(ranges) > 1 and self.trims and self.method.trim == "magnitude":
+        per_tensor_trim = thr is None and self.trims and self.method.trim == "magnitude"
+        if per_tensor_trim and len(ranges) > 1 and item.shared <= CACHED_TRIM:
+            sched.submit(self.apply_tensor, item, ranges)
+            ranges = []
+        elif per_tensor_trim and len(ranges) > 1:
             thr = self.thresholds([(item, s, e) for s, e in ranges], sched.map)
         for c, (s, e) in enumerate(ranges):
             sched.submit(self.apply, item, s, e, thr, first_chunk + c if thr else 0)

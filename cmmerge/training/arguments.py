@@ -20,9 +20,13 @@ class LogCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            log.info("step %d: %s", state.global_step,
-                     ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                               for k, v in logs.items()))
+            log.info(
+                "step %d: %s",
+                state.global_step,
+                ", ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items()
+                ),
+            )
 
 
 def precision_flags() -> dict[str, bool]:

@@ -237,17 +237,7 @@ def train_lm(
         log.info("resuming CPT from the last checkpoint in %s", ckpt_dir)
     result = trainer.train(resume_from_checkpoint=True if resume else None)
     after = _perplexity(trainer, make_collator, split["test"])
-    model_out = out_dir / "model"
-    if lora.enabled(peft_cfg):
-        if dist.is_main():
-            lora.merge_and_save(trainer.model, model_out, out_dir / "adapter", tokenizer)
-    else:
-        trainer.save_model(str(model_out))
-        if dist.is_main():
-            tokenizer.save_pretrained(model_out)
-    dist.barrier()
-    if dist.is_main():
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    lora.save_trained(trainer, tokenizer, out_dir, peft_cfg)
     return {
         "loss": after["loss"],
         "perplexity": after["perplexity"],

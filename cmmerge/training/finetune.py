@@ -121,17 +121,7 @@ def train_classifier(
         for h in trainer.state.log_history
         if "eval_macro_f1" in h
     ]
-    model_out = out_dir / "model"
-    if lora.enabled(peft_cfg):
-        if dist.is_main():
-            lora.merge_and_save(trainer.model, model_out, out_dir / "adapter", tokenizer)
-    else:
-        trainer.save_model(str(model_out))
-        if dist.is_main():
-            tokenizer.save_pretrained(model_out)
-    dist.barrier()
-    if dist.is_main():
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    lora.save_trained(trainer, tokenizer, out_dir, peft_cfg)
     useful_tokens = sum(len(x) for x in data["train"]["input_ids"]) * float(
         result.metrics.get("epoch", 1.0)
     )

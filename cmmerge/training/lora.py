@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
 from cmmerge.errors import CmmergeError
+from cmmerge.stages import dist
 
 
 def enabled(peft_cfg: Mapping[str, Any] | None) -> bool:
@@ -58,9 +61,20 @@ def wrap(model: torch.nn.Module, peft_cfg: Mapping[str, Any], task: str) -> Peft
     return get_peft_model(model, config)
 
 
-def merge_and_save(model: PeftModel, model_dir, adapter_dir, tokenizer) -> None:
-    """Save the adapter to ``adapter_dir`` and the merged full model to ``model_dir``."""
-    model.save_pretrained(adapter_dir)
-    merged = model.merge_and_unload()
-    merged.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+def save_trained(trainer, tokenizer, out_dir: Path, peft_cfg: Mapping[str, Any] | None) -> None:
+    """Save a training stage's result to ``out_dir/model`` (with LoRA: the adapter to
+    ``out_dir/adapter`` and the merged full weights to ``out_dir/model``), then drop the
+    Trainer's checkpoints. Rank 0 alone writes under a multi-process launch."""
+    model_dir = out_dir / "model"
+    if enabled(peft_cfg):
+        if dist.is_main():
+            trainer.model.save_pretrained(out_dir / "adapter")
+            trainer.model.merge_and_unload().save_pretrained(model_dir)
+            tokenizer.save_pretrained(model_dir)
+    else:
+        trainer.save_model(str(model_dir))
+        if dist.is_main():
+            tokenizer.save_pretrained(model_dir)
+    dist.barrier()
+    if dist.is_main():
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)

@@ -87,8 +87,10 @@ def test_chunks_shards_threads_change_nothing(dirs, tmp_path, monkeypatch):
     assert set(index["weight_map"]) == set(ref)
 
 
-def test_streamed_ties_equals_whole_tensor_math(dirs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("cached_trim", [0, 10**9])  # selection re-reads chunks / keeps them
+def test_streamed_ties_equals_whole_tensor_math(dirs, tmp_path, monkeypatch, cached_trim):
     monkeypatch.setattr(engine, "CHUNK", 500)
+    monkeypatch.setattr(engine, "CACHED_TRIM", cached_trim)
     base, a, b = (_tensors(dirs / n) for n in ("base", "a", "b"))
     merge_models(
         dirs / "base",

@@ -58,13 +58,24 @@ def main(argv: list[str] | None = None) -> int:
         ds = tokenize_cached(train, tokenizer, args.max_length, cache)
         timings.append(time.perf_counter() - t0)
     n_tokens = sum(len(x) for x in ds["input_ids"])
-    print(json.dumps({
-        "task": args.task, "data_root": str(args.data_root), "texts": len(train),
-        "tokens": n_tokens, "tokenizer": str(tok_dir), "max_length": args.max_length,
-        "cache": str(cache), "load_s": round(t_load, 3), "tokenize_first_s": round(timings[0], 3),
-        "tokenize_second_s": round(timings[1], 3),
-        "texts_per_s_first": round(len(train) / timings[0]),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "task": args.task,
+                "data_root": str(args.data_root),
+                "texts": len(train),
+                "tokens": n_tokens,
+                "tokenizer": str(tok_dir),
+                "max_length": args.max_length,
+                "cache": str(cache),
+                "load_s": round(t_load, 3),
+                "tokenize_first_s": round(timings[0], 3),
+                "tokenize_second_s": round(timings[1], 3),
+                "texts_per_s_first": round(len(train) / timings[0]),
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -20,13 +20,27 @@ def test_two_process_finetune_and_evaluate(tmp_path):
     assert accelerate, "accelerate's launcher is installed with the package"
     # `--cpu --num_processes 2` starts one process in accelerate 1.x (its simple launcher);
     # `--multi_gpu` goes through torchrun, which on a machine without GPUs runs CPU processes.
-    launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "cmmerge.cli"]
+    launch = [
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "cmmerge.cli",
+    ]
     args = ["init=base", f"run.root={tmp_path}", "run.name=ddp", *FAST]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     for stage in ("finetune", "evaluate"):
-        out = subprocess.run([*launch, stage, *args], capture_output=True, text=True, env=env,
-                             timeout=600)
+        out = subprocess.run(
+            [*launch, stage, *args], capture_output=True, text=True, env=env, timeout=600
+        )
         assert out.returncode == 0, out.stderr[-3000:]
     ft = tmp_path / "ddp" / "finetune" / "base-sentiment-en-hi-s0"
     manifest = read_manifest(ft)

@@ -34,8 +34,14 @@ def test_lora_finetune_sequential_joint_and_transfer(tmp_path):
     joint = compose("finetune", ["finetune.joint=[sentiment-en-es]", *common])
     finetune.run(joint)
     evaluate.run(
-        compose("evaluate", ["finetune.joint=[sentiment-en-es]",
-                             "eval_tasks=[sentiment-en-hi,sentiment-en-es]", *common])
+        compose(
+            "evaluate",
+            [
+                "finetune.joint=[sentiment-en-es]",
+                "eval_tasks=[sentiment-en-hi,sentiment-en-es]",
+                *common,
+            ],
+        )
     )
     ev = tmp_path / "arms" / "evaluate" / "base-sentiment-en-hi-joint_sentiment-en-es-s0"
     assert read_manifest(ev / "sentiment-en-hi") and read_manifest(ev / "sentiment-en-es")
@@ -49,8 +55,10 @@ def test_lora_finetune_sequential_joint_and_transfer(tmp_path):
 
 
 def test_lora_targets_that_do_not_exist_are_named(tmp_path):
-    cfg = compose("finetune", ["peft=lora", "peft.target_modules=[q_proj]", "init=base",
-                               f"run.root={tmp_path}", *FAST])
+    cfg = compose(
+        "finetune",
+        ["peft=lora", "peft.target_modules=[q_proj]", "init=base", f"run.root={tmp_path}", *FAST],
+    )
     with pytest.raises(CmmergeError, match="q_proj.*its linear modules are: .*query"):
         finetune.run(cfg)
 
@@ -90,7 +98,8 @@ def test_a_head_for_other_labels_and_an_untrainable_kind_are_named(tmp_path):
         finetune.run(cfg)
 
     t5 = tmp_path / "t5"
-    AutoConfig.for_model("t5", d_model=8, num_layers=1, num_heads=1, d_kv=4, d_ff=8,
-                         vocab_size=10).save_pretrained(t5)
+    AutoConfig.for_model(
+        "t5", d_model=8, num_layers=1, num_heads=1, d_kv=4, d_ff=8, vocab_size=10
+    ).save_pretrained(t5)
     with pytest.raises(CmmergeError, match="model type 't5'.*neither a masked-LM"):
         model_kind(t5)

@@ -18,12 +18,23 @@ from cmmerge.stages import cpt, extract
 
 
 def test_killed_cpt_resumes_from_its_checkpoint(tmp_path):
-    args = [sys.executable, "-m", "cmmerge.cli", "cpt", f"run.root={tmp_path}", "run.name=r",
-            "train=smoke", "cpt.max_steps=300", "cpt.save_steps=20", "cpt.batch_size=8",
-            "cpt.max_length=32"]
+    args = [
+        sys.executable,
+        "-m",
+        "cmmerge.cli",
+        "cpt",
+        f"run.root={tmp_path}",
+        "run.name=r",
+        "train=smoke",
+        "cpt.max_steps=300",
+        "cpt.save_steps=20",
+        "cpt.batch_size=8",
+        "cpt.max_length=32",
+    ]
     stage = tmp_path / "r" / "cpt"
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 300
     while not list((stage / "checkpoints").glob("checkpoint-*/trainer_state.json")):
         assert proc.poll() is None and time.time() < deadline, "no checkpoint before the end"

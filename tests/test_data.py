@@ -64,8 +64,15 @@ def spanglish():
 
 
 def test_configs_have_the_agreed_keys():
-    tasks = ("sentiment-en-hi", "sentiment-en-es", "hate-en-hi", "sentiment-en-ta",
-             "sentiment-en-ml", "english-sentiment-en-hi", "custom")
+    tasks = (
+        "sentiment-en-hi",
+        "sentiment-en-es",
+        "hate-en-hi",
+        "sentiment-en-ta",
+        "sentiment-en-ml",
+        "english-sentiment-en-hi",
+        "custom",
+    )
     for name in tasks:
         cfg = load_task_config(name)
         assert cfg["name"] == name

@@ -17,13 +17,19 @@ from cmmerge.stages.inputs import cpt_corpus, evaluation_texts, leakage_tasks
 
 REPO = Path(__file__).resolve().parent.parent
 FULL_DATA = REPO.parent / "shared" / "data"
-BENCHMARKS = ["sentiment-en-hi", "sentiment-en-es", "hate-en-hi", "sentiment-en-ta",
-              "sentiment-en-ml"]
+BENCHMARKS = [
+    "sentiment-en-hi",
+    "sentiment-en-es",
+    "hate-en-hi",
+    "sentiment-en-ta",
+    "sentiment-en-ml",
+]
 
 
 def test_data_stage_writes_stats_on_the_samples(tmp_path: Path, capsys):
-    cfg = compose("data", [f"run.root={tmp_path}", "task=sentiment-en-ta",
-                           "eval_tasks=[sentiment-en-ml]"])
+    cfg = compose(
+        "data", [f"run.root={tmp_path}", "task=sentiment-en-ta", "eval_tasks=[sentiment-en-ml]"]
+    )
     manifest = data_stage.run(cfg)
     stats = json.loads((tmp_path / "default" / "data" / "stats.json").read_text())
     task, corpus = stats["task"], stats["corpus"]
@@ -33,9 +39,15 @@ def test_data_stage_writes_stats_on_the_samples(tmp_path: Path, capsys):
     assert "code_mixing" not in task["splits"]["train"]  # Dravidian TSVs have no word tags
     assert corpus["leakage_tasks"] == BENCHMARKS and "leakage_tasks_skipped" not in corpus
     assert corpus["raw"] == 3000 + 1500 and corpus["missing_sources"] == [
-        "hinglish_unlabeled/l3cube_hinglid/validation.txt"]
-    assert corpus["kept"] == corpus["raw"] - corpus["duplicates_removed"] - corpus[
-        "leakage_removed"] - corpus["empty_removed"]
+        "hinglish_unlabeled/l3cube_hinglid/validation.txt"
+    ]
+    assert (
+        corpus["kept"]
+        == corpus["raw"]
+        - corpus["duplicates_removed"]
+        - corpus["leakage_removed"]
+        - corpus["empty_removed"]
+    )
     assert set(corpus["code_mixing"]["language_share"]) == {"en", "hi"}
     assert manifest["metrics"]["corpus_leakage_removed"] == corpus["leakage_removed"]
     out = capsys.readouterr().out
@@ -65,26 +77,40 @@ def test_leakage_tasks_missing_under_data_root_are_skipped_and_reported(tmp_path
     _, stats = cpt_corpus(cfg)
     assert stats["leakage_tasks"] == ["sentiment-en-hi"]
     assert set(stats["leakage_tasks_skipped"]) == set(BENCHMARKS[1:])
-    bad = compose("data", [f"run.root={tmp_path}", f"data.root={root}",
-                           "eval_tasks=[sentiment-en-es]"])
+    bad = compose(
+        "data", [f"run.root={tmp_path}", f"data.root={root}", "eval_tasks=[sentiment-en-es]"]
+    )
     with pytest.raises(Exception, match="file not found: .*Spanglish_train.conll"):
         cpt_corpus(bad)  # an eval task must load
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cmmerge.cli", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "cmmerge.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cli_bad_custom_file_exits_2_with_one_line(tmp_path: Path):
     (tmp_path / "train.csv").write_text("id,sentence\n1,hello\n")
-    out = run_cli("data", "task=custom", "task.train=train.csv", "task.test_fraction=0.2",
-                  f"run.root={tmp_path}/runs", cwd=tmp_path)
+    out = run_cli(
+        "data",
+        "task=custom",
+        "task.train=train.csv",
+        "task.test_fraction=0.2",
+        f"run.root={tmp_path}/runs",
+        cwd=tmp_path,
+    )
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
-    assert lines[-1] == (f"cmmerge data: error: {tmp_path}/train.csv: no text column 'text'; "
-                         "columns found: id, sentence (set task.text_column; task custom, key "
-                         "train)")
+    assert lines[-1] == (
+        f"cmmerge data: error: {tmp_path}/train.csv: no text column 'text'; "
+        "columns found: id, sentence (set task.text_column; task custom, key "
+        "train)"
+    )
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "runs" / "default" / "data" / "manifest.json").exists()
 
@@ -104,8 +130,16 @@ def test_cli_bad_custom_file_exits_2_with_one_line(tmp_path: Path):
 )
 def test_full_data_counts(tmp_path: Path, task, sizes, leakage):
     corpus = "en-es" if task == "sentiment-en-es" else "en-hi"
-    cfg = compose("data", [f"run.root={tmp_path}", f"data.root={FULL_DATA}", f"task={task}",
-                           f"corpus={corpus}", "data.token_lengths=false"])
+    cfg = compose(
+        "data",
+        [
+            f"run.root={tmp_path}",
+            f"data.root={FULL_DATA}",
+            f"task={task}",
+            f"corpus={corpus}",
+            "data.token_lengths=false",
+        ],
+    )
     stats = data_stage.collect_stats(cfg)
     assert stats["task"]["sizes"] == sizes
     if leakage is not None:

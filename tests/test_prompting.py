@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
+from test_tiny import ARCH, TEXTS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cmmerge.evaluation.prompting import draw_shots, score_verbalizers
 from cmmerge.models.tiny import build_tiny_model
-from test_tiny import ARCH, TEXTS
 
 
 def test_scores_equal_the_summed_token_log_probs(tmp_path):

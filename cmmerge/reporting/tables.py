@@ -48,10 +48,18 @@ def prompt_rows(run_dir: Path) -> list[dict]:
         if manifest is None:
             continue
         metrics = manifest["metrics"]
-        rows.append({"arm": manifest.get("arm", stage_dir.name), "finetune_id": stage_dir.name,
-                     "task": manifest.get("task"), "seed": manifest.get("seed"), "merge_id": "",
-                     "val_macro_f1": None, "test_macro_f1": metrics["macro_f1"],
-                     "test_accuracy": metrics["accuracy"]})
+        rows.append(
+            {
+                "arm": manifest.get("arm", stage_dir.name),
+                "finetune_id": stage_dir.name,
+                "task": manifest.get("task"),
+                "seed": manifest.get("seed"),
+                "merge_id": "",
+                "val_macro_f1": None,
+                "test_macro_f1": metrics["macro_f1"],
+                "test_accuracy": metrics["accuracy"],
+            }
+        )
     return rows
 
 

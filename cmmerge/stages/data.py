@@ -91,30 +91,46 @@ def _fmt_lengths(lengths: dict) -> str:
 def summary(stats: dict) -> str:
     """A short human-readable report of :func:`collect_stats`."""
     task, corpus = stats["task"], stats["corpus"]
-    lines = [f"data root: {stats['data_root']}",
-             f"task {task['name']} (labels {', '.join(task['labels'])})"]
+    lines = [
+        f"data root: {stats['data_root']}",
+        f"task {task['name']} (labels {', '.join(task['labels'])})",
+    ]
     for name, entry in task["splits"].items():
         dist = task["label_distribution"][name]
         counts = " / ".join(f"{label} {n:,}" for label, n in dist.items())
-        notes = [f"{k.replace('_', ' ')} {v}" for k, v in entry.items()
-                 if k in ("read", "dropped_by_label_map", "continuation_lines_joined",
-                          "filtered_out", "mojibake_repaired", "carved_fraction")]
+        notes = [
+            f"{k.replace('_', ' ')} {v}"
+            for k, v in entry.items()
+            if k
+            in (
+                "read",
+                "dropped_by_label_map",
+                "continuation_lines_joined",
+                "filtered_out",
+                "mojibake_repaired",
+                "carved_fraction",
+            )
+        ]
         lines.append(f"  {name:<10} {entry['size']:>6,}  {counts}   [{'; '.join(notes)}]")
         if "token_lengths" in entry:
             lines.append(f"  {'':<10} tokens {_fmt_lengths(entry['token_lengths'])}")
         if "code_mixing" in entry:
             mix = entry["code_mixing"]
             shares = ", ".join(f"{k} {v:.1%}" for k, v in mix["language_share"].items())
-            lines.append(f"  {'':<10} languages {shares}; other {mix['other_share']:.1%}; "
-                         f"CMI {mix['cmi_mean']:.1f}")
+            lines.append(
+                f"  {'':<10} languages {shares}; other {mix['other_share']:.1%}; "
+                f"CMI {mix['cmi_mean']:.1f}"
+            )
     overlap = ", ".join(f"{k} {v}" for k, v in task["overlap"].items())
     lines.append(f"  texts shared / repeated: {overlap}")
     sources = ", ".join(f"{Path(s['path']).name} {s['texts']:,}" for s in corpus["sources"])
     added = ", ".join(f"{k} train {v:,}" for k, v in corpus["task_train_sets"].items())
     lines.append(f"corpus {corpus['name']}: {corpus['raw']:,} texts ({sources}; {added})")
-    lines.append(f"  kept {corpus['kept']:,}; removed: duplicates {corpus['duplicates_removed']:,}"
-                 f", leakage {corpus['leakage_removed']:,}, empty {corpus['empty_removed']:,}"
-                 f" (evaluation texts of {', '.join(corpus['leakage_tasks'])})")
+    lines.append(
+        f"  kept {corpus['kept']:,}; removed: duplicates {corpus['duplicates_removed']:,}"
+        f", leakage {corpus['leakage_removed']:,}, empty {corpus['empty_removed']:,}"
+        f" (evaluation texts of {', '.join(corpus['leakage_tasks'])})"
+    )
     for key in ("leakage_tasks_skipped", "missing_sources"):
         if corpus.get(key):
             lines.append(f"  {key.replace('_', ' ')}: {corpus[key]}")
@@ -129,18 +145,27 @@ def summary(stats: dict) -> str:
 
 def run(cfg: DictConfig) -> dict:
     dirs = stage_dirs(cfg)
-    config_view = view(cfg, "task", "corpus", data=plain(cfg.data),
-                       data_root=str(data_root(cfg)), seed=int(cfg.seed), cpt_seed=cfg.cpt.seed,
-                       model=plain(cfg.model) if cfg.data.get("token_lengths", True) else None,
-                       leakage_tasks=leakage_tasks(cfg))
+    config_view = view(
+        cfg,
+        "task",
+        "corpus",
+        data=plain(cfg.data),
+        data_root=str(data_root(cfg)),
+        seed=int(cfg.seed),
+        cpt_seed=cfg.cpt.seed,
+        model=plain(cfg.model) if cfg.data.get("token_lengths", True) else None,
+        leakage_tasks=leakage_tasks(cfg),
+    )
 
     def work(stage_dir):
         stats = collect_stats(cfg)
         write_json_atomic(stage_dir / "stats.json", stats)
         metrics = {f"{split}_size": n for split, n in stats["task"]["sizes"].items()}
-        metrics.update(corpus_kept=stats["corpus"]["kept"],
-                       corpus_duplicates_removed=stats["corpus"]["duplicates_removed"],
-                       corpus_leakage_removed=stats["corpus"]["leakage_removed"])
+        metrics.update(
+            corpus_kept=stats["corpus"]["kept"],
+            corpus_duplicates_removed=stats["corpus"]["duplicates_removed"],
+            corpus_leakage_removed=stats["corpus"]["leakage_removed"],
+        )
         return {"metrics": metrics, "outputs": ["stats.json"]}
 
     manifest = run_stage(cfg, "data", dirs["data"], config_view, [], work)

@@ -58,8 +58,12 @@ def evaluation_texts_with_info(cfg: DictConfig) -> tuple[set[str], dict]:
     for name in leakage_tasks(cfg):
         missing = [] if name in required else missing_task_files(cfg, name)
         if missing:
-            log.warning("leakage guard: task %s skipped, files missing under %s: %s", name,
-                        data_root(cfg), ", ".join(missing))
+            log.warning(
+                "leakage guard: task %s skipped, files missing under %s: %s",
+                name,
+                data_root(cfg),
+                ", ".join(missing),
+            )
             info["skipped"][name] = missing
             continue
         splits = load_task(plain(task_config(cfg, name)), data_root(cfg), seed=split_seed(cfg))

@@ -37,8 +37,14 @@ def run(cfg: DictConfig) -> dict:
         raise CmmergeError(f"prompting needs a decoder (causal LM); {model_dir} is an encoder")
     labels = list(cfg.task.labels)
     stage_dir = run_dir(cfg) / "prompt" / f"{cfg.task.name}-k{shots}-s{seed}"
-    config_view = {"task": plain(cfg.task), "prompt": plain(cfg.prompt), "shots": shots,
-                   "seed": seed, "data_root": str(data_root(cfg)), "split_seed": split_seed(cfg)}
+    config_view = {
+        "task": plain(cfg.task),
+        "prompt": plain(cfg.prompt),
+        "shots": shots,
+        "seed": seed,
+        "data_root": str(data_root(cfg)),
+        "split_seed": split_seed(cfg),
+    }
 
     def work(out_dir):
         splits = task_splits(cfg)
@@ -50,20 +56,34 @@ def run(cfg: DictConfig) -> dict:
         prompts = [prefix + template.format(text=t) for t in test["text"]]
         tokenizer = load_tokenizer(model_dir)
         model = load_lm(model_dir, "decoder")
-        scores = score_verbalizers(model, tokenizer, prompts, verbalizers,
-                                   int(cfg.prompt.batch_size), int(cfg.prompt.max_length),
-                                   str(cfg.prompt.reduce))
+        scores = score_verbalizers(
+            model,
+            tokenizer,
+            prompts,
+            verbalizers,
+            int(cfg.prompt.batch_size),
+            int(cfg.prompt.max_length),
+            str(cfg.prompt.reduce),
+        )
         pred = scores.argmax(-1).tolist()
         metrics = classification_metrics(list(test["label"]), pred, labels)
         write_json_atomic(out_dir / "metrics.json", {"split": "test", **metrics})
         with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
             for text, gold, p, s in zip(test["text"], test["label"], pred, scores, strict=True):
-                row = {"text": text, "gold": labels[gold], "pred": labels[p],
-                       "scores": dict(zip(labels, map(float, s), strict=True))}
+                row = {
+                    "text": text,
+                    "gold": labels[gold],
+                    "pred": labels[p],
+                    "scores": dict(zip(labels, map(float, s), strict=True)),
+                }
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         log.info("prompt %s k=%d: macro-F1 %.4f", cfg.task.name, shots, metrics["macro_f1"])
-        return {"metrics": metrics, "outputs": ["metrics.json", "predictions.jsonl"],
-                "shots_used": [{"text": t, "label": labels[y]} for t, y in demos],
-                "arm": f"Prompting ({shots}-shot)", "task": str(cfg.task.name)}
+        return {
+            "metrics": metrics,
+            "outputs": ["metrics.json", "predictions.jsonl"],
+            "shots_used": [{"text": t, "label": labels[y]} for t, y in demos],
+            "arm": f"Prompting ({shots}-shot)",
+            "task": str(cfg.task.name),
+        }
 
     return run_stage(cfg, "prompt", stage_dir, config_view, [model_input], work)

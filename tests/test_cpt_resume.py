@@ -42,13 +42,17 @@ def test_killed_cpt_resumes_from_its_checkpoint(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # as a pre-empted job would be
     proc.wait()
     assert read_manifest(stage) is None  # unfinished: no manifest
+    partial = stage / "checkpoints" / "checkpoint-99999"  # as if killed while saving
+    partial.mkdir(exist_ok=True)
+    (partial / "config.json").write_text("{}")
     done = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     manifest = read_manifest(stage)
     assert manifest["metrics"]["resumed"] is True
     assert manifest["metrics"]["steps"] == 300
     assert not (stage / "checkpoints").exists()
-    assert "resuming CPT" in (stage / "cpt.log").read_text()
+    log = (stage / "cpt.log").read_text()
+    assert "resuming CPT" in log and "checkpoint-99999" not in log
 
 
 def test_lora_cpt_on_the_decoder_merges_the_adapter(tmp_path):

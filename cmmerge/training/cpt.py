@@ -61,18 +61,27 @@ def _collator(tokenizer, kind: ModelKind, mlm_probability: float, seed: int, wwm
     )
 
 
-def _resumable_checkpoint(ckpt_dir: Path, identity: dict) -> bool:
-    """True when ``ckpt_dir`` holds checkpoints of this very run (same model, data and settings)
-    left by an interruption; stale checkpoints of another run are removed."""
+def _resumable_checkpoint(ckpt_dir: Path, identity: dict) -> str | None:
+    """The last complete checkpoint in ``ckpt_dir`` left by an interruption of this very run
+    (same model, data and settings), or None. Stale checkpoints of another run, and one cut off
+    while it was being written (no ``trainer_state.json``), are removed."""
     marker = ckpt_dir / "cmmerge-run.json"
     same = marker.exists() and json.loads(marker.read_text()) == identity
+    complete = []
     if dist.is_main():
         if not same:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps(identity, sort_keys=True))
+        for ckpt in ckpt_dir.glob("checkpoint-*"):
+            if not (ckpt / "trainer_state.json").exists():
+                shutil.rmtree(ckpt, ignore_errors=True)
     dist.barrier()
-    return same and any(ckpt_dir.glob("checkpoint-*"))
+    if same:
+        complete = [c for c in ckpt_dir.glob("checkpoint-*") if (c / "trainer_state.json").exists()]
+    if not complete:
+        return None
+    return str(max(complete, key=lambda c: int(c.name.rsplit("-", 1)[-1])))
 
 
 class CptTrainer(Trainer):
@@ -234,8 +243,8 @@ def train_lm(
     before = _perplexity(trainer, make_collator, split["test"])
     trainer.data_collator = make_collator()
     if resume:
-        log.info("resuming CPT from the last checkpoint in %s", ckpt_dir)
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
+        log.info("resuming CPT from the last checkpoint, %s", resume)
+    result = trainer.train(resume_from_checkpoint=resume)
     after = _perplexity(trainer, make_collator, split["test"])
     lora.save_trained(trainer, tokenizer, out_dir, peft_cfg)
     return {
@@ -251,6 +260,6 @@ def train_lm(
         "train_runtime_s": float(result.metrics.get("train_runtime", 0.0)),
         "fast_loss": fast_loss,
         "packing": packed,
-        "resumed": resume,
+        "resumed": resume is not None,
         "lora": lora.enabled(peft_cfg),
     }

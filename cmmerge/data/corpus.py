@@ -11,7 +11,6 @@ a source with ``required: false`` is skipped, and reported, when its file is mis
 
 from __future__ import annotations
 
-import importlib.resources
 import logging
 import unicodedata
 from collections import Counter
@@ -98,17 +97,14 @@ def _read_source(source: Mapping, root: Path, where: str) -> tuple[list[str], di
 
 
 def load_task_config(name: str) -> dict:
-    """Load ``configs/task/<name>.yaml`` shipped inside the package.
+    """Load ``configs/task/<name>.yaml`` shipped inside the package, as a plain dict.
 
     Raises:
-        CmmergeError: If the package has no such task config.
+        CmmergeError: If the package has no such task config (the message lists the tasks).
     """
-    from omegaconf import OmegaConf
+    from cmmerge.settings import load_group_config, plain
 
-    resource = importlib.resources.files("cmmerge") / "configs" / "task" / f"{name}.yaml"
-    if not resource.is_file():
-        raise CmmergeError(f"no task config {name!r} in the package (configs/task/{name}.yaml)")
-    return OmegaConf.to_container(OmegaConf.create(resource.read_text(encoding="utf-8")))  # type: ignore[return-value]
+    return plain(load_group_config("task", name))
 
 
 def load_corpus(

@@ -20,7 +20,6 @@ Task config keys (``configs/task/<name>.yaml``; file paths relative to ``root``,
 
 from __future__ import annotations
 
-import importlib.resources
 from collections import Counter, defaultdict
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,6 +32,7 @@ from cmmerge.data.formats import parse_sentimix_conll, read_labels_csv, resolve_
 from cmmerge.data.hub import hub_rows
 from cmmerge.data.tables import FILE_FORMATS, Row, canonical_format, detect_format, read_table
 from cmmerge.errors import CmmergeError
+from cmmerge.settings import SAMPLES_DIR
 
 SPLITS = ("train", "validation", "test")
 # Repair mojibake but leave clean text alone (the default config would also uncurl quotes).
@@ -42,7 +42,7 @@ Tags = tuple[str, ...]
 
 def samples_root() -> Path:
     """Return the folder of the data samples shipped inside the package (the default data root)."""
-    return Path(str(importlib.resources.files("cmmerge") / "samples"))
+    return SAMPLES_DIR
 
 
 def as_dict(cfg: Mapping) -> dict[str, Any]:

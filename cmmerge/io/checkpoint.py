@@ -10,7 +10,6 @@ at most ``max_shard_size`` bytes with an HF index. Both write temp files and ren
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from cmmerge.errors import CmmergeError
+from cmmerge.io.manifest import file_sha256 as sha256_file  # noqa: F401 (public name)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -37,15 +37,6 @@ _DTYPES: dict[str, torch.dtype] = {
 }  # fmt: skip
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 Layout = dict[str, tuple[torch.dtype, tuple[int, ...]]]
-
-
-def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in ``chunk_size`` chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _bytes_view(tensor: torch.Tensor):

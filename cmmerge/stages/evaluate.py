@@ -4,13 +4,12 @@ model on the test split of its task and of other tasks with the same labels (cro
 
 from __future__ import annotations
 
-import json
 import logging
 
 from omegaconf import DictConfig
 
 from cmmerge.errors import CmmergeError
-from cmmerge.io.manifest import write_json_atomic
+from cmmerge.io.manifest import write_json_atomic, write_jsonl_atomic
 from cmmerge.settings import data_root, plain, task_config
 from cmmerge.stages import dist
 from cmmerge.stages.ids import cli_hint, finetune_id, stage_dirs
@@ -63,24 +62,16 @@ def evaluate_one(cfg: DictConfig, task_name: str) -> dict:
         if not dist.is_main():
             return {"metrics": metrics}
         write_json_atomic(stage_dir / "metrics.json", {"split": "test", **metrics})
-        tmp = stage_dir / ".predictions.jsonl.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for text, g, p in zip(texts, gold, probs, strict=True):
-                f.write(
-                    json.dumps(
-                        {
-                            "text": text,
-                            "gold": labels[g],
-                            "pred": labels[int(p.argmax())],
-                            "probs": {
-                                lab: round(float(v), 6) for lab, v in zip(labels, p, strict=True)
-                            },
-                        },
-                        ensure_ascii=False,
-                    )
-                    + "\n"
-                )
-        tmp.replace(stage_dir / "predictions.jsonl")
+        rows = (
+            {
+                "text": text,
+                "gold": labels[g],
+                "pred": labels[int(p.argmax())],
+                "probs": {lab: round(float(v), 6) for lab, v in zip(labels, p, strict=True)},
+            }
+            for text, g, p in zip(texts, gold, probs, strict=True)
+        )
+        write_jsonl_atomic(stage_dir / "predictions.jsonl", rows)
         log.info(
             "evaluate %s on %s: macro-F1 %.4f, accuracy %.4f",
             finetune_id(cfg),

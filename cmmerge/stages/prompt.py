@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 
 from omegaconf import DictConfig, open_dict
@@ -15,7 +14,7 @@ from cmmerge.evaluation.prompting import (
     score_verbalizers,
     verbalizer_list,
 )
-from cmmerge.io.manifest import write_json_atomic
+from cmmerge.io.manifest import write_json_atomic, write_jsonl_atomic
 from cmmerge.models.loading import load_lm, load_tokenizer, model_kind
 from cmmerge.settings import data_root, plain, run_dir
 from cmmerge.stages.finetune import init_model
@@ -68,15 +67,16 @@ def run(cfg: DictConfig) -> dict:
         pred = scores.argmax(-1).tolist()
         metrics = classification_metrics(list(test["label"]), pred, labels)
         write_json_atomic(out_dir / "metrics.json", {"split": "test", **metrics})
-        with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
-            for text, gold, p, s in zip(test["text"], test["label"], pred, scores, strict=True):
-                row = {
-                    "text": text,
-                    "gold": labels[gold],
-                    "pred": labels[p],
-                    "scores": dict(zip(labels, map(float, s), strict=True)),
-                }
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        rows = (
+            {
+                "text": text,
+                "gold": labels[gold],
+                "pred": labels[p],
+                "scores": dict(zip(labels, map(float, s), strict=True)),
+            }
+            for text, gold, p, s in zip(test["text"], test["label"], pred, scores, strict=True)
+        )
+        write_jsonl_atomic(out_dir / "predictions.jsonl", rows)
         log.info("prompt %s k=%d: macro-F1 %.4f", cfg.task.name, shots, metrics["macro_f1"])
         return {
             "metrics": metrics,

@@ -11,10 +11,17 @@ across variants and reported as medians, with the fast/default ratios from the s
   embeddings), batch 8 x 256; default = the model's forward with labels, fast =
   :func:`cmmerge.training.losses.causal_lm_loss` (chunked).
 
+``--device cuda --precision bf16`` times the same steps on a GPU (bf16 autocast, peak memory
+from ``torch.cuda.max_memory_allocated``); ``--random-init`` builds me5-small from its
+``config.json`` alone (random weights: the same step time), for machines that hold no weights;
+``--clm-shape llama1b`` uses Llama-3.2-1B's shape (hidden 2048, 16 layers) for the decoder.
+
 Usage::
 
     /work/shared/tools/me5_small/make_me5_small.sh /tmp/me5_small
     python scripts/bench_cpt.py --me5 /tmp/me5_small --runs 3 --steps 3
+    python scripts/bench_cpt.py --me5 DIR --random-init --device cuda --precision bf16 \
+        --mlm-batch 128 --mlm-length 128 --clm-shape llama1b --clm-length 1024
 """
 
 from __future__ import annotations
@@ -32,6 +39,24 @@ from pathlib import Path
 from typing import Any
 
 VARIANTS = ("mlm-default", "mlm-fast", "clm-default", "clm-fast")
+CLM_SHAPES = {
+    "small": dict(
+        hidden_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=1536,
+        max_position_embeddings=1024,
+    ),
+    "llama1b": dict(  # Llama-3.2-1B
+        hidden_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=8192,
+        max_position_embeddings=4096,
+    ),
+}
 
 
 def _mlm_setup(args: argparse.Namespace):
@@ -41,7 +66,12 @@ def _mlm_setup(args: argparse.Namespace):
 
     hf_logging.set_verbosity_error()  # the e5 folder has no MLM head: it is initialised
     torch.manual_seed(0)
-    model = AutoModelForMaskedLM.from_pretrained(args.me5, dtype="float32")
+    if args.random_init:
+        from transformers import AutoConfig
+
+        model = AutoModelForMaskedLM.from_config(AutoConfig.from_pretrained(args.me5))
+    else:
+        model = AutoModelForMaskedLM.from_pretrained(args.me5, dtype="float32")
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(1)
     batches = []
@@ -63,16 +93,7 @@ def _clm_setup(args: argparse.Namespace):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128256,
-        hidden_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        intermediate_size=1536,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-    )
+    config = LlamaConfig(vocab_size=128256, tie_word_embeddings=True, **CLM_SHAPES[args.clm_shape])
     model = LlamaForCausalLM(config)
     g = torch.Generator().manual_seed(1)
     batches = []
@@ -90,18 +111,23 @@ def worker(variant: str, args: argparse.Namespace) -> dict[str, Any]:
 
     objective, impl = variant.split("-")
     model, batches = (_mlm_setup if objective == "mlm" else _clm_setup)(args)
-    model.train()
+    device = torch.device(args.device)
+    model.to(device).train()
+    batches = [({k: v.to(device) for k, v in b.items()}, lab.to(device)) for b, lab in batches]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     # the Trainer's default optimizer (optim="adamw_torch_fused")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01, fused=True)
 
     def step(inputs: dict, labels: torch.Tensor) -> float:
         optimizer.zero_grad(set_to_none=True)
-        if impl == "default":
-            loss = model(**inputs, labels=labels).loss
-        elif objective == "mlm":
-            loss = masked_lm_loss(model, inputs, labels)[0]
-        else:
-            loss = causal_lm_loss(model, inputs, labels, chunk_size=args.chunk_size)
+        with autocast:
+            if impl == "default":
+                loss = model(**inputs, labels=labels).loss
+            elif objective == "mlm":
+                loss = masked_lm_loss(model, inputs, labels)[0]
+            else:
+                loss = causal_lm_loss(model, inputs, labels, chunk_size=args.chunk_size)
         loss.backward()
         optimizer.step()
         return float(loss)
@@ -109,8 +135,10 @@ def worker(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     first_loss = step(*batches[0])  # warm-up: allocates the optimizer state
     times, cpu = [], []
     for inputs, labels in batches[1:]:
+        sync()
         start, start_cpu = time.perf_counter(), time.process_time()
         step(inputs, labels)
+        sync()
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
     tokens = batches[0][1].numel()
@@ -121,6 +149,9 @@ def worker(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         "tokens_per_s": tokens / sec,
         "step_cpu_s": statistics.median(cpu),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mb": (
+            torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+        ),
         "first_loss": first_loss,
         "threads": torch.get_num_threads(),
     }
@@ -133,19 +164,20 @@ def _run_worker(variant: str, argv: list[str]) -> dict[str, Any]:
 
 
 def _table(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
+    mem_key, mem_name = ("peak_gpu_mb", "GPU") if args.device == "cuda" else ("peak_rss_mb", "RSS")
     rows = [
-        "| objective | setting | variant | step s | step CPU s | tokens/s | peak RSS MB |"
-        " loss step 1 | tokens/s vs default | peak RSS vs default |",
+        f"| objective | setting | variant | step s | step CPU s | tokens/s | peak {mem_name} MB |"
+        f" loss step 1 | tokens/s vs default | peak {mem_name} vs default |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     settings = {
         "mlm": f"me5-small BertForMaskedLM, {args.mlm_batch} x {args.mlm_length}",
-        "clm": f"Llama h512 L4 V128256 tied, {args.clm_batch} x {args.clm_length}",
+        "clm": f"Llama {args.clm_shape} V128256 tied, {args.clm_batch} x {args.clm_length}",
     }
     med = {
         v: {
             k: statistics.median(r[k] for r in rs)
-            for k in ("step_s", "step_cpu_s", "tokens_per_s", "peak_rss_mb", "first_loss")
+            for k in ("step_s", "step_cpu_s", "tokens_per_s", mem_key, "first_loss")
         }
         for v, rs in results.items()
     }
@@ -153,13 +185,13 @@ def _table(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
         objective, impl = v.split("-")
         base = med.get(f"{objective}-default")
         speed = f"{m['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
-        mem = f"{m['peak_rss_mb'] / base['peak_rss_mb']:.2f}x" if base else "-"
+        mem = f"{m[mem_key] / base[mem_key]:.2f}x" if base else "-"
         name = "transformers default" if impl == "default" else "cmmerge fast loss"
         if objective == "clm" and impl == "fast":
             name += f" (chunk {args.chunk_size})"
         rows.append(
             f"| {objective.upper()} | {settings[objective]} | {name} | {m['step_s']:.2f} |"
-            f" {m['step_cpu_s']:.2f} | {m['tokens_per_s']:.0f} | {m['peak_rss_mb']:.0f} |"
+            f" {m['step_cpu_s']:.2f} | {m['tokens_per_s']:.0f} | {m[mem_key]:.0f} |"
             f" {m['first_loss']:.5f} |"
             f" {speed} | {mem} |"
         )
@@ -177,6 +209,10 @@ def main() -> None:
     parser.add_argument("--clm-batch", type=int, default=8)
     parser.add_argument("--clm-length", type=int, default=256)
     parser.add_argument("--chunk-size", type=int, default=1024)
+    parser.add_argument("--clm-shape", choices=sorted(CLM_SHAPES), default="small")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--random-init", action="store_true", help="me5 from config.json only")
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -194,6 +230,10 @@ def main() -> None:
         f"--clm-batch={args.clm_batch}",
         f"--clm-length={args.clm_length}",
         f"--chunk-size={args.chunk_size}",
+        f"--clm-shape={args.clm_shape}",
+        f"--device={args.device}",
+        f"--precision={args.precision}",
+        *(["--random-init"] if args.random_init else []),
     ]
     results: dict[str, list[dict]] = {v: [] for v in variants}
     load = os.getloadavg()
@@ -203,16 +243,18 @@ def main() -> None:
             results[v].append(r)
             print(
                 f"run {run + 1}/{args.runs} {v}: {r['step_s']:.2f} s/step, "
-                f"{r['tokens_per_s']:.0f} tokens/s, {r['peak_rss_mb']:.0f} MB",
+                f"{r['tokens_per_s']:.0f} tokens/s, {r['peak_rss_mb']:.0f} MB RSS, "
+                f"{r['peak_gpu_mb']:.0f} MB GPU",
                 file=sys.stderr,
             )
     import torch
 
+    gpu = f", {torch.cuda.get_device_name(0)}" if args.device == "cuda" else ""
     print(
-        f"\nMachine: {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"\nMachine: {platform.machine()}, {os.cpu_count()} CPUs{gpu}, "
         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
         f"torch {torch.__version__}, {results[variants[0]][0]['threads']} threads; "
-        f"median of {args.runs} processes x {args.steps} steps (fused AdamW, float32); "
+        f"median of {args.runs} processes x {args.steps} steps (fused AdamW, {args.precision}); "
         f"load average before: {load[0]:.1f}\n"
     )
     print(_table(results, args))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -47,6 +48,7 @@ PARAMS = dict(
     eval_fraction=0.05,
     logging_steps=50,
     loss_chunk_size=16,
+    precision="fp32",  # the comparisons below hold in float32, also on a GPU
 )
 
 
@@ -161,3 +163,19 @@ def test_gradient_accumulation_matches_the_larger_batch(tmp_path):
     for (name, p), q in zip(x.state_dict().items(), y.state_dict().values(), strict=True):
         torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4, msg=name)
     assert abs(one["train_loss"] - two["train_loss"]) < 1e-4
+
+
+def test_precision_key_picks_the_trainer_flags_and_refuses_what_cannot_run_here():
+    from cmmerge.errors import CmmergeError
+    from cmmerge.training.arguments import precision_flags, training_arguments
+
+    assert precision_flags("fp32") == {"bf16": False, "fp16": False}
+    assert precision_flags("BF16") == {"bf16": True, "fp16": False}
+    if not torch.cuda.is_available():
+        assert precision_flags("auto") == {"bf16": False, "fp16": False}
+        with pytest.raises(CmmergeError, match="fp16 needs a CUDA GPU"):
+            precision_flags("fp16")
+    with pytest.raises(CmmergeError, match="precision must be one of auto, fp32, bf16, fp16"):
+        precision_flags("fp8")
+    args = training_arguments(Path("unused"), {"batch_size": 2, "lr": 1e-3, "precision": "bf16"}, 0)
+    assert args.bf16 and not args.fp16

@@ -127,6 +127,7 @@ def _do(cfg, stage, stage_dir, config_view, inputs, work, digest) -> dict:
     for name in ("cmmerge", "transformers"):
         logging.getLogger(name).addHandler(handler)
     log.info("%s: running -> %s", stage, stage_dir)
+    _reset_gpu_peak()
     start = time.time()
     try:
         result = work(stage_dir)
@@ -157,6 +158,14 @@ def _do(cfg, stage, stage_dir, config_view, inputs, work, digest) -> dict:
     if dist.is_main():
         write_json_atomic(stage_dir / MANIFEST, manifest)
     return manifest
+
+
+def _reset_gpu_peak() -> None:
+    """Start this stage's GPU peak from zero (a pipeline runs every stage in one process)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
 
 
 def _gpu_peak() -> dict[str, float]:

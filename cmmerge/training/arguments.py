@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -11,6 +12,8 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback, TrainingArguments
+
+from cmmerge.errors import CmmergeError
 
 log = logging.getLogger("cmmerge")
 
@@ -29,13 +32,33 @@ class LogCallback(TrainerCallback):
             )
 
 
-def precision_flags() -> dict[str, bool]:
-    """bf16 where the GPU supports it, fp16 on other GPUs, float32 on the CPU."""
-    if not torch.cuda.is_available():
-        return {}
-    if torch.cuda.is_bf16_supported():
-        return {"bf16": True}
-    return {"fp16": True}
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def precision_flags(choice: str | None = "auto") -> dict[str, bool]:
+    """TrainingArguments flags for ``cpt.precision`` / ``finetune.precision``.
+
+    ``auto``: bf16 where the GPU supports it, fp16 on other GPUs, float32 on the CPU;
+    ``fp32``, ``bf16`` (mixed precision, also on CPUs) and ``fp16`` (GPUs only) force one.
+    """
+    name = str(choice or "auto").lower()
+    if name not in PRECISIONS:
+        raise CmmergeError(f"precision must be one of {', '.join(PRECISIONS)}; got {choice!r}")
+    cuda = torch.cuda.is_available()
+    if name == "auto":
+        if not cuda:
+            return {"bf16": False, "fp16": False}
+        name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if name == "fp16" and not cuda:
+        raise CmmergeError("precision=fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
+    if name == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise CmmergeError("precision=bf16: this GPU does not support bfloat16; use fp16")
+    return {"bf16": name == "bf16", "fp16": name == "fp16"}
+
+
+def precision_name(args: TrainingArguments) -> str:
+    """The precision a TrainingArguments object trains in: ``bf16``, ``fp16`` or ``fp32``."""
+    return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
 
 
 class StepTimer(TrainerCallback):
@@ -58,13 +81,26 @@ def _report_to(value: Any) -> list[str]:
     return [value] if isinstance(value, str) else [str(v) for v in value]
 
 
+def activation_checkpointing(enabled: bool) -> dict[str, bool]:
+    """The TrainingArguments flag for activation checkpointing: ``activation_checkpointing`` in
+    recent transformers 5 releases, ``gradient_checkpointing`` in earlier ones (5.17 has only
+    that one)."""
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    key = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in names
+        else ("gradient_checkpointing")
+    )
+    return {key: enabled}
+
+
 def training_arguments(
     out_dir: Path, params: Mapping[str, Any], seed: int, **overrides: Any
 ) -> TrainingArguments:
     """TrainingArguments from a ``cpt:`` or ``finetune:`` config section.
 
     Keys read: batch_size, lr, epochs, max_steps, warmup (ratio if < 1, else steps),
-    weight_decay, grad_accum, logging_steps.
+    weight_decay, grad_accum, logging_steps, precision.
     """
     args: dict[str, Any] = dict(
         output_dir=str(out_dir),
@@ -86,7 +122,7 @@ def training_arguments(
         save_only_model=True,
         ddp_find_unused_parameters=False,
         use_cpu=not torch.cuda.is_available(),
-        **precision_flags(),
+        **precision_flags(params.get("precision", "auto")),
     )
     args.update(overrides)
     return TrainingArguments(**args)

@@ -25,7 +25,11 @@ from cmmerge.errors import CmmergeError
 from cmmerge.models.loading import ModelKind, load_lm, load_tokenizer
 from cmmerge.stages import dist
 from cmmerge.training import lora
-from cmmerge.training.arguments import training_arguments
+from cmmerge.training.arguments import (
+    activation_checkpointing,
+    precision_name,
+    training_arguments,
+)
 from cmmerge.training.losses import (
     DEFAULT_CHUNK_SIZE,
     causal_lm_loss,
@@ -227,7 +231,7 @@ def train_lm(
         save_steps=max(save_steps, 1),
         save_total_limit=1,
         save_only_model=False,  # optimizer and scheduler state too, to resume exactly
-        activation_checkpointing=bool(params.get("gradient_checkpointing")),
+        **activation_checkpointing(bool(params.get("gradient_checkpointing"))),
         remove_unused_columns=True,
     )
     trainer = CptTrainer(
@@ -258,6 +262,7 @@ def train_lm(
         "heldout_texts": n_texts["test"],
         "train_tokens_per_epoch": int(n_tokens),
         "train_runtime_s": float(result.metrics.get("train_runtime", 0.0)),
+        "precision": precision_name(args),
         "fast_loss": fast_loss,
         "packing": packed,
         "resumed": resume is not None,

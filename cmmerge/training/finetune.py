@@ -18,7 +18,12 @@ from cmmerge.evaluation.metrics import classification_metrics, trainer_metrics
 from cmmerge.models.loading import load_classifier, load_tokenizer
 from cmmerge.stages import dist
 from cmmerge.training import lora
-from cmmerge.training.arguments import LogCallback, StepTimer, training_arguments
+from cmmerge.training.arguments import (
+    LogCallback,
+    StepTimer,
+    precision_name,
+    training_arguments,
+)
 
 
 def tokenize_splits(
@@ -131,7 +136,7 @@ def train_classifier(
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "steps": int(result.global_step),
         "train_runtime_s": float(result.metrics.get("train_runtime", 0.0)),
-        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "precision": precision_name(args),
         "train_step_time_s": timer.seconds,
         "train_tokens_per_s": useful_tokens / max(timer.seconds, 1e-9),
     }

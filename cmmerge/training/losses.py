@@ -193,8 +193,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad = grad.to(dtype)
                 if need_h:
                     grad_h[start : start + chunk_size] = grad @ w
-                if need_w:
-                    grad_w.addmm_(grad.t().float(), h.float())
+                if need_w and dtype == torch.float32:
+                    grad_w.addmm_(grad.t(), h)
+                elif need_w:  # a half-precision product, as autocast's own backward does
+                    grad_w += (grad.t() @ h).float()
                 if need_b:
                     grad_b += grad.float().sum(0)
         ctx.save_for_backward(grad_h, grad_w, grad_b)

@@ -17,7 +17,7 @@ from cmmerge.io.checkpoint import CheckpointReader
 from cmmerge.merging.engine import merge_into_base, merge_models
 from cmmerge.merging.extract import extract_task_vector, task_vector_cosines
 from cmmerge.merging.methods import disjoint_merge, magnitude_trim
-from cmmerge.merging.select import keep_count, threshold_of, trim_mask
+from cmmerge.merging.select import keep_count, threshold_of, trim_, trim_mask
 
 transformers = pytest.importorskip("transformers")
 
@@ -87,10 +87,14 @@ def test_chunks_shards_threads_change_nothing(dirs, tmp_path, monkeypatch):
     assert set(index["weight_map"]) == set(ref)
 
 
-@pytest.mark.parametrize("cached_trim", [0, 10**9])  # selection re-reads chunks / keeps them
-def test_streamed_ties_equals_whole_tensor_math(dirs, tmp_path, monkeypatch, cached_trim):
+# one task per tensor keeping its deltas / chunk-parallel keeping them / chunk-parallel re-reading
+@pytest.mark.parametrize("cached_trim,cached_bytes", [(10**9, 0), (0, 10**12), (0, 0)])
+def test_streamed_ties_equals_whole_tensor_math(
+    dirs, tmp_path, monkeypatch, cached_trim, cached_bytes
+):
     monkeypatch.setattr(engine, "CHUNK", 500)
     monkeypatch.setattr(engine, "CACHED_TRIM", cached_trim)
+    monkeypatch.setattr(engine, "CACHED_TRIM_BYTES", cached_bytes)
     base, a, b = (_tensors(dirs / n) for n in ("base", "a", "b"))
     merge_models(
         dirs / "base",
@@ -148,6 +152,22 @@ def test_selection_over_chunks_is_exact_with_ties():
         # the largest magnitudes, ties broken by position
         order = sorted(range(10), key=lambda i: (-abs(float(x[i])), i))[:k]
         assert set(keep.nonzero().view(-1).tolist()) == set(order), k
+        trimmed = torch.cat([trim_(p.clone(), thr, i) for i, p in enumerate(parts)])
+        assert torch.equal(trimmed, x * keep), k
+
+
+def test_trim_in_place_equals_the_mask_without_ties():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5000, generator=g) * torch.logspace(-8, 8, 5000)
+    x[::7] = 0.0
+    x[3] = -float("inf")
+    parts = list(x.split(1024))
+    for k in (1, 17, 2500, 4999, 5000):
+        thr = threshold_of(parts, k)
+        keep = torch.cat([trim_mask(p, thr, i) for i, p in enumerate(parts)])
+        assert int(keep.sum()) == k
+        trimmed = torch.cat([trim_(p.clone(), thr, i) for i, p in enumerate(parts)])
+        assert torch.equal(trimmed, torch.where(keep, x, 0.0)), k
 
 
 def test_dare_is_seeded_and_rescaled(dirs, tmp_path):

@@ -29,12 +29,16 @@ from cmmerge.io.checkpoint import DEFAULT_MAX_SHARD_SIZE, CheckpointReader, Shar
 from cmmerge.merging.extract import TASK_VECTOR_FILE, extract_task_vector  # noqa: F401
 from cmmerge.merging.methods import MergeMethod, apply_delta, get_method, resolve_params
 from cmmerge.merging.plan import Item, PathLike, Source, open_sources, plan_merge
-from cmmerge.merging.select import Threshold, keep_count, thresholds_over, trim_mask
+from cmmerge.merging.select import Threshold, keep_count, thresholds_over, trim_
 
 CHUNK = 1 << 20  # elements per chunk (4 MiB in float32): fits the caches, amortises Python
-# Per-tensor trims of tensors up to this many elements keep their float32 deltas between the
-# selection passes and the merge (at most 128 MiB per source and worker); larger ones recompute.
+# Per-tensor trims of tensors up to this many elements run as one task that keeps its float32
+# deltas between the selection passes and the merge (at most 128 MiB per source and worker).
 CACHED_TRIM = 32 * 1024 * 1024
+# Larger tensors are trimmed chunk-parallel; their float32 deltas are kept between the passes
+# when they take at most this many bytes (Llama-3.2-1B's 262M-entry embedding: 1.05 GB), else
+# they are recomputed for each pass.
+CACHED_TRIM_BYTES = 1280 * 1024 * 1024
 
 
 def default_threads() -> int:
@@ -147,8 +151,8 @@ class _Merger:
             return
         for i, d in enumerate(deltas):
             if self.method.trim == "magnitude":
-                if thresholds is not None and thresholds[i] is not None:
-                    d.mul_(trim_mask(d, thresholds[i], chunk))
+                if thresholds is not None:
+                    trim_(d, thresholds[i], chunk)
             else:  # DARE: seeded by (seed, tensor, source, position), whatever the threads
                 tag = f"{self.seed}/{item.key}/{i}/{start}".encode()
                 g = torch.Generator().manual_seed(int(hashlib.sha256(tag).hexdigest()[:15], 16))
@@ -177,6 +181,29 @@ class _Merger:
             base = self.base.read(item.key, s, e).to(torch.float32)
             self.apply(item, s, e, thr, c, (base, cached[c]))
             cached[c] = None  # free as we go
+
+    def _trim_cached(self, pieces: list[tuple[Item, int, int]], sched: _Scheduler) -> None:
+        """Trim and merge one large tensor chunk-parallel, computing each chunk's deltas once:
+        the first selection pass keeps them for the second and for the merge."""
+        cached: list[list[Tensor] | None] = [None] * len(pieces)
+
+        def chunk_deltas(c: int) -> list[Tensor]:
+            if cached[c] is None:
+                cached[c] = self.deltas(*pieces[c])[1]
+            return cached[c]
+
+        total = sum(stop - start for _, start, stop in pieces)
+        ks = [keep_count(self.density, total)] * len(self.sources)
+        thr = thresholds_over(chunk_deltas, len(pieces), ks, sched.map)
+
+        def merge_chunk(c: int) -> None:
+            item, start, stop = pieces[c]
+            deltas, cached[c] = cached[c], None
+            base = self.base.read(item.key, start, stop).to(torch.float32)
+            self.apply(item, start, stop, thr, c, (base, deltas))
+
+        for c in range(len(pieces)):
+            sched.submit(merge_chunk, c)
 
     def apply(
         self,
@@ -262,7 +289,12 @@ class _Merger:
             sched.submit(self.apply_tensor, item, ranges)
             ranges = []
         elif per_tensor_trim and len(ranges) > 1:
-            thr = self.thresholds([(item, s, e) for s, e in ranges], sched.map)
+            pieces = [(item, s, e) for s, e in ranges]
+            if item.shared * 4 * len(self.sources) <= CACHED_TRIM_BYTES:
+                self._trim_cached(pieces, sched)
+                ranges = []
+            else:
+                thr = self.thresholds(pieces, sched.map)
         for c, (s, e) in enumerate(ranges):
             sched.submit(self.apply, item, s, e, thr, first_chunk + c if thr else 0)
         if item.grown_from is not None:

@@ -1,13 +1,13 @@
 """Exact top-k magnitude selection over chunks, without sorting and without holding the data.
 
 The magnitude of a float32 read as int32 with the sign bit cleared orders like the magnitude
-itself (NaN above Inf above every finite value). Pass 1 counts those bit patterns in 2**15
-bins (the top bits: exponent and 7 mantissa bits); the bin holding the k-th largest is then
-known, and pass 2 gathers only the values in that bin and selects the exact threshold among
-them. Ties at the threshold are broken by position: the first ones in chunk order are kept, so
-exactly k entries survive. Passes take the chunks as a list of tensors or recompute them, so
-one threshold can span a tensor (``trim_scope=tensor``) or the whole model
-(``trim_scope=model``).
+itself (NaN above Inf above every finite value). Pass 1 counts the top 16 bits of those bit
+patterns (2**15 bins: exponent and 7 mantissa bits); the bin holding the k-th largest is then
+known, and pass 2 counts the low 16 bits of the entries in that bin (2**16 bins), which gives
+the exact k-th largest bit pattern. Ties at the threshold are broken by position: the first ones
+in chunk order are kept, so exactly k entries survive. Passes take the chunks as a list of
+tensors or recompute them, so one threshold can span a tensor (``trim_scope=tensor``) or the
+whole model (``trim_scope=model``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from torch import Tensor
 
 NBINS = 1 << 15
 _SHIFT = 16
+_LOW = 1 << _SHIFT  # values of the low bits within one bin
 NONFINITE_BIN = 0x7F800000 >> _SHIFT  # bins at or above this hold Inf and NaN
 
 
@@ -40,10 +41,15 @@ def histogram(x: Tensor) -> Tensor:
     )
 
 
-def in_bin(x: Tensor, b: int) -> Tensor:
-    """The magnitude bit patterns of ``x`` that fall in bin ``b`` (1-D int32)."""
-    bits = magnitude_bits(x).reshape(-1)
-    return bits[bits.bitwise_right_shift(_SHIFT) == b]
+def low_histogram(x: Tensor, b: int) -> tuple[Tensor, Tensor]:
+    """The low 16 bits of the magnitude bit patterns of ``x`` that fall in bin ``b``, counted:
+    (values present, their counts), both 1-D int64, values ascending."""
+    key = magnitude_bits(x).reshape(-1)
+    # in the bin -> 1..2**16; below -> 0; above -> 2**16 + 1 (one pass each, no gather)
+    key.sub_((b << _SHIFT) - 1).clamp_(0, _LOW + 1)
+    counts = torch.bincount(key, minlength=_LOW + 2)[1 : _LOW + 1]
+    values = counts.nonzero().view(-1)
+    return values, counts[values]
 
 
 @dataclass
@@ -62,6 +68,21 @@ class Threshold:
     keep_equal: int
     equal_before: list[int] = field(default_factory=list)
     nonfinite: bool = False
+    equal_total: int = 0
+
+    def bound(self, chunk: int) -> int | None:
+        """The magnitude bit pattern from which chunk ``chunk`` keeps every entry (all at or
+        above it, none below), or None when the chunk keeps only some of the entries equal
+        to the threshold."""
+        if not self.equal_before:
+            return self.bits
+        budget = self.keep_equal - self.equal_before[chunk]
+        after = self.equal_before[chunk + 1 : chunk + 2] or [self.equal_total]
+        if budget <= 0:
+            return self.bits + 1  # none of its equal entries
+        if budget >= after[0] - self.equal_before[chunk]:
+            return self.bits  # all of them
+        return None
 
 
 def _bin_of_kth(hist: Tensor, k: int) -> tuple[int, int]:
@@ -99,31 +120,37 @@ def thresholds_over(
         _bin_of_kth(h, k) if 0 < k < int(h.sum()) else None for h, k in zip(hists, ks, strict=True)
     ]
 
-    def cands_of(c: int) -> list[Tensor | None]:
-        return [in_bin(x, f[0]) if f else None for x, f in zip(chunks(c), found, strict=True)]
+    def lows_of(c: int) -> list[tuple[Tensor, Tensor] | None]:
+        return [
+            low_histogram(x, f[0]) if f else None for x, f in zip(chunks(c), found, strict=True)
+        ]
 
-    per_chunk = list(map_fn(cands_of, range(n_chunks)))
+    per_chunk = list(map_fn(lows_of, range(n_chunks)))
     out: list[Threshold | None] = []
     for i, (f, k) in enumerate(zip(found, ks, strict=True)):
         if f is None:
             out.append(None)
             continue
         b, above = f
-        parts = [pc[i] for pc in per_chunk]
-        cands = torch.cat(parts)
+        lows = torch.zeros(_LOW, dtype=torch.int64)
+        for pc in per_chunk:
+            lows.index_add_(0, pc[i][0], pc[i][1])
         rank = k - above  # 1-based rank from the top, within the bin
-        bits = int(torch.kthvalue(cands, cands.numel() - rank + 1).values)
-        equal = [int((p == bits).sum()) for p in parts]
-        keep_equal = rank - int((cands > bits).sum())
+        from_top = lows.flip(0).cumsum(0)
+        j = int(torch.searchsorted(from_top, torch.tensor(rank, dtype=from_top.dtype)))
+        low = _LOW - 1 - j
+        keep_equal = rank - (int(from_top[j - 1]) if j > 0 else 0)
+        equal = [int(cnt[val == low].sum()) for val, cnt in (pc[i] for pc in per_chunk)]
         before = [0]
         for e in equal[:-1]:
             before.append(before[-1] + e)
         out.append(
             Threshold(
-                bits,
+                (b << _SHIFT) + low,
                 keep_equal,
                 before if keep_equal < sum(equal) else [],
                 bool(hists[i][NONFINITE_BIN:].sum() > 0),
+                sum(equal),
             )
         )
     return out
@@ -147,3 +174,17 @@ def trim_mask(x: Tensor, threshold: Threshold | None, chunk: int) -> Tensor:
         flat_keep, equal = keep.view(-1), (bits == threshold.bits).view(-1).nonzero().view(-1)
         flat_keep[equal[:budget]] = True
     return keep
+
+
+def trim_(x: Tensor, threshold: Threshold | None, chunk: int) -> Tensor:
+    """Zero, in place, the entries of chunk number ``chunk`` (``x``, float32) that are not kept;
+    returns ``x``."""
+    if threshold is None:
+        return x
+    bound = threshold.bound(chunk)
+    if bound is None:
+        return x.mul_(trim_mask(x, threshold, chunk))
+    # all ones where |x| >= bound, else zeros: (bound - 1 - bits) >> 31, no bool tensor
+    keep = magnitude_bits(x).neg_().add_(bound - 1).bitwise_right_shift_(31)
+    x.view(torch.int32).bitwise_and_(keep)
+    return x

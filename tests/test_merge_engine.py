@@ -14,10 +14,18 @@ from safetensors.torch import save_file
 import cmmerge.merging.engine as engine
 from cmmerge.errors import CmmergeError
 from cmmerge.io.checkpoint import CheckpointReader
+from cmmerge.merging import select
 from cmmerge.merging.engine import merge_into_base, merge_models
 from cmmerge.merging.extract import extract_task_vector, task_vector_cosines
 from cmmerge.merging.methods import disjoint_merge, magnitude_trim
-from cmmerge.merging.select import keep_count, threshold_of, trim_, trim_mask
+from cmmerge.merging.select import (
+    keep_count,
+    magnitude_bits,
+    threshold_of,
+    thresholds_over,
+    trim_,
+    trim_mask,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -361,3 +369,57 @@ def test_bad_parameters(dirs, tmp_path):
             trim_scope="layer",
         )
     assert not (tmp_path / "o").exists()
+
+
+def _brute_threshold(x: torch.Tensor, k: int) -> tuple[int, int]:
+    """(k-th largest magnitude bit pattern, how many entries equal to it are kept)."""
+    bits = sorted(magnitude_bits(x).tolist(), reverse=True)
+    t = bits[k - 1]
+    return t, k - sum(1 for b in bits if b > t)
+
+
+@pytest.mark.parametrize("data", ["normal", "bf16-steps", "rigged-sample"])
+def test_sampled_selection_equals_two_passes_and_brute_force(data, monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    n = 200_000
+    if data == "normal":
+        x = torch.randn(n, generator=g) * 1e-3
+    elif data == "bf16-steps":  # differences of bf16 values: few distinct values, many ties
+        a = torch.randn(n, generator=g).to(torch.bfloat16)
+        b = (a.float() + 0.01 * torch.randn(n, generator=g)).to(torch.bfloat16)
+        x = b.float() - a.float()
+    else:  # the sampled blocks (one in 16 of 256 entries) are huge: the estimate misses
+        x = torch.randn(n, generator=g) * 1e-3
+        x.view(-1)[: n // 256 * 256].view(-1, 256)[::16] *= 1e6
+    parts = list(x.split(30_000))
+    monkeypatch.setattr(select, "MAX_WINDOW", 1 << 22)  # this sample is small: wide bounds
+    monkeypatch.setattr(select, "MIN_SAMPLED", 1000)
+    fallbacks = []
+    real = select._two_pass
+    monkeypatch.setattr(select, "_two_pass", lambda *a: fallbacks.append(1) or real(*a))
+    for k in (1, 1000, 40_000, 123_457, n - 1):
+        fallbacks.clear()
+        sampled = thresholds_over(lambda c: [parts[c]], len(parts), [k], total=n)[0]
+        if data != "rigged-sample" and k in (40_000, 123_457):
+            assert not fallbacks, "the sample's window missed a central quantile"
+        two_pass = thresholds_over(lambda c: [parts[c]], len(parts), [k])[0]
+        assert sampled == two_pass, (data, k)
+        assert (sampled.bits, sampled.keep_equal) == _brute_threshold(x, k), (data, k)
+        kept = torch.cat([trim_mask(p, sampled, i) for i, p in enumerate(parts)])
+        assert int(kept.sum()) == k
+
+
+def test_sampled_selection_falls_back_when_the_window_misses(monkeypatch):
+    monkeypatch.setattr(select, "MAX_WINDOW", 4)  # no sampled window is narrow enough
+    monkeypatch.setattr(select, "MIN_SAMPLED", 1000)
+    x = torch.randn(100_000, generator=torch.Generator().manual_seed(2))
+    parts = list(x.split(7_000))
+    calls = []
+    real = select._two_pass
+    monkeypatch.setattr(select, "_two_pass", lambda *a: calls.append(1) or real(*a))
+    thr = thresholds_over(
+        lambda c: [parts[c], parts[c] * 2], len(parts), [5000, 5000], total=x.numel()
+    )
+    assert calls, "the fallback did not run"
+    for t, y in zip(thr, (x, x * 2), strict=True):
+        assert (t.bits, t.keep_equal) == _brute_threshold(y, 5000)

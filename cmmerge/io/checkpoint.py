@@ -10,6 +10,7 @@ at most ``max_shard_size`` bytes with an HF index. Both write temp files and ren
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -42,6 +43,20 @@ Layout = dict[str, tuple[torch.dtype, tuple[int, ...]]]
 def _bytes_view(tensor: torch.Tensor):
     """A writable numpy uint8 view of a contiguous tensor's memory (any dtype, bf16 included)."""
     return tensor.reshape(-1).view(torch.uint8).numpy()
+
+
+def _reserve(fd: int, nbytes: int, path: Path) -> None:
+    """Size a new file to ``nbytes`` with its blocks allocated up front: a full disk fails here,
+    not half-way, and chunked writes into allocated blocks cost far less system time than
+    writes into a sparse file (ext4: 0.4 s instead of 1.5-4 s for 2.4 GB)."""
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise CmmergeError(f"no space left for {path} ({nbytes / 2**30:.2f} GiB)") from None
+        os.ftruncate(fd, nbytes)  # a file system without fallocate
+    except AttributeError:  # not POSIX
+        os.ftruncate(fd, nbytes)
 
 
 class _SafetensorsFile:
@@ -269,7 +284,7 @@ class StreamingFileWriter:
         self._tmp = self.path.with_name(f".tmp-{os.getpid()}-{self.path.name}")
         self._fd: int | None = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.pwrite(self._fd, struct.pack("<Q", len(raw)) + raw, 0)
-        os.ftruncate(self._fd, self.nbytes)
+        _reserve(self._fd, self.nbytes, self.path)
         self._written: dict[str, int] = dict.fromkeys(self._layout, 0)
         self._lock = threading.Lock()
 

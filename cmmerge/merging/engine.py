@@ -33,7 +33,7 @@ from cmmerge.merging.select import Threshold, keep_count, thresholds_over, trim_
 
 CHUNK = 1 << 20  # elements per chunk (4 MiB in float32): fits the caches, amortises Python
 # Per-tensor trims of tensors up to this many elements run as one task that keeps its float32
-# deltas between the selection passes and the merge (at most 128 MiB per source and worker).
+# base and deltas between the selection passes and the merge (128 MiB each per worker).
 CACHED_TRIM = 32 * 1024 * 1024
 # Larger tensors are trimmed chunk-parallel; their float32 deltas are kept between the passes
 # when they take at most this many bytes (Llama-3.2-1B's 262M-entry embedding: 1.05 GB), else
@@ -174,12 +174,11 @@ class _Merger:
     def apply_tensor(self, item: Item, ranges: list[tuple[int, int]]) -> None:
         """Trim and merge a whole tensor in one task: each chunk's deltas are computed once and
         serve both the threshold passes and the merge (instead of being re-read per pass)."""
-        cached = [self.deltas(item, s, e)[1] for s, e in ranges]  # deltas only: base re-read
+        cached = [self.deltas(item, s, e) for s, e in ranges]
         ks = [keep_count(self.density, item.shared)] * len(self.sources)
-        thr = thresholds_over(lambda c: cached[c], len(ranges), ks)
+        thr = thresholds_over(lambda c: cached[c][1], len(ranges), ks, total=item.shared)
         for c, (s, e) in enumerate(ranges):
-            base = self.base.read(item.key, s, e).to(torch.float32)
-            self.apply(item, s, e, thr, c, (base, cached[c]))
+            self.apply(item, s, e, thr, c, cached[c])
             cached[c] = None  # free as we go
 
     def _trim_cached(self, pieces: list[tuple[Item, int, int]], sched: _Scheduler) -> None:
@@ -194,7 +193,7 @@ class _Merger:
 
         total = sum(stop - start for _, start, stop in pieces)
         ks = [keep_count(self.density, total)] * len(self.sources)
-        thr = thresholds_over(chunk_deltas, len(pieces), ks, sched.map)
+        thr = thresholds_over(chunk_deltas, len(pieces), ks, sched.map, total=total)
 
         def merge_chunk(c: int) -> None:
             item, start, stop = pieces[c]

@@ -1,17 +1,24 @@
 """Exact top-k magnitude selection over chunks, without sorting and without holding the data.
 
 The magnitude of a float32 read as int32 with the sign bit cleared orders like the magnitude
-itself (NaN above Inf above every finite value). Pass 1 counts the top 16 bits of those bit
-patterns (2**15 bins: exponent and 7 mantissa bits); the bin holding the k-th largest is then
-known, and pass 2 counts the low 16 bits of the entries in that bin (2**16 bins), which gives
-the exact k-th largest bit pattern. Ties at the threshold are broken by position: the first ones
-in chunk order are kept, so exactly k entries survive. Passes take the chunks as a list of
-tensors or recompute them, so one threshold can span a tensor (``trim_scope=tensor``) or the
-whole model (``trim_scope=model``).
+itself (NaN above Inf above every finite value). Two routes find the k-th largest bit pattern:
+
+* two passes: the first counts the top 16 bits (2**15 bins: exponent and 7 mantissa bits), which
+  gives the bin holding the k-th largest; the second counts the entries of that bin one by one.
+* sampled: a sample of whole blocks bounds the k-th largest, then one pass counts the entries
+  above the bounds and those between them one by one. When the k-th largest falls outside
+  the bounds (an unlucky sample: about one in 10**4) the two-pass route runs.
+
+Counting is ``bincount`` over clamped keys: no sort, no gather. Ties at the threshold are broken
+by position: the first ones in chunk order are kept, so exactly k entries survive. Passes take
+the chunks as a list of tensors or recompute them, so one threshold can span a tensor
+(``trim_scope=tensor``) or the whole model (``trim_scope=model``).
 """
 
 from __future__ import annotations
 
+import math
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -21,7 +28,11 @@ from torch import Tensor
 NBINS = 1 << 15
 _SHIFT = 16
 _LOW = 1 << _SHIFT  # values of the low bits within one bin
-NONFINITE_BIN = 0x7F800000 >> _SHIFT  # bins at or above this hold Inf and NaN
+_MAX_BITS = 0x7FFFFFFF  # the largest magnitude bit pattern (a NaN)
+MAX_WINDOW = 1 << 19  # at most this many bit patterns counted one by one after sampling
+SAMPLE_BLOCK = 256  # entries sampled together (1 KiB: whole cache lines)
+SAMPLE_SIZE = 1 << 18  # about this many entries sampled per domain, one block in 4 at most
+MIN_SAMPLED = 1 << 21  # smaller domains go straight to the two-pass route (it is faster there)
 
 
 def keep_count(density: float, numel: int) -> int:
@@ -36,20 +47,34 @@ def magnitude_bits(x: Tensor) -> Tensor:
 
 def histogram(x: Tensor) -> Tensor:
     """Counts of ``magnitude_bits(x) >> 16`` in ``NBINS`` bins (int64)."""
-    return torch.bincount(
-        magnitude_bits(x).bitwise_right_shift_(_SHIFT).reshape(-1), minlength=NBINS
-    )
+    flat = x.reshape(-1)
+    if flat.is_contiguous() and sys.byteorder == "little":
+        # the top 16 bits of each float32 are its second int16: one narrow pass, no shift
+        top = flat.view(torch.int16)[1::2].bitwise_and(0x7FFF)
+    else:
+        top = magnitude_bits(flat).bitwise_right_shift_(_SHIFT)
+    return torch.bincount(top, minlength=NBINS)
 
 
-def low_histogram(x: Tensor, b: int) -> tuple[Tensor, Tensor]:
-    """The low 16 bits of the magnitude bit patterns of ``x`` that fall in bin ``b``, counted:
-    (values present, their counts), both 1-D int64, values ascending."""
+def window_counts(x: Tensor, lo: int, width: int) -> tuple[int, Tensor, Tensor]:
+    """Entries of ``x`` by magnitude bit pattern around ``[lo, lo + width)``: (how many lie
+    above it, the offsets from ``lo`` present in it, their counts); one pass, no gather."""
     key = magnitude_bits(x).reshape(-1)
-    # in the bin -> 1..2**16; below -> 0; above -> 2**16 + 1 (one pass each, no gather)
-    key.sub_((b << _SHIFT) - 1).clamp_(0, _LOW + 1)
-    counts = torch.bincount(key, minlength=_LOW + 2)[1 : _LOW + 1]
-    values = counts.nonzero().view(-1)
-    return values, counts[values]
+    # below -> 0, in the window -> 1..width, above -> width + 1 (clamped first: no overflow)
+    key.clamp_(lo - 1, min(lo + width, _MAX_BITS)).sub_(lo - 1)
+    counts = torch.bincount(key, minlength=width + 2)
+    inside = counts[1 : width + 1]
+    offsets = inside.nonzero().view(-1)
+    return int(counts[width + 1]), offsets.to(torch.int32), inside[offsets].to(torch.int32)
+
+
+def _sample_histogram(x: Tensor, every: int) -> Tensor:
+    """``histogram`` of one block of ``SAMPLE_BLOCK`` entries in ``every``."""
+    flat = x.reshape(-1)
+    whole = flat.numel() // SAMPLE_BLOCK * SAMPLE_BLOCK
+    blocks = flat[:whole].view(-1, SAMPLE_BLOCK)[::every]
+    top = magnitude_bits(blocks).bitwise_right_shift_(_SHIFT).reshape(-1)
+    return torch.bincount(top, minlength=NBINS)
 
 
 @dataclass
@@ -61,13 +86,12 @@ class Threshold:
         keep_equal: How many entries equal to it are kept (the first ones, in chunk order).
         equal_before: Per chunk, how many entries equal to it come in earlier chunks; empty
             when every equal entry is kept.
-        nonfinite: Whether the domain holds NaN or Inf.
+        equal_total: How many entries equal it in the whole domain.
     """
 
     bits: int
     keep_equal: int
     equal_before: list[int] = field(default_factory=list)
-    nonfinite: bool = False
     equal_total: int = 0
 
     def bound(self, chunk: int) -> int | None:
@@ -94,21 +118,33 @@ def _bin_of_kth(hist: Tensor, k: int) -> tuple[int, int]:
     return b, above
 
 
-def thresholds_over(
-    chunks: Callable[[int], list[Tensor]],
-    n_chunks: int,
-    ks: list[int],
-    map_fn: Callable[..., Iterable] = map,
-) -> list[Threshold | None]:
-    """One ``Threshold`` per source over a domain of ``n_chunks`` chunks.
+def _resolve(
+    lo: int, width: int, above: int, per_chunk: list[tuple[int, Tensor, Tensor]], k: int
+) -> Threshold | None:
+    """The threshold from per-chunk ``window_counts`` around ``lo``; None if the k-th largest
+    lies outside the window."""
+    dense = torch.zeros(width, dtype=torch.int64)
+    for _, offsets, counts in per_chunk:
+        dense.index_add_(0, offsets, counts.to(torch.int64))
+    rank = k - above  # 1-based rank from the top, within the window
+    if rank <= 0 or rank > int(dense.sum()):
+        return None
+    from_top = dense.flip(0).cumsum(0)
+    j = int(torch.searchsorted(from_top, torch.tensor(rank, dtype=from_top.dtype)))
+    offset = width - 1 - j
+    keep_equal = rank - (int(from_top[j - 1]) if j > 0 else 0)
+    equal = [int(counts[offsets == offset].sum()) for _, offsets, counts in per_chunk]
+    before = [0]
+    for e in equal[:-1]:
+        before.append(before[-1] + e)
+    return Threshold(lo + offset, keep_equal, before if keep_equal < sum(equal) else [], sum(equal))
 
-    Args:
-        chunks: ``chunks(c)`` gives chunk ``c`` of every source (float32, one list entry per
-            source); called twice per chunk.
-        n_chunks: Number of chunks in the domain.
-        ks: Entries to keep per source (``keep_count``); ``k >= total`` gives None (keep all).
-        map_fn: ``map`` or an executor's ``map``: chunks are independent within a pass.
-    """
+
+def _two_pass(
+    chunks: Callable[[int], list[Tensor]], n_chunks: int, ks: list[int], map_fn: Callable
+) -> list[Threshold | None]:
+    """Pass 1: histogram of the top 16 bits, giving the bin of the k-th largest; pass 2: the
+    entries of that bin counted one by one."""
 
     def hist_of(c: int) -> list[Tensor]:
         return [histogram(x) for x in chunks(c)]
@@ -120,40 +156,104 @@ def thresholds_over(
         _bin_of_kth(h, k) if 0 < k < int(h.sum()) else None for h, k in zip(hists, ks, strict=True)
     ]
 
-    def lows_of(c: int) -> list[tuple[Tensor, Tensor] | None]:
+    def counts_of(c: int) -> list[tuple[int, Tensor, Tensor] | None]:
         return [
-            low_histogram(x, f[0]) if f else None for x, f in zip(chunks(c), found, strict=True)
+            window_counts(x, f[0] << _SHIFT, _LOW) if f else None
+            for x, f in zip(chunks(c), found, strict=True)
         ]
 
-    per_chunk = list(map_fn(lows_of, range(n_chunks)))
-    out: list[Threshold | None] = []
-    for i, (f, k) in enumerate(zip(found, ks, strict=True)):
-        if f is None:
-            out.append(None)
+    per_chunk = list(map_fn(counts_of, range(n_chunks)))
+    return [
+        _resolve(f[0] << _SHIFT, _LOW, f[1], [pc[i] for pc in per_chunk], k) if f else None
+        for i, (f, k) in enumerate(zip(found, ks, strict=True))
+    ]
+
+
+def _sampled(
+    chunks: Callable[[int], list[Tensor]],
+    n_chunks: int,
+    ks: list[int],
+    map_fn: Callable,
+    total: int,
+) -> list[Threshold | None | bool]:
+    """Pass 1: a histogram of the top 16 bits of a sample of ~``SAMPLE_SIZE`` entries bounds
+    the k-th largest (the bins of its rank in the sample, plus or minus four binomial standard
+    deviations); pass 2 counts every entry in those bins one by one, and those above. A source
+    whose bounds are too far apart (more than ``MAX_WINDOW`` bit patterns) or miss the k-th
+    largest gets False (to redo in two passes)."""
+    every = max(4, -(-total // SAMPLE_SIZE))
+    hists: list[Tensor] = []
+    for chunk_hists in map_fn(
+        lambda c: [_sample_histogram(x, every) for x in chunks(c)], range(n_chunks)
+    ):
+        hists = [a + b for a, b in zip(hists, chunk_hists, strict=True)] if hists else chunk_hists
+    windows: list[tuple[int, int] | None] = []
+    for hist, k in zip(hists, ks, strict=True):
+        n = int(hist.sum())
+        share = k / total
+        rank = round(share * n)
+        spread = int(4 * math.sqrt(n * share * (1 - share))) + 2
+        if rank - spread < 1 or rank + spread > n:  # no sample bound on one side
+            windows.append(None)
             continue
-        b, above = f
-        lows = torch.zeros(_LOW, dtype=torch.int64)
-        for pc in per_chunk:
-            lows.index_add_(0, pc[i][0], pc[i][1])
-        rank = k - above  # 1-based rank from the top, within the bin
-        from_top = lows.flip(0).cumsum(0)
-        j = int(torch.searchsorted(from_top, torch.tensor(rank, dtype=from_top.dtype)))
-        low = _LOW - 1 - j
-        keep_equal = rank - (int(from_top[j - 1]) if j > 0 else 0)
-        equal = [int(cnt[val == low].sum()) for val, cnt in (pc[i] for pc in per_chunk)]
-        before = [0]
-        for e in equal[:-1]:
-            before.append(before[-1] + e)
-        out.append(
-            Threshold(
-                (b << _SHIFT) + low,
-                keep_equal,
-                before if keep_equal < sum(equal) else [],
-                bool(hists[i][NONFINITE_BIN:].sum() > 0),
-                sum(equal),
-            )
-        )
+        top, bottom = _bin_of_kth(hist, rank - spread)[0], _bin_of_kth(hist, rank + spread)[0]
+        width = (top - bottom + 1) << _SHIFT
+        windows.append((bottom << _SHIFT, width) if width <= MAX_WINDOW else None)
+
+    def counts_of(c: int) -> list[tuple[int, Tensor, Tensor] | None]:
+        return [
+            window_counts(x, *w) if w else None for x, w in zip(chunks(c), windows, strict=True)
+        ]
+
+    per_chunk = list(map_fn(counts_of, range(n_chunks))) if any(windows) else []
+    out: list[Threshold | None | bool] = []
+    for i, (w, k) in enumerate(zip(windows, ks, strict=True)):
+        found = None
+        if w is not None:
+            counts = [pc[i] for pc in per_chunk]
+            found = _resolve(w[0], w[1], sum(c[0] for c in counts), counts, k)
+        out.append(found if found is not None else False)
     return out
+
+
+def thresholds_over(
+    chunks: Callable[[int], list[Tensor]],
+    n_chunks: int,
+    ks: list[int],
+    map_fn: Callable[..., Iterable] = map,
+    total: int | None = None,
+) -> list[Threshold | None]:
+    """One ``Threshold`` per source over a domain of ``n_chunks`` chunks.
+
+    Args:
+        chunks: ``chunks(c)`` gives chunk ``c`` of every source (float32, one list entry per
+            source); called two to four times per chunk.
+        n_chunks: Number of chunks in the domain.
+        ks: Entries to keep per source (``keep_count``); ``k >= total`` gives None (keep all).
+        map_fn: ``map`` or an executor's ``map``: chunks are independent within a pass.
+        total: Entries per source in the domain. Given (and at least ``MIN_SAMPLED``), a
+            sample estimates the threshold first and one counting pass usually settles it:
+            worth it when ``chunks`` returns data held in memory; the two-pass route serves
+            the sources the sample misses.
+    """
+    if total is None or total < MIN_SAMPLED:
+        return _two_pass(chunks, n_chunks, ks, map_fn)
+    todo = [i for i, k in enumerate(ks) if 0 < k < total]
+    out: list[Threshold | None | bool] = [None] * len(ks)
+    if todo:
+        found = _sampled(
+            lambda c: [chunks(c)[i] for i in todo], n_chunks, [ks[i] for i in todo], map_fn, total
+        )
+        for i, f in zip(todo, found, strict=True):
+            out[i] = f
+    missed = [i for i, f in enumerate(out) if f is False]
+    if missed:
+        redo = _two_pass(
+            lambda c: [chunks(c)[i] for i in missed], n_chunks, [ks[i] for i in missed], map_fn
+        )
+        for i, f in zip(missed, redo, strict=True):
+            out[i] = f
+    return out  # type: ignore[return-value]
 
 
 def threshold_of(parts: list[Tensor], k: int) -> Threshold | None:

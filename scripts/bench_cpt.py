@@ -14,12 +14,16 @@ across variants and reported as medians, with the fast/default ratios from the s
 ``--device cuda --precision bf16`` times the same steps on a GPU (bf16 autocast, peak memory
 from ``torch.cuda.max_memory_allocated``); ``--random-init`` builds me5-small from its
 ``config.json`` alone (random weights: the same step time), for machines that hold no weights;
-``--clm-shape llama1b`` uses Llama-3.2-1B's shape (hidden 2048, 16 layers) for the decoder.
+``--clm-shape llama1b`` uses Llama-3.2-1B's shape (hidden 2048, 16 layers) for the decoder. A
+variant may name its own precision (``mlm-fast@bf16``); ratios are always against the default
+class at ``--precision``.
 
 Usage::
 
     /work/shared/tools/me5_small/make_me5_small.sh /tmp/me5_small
     python scripts/bench_cpt.py --me5 /tmp/me5_small --runs 3 --steps 3
+    python scripts/bench_cpt.py --me5 /tmp/me5_small --runs 3 --steps 3 \
+        --variants mlm-default,mlm-fast,mlm-default@bf16,mlm-fast@bf16
     python scripts/bench_cpt.py --me5 DIR --random-init --device cuda --precision bf16 \
         --mlm-batch 128 --mlm-length 128 --clm-shape llama1b --clm-length 1024
 """
@@ -103,18 +107,25 @@ def _clm_setup(args: argparse.Namespace):
     return model, batches
 
 
+def parse_variant(variant: str, args: argparse.Namespace) -> tuple[str, str, str]:
+    """``mlm-fast`` or ``mlm-fast@bf16`` -> (objective, implementation, precision)."""
+    name, _, precision = variant.partition("@")
+    objective, impl = name.split("-")
+    return objective, impl, precision or args.precision
+
+
 def worker(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run ``args.steps`` timed steps (after one warm-up step) of one variant; returns figures."""
     import torch
 
     from cmmerge.training.losses import causal_lm_loss, masked_lm_loss
 
-    objective, impl = variant.split("-")
+    objective, impl, precision = parse_variant(variant, args)
     model, batches = (_mlm_setup if objective == "mlm" else _clm_setup)(args)
     device = torch.device(args.device)
     model.to(device).train()
     batches = [({k: v.to(device) for k, v in b.items()}, lab.to(device)) for b, lab in batches]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     # the Trainer's default optimizer (optim="adamw_torch_fused")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01, fused=True)
@@ -182,13 +193,14 @@ def _table(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
         for v, rs in results.items()
     }
     for v, m in med.items():
-        objective, impl = v.split("-")
-        base = med.get(f"{objective}-default")
+        objective, impl, precision = parse_variant(v, args)
+        base = med.get(f"{objective}-default")  # the anchor: the default class at --precision
         speed = f"{m['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
         mem = f"{m[mem_key] / base[mem_key]:.2f}x" if base else "-"
         name = "transformers default" if impl == "default" else "cmmerge fast loss"
         if objective == "clm" and impl == "fast":
             name += f" (chunk {args.chunk_size})"
+        name += f", {precision}"
         rows.append(
             f"| {objective.upper()} | {settings[objective]} | {name} | {m['step_s']:.2f} |"
             f" {m['step_cpu_s']:.2f} | {m['tokens_per_s']:.0f} | {m[mem_key]:.0f} |"

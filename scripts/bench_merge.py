@@ -3,8 +3,9 @@
 Builds random checkpoints of real shapes (an XLM-R-base float32 pair; a Llama-3.2-1B bfloat16
 pair with tied embeddings; the second of each pair = the first + noise) under ``--workdir``
 (never the repository), then runs ``cmmerge merge`` and ``mergekit-yaml`` as child processes,
-``--runs`` times each, and reports the median wall time and peak RSS (``ru_maxrss`` of the
-child) and the ratios as a Markdown table. A benchmark, not a test::
+``--runs`` times each after ``--warmup`` untimed runs (page cache), interleaving the tools, and
+reports the median wall time and peak RSS (``ru_maxrss`` of the child) and the ratios as a
+Markdown table. A benchmark, not a test::
 
     python scripts/bench_merge.py --shapes xlmr,llama --runs 3 --workdir /tmp/cmmerge-bench
 """
@@ -142,6 +143,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="xlmr,llama", help="comma list: xlmr,llama")
     parser.add_argument("--runs", type=int, default=3, help="runs per tool and shape")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per tool first")
     parser.add_argument("--tools", default="cmmerge,mergekit", help="comma list")
     parser.add_argument("--workdir", default="/tmp/cmmerge-bench", help="checkpoints go here")
     parser.add_argument("--json", default=None, help="also write the raw timings here")
@@ -159,22 +161,30 @@ def main() -> None:
             [sys.executable, __file__, "--build", shape, "--workdir", str(root)], check=True
         )
         base, tuned = root / shape / "base", root / shape / "tuned"
+        cmds = {
+            tool: commands(tool, base, tuned, root / shape / f"out-{tool}", SHAPES[shape]["dtype"])
+            for tool in tools
+        }
+        for tool in tools:  # untimed: reads the checkpoints into the page cache for every tool
+            for _ in range(args.warmup):
+                run_once(cmds[tool], root / shape / f"out-{tool}")
+        runs: dict[str, list[tuple[float, float]]] = {tool: [] for tool in tools}
+        for _ in range(args.runs):  # interleaved: a slow spell of the machine hits every tool
+            for tool in tools:
+                runs[tool].append(run_once(cmds[tool], root / shape / f"out-{tool}"))
         med = {}
         for tool in tools:
-            out = root / shape / f"out-{tool}"
-            cmd = commands(tool, base, tuned, out, SHAPES[shape]["dtype"])
-            runs = [run_once(cmd, out) for _ in range(args.runs)]
-            raw[f"{shape}/{tool}"] = runs
+            raw[f"{shape}/{tool}"] = runs[tool]
             med[tool] = (
-                statistics.median(r[0] for r in runs),
-                statistics.median(r[1] for r in runs),
+                statistics.median(r[0] for r in runs[tool]),
+                statistics.median(r[1] for r in runs[tool]),
             )
             print(
-                f"{shape} {tool}: " + ", ".join(f"{w:.1f} s / {m:.2f} GB" for w, m in runs),
+                f"{shape} {tool}: " + ", ".join(f"{w:.1f} s / {m:.2f} GB" for w, m in runs[tool]),
                 file=sys.stderr,
                 flush=True,
             )
-            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(root / shape / f"out-{tool}", ignore_errors=True)
         for tool in tools:
             ratio = ""
             if tool != "mergekit" and "mergekit" in med:

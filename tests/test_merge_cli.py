@@ -3,6 +3,7 @@ line on stderr, exit status 2 and nothing that looks finished."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -84,7 +85,12 @@ def test_standalone_merge_writes_a_loadable_described_model(dirs, tmp_path):
     assert ".cmmerge-partial" not in names
     record = yaml.safe_load((out / "merge.yaml").read_text())
     assert record["method"] == "ties" and record["lambda"] == 0.8 and record["density"] == 0.3
-    assert record["weights"] == [0.7] and record["sources"][0]["hash"]
+    assert record["weights"] == [0.7]
+    weight_file = dirs / "tuned" / "model.safetensors"
+    assert record["sources"][0]["sha256"] == hashlib.sha256(weight_file.read_bytes()).hexdigest()
+    base_file = dirs / "base" / "model.safetensors"
+    assert record["base_sha256"] == hashlib.sha256(base_file.read_bytes()).hexdigest()
+    assert record["sources"][0]["sha256"] in (out / "README.md").read_text()
     mk = yaml.safe_load((out / "mergekit.yaml").read_text())
     assert mk["merge_method"] == "ties" and mk["parameters"]["lambda"] == 0.8
     assert mk["models"][0]["parameters"] == {"weight": 0.7, "density": 0.3}

@@ -10,7 +10,7 @@ from typing import Any
 from cmmerge import __version__
 
 # Files of a model folder that are not weights: config, tokenizer, generation settings.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 _SKIP_NAMES = {
     "README.md",
     "manifest.json",
@@ -28,7 +28,7 @@ def copy_model_files(src: Path, dst: Path) -> list[str]:
             path.is_file()
             and path.name not in _SKIP_NAMES
             and not path.name.startswith(".")
-            and not path.name.endswith(_WEIGHT_SUFFIXES)
+            and not path.name.endswith(WEIGHT_SUFFIXES)
         ):
             shutil.copy2(path, dst / path.name)
             copied.append(path.name)

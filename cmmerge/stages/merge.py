@@ -15,12 +15,13 @@ from omegaconf import DictConfig
 
 from cmmerge.errors import CmmergeError
 from cmmerge.io.checkpoint import DEFAULT_MAX_SHARD_SIZE
+from cmmerge.io.hashes import describe
 from cmmerge.io.manifest import read_manifest
 from cmmerge.io.model_card import copy_model_files, write_model_card
 from cmmerge.merging.engine import TASK_VECTOR_FILE, merge_into_base, merge_models
 from cmmerge.merging.methods import get_method, resolve_params
 from cmmerge.models.loading import local_model_dir, resolve_model
-from cmmerge.settings import merge_scale
+from cmmerge.settings import cache_dir, merge_scale
 from cmmerge.stages.ids import cli_hint, merge_id, method_name, source_names, stage_dirs
 from cmmerge.stages.runner import folder_input, run_stage, stage_input
 
@@ -208,9 +209,7 @@ def run(cfg: DictConfig) -> dict:
         copy_model_files(base, model_dir)
         if stats["grown"]:
             _record_grown_vocab(model_dir, sources if are_models else [], stats["grown"])
-        hashes = [
-            i.get("manifest_sha256") or i.get("fingerprint") or i.get("size") for i in source_inputs
-        ]
+        described = [describe(s, cache_dir(cfg)) for s in sources]  # SHA-256 of the weights
         record = {
             "method": method,
             "lambda": scale,
@@ -218,7 +217,8 @@ def run(cfg: DictConfig) -> dict:
             "weights": weights,
             "dtype": str(cfg.dtype) if cfg.get("dtype") else None,
             "base": str(base),
-            "sources": [{"path": str(s), "hash": h} for s, h in zip(sources, hashes, strict=True)],
+            "base_sha256": describe(base, cache_dir(cfg))["sha256"],
+            "sources": described,
         }
         (model_dir / "merge.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
         mk = (
@@ -237,7 +237,7 @@ def run(cfg: DictConfig) -> dict:
             f"{get_method(method).description}).",
             {
                 **{k: v for k, v in record.items() if k != "sources"},
-                "sources": ", ".join(f"{s} ({h})" for s, h in zip(sources, hashes, strict=True)),
+                "sources": ", ".join(f"{d['path']} (sha256 {d['sha256']})" for d in described),
                 "mergekit config": "mergekit.yaml" if mk else "none (no equivalent)",
             },
         )

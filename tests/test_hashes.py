@@ -1,0 +1,52 @@
+"""Content hashes of weights: right, cached by size and mtime, recomputed on change."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from cmmerge.io import hashes
+
+
+def test_digest_is_sha256_cached_and_redone_when_the_file_changes(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"abc" * 1000)
+    assert hashes.file_digest(f, cache) == hashlib.sha256(b"abc" * 1000).hexdigest()
+    stored = json.loads((cache / "sha256.json").read_text())
+    assert stored[str(f.resolve())][2] == hashlib.sha256(b"abc" * 1000).hexdigest()
+    calls = []
+    real = hashes.file_sha256
+    monkeypatch.setattr(hashes, "file_sha256", lambda p: calls.append(p) or real(p))
+    hashes.file_digest(f, cache)
+    assert calls == []  # unchanged: from the cache
+    f.write_bytes(b"abd" * 1000)
+    os.utime(f, ns=(1, 1))  # same size, other mtime
+    assert hashes.file_digest(f, cache) == hashlib.sha256(b"abd" * 1000).hexdigest()
+    assert len(calls) == 1
+
+
+def test_folder_digest_single_file_and_shards(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "model.safetensors").write_bytes(b"w")
+    (one / "config.json").write_text("{}")
+    assert hashes.weights_digest(one, cache) == hashlib.sha256(b"w").hexdigest()
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i, data in enumerate((b"a", b"b"), 1):
+        (shards / f"model-0000{i}-of-00002.safetensors").write_bytes(data)
+    lines = "".join(
+        f"model-0000{i}-of-00002.safetensors {hashlib.sha256(d).hexdigest()}\n"
+        for i, d in enumerate((b"a", b"b"), 1)
+    )
+    assert hashes.weights_digest(shards, cache) == hashlib.sha256(lines.encode()).hexdigest()
+    (tmp_path / "cache" / "sha256.json").write_text("not json")  # a broken cache is rebuilt
+    assert hashes.describe(one, cache) == {
+        "path": str(one),
+        "sha256": hashlib.sha256(b"w").hexdigest(),
+    }

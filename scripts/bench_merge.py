@@ -83,7 +83,18 @@ def build_pair(shape: str, root: Path) -> tuple[Path, Path]:
     arch = getattr(transformers, spec["config"]["architectures"][0])
     with torch.device("meta"):
         model = arch(config)
-    shapes = {k: tuple(p.shape) for k, p in model.named_parameters()}  # tied ones once
+    # the keys save_pretrained writes: every parameter, tied outputs stored once, under the
+    # input embeddings' name
+    tied = (
+        set(getattr(model, "_tied_weights_keys", None) or {})
+        if config.tie_word_embeddings
+        else set()
+    )
+    shapes = {
+        k: tuple(p.shape)
+        for k, p in model.named_parameters(remove_duplicate=False)
+        if k not in tied
+    }
     dtype = getattr(torch, spec["dtype"])
     g = torch.Generator().manual_seed(0)
     tensors = {k: (torch.randn(s, generator=g) * 0.02).to(dtype) for k, s in shapes.items()}

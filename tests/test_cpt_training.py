@@ -179,3 +179,24 @@ def test_precision_key_picks_the_trainer_flags_and_refuses_what_cannot_run_here(
         precision_flags("fp8")
     args = training_arguments(Path("unused"), {"batch_size": 2, "lr": 1e-3, "precision": "bf16"}, 0)
     assert args.bf16 and not args.fp16
+
+
+def test_corpus_tokenisation_is_cached_for_the_next_run(tmp_path):
+    from cmmerge.models.loading import load_tokenizer
+    from cmmerge.training.cpt import tokenize_texts
+
+    base = build_tiny_model("xlmr", ARCH, TEXTS, tmp_path / "base", seed=0)
+    tokenizer = load_tokenizer(base)
+    folder = tmp_path / "cache" / "tokenized"
+    first = tokenize_texts(TEXTS, tokenizer, 24, tmp_path / "cache")
+    files = [f for f in folder.glob("*.arrow") if not f.name.startswith("cache-")]
+    assert len(files) == 1  # the tokenised corpus (cache-* files: the filter's own)
+    stamp = files[0].stat().st_mtime_ns
+    again = tokenize_texts(TEXTS, tokenizer, 24, tmp_path / "cache")
+    assert files[0].stat().st_mtime_ns == stamp  # loaded, not written again
+    assert again["input_ids"] == first["input_ids"]
+    assert again["special_tokens_mask"] == first["special_tokens_mask"]
+    assert max(len(ids) for ids in first["input_ids"]) <= 24
+    shorter = tokenize_texts(TEXTS, tokenizer, 8, tmp_path / "cache")  # another key
+    assert max(len(ids) for ids in shorter["input_ids"]) <= 8
+    assert len([f for f in folder.glob("*.arrow") if not f.name.startswith("cache-")]) == 2

@@ -35,7 +35,7 @@ def _tensors(path):
         return {k: r.get(k) for k in r.keys()}
 
 
-def _llama(vocab=100):
+def _llama(vocab=100, tied=True):
     cfg = transformers.LlamaConfig(
         vocab_size=vocab,
         hidden_size=32,
@@ -43,7 +43,7 @@ def _llama(vocab=100):
         num_attention_heads=4,
         num_key_value_heads=2,
         intermediate_size=64,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
     )
     return transformers.LlamaForCausalLM(cfg)
 
@@ -258,6 +258,62 @@ def test_vocabulary_grown_by_cpt(dirs, tmp_path):
         assert torch.equal(got[emb][100:], src[emb][100:])  # new rows from the source
         shared = magnitude_trim(src[emb][:100] - base[emb], 0.5)
         assert torch.allclose(got[emb][:100], base[emb] + 0.5 * shared, atol=1e-6)
+
+
+def test_grown_vocabulary_grows_an_untied_head_too(tmp_path):
+    torch.manual_seed(0)
+    base_model = _llama(vocab=100, tied=False)
+    base_model.save_pretrained(tmp_path / "base")
+    grown = _llama(vocab=100, tied=False)
+    grown.load_state_dict(base_model.state_dict())
+    _perturb(grown, seed=1)
+    grown.resize_token_embeddings(104)
+    grown.save_pretrained(tmp_path / "grown")
+    base, src = _tensors(tmp_path / "base"), _tensors(tmp_path / "grown")
+    info = merge_models(tmp_path / "base", [tmp_path / "grown"], [1.0], "tv", 0.5, tmp_path / "out")
+    head = "lm_head.weight"
+    assert info["grown"] == {"model.embed_tokens.weight": 104, head: 104}
+    got = _tensors(tmp_path / "out")
+    assert got[head].shape == (104, 32)
+    assert torch.equal(got[head][:100], base[head])  # a head is copied from the base
+    assert torch.equal(got[head][100:], src[head][100:])  # its new rows from the source
+    config = json.loads((tmp_path / "grown" / "config.json").read_text())
+    (tmp_path / "out" / "config.json").write_text(json.dumps(config))
+    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out")
+    assert loaded(torch.tensor([[1, 103]])).logits.shape == (1, 2, 104)
+    tv = tmp_path / "tv.safetensors"
+    extract_task_vector(tmp_path / "base", tmp_path / "grown", tv)
+    with pytest.raises(CmmergeError, match="untied head of 100 rows"):
+        merge_into_base(tmp_path / "base", [tv], [1.0], "tv", 0.5, tmp_path / "out-tv")
+    assert not (tmp_path / "out-tv" / "model.safetensors").exists()
+
+
+def test_tied_embedding_stored_under_its_head_alias_is_merged(tmp_path):
+    """A checkpoint may keep a tied word embedding only as ``lm_head.decoder.weight``."""
+    cfg = transformers.XLMRobertaConfig(
+        vocab_size=120, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=40,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.XLMRobertaForMaskedLM(cfg)
+    model.save_pretrained(tmp_path / "tuned-src")
+    _perturb(model, 3).save_pretrained(tmp_path / "tuned")
+    base_dir = tmp_path / "base"
+    model.save_pretrained(base_dir)
+    emb = "roberta.embeddings.word_embeddings.weight"
+    base = _tensors(tmp_path / "tuned-src")
+    stored = {("lm_head.decoder.weight" if k == emb else k): v for k, v in base.items()}
+    (base_dir / "model.safetensors").unlink()
+    save_file(stored, str(base_dir / "model.safetensors"), metadata={"format": "pt"})
+    tuned = _tensors(tmp_path / "tuned")
+    merge_models(base_dir, [tmp_path / "tuned"], [1.0], "ties", 0.5, tmp_path / "out", density=0.3)
+    got = _tensors(tmp_path / "out")
+    assert emb not in got  # written under the base's own key
+    expected = base[emb] + 0.5 * magnitude_trim(tuned[emb] - base[emb], 0.3)
+    assert torch.allclose(got["lm_head.decoder.weight"], expected, atol=1e-6)
+    shutil.copy(base_dir / "config.json", tmp_path / "out" / "config.json")
+    loaded = transformers.XLMRobertaForMaskedLM.from_pretrained(tmp_path / "out")
+    assert torch.allclose(loaded.roberta.embeddings.word_embeddings.weight, expected, atol=1e-6)
 
 
 def test_extract_stats_and_cosines(dirs, tmp_path):

@@ -8,6 +8,7 @@ import json
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -44,6 +45,7 @@ def tokenize_cached(
     cache_dir: str | Path | None,
     text_column: str = "text",
     batch_size: int = 1000,
+    **tokenizer_kwargs: Any,
 ) -> datasets.Dataset:
     """Tokenise ``ds[text_column]`` with ``datasets.map(batched=True)``, cached on disk.
 
@@ -58,6 +60,8 @@ def tokenize_cached(
         cache_dir: Folder of the cache files; ``None`` tokenises in memory without a cache.
         text_column: The column to tokenise.
         batch_size: Texts per tokenizer call.
+        **tokenizer_kwargs: More tokenizer arguments (part of the cache key), e.g.
+            ``return_special_tokens_mask=True``.
 
     Returns:
         ``ds`` with ``input_ids`` and ``attention_mask`` added.
@@ -65,12 +69,16 @@ def tokenize_cached(
 
     def encode(batch):
         return tokenizer(
-            batch[text_column], truncation=max_length is not None, max_length=max_length
+            batch[text_column],
+            truncation=max_length is not None,
+            max_length=max_length,
+            **tokenizer_kwargs,
         )
 
     if cache_dir is None:
         return ds.map(encode, batched=True, batch_size=batch_size, keep_in_memory=True)
-    key = f"{tokenizer_fingerprint(tokenizer)}|{max_length}|{ds.column_names}"
+    extra = sorted(tokenizer_kwargs.items())
+    key = f"{tokenizer_fingerprint(tokenizer)}|{max_length}|{ds.column_names}|{extra}"
     h = hashlib.sha256(key.encode())
     for text in ds[text_column]:
         h.update(text.encode("utf-8", "surrogatepass") + b"\0")

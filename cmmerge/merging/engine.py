@@ -278,8 +278,9 @@ class _Merger:
         self, item: Item, sched: _Scheduler, model_thr: list | None, first_chunk: int
     ) -> None:
         if not item.src_keys:
-            for s, e in chunk_ranges(item.numel):
+            for s, e in chunk_ranges(item.shared or item.numel):
                 sched.submit(self.copy, self.base, item.key, item, s, e, s)
+            self._copy_new_rows(item, sched)
             return
         ranges = chunk_ranges(item.shared)
         thr = model_thr
@@ -296,19 +297,16 @@ class _Merger:
                 thr = self.thresholds(pieces, sched.map)
         for c, (s, e) in enumerate(ranges):
             sched.submit(self.apply, item, s, e, thr, first_chunk + c if thr else 0)
-        if item.grown_from is not None:
-            src = self.sources[item.grown_from]
-            key = item.src_keys[item.grown_from]
-            for s, e in chunk_ranges(item.numel - item.shared):
-                sched.submit(
-                    self.copy,
-                    src.reader,
-                    key,
-                    item,
-                    item.shared + s,
-                    item.shared + e,
-                    item.shared + s,
-                )
+        self._copy_new_rows(item, sched)
+
+    def _copy_new_rows(self, item: Item, sched: _Scheduler) -> None:
+        """The rows of a grown vocabulary, from the source that grew it."""
+        if item.grown_from is None:
+            return
+        reader = self.sources[item.grown_from].reader
+        for s, e in chunk_ranges(item.numel - item.shared):
+            start, stop = item.shared + s, item.shared + e
+            sched.submit(self.copy, reader, item.grown_key, item, start, stop, start)
 
 
 def _merge(

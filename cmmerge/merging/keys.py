@@ -29,6 +29,16 @@ HEAD_PREFIXES: tuple[str, ...] = (
     "discriminator_predictions",
 )
 
+# Output embeddings a checkpoint may store in place of the input embeddings tied to them (then
+# the file has no backbone embedding key): the alias stands for the backbone tensor.
+TIED_HEAD_ALIASES: dict[str, str] = {
+    "lm_head.decoder.weight": "embeddings.word_embeddings.weight",  # RoBERTa, XLM-R
+    "cls.predictions.decoder.weight": "embeddings.word_embeddings.weight",  # BERT
+    "vocab_projector.weight": "embeddings.word_embeddings.weight",  # DistilBERT
+    "generator_lm_head.weight": "embeddings.word_embeddings.weight",  # ELECTRA
+    "lm_head.weight": "embed_tokens.weight",  # Llama, Mistral, Qwen, Gemma
+}
+
 # ``base_model_prefix`` of common architectures (checked against transformers in the tests).
 KNOWN_PREFIXES: dict[str, str] = {
     "xlm-roberta": "roberta", "roberta": "roberta", "bert": "bert", "distilbert": "distilbert",
@@ -87,7 +97,8 @@ def backbone_key(key: str, prefix: str) -> str | None:
 
 
 def backbone_map(keys: list[str], prefix: str, where: str = "checkpoint") -> dict[str, str]:
-    """Map backbone name -> original key for the non-head ``keys`` (order kept).
+    """Map backbone name -> original key for the non-head ``keys`` (order kept), and for a
+    tied output embedding stored without its input embedding (``TIED_HEAD_ALIASES``).
 
     Raises:
         CmmergeError: Two keys map to one backbone name (e.g. both ``roberta.x`` and ``x``).
@@ -100,4 +111,8 @@ def backbone_map(keys: list[str], prefix: str, where: str = "checkpoint") -> dic
         if name in out:
             raise CmmergeError(f"{where}: keys {out[name]!r} and {key!r} both map to {name!r}")
         out[name] = key
+    present = set(keys)
+    for alias, name in TIED_HEAD_ALIASES.items():
+        if alias in present and name not in out:
+            out[name] = alias
     return out

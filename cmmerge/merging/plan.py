@@ -14,7 +14,7 @@ import torch
 
 from cmmerge.errors import CmmergeError
 from cmmerge.io.checkpoint import CheckpointReader
-from cmmerge.merging.keys import backbone_key, backbone_map, backbone_prefix
+from cmmerge.merging.keys import backbone_map, backbone_prefix
 
 PathLike = str | os.PathLike
 
@@ -38,8 +38,10 @@ class Item:
         shape: Output shape (more rows than the base when CPT grew the vocabulary).
         dtype: Output dtype.
         src_keys: Key in each source; empty for a tensor copied from the base.
-        shared: Flat elements merged (the base's numel); the rest come from ``grown_from``.
+        shared: Flat elements merged, or copied from the base for a head (the base's numel);
+            the rest come from ``grown_from``.
         grown_from: Index of the source whose new rows are taken, or None.
+        grown_key: The tensor's key in that source.
     """
 
     key: str
@@ -48,6 +50,7 @@ class Item:
     src_keys: list[str] = field(default_factory=list)
     shared: int = 0
     grown_from: int | None = None
+    grown_key: str | None = None
 
     @property
     def numel(self) -> int:
@@ -136,8 +139,9 @@ def plan_merge(
     used: set[str] = set()
     dropped: list[str] = []
     grown: dict[str, int] = {}
+    names = {key: name for name, key in backbone_map(base.keys(), prefix, str(base_dir)).items()}
     for key in base.keys():
-        name = backbone_key(key, prefix)
+        name = names.get(key)
         shape, base_dtype = base.shape(key), base.dtype(key)
         out_dtype = dtype if dtype is not None and base_dtype.is_floating_point else base_dtype
         if name is None and tied and key == "lm_head.weight":
@@ -160,7 +164,7 @@ def plan_merge(
                 )
             if check_shape(name, shape, other, str(base_dir), s.label, grow=True):
                 if item.grown_from is None:
-                    item.grown_from, item.shape = i, tuple(other)
+                    item.grown_from, item.grown_key, item.shape = i, s.names[name], tuple(other)
                 elif tuple(other) != item.shape:
                     raise CmmergeError(
                         f"sources grew {name!r} differently: {item.shape} in "
@@ -171,6 +175,8 @@ def plan_merge(
             grown[key] = item.shape[0]
         used.add(name)
         items.append(item)
+    if grown:
+        _grow_heads(items, grown, base, sources)
     if missing:
         name, label = missing[0]
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -179,3 +185,36 @@ def plan_merge(
         raise CmmergeError(f"no tensor of {base_dir} matches the sources to merge")
     unused = sorted({n for s in sources for n in s.names} - used)
     return items, {"tau_keys_missing_in_base": unused, "dropped_tied": dropped, "grown": grown}
+
+
+def _grow_heads(
+    items: list[Item], grown: dict[str, int], base: CheckpointReader, sources: list[Source]
+) -> None:
+    """Give untied vocabulary-sized heads (``lm_head.weight``, an MLM head's bias) the rows of a
+    vocabulary that CPT grew: the base's rows, then the new ones from the model that grew it."""
+    by_rows = {
+        base.shape(it.key)[0]: it for it in items if it.key in grown and it.grown_from is not None
+    }
+    for item in items:
+        if item.src_keys or not item.dtype.is_floating_point or not item.shape:
+            continue
+        embedding = by_rows.get(item.shape[0])
+        if embedding is None:
+            continue
+        src = sources[embedding.grown_from]
+        rows = embedding.shape[0]
+        want = (rows, *item.shape[1:])
+        if not src.is_model or item.key not in src.reader.keys():
+            raise CmmergeError(
+                f"{src.label} grew the vocabulary to {rows} rows but carries no {item.key!r} "
+                f"(an untied head of {item.shape[0]} rows in the base): merge the model folder "
+                "that grew it (models=[...]) so its new head rows can be taken"
+            )
+        if tuple(src.reader.shape(item.key)) != want:
+            raise CmmergeError(
+                f"shape mismatch for {item.key!r}: {tuple(src.reader.shape(item.key))} in "
+                f"{src.label}, expected {want} for a vocabulary of {rows}"
+            )
+        item.shared, item.shape = item.numel, want
+        item.grown_from, item.grown_key = embedding.grown_from, item.key
+        grown[item.key] = rows

@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 from cmmerge.io.manifest import write_json_atomic
 from cmmerge.io.model_card import write_model_card
 from cmmerge.models.loading import model_kind, resolve_model
-from cmmerge.settings import data_root, plain
+from cmmerge.settings import cache_dir, data_root, plain
 from cmmerge.stages import dist
 from cmmerge.stages.ids import stage_dirs
 from cmmerge.stages.inputs import cpt_corpus, leakage_tasks, split_seed
@@ -35,7 +35,14 @@ def run(cfg: DictConfig) -> dict:
         texts, corpus_stats = cpt_corpus(cfg)
         peft_cfg = config_view["peft"]
         metrics = train_lm(
-            base, kind, texts, config_view["cpt"], stage_dir, int(cfg.cpt.seed), peft_cfg
+            base,
+            kind,
+            texts,
+            config_view["cpt"],
+            stage_dir,
+            int(cfg.cpt.seed),
+            peft_cfg,
+            cache_dir=cache_dir(cfg),
         )
         if not dist.is_main():
             return {"metrics": metrics}

@@ -88,7 +88,7 @@ def run(cfg: DictConfig) -> dict:
         peft=peft_cfg,
     )
 
-    tokens_cache = cache_dir(cfg) / "tokenized"
+    tokens_cache = cache_dir(cfg)  # tokenize_cached keeps its files in <cache>/tokenized
 
     def work(stage_dir):
         start, steps = init_dir, []

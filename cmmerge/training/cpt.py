@@ -21,6 +21,7 @@ from datasets import Dataset
 from torch import nn
 from transformers import DataCollatorForLanguageModeling, Trainer
 
+from cmmerge.data.stats import tokenize_cached
 from cmmerge.errors import CmmergeError
 from cmmerge.models.loading import ModelKind, load_lm, load_tokenizer
 from cmmerge.stages import dist
@@ -41,17 +42,14 @@ from cmmerge.training.packing import pack_dataset, packing_collator, packing_kee
 log = logging.getLogger("cmmerge")
 
 
-def tokenize_texts(texts: Sequence[str], tokenizer, max_length: int) -> Dataset:
-    """Tokenise with ``datasets.map(batched=True)``; drops texts that tokenise to nothing."""
+def tokenize_texts(
+    texts: Sequence[str], tokenizer, max_length: int, cache_dir: Path | None = None
+) -> Dataset:
+    """Tokenise with batched ``datasets.map``, cached on disk under ``cache_dir`` (a second run
+    on the same corpus and tokenizer loads it); drops texts that tokenise to nothing."""
     ds = Dataset.from_dict({"text": list(texts)})
-    ds = ds.map(
-        lambda b: tokenizer(
-            b["text"], truncation=True, max_length=max_length, return_special_tokens_mask=True
-        ),
-        batched=True,
-        remove_columns=["text"],
-        desc="tokenising corpus",
-    )
+    ds = tokenize_cached(ds, tokenizer, max_length, cache_dir, return_special_tokens_mask=True)
+    ds = ds.remove_columns(["text"])
     return ds.filter(lambda ex: len(ex["input_ids"]) > 2)
 
 
@@ -171,20 +169,21 @@ def train_lm(
     out_dir: Path,
     seed: int,
     peft_cfg: Mapping[str, Any] | None = None,
+    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Continue pre-training ``model_dir`` on ``texts``; saves the model to ``out_dir/model``.
 
     With LoRA (``peft_cfg``) the adapter is kept in ``out_dir/adapter`` and merged into the full
     weights saved in ``out_dir/model``. Checkpoints every ``save_steps`` let an interrupted run
     resume where it stopped. Returns held-out loss and perplexity before and after, and the
-    number of training steps and tokens.
+    number of training steps and tokens. ``cache_dir`` keeps the tokenised corpus.
     """
     tokenizer = load_tokenizer(model_dir)
     if kind == "encoder" and tokenizer.mask_token is None:
         raise CmmergeError(
             f"tokenizer in {model_dir} has no mask token: it cannot do masked-LM CPT"
         )
-    dataset = tokenize_texts(texts, tokenizer, int(params["max_length"]))
+    dataset = tokenize_texts(texts, tokenizer, int(params["max_length"]), cache_dir)
     n_eval = max(1, int(len(dataset) * float(params.get("eval_fraction", 0.05))))
     if len(dataset) - n_eval < int(params["batch_size"]):
         raise CmmergeError(

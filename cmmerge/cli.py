@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import os
@@ -67,6 +68,8 @@ def _task(stage: str):
         module = importlib.import_module(f"cmmerge.stages.{stage}")
         from cmmerge.stages import dist
 
+        gc.freeze()  # the modules imported so far stay: no collection walks them again
+        gc.enable()
         dist.init()
         try:
             module.run(cfg)
@@ -99,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     if "debug=true" in argv[1:]:
         os.environ["HYDRA_FULL_ERROR"] = "1"
+    gc.disable()  # importing torch and transformers makes collections that find no garbage
     import hydra
 
     sys.argv = [f"cmmerge {stage}", *argv[1:]]

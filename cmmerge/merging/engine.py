@@ -12,6 +12,7 @@ of the whole model (``trim_scope=model``, the original TIES code's rule). Memory
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import math
 import os
@@ -252,6 +253,8 @@ class _Merger:
 
     def run(self, items: list[Item], threads: int) -> None:
         sched = _Scheduler(threads)
+        collecting = gc.isenabled()
+        gc.disable()  # the merge makes no reference cycles; collections would only cost time
         try:
             with torch_threads(1):
                 model_thr: list[Threshold | None] | None = None
@@ -273,6 +276,8 @@ class _Merger:
                 sched.wait()
         finally:
             sched.close()
+            if collecting:
+                gc.enable()
 
     def _schedule(
         self, item: Item, sched: _Scheduler, model_thr: list | None, first_chunk: int

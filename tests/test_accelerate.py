@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification
 from cmmerge.io.manifest import read_manifest
 
 
-def test_two_process_finetune_and_evaluate(tmp_path):
+def test_two_process_cpt_finetune_and_evaluate(tmp_path):
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     assert accelerate, "accelerate's launcher is installed with the package"
     # `--cpu --num_processes 2` starts one process in accelerate 1.x (its simple launcher);
@@ -37,11 +37,16 @@ def test_two_process_finetune_and_evaluate(tmp_path):
     ]
     args = ["init=base", f"run.root={tmp_path}", "run.name=ddp", *FAST]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    for stage in ("finetune", "evaluate"):
+    for stage in ("cpt", "finetune", "evaluate"):
         out = subprocess.run(
             [*launch, stage, *args], capture_output=True, text=True, env=env, timeout=600
         )
         assert out.returncode == 0, out.stderr[-3000:]
+    cpt = read_manifest(tmp_path / "ddp" / "cpt")
+    assert cpt["world_size"] == 2 and cpt["metrics"]["steps"] == 8
+    # the training loss is the mean over both processes' batches, not scaled by their number
+    ratio = cpt["metrics"]["train_loss"] / cpt["metrics"]["loss_before"]
+    assert 0.8 < ratio < 1.2, cpt["metrics"]
     ft = tmp_path / "ddp" / "finetune" / "base-sentiment-en-hi-s0"
     manifest = read_manifest(ft)
     assert manifest["world_size"] == 2

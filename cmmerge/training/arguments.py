@@ -19,7 +19,14 @@ log = logging.getLogger("cmmerge")
 
 
 class LogCallback(TrainerCallback):
-    """Send the Trainer's logs (loss, learning rate, eval metrics) to the stage's log file."""
+    """Send the Trainer's logs (loss, learning rate, eval metrics) to the stage's log file, and
+    log the last step too: the Trainer then sums only losses gathered from every process into
+    ``training_loss`` (the rest since the last log would be this process's loss times the
+    number of processes, its scaling for the gradient under a multi-process launch)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            control.should_log = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:

@@ -27,6 +27,7 @@ from cmmerge.models.loading import ModelKind, load_lm, load_tokenizer
 from cmmerge.stages import dist
 from cmmerge.training import lora
 from cmmerge.training.arguments import (
+    LogCallback,
     activation_checkpointing,
     precision_name,
     training_arguments,
@@ -242,6 +243,7 @@ def train_lm(
         kind=kind,
         fast_loss=fast_loss,
         chunk_size=int(params.get("loss_chunk_size") or DEFAULT_CHUNK_SIZE),
+        callbacks=[LogCallback()],
     )
     before = _perplexity(trainer, make_collator, split["test"])
     trainer.data_collator = make_collator()

@@ -31,7 +31,7 @@ _LOW = 1 << _SHIFT  # values of the low bits within one bin
 _MAX_BITS = 0x7FFFFFFF  # the largest magnitude bit pattern (a NaN)
 MAX_WINDOW = 1 << 19  # at most this many bit patterns counted one by one after sampling
 SAMPLE_BLOCK = 256  # entries sampled together (1 KiB: whole cache lines)
-SAMPLE_SIZE = 1 << 18  # about this many entries sampled per domain, one block in 4 at most
+SAMPLE_SIZE = 1 << 21  # about this many entries sampled per domain, one block in 4 at most
 MIN_SAMPLED = 1 << 21  # smaller domains go straight to the two-pass route (it is faster there)
 
 
@@ -68,13 +68,21 @@ def window_counts(x: Tensor, lo: int, width: int) -> tuple[int, Tensor, Tensor]:
     return int(counts[width + 1]), offsets.to(torch.int32), inside[offsets].to(torch.int32)
 
 
-def _sample_histogram(x: Tensor, every: int) -> Tensor:
-    """``histogram`` of one block of ``SAMPLE_BLOCK`` entries in ``every``."""
+def _sample(x: Tensor, every: int) -> Tensor:
+    """Magnitude bit patterns of one block of ``SAMPLE_BLOCK`` entries in ``every``."""
     flat = x.reshape(-1)
     whole = flat.numel() // SAMPLE_BLOCK * SAMPLE_BLOCK
-    blocks = flat[:whole].view(-1, SAMPLE_BLOCK)[::every]
-    top = magnitude_bits(blocks).bitwise_right_shift_(_SHIFT).reshape(-1)
-    return torch.bincount(top, minlength=NBINS)
+    return magnitude_bits(flat[:whole].view(-1, SAMPLE_BLOCK)[::every]).reshape(-1)
+
+
+def _sample_bounds(sample: Tensor, upper_rank: int, lower_rank: int) -> tuple[int, int]:
+    """The sample's ``upper_rank``-th and ``lower_rank``-th largest bit patterns (1-based ranks),
+    found in the histogram bins holding them (no sort of the whole sample)."""
+    hist = torch.bincount(sample.bitwise_right_shift(_SHIFT), minlength=NBINS)
+    (top, above), (bottom, _) = _bin_of_kth(hist, upper_rank), _bin_of_kth(hist, lower_rank)
+    lo, hi = bottom << _SHIFT, (top + 1) << _SHIFT
+    inside = sample[(sample >= lo) & (sample < hi)].sort(descending=True).values
+    return int(inside[upper_rank - above - 1]), int(inside[lower_rank - above - 1])
 
 
 @dataclass
@@ -176,29 +184,28 @@ def _sampled(
     map_fn: Callable,
     total: int,
 ) -> list[Threshold | None | bool]:
-    """Pass 1: a histogram of the top 16 bits of a sample of ~``SAMPLE_SIZE`` entries bounds
-    the k-th largest (the bins of its rank in the sample, plus or minus four binomial standard
-    deviations); pass 2 counts every entry in those bins one by one, and those above. A source
+    """Pass 1: a sample of ~``SAMPLE_SIZE`` entries bounds the k-th largest (the sample's
+    entries at its rank plus or minus four binomial standard deviations); pass 2 counts every
+    entry between the bounds one by one, and those above. A source
     whose bounds are too far apart (more than ``MAX_WINDOW`` bit patterns) or miss the k-th
     largest gets False (to redo in two passes)."""
     every = max(4, -(-total // SAMPLE_SIZE))
-    hists: list[Tensor] = []
-    for chunk_hists in map_fn(
-        lambda c: [_sample_histogram(x, every) for x in chunks(c)], range(n_chunks)
-    ):
-        hists = [a + b for a, b in zip(hists, chunk_hists, strict=True)] if hists else chunk_hists
+    per_chunk_samples = list(
+        map_fn(lambda c: [_sample(x, every) for x in chunks(c)], range(n_chunks))
+    )
     windows: list[tuple[int, int] | None] = []
-    for hist, k in zip(hists, ks, strict=True):
-        n = int(hist.sum())
+    for i, k in enumerate(ks):
+        sample = torch.cat([cs[i] for cs in per_chunk_samples])
+        n = sample.numel()
         share = k / total
         rank = round(share * n)
         spread = int(4 * math.sqrt(n * share * (1 - share))) + 2
         if rank - spread < 1 or rank + spread > n:  # no sample bound on one side
             windows.append(None)
             continue
-        top, bottom = _bin_of_kth(hist, rank - spread)[0], _bin_of_kth(hist, rank + spread)[0]
-        width = (top - bottom + 1) << _SHIFT
-        windows.append((bottom << _SHIFT, width) if width <= MAX_WINDOW else None)
+        high, low = _sample_bounds(sample, rank - spread, rank + spread)
+        width = high - low + 1
+        windows.append((low, width) if width <= MAX_WINDOW else None)
 
     def counts_of(c: int) -> list[tuple[int, Tensor, Tensor] | None]:
         return [

@@ -131,14 +131,21 @@ class _Merger:
         self.allow_nonfinite = allow_nonfinite
         self.trims = method.trim is not None and self.density < 1
 
-    def deltas(self, item: Item, start: int, stop: int) -> tuple[Tensor, list[Tensor]]:
-        """(base chunk in float32, one float32 delta chunk per source), all fresh tensors."""
+    def deltas(
+        self, item: Item, start: int, stop: int, out: list[Tensor] | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
+        """(base chunk in float32, one float32 delta chunk per source): fresh tensors, or the
+        deltas written into ``out`` (one float32 buffer per source) when given."""
         base = self.base.read(item.key, start, stop).to(torch.float32)
-        out = []
-        for s, key in zip(self.sources, item.src_keys, strict=True):
-            x = s.reader.read(key, start, stop).to(torch.float32)
-            out.append(x.sub_(base) if s.is_model else x)
-        return base, out
+        deltas = []
+        for i, (s, key) in enumerate(zip(self.sources, item.src_keys, strict=True)):
+            x = s.reader.read(key, start, stop)
+            if out is not None:
+                deltas.append(torch.sub(x, base, out=out[i]) if s.is_model else out[i].copy_(x))
+            else:
+                x = x.to(torch.float32)
+                deltas.append(x.sub_(base) if s.is_model else x)
+        return base, deltas
 
     def _trim(
         self,
@@ -183,24 +190,35 @@ class _Merger:
             cached[c] = None  # free as we go
 
     def _trim_cached(self, pieces: list[tuple[Item, int, int]], sched: _Scheduler) -> None:
-        """Trim and merge one large tensor chunk-parallel, computing each chunk's deltas once:
-        the first selection pass keeps them for the second and for the merge."""
-        cached: list[list[Tensor] | None] = [None] * len(pieces)
+        """Trim and merge one large tensor chunk-parallel, computing each chunk's deltas once
+        into one buffer per source (a single allocation, released whole when the last chunk
+        is merged): the first selection pass fills it for the second and for the merge."""
+        total = sum(stop - start for _, start, stop in pieces)
+        offset = pieces[0][1]
+        buffers = [torch.empty(total, dtype=torch.float32) for _ in self.sources]
+        filled = [False] * len(pieces)
+        left = [len(pieces)]
+        lock = threading.Lock()
 
         def chunk_deltas(c: int) -> list[Tensor]:
-            if cached[c] is None:
-                cached[c] = self.deltas(*pieces[c])[1]
-            return cached[c]
+            item, start, stop = pieces[c]
+            views = [b[start - offset : stop - offset] for b in buffers]
+            if not filled[c]:
+                self.deltas(item, start, stop, out=views)
+                filled[c] = True
+            return views
 
-        total = sum(stop - start for _, start, stop in pieces)
         ks = [keep_count(self.density, total)] * len(self.sources)
         thr = thresholds_over(chunk_deltas, len(pieces), ks, sched.map, total=total)
 
         def merge_chunk(c: int) -> None:
             item, start, stop = pieces[c]
-            deltas, cached[c] = cached[c], None
             base = self.base.read(item.key, start, stop).to(torch.float32)
-            self.apply(item, start, stop, thr, c, (base, deltas))
+            self.apply(item, start, stop, thr, c, (base, chunk_deltas(c)))
+            with lock:
+                left[0] -= 1
+                if not left[0]:
+                    buffers.clear()  # the tensor is done: give its deltas back now
 
         for c in range(len(pieces)):
             sched.submit(merge_chunk, c)

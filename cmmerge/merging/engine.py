@@ -4,10 +4,13 @@ Every tensor is cut into flat chunks of ``CHUNK`` elements. A pool of ``threads`
 (torch single-threaded inside each, so no OpenMP barrier per small op) reads the chunk of the
 base and of every source with ``pread``, computes in float32 and writes the result straight to
 its place in the output shards; the main thread only schedules, keeping at most two chunks per
-worker in flight. Magnitude trimming finds its exact threshold with the two-pass histogram
-selection of ``select`` over the chunks of a tensor (``trim_scope=tensor``, mergekit's rule) or
-of the whole model (``trim_scope=model``, the original TIES code's rule). Memory stays near
-``threads * 2 * (sources + 4) * CHUNK * 4`` bytes plus the interpreter, whatever the model size.
+worker in flight. Magnitude trimming finds its exact threshold with the counting selection of
+``select`` over the chunks of a tensor (``trim_scope=tensor``, mergekit's rule) or of the whole
+model (``trim_scope=model``, the original TIES code's rule). A trimmed tensor's float32 deltas
+are computed once and kept between the selection passes and the merge (up to ``CACHED_TRIM_BYTES``
+for one tensor; larger ones are recomputed per pass), so memory stays near the largest such
+tensor's deltas plus ``threads * 2 * (sources + 4) * CHUNK * 4`` bytes and the interpreter,
+whatever the model size.
 """
 
 from __future__ import annotations

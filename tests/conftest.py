@@ -23,6 +23,25 @@ FAST = [
 ]
 
 
+def tiny_llama(vocab: int, tied: bool = True, **config: object):
+    """A 2-layer Llama of hidden size 32, random weights from torch's current seed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            tie_word_embeddings=tied,
+            **config,
+        )
+    )
+
+
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory) -> Path:
     """Tiny models are built once per test session into a private cache."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_llama
 from torch import nn
 from transformers import (
     BertConfig,
@@ -65,18 +66,7 @@ def _encoder(family: str) -> nn.Module:
 
 def _llama(attn: str = "sdpa", vocab: int = VOCAB) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        attn_implementation=attn,
-    )
-    return LlamaForCausalLM(config)
+    return tiny_llama(vocab, attn_implementation=attn)
 
 
 def _mlm_batch(batch: int = 4, length: int = 12) -> tuple[dict, torch.Tensor]:

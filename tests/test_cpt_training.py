@@ -9,23 +9,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import tiny_llama
 from safetensors import safe_open
+from test_tiny import ARCH
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, LlamaForCausalLM
 
 from cmmerge.models.tiny import build_tiny_model
 from cmmerge.training.cpt import train_lm, use_packing
 from cmmerge.training.losses import causal_lm_loss
 from cmmerge.training.packing import pack_examples, packing_collator, packing_keeps_documents_apart
 
-ARCH = dict(
-    hidden_size=32,
-    num_layers=1,
-    num_heads=2,
-    intermediate_size=64,
-    max_positions=64,
-    vocab_size=300,
-)
 TEXTS = [
     "yaar ye movie bahut acchi thi",
     "kya bakwas hai bro, ekdum bekaar",
@@ -54,19 +48,7 @@ PARAMS = dict(
 
 def _llama(attn: str) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=101,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=128,
-            tie_word_embeddings=True,
-            attn_implementation=attn,
-        )
-    )
+    return tiny_llama(101, attn_implementation=attn)
 
 
 def test_pack_examples_restarts_positions_and_ignores_document_starts():

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import tiny_llama
 from safetensors.torch import save_file
 
 import cmmerge.merging.engine as engine
@@ -36,16 +37,7 @@ def _tensors(path):
 
 
 def _llama(vocab=100, tied=True):
-    cfg = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        tie_word_embeddings=tied,
-    )
-    return transformers.LlamaForCausalLM(cfg)
+    return tiny_llama(vocab, tied)
 
 
 def _perturb(model, seed, scale=0.02):

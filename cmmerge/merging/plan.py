@@ -192,9 +192,7 @@ def _grow_heads(
 ) -> None:
     """Give untied vocabulary-sized heads (``lm_head.weight``, an MLM head's bias) the rows of a
     vocabulary that CPT grew: the base's rows, then the new ones from the model that grew it."""
-    by_rows = {
-        base.shape(it.key)[0]: it for it in items if it.key in grown and it.grown_from is not None
-    }
+    by_rows = {base.shape(it.key)[0]: it for it in items if it.key in grown}
     for item in items:
         if item.src_keys or not item.dtype.is_floating_point or not item.shape:
             continue

@@ -41,9 +41,10 @@ def keep_count(density: float, numel: int) -> int:
     return max(1, int(density * numel)) if numel else 0
 
 
-def magnitude_bits(x: Tensor) -> Tensor:
-    """``|x|`` of a float32 tensor as int32 bit patterns (monotone in ``|x|``); a new tensor."""
-    return x.view(torch.int32).bitwise_and(0x7FFFFFFF)
+def magnitude_bits(x: Tensor, out: Tensor | None = None) -> Tensor:
+    """``|x|`` of a float32 tensor as int32 bit patterns (monotone in ``|x|``); a new tensor,
+    or ``out``."""
+    return torch.bitwise_and(x.view(torch.int32), 0x7FFFFFFF, out=out)
 
 
 def histogram(x: Tensor) -> Tensor:
@@ -75,7 +76,7 @@ def window_counts(x: Tensor, lo: int, width: int) -> tuple[int, Tensor, Tensor]:
     """Entries of ``x`` by magnitude bit pattern around ``[lo, lo + width)``: (how many lie
     above it, the offsets from ``lo`` present in it, their counts); one pass, no gather."""
     flat = x.reshape(-1)
-    key = torch.bitwise_and(flat.view(torch.int32), 0x7FFFFFFF, out=_scratch(flat.numel()))
+    key = magnitude_bits(flat, out=_scratch(flat.numel()))
     # below -> 0, in the window -> 1..width, above -> width + 1 (clamped first: no overflow)
     key.clamp_(lo - 1, min(lo + width, _MAX_BITS)).sub_(lo - 1)
     counts = torch.bincount(key, minlength=width + 2)
@@ -202,9 +203,9 @@ def _sampled(
 ) -> list[Threshold | None | bool]:
     """Pass 1: a sample of ~``SAMPLE_SIZE`` entries bounds the k-th largest (the sample's
     entries at its rank plus or minus four binomial standard deviations); pass 2 counts every
-    entry between the bounds one by one, and those above. A source
-    whose bounds are too far apart (more than ``MAX_WINDOW`` bit patterns) or miss the k-th
-    largest gets False (to redo in two passes)."""
+    entry between the bounds one by one, and those above. A source whose bounds are too far
+    apart (more than ``MAX_WINDOW`` bit patterns) or miss the k-th largest gets False (to redo
+    in two passes)."""
     every = max(4, -(-total // SAMPLE_SIZE))
     per_chunk_samples = list(
         map_fn(lambda c: [_sample(x, every) for x in chunks(c)], range(n_chunks))

@@ -209,7 +209,8 @@ def run(cfg: DictConfig) -> dict:
         copy_model_files(base, model_dir)
         if stats["grown"]:
             _record_grown_vocab(model_dir, sources if are_models else [], stats["grown"])
-        described = [describe(s, cache_dir(cfg)) for s in sources]  # SHA-256 of the weights
+        hashes = cache_dir(cfg)  # SHA-256 of the weights, remembered there
+        described = [describe(s, hashes) for s in sources]
         record = {
             "method": method,
             "lambda": scale,
@@ -217,7 +218,7 @@ def run(cfg: DictConfig) -> dict:
             "weights": weights,
             "dtype": str(cfg.dtype) if cfg.get("dtype") else None,
             "base": str(base),
-            "base_sha256": describe(base, cache_dir(cfg))["sha256"],
+            "base_sha256": describe(base, hashes)["sha256"],
             "sources": described,
         }
         (model_dir / "merge.yaml").write_text(yaml.safe_dump(record, sort_keys=False))

@@ -93,12 +93,9 @@ def activation_checkpointing(enabled: bool) -> dict[str, bool]:
     recent transformers 5 releases, ``gradient_checkpointing`` in earlier ones (5.17 has only
     that one)."""
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
-    key = (
-        "activation_checkpointing"
-        if "activation_checkpointing" in names
-        else ("gradient_checkpointing")
-    )
-    return {key: enabled}
+    if "activation_checkpointing" in names:
+        return {"activation_checkpointing": enabled}
+    return {"gradient_checkpointing": enabled}
 
 
 def training_arguments(

@@ -62,3 +62,25 @@ def weights_digest(path: Path, cache: Path | None = None) -> str:
 def describe(path: Path, cache: Path | None = None) -> dict[str, str]:
     """``{"path": ..., "sha256": ...}`` for a model card or merge record."""
     return {"path": os.fspath(path), "sha256": weights_digest(Path(path), cache)}
+
+
+def default_cache() -> Path:
+    """cmmerge's cache folder when no config is at hand: $CMMERGE_CACHE or ~/.cache/cmmerge."""
+    return Path(os.environ.get("CMMERGE_CACHE") or Path.home() / ".cache" / "cmmerge").expanduser()
+
+
+def content_digest(path: Path, cache: Path | None = None) -> str:
+    """SHA-256 identity of a file's or a folder's contents (every non-hidden file, by relative
+    name and digest), so a file rewritten in place at the same size is a new input."""
+    path = Path(path)
+    cache = default_cache() if cache is None else cache
+    cache.mkdir(parents=True, exist_ok=True)
+    if path.is_file():
+        return file_digest(path, cache)
+    files = sorted(
+        f
+        for f in path.rglob("*")
+        if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts)
+    )
+    lines = "".join(f"{f.relative_to(path).as_posix()} {file_digest(f, cache)}\n" for f in files)
+    return hashlib.sha256(lines.encode()).hexdigest()

@@ -147,7 +147,6 @@ def _output_dirs(cfg: DictConfig, dirs: dict) -> tuple[Path, Path]:
         out.exists()
         and any(out.iterdir())
         and read_manifest(out) is None
-        and not (out / ".cmmerge-partial").exists()
     ):
         raise CmmergeError(
             f"output={out} exists and is not a cmmerge merge: choose a new folder "
@@ -166,7 +165,7 @@ def run(cfg: DictConfig) -> dict:
     base = local_model_dir(str(cfg.base)) if cfg.get("base") else resolve_model(cfg)
     sources, are_models, source_inputs = _sources(cfg, dirs)
     weights = _weights(cfg, len(sources))
-    stage_dir, model_dir = _output_dirs(cfg, dirs)
+    stage_dir, final_model_dir = _output_dirs(cfg, dirs)
     method = method_name(cfg)
     config_view = {
         "method": method,
@@ -179,33 +178,26 @@ def run(cfg: DictConfig) -> dict:
         "sources": [str(s) for s in sources],
     }
 
-    def work(_stage_dir):
+    def work(work_dir):
         import torch
 
-        if model_dir.exists():  # an earlier (unfinished or outdated) merge of ours
-            shutil.rmtree(model_dir)
+        model_dir = work_dir / "model" if final_model_dir != stage_dir else work_dir
         model_dir.mkdir(parents=True, exist_ok=True)
-        marker = model_dir / ".cmmerge-partial"
-        marker.touch()
         merge = merge_models if are_models else merge_into_base
         dtype = getattr(torch, str(cfg.dtype)) if cfg.get("dtype") else None
-        try:
-            stats = merge(
-                base,
-                sources,
-                weights,
-                method,
-                scale,
-                model_dir,
-                dtype=dtype,
-                max_shard_size=shard_size,
-                allow_nonfinite=bool(cfg.get("allow_nonfinite")),
-                allow_pickle=bool(cfg.get("allow_pickle")),
-                **params,
-            )
-        except BaseException:
-            shutil.rmtree(model_dir, ignore_errors=True)  # nothing that looks like a model
-            raise
+        stats = merge(
+            base,
+            sources,
+            weights,
+            method,
+            scale,
+            model_dir,
+            dtype=dtype,
+            max_shard_size=shard_size,
+            allow_nonfinite=bool(cfg.get("allow_nonfinite")),
+            allow_pickle=bool(cfg.get("allow_pickle")),
+            **params,
+        )
         copy_model_files(base, model_dir)
         if stats["grown"]:
             _record_grown_vocab(model_dir, sources if are_models else [], stats["grown"])
@@ -242,10 +234,9 @@ def run(cfg: DictConfig) -> dict:
                 "mergekit config": "mergekit.yaml" if mk else "none (no equivalent)",
             },
         )
-        marker.unlink()
         return {
             "metrics": {k: stats[k] for k in ("n_merged", "n_copied") if k in stats},
-            "outputs": ["model/" if model_dir != stage_dir else "."],
+            "outputs": ["model/" if final_model_dir != stage_dir else "."],
             "merge": stats,
         }
 

@@ -3,8 +3,12 @@ its manifest last, atomically."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import os
 import resource
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -17,10 +21,11 @@ from omegaconf import DictConfig
 
 from cmmerge import __version__
 from cmmerge.errors import CmmergeError
+from cmmerge.io import transaction
+from cmmerge.io.hashes import content_digest
 from cmmerge.io.manifest import (
     MANIFEST,
     fingerprint,
-    folder_fingerprint,
     git_revision,
     manifest_hash,
     read_manifest,
@@ -33,21 +38,43 @@ log = logging.getLogger("cmmerge")
 
 
 def stage_input(stage_dir: Path, hint: str) -> dict:
-    """An upstream stage this one reads; it must be finished (``hint`` says how to make it)."""
-    digest = manifest_hash(stage_dir)
-    if digest is None:
+    """An upstream stage this one reads: it must be whole and finished, and fresh (every stage
+    it was made from is still the version it recorded); ``hint`` says how to make it."""
+    stage_dir = Path(stage_dir)
+    manifest = read_manifest(stage_dir)
+    if manifest is None:
         raise CmmergeError(
             f"{stage_dir} is not a finished stage (no {MANIFEST}): run `{hint}` first"
         )
-    return {"path": str(stage_dir), "manifest_sha256": digest}
+    reason = transaction.problem(stage_dir, manifest)
+    if reason is not None:
+        raise CmmergeError(f"{stage_dir} is incomplete ({reason}): run `{hint}` again")
+    stale = stale_inputs(manifest)
+    if stale:
+        raise CmmergeError(
+            f"{stage_dir} is stale: {stale[0]} changed since it was made: run `{hint}` again"
+        )
+    return {"path": str(stage_dir), "manifest_sha256": manifest_hash(stage_dir)}
 
 
-def folder_input(folder: Path) -> dict:
-    """An external folder this stage reads (a base model, a user's checkpoint)."""
-    finished = read_manifest(folder)
-    if finished is not None:
+def stale_inputs(manifest: dict) -> list[str]:
+    """The recorded upstream stages of ``manifest`` that are no longer the version it used."""
+    out = []
+    for item in manifest.get("inputs") or []:
+        recorded = item.get("manifest_sha256") if isinstance(item, dict) else None
+        if recorded and manifest_hash(Path(item["path"])) != recorded:
+            out.append(str(item["path"]))
+    return out
+
+
+def folder_input(folder: Path, cache: Path | None = None) -> dict:
+    """An external folder this stage reads (a base model, a user's checkpoint): a finished
+    stage by its manifest, anything else by the SHA-256 of its files' contents (remembered in
+    ``cache`` by path, size and modification time)."""
+    folder = Path(folder)
+    if read_manifest(folder) is not None:
         return {"path": str(folder), "manifest_sha256": manifest_hash(folder)}
-    return {"path": str(folder), "fingerprint": folder_fingerprint(folder)}
+    return {"path": str(folder), "sha256": content_digest(folder, cache)}
 
 
 def _versions() -> dict[str, str | None]:
@@ -82,8 +109,15 @@ def run_stage(
     inputs: list[dict],
     work: Callable[[Path], dict[str, Any]],
     all_ranks: bool = False,
+    resumable: bool = False,
 ) -> dict:
-    """Do ``work(stage_dir)`` unless an identical finished stage is there; return the manifest.
+    """Do ``work(folder)`` as a transaction unless an identical finished stage is there; return
+    the manifest.
+
+    The stage's lock is held throughout (a second process on the same stage waits, then finds
+    it finished). ``work`` writes into a partial folder beside ``stage_dir``, which is renamed
+    into place with its manifest, so a stage is finished exactly when its folder has a whole
+    manifest whose listed files are all there.
 
     Args:
         cfg: the composed config (for ``force``, ``seed`` and the record).
@@ -91,38 +125,91 @@ def run_stage(
         stage_dir: the stage's folder in the run directory.
         config_view: the part of the config that determines this stage's result.
         inputs: upstream stages and folders (from :func:`stage_input` / :func:`folder_input`).
-        work: does the stage; returns a dict with ``metrics`` and ``outputs`` (and anything else
-            worth recording).
+        work: does the stage in the folder it is given; returns a dict with ``metrics`` and
+            ``outputs`` (and anything else worth recording).
         all_ranks: under a multi-process launch, every process runs ``work`` (training,
             prediction); otherwise rank 0 alone does and the others wait. Rank 0 alone writes
             the manifest either way.
+        resumable: a partial folder left by an interrupted run of the same attempt is kept for
+            ``work`` to resume from (CPT checkpoints); otherwise every attempt starts empty.
     """
     stage_dir = Path(stage_dir)
     digest = fingerprint(config_view, inputs)
-    previous = read_manifest(stage_dir)
-    if previous is not None and previous.get("fingerprint") == digest and not cfg.get("force"):
-        log.info("%s: up to date in %s, skipped (force=true redoes it)", stage, stage_dir)
-        previous["skipped"] = True
-        return previous
-    if previous is not None:
-        reason = "force=true" if cfg.get("force") else "config or inputs changed"
-        log.info("%s: redoing %s (%s)", stage, stage_dir, reason)
-    dist.barrier()  # every rank has read the old manifest before rank 0 removes it
-    if dist.is_main():
-        (stage_dir / MANIFEST).unlink(missing_ok=True)
-        stage_dir.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    if dist.is_main() or all_ranks:
-        manifest = _do(cfg, stage, stage_dir, config_view, inputs, work, digest)
-    dist.barrier()
+    asked = time.time()
+    lock = transaction.stage_lock(stage_dir) if dist.is_main() else contextlib.nullcontext()
+    with lock:
+        if dist.is_main():
+            transaction.recover(stage_dir)
+        dist.barrier()
+        previous = read_manifest(stage_dir)
+        reason = None if previous is None else transaction.problem(stage_dir, previous)
+        if previous is not None and reason is None and previous["fingerprint"] == digest:
+            just_made = (stage_dir / MANIFEST).stat().st_mtime >= asked  # by another process
+            if not cfg.get("force") or just_made:
+                log.info("%s: up to date in %s, skipped (force=true redoes it)", stage, stage_dir)
+                previous["skipped"] = True
+                return previous
+        if previous is not None:
+            why = reason or ("force=true" if cfg.get("force") else "config or inputs changed")
+            log.info("%s: redoing %s (%s)", stage, stage_dir, why)
+        dist.barrier()  # every rank has read the old manifest before rank 0 removes it
+        if dist.is_main():
+            transaction.invalidate(stage_dir)
+            transaction.prepare(stage_dir, digest, resumable)
+        dist.barrier()
+        partial = transaction.partial_dir(stage_dir)
+        manifest: dict = {}
+        try:
+            if dist.is_main() or all_ranks:
+                manifest = _do(cfg, stage, stage_dir, partial, config_view, inputs, work, digest)
+        except BaseException as err:
+            if dist.is_main():
+                _record_failure(stage_dir, partial, err)
+                if not resumable:
+                    transaction.discard(stage_dir)
+            raise
+        dist.barrier()
+        if dist.is_main():
+            transaction.seal(partial)
+            manifest["files"] = transaction.file_sizes(partial)
+            write_json_atomic(partial / MANIFEST, manifest)
+            transaction.commit(stage_dir, partial)
+            _clear_failure(stage_dir)
+        dist.barrier()
     if not dist.is_main():
         manifest = read_manifest(stage_dir) or {}
     manifest["skipped"] = False
     return manifest
 
 
-def _do(cfg, stage, stage_dir, config_view, inputs, work, digest) -> dict:
-    handler = logging.FileHandler(stage_dir / f"{stage}.log", encoding="utf-8")
+def failure_file(stage_dir: Path) -> Path:
+    """Where the last failure of a stage is recorded (for ``cmmerge status``)."""
+    return stage_dir.parent / f".{stage_dir.name}.failed.json"
+
+
+def _record_failure(stage_dir: Path, partial: Path, err: BaseException) -> None:
+    """Keep the error and the stage's log beside the folder; the partial folder may go."""
+    logfile = next(iter(partial.glob("*.log")), None)
+    kept = None
+    if logfile is not None and logfile.is_file():
+        kept = stage_dir.parent / f".{stage_dir.name}.failed.log"
+        shutil.copyfile(logfile, kept)
+    record = {
+        "error": f"{type(err).__name__}: {err}",
+        "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "log": str(kept) if kept else None,
+    }
+    with contextlib.suppress(OSError):
+        write_json_atomic(failure_file(stage_dir), record)
+
+
+def _clear_failure(stage_dir: Path) -> None:
+    failure_file(stage_dir).unlink(missing_ok=True)
+    (stage_dir.parent / f".{stage_dir.name}.failed.log").unlink(missing_ok=True)
+
+
+def _do(cfg, stage, stage_dir, partial, config_view, inputs, work, digest) -> dict:
+    handler = logging.FileHandler(partial / f"{stage}.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for name in ("cmmerge", "transformers"):
         logging.getLogger(name).addHandler(handler)
@@ -130,12 +217,21 @@ def _do(cfg, stage, stage_dir, config_view, inputs, work, digest) -> dict:
     _reset_gpu_peak()
     start = time.time()
     try:
-        result = work(stage_dir)
+        result = work(partial)
+    except CmmergeError:
+        raise
+    except BaseException as err:
+        user_error = as_user_error(err, stage_dir)
+        if user_error is not None:
+            log.error("%s", user_error)
+            raise user_error from err
+        log.exception("%s failed", stage)  # our bug: the traceback goes into the stage's log
+        raise
     finally:
         for name in ("cmmerge", "transformers"):
             logging.getLogger(name).removeHandler(handler)
         handler.close()
-    manifest = {
+    return {
         "stage": stage,
         "status": "finished",
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -155,9 +251,32 @@ def _do(cfg, stage, stage_dir, config_view, inputs, work, digest) -> dict:
         "world_size": dist.world_size(),
         **result,
     }
-    if dist.is_main():
-        write_json_atomic(stage_dir / MANIFEST, manifest)
-    return manifest
+
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES}
+
+
+def as_user_error(err: BaseException, stage_dir: Path) -> CmmergeError | None:
+    """The one-line error for a failure the user's machine or files cause (disk full, a file
+    size limit, no permission, out of memory), or None for anything else (a bug)."""
+    if isinstance(err, OSError) and err.errno in _DISK_ERRNOS:
+        where = f" ({err.filename})" if err.filename else ""
+        return CmmergeError(
+            f"cannot write the outputs of {stage_dir}{where}: {os.strerror(err.errno)}; "
+            "free space or raise the limit, then run the same command again"
+        )
+    text = str(err)
+    if type(err).__name__ == "SafetensorError" and ("too large" in text or "space" in text):
+        return CmmergeError(
+            f"cannot write the weights of {stage_dir}: {text}; free space or raise the file size "
+            "limit, then run the same command again"
+        )
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return CmmergeError(
+            f"out of memory in {stage_dir}: lower the batch size or max_length, use peft=lora, "
+            "or a machine with more memory"
+        )
+    return None
 
 
 def _reset_gpu_peak() -> None:

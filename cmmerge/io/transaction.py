@@ -1,0 +1,144 @@
+"""Stage folders as transactions: a lock beside the folder, outputs built in a partial folder and
+renamed into place with their manifest, and a manifest that is trusted only when it is whole.
+
+Layout beside a stage folder ``<parent>/<name>``:
+
+- ``.<name>.lock``: the ``filelock`` lock held while the stage runs (released by the OS when a
+  process dies, so a dead process never blocks a later run);
+- ``.partial-<name>/``: where the stage writes; it holds ``.fingerprint`` (the identity of the
+  attempt, so only the same attempt resumes in it) and, once finished, ``manifest.json``;
+- ``.old-<name>-<token>/``: the replaced folder during the swap, removed right after.
+
+A kill at any moment leaves either the old folder (or none) in place, never a folder that looks
+finished but is not; the next run under the lock completes a swap that was cut short, removes
+leftovers and starts again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from filelock import FileLock
+
+from cmmerge.io.manifest import MANIFEST, read_manifest
+
+REQUIRED_FIELDS = ("stage", "status", "fingerprint", "files")
+_FINGERPRINT_FILE = ".fingerprint"
+
+
+def lock_path(stage_dir: Path) -> Path:
+    return stage_dir.parent / f".{stage_dir.name}.lock"
+
+
+def partial_dir(stage_dir: Path) -> Path:
+    return stage_dir.parent / f".partial-{stage_dir.name}"
+
+
+@contextlib.contextmanager
+def stage_lock(stage_dir: Path) -> Iterator[None]:
+    """Hold the exclusive lock of ``stage_dir`` (waiting for another process that holds it)."""
+    stage_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock_path(stage_dir))):
+        yield
+
+
+def is_locked(stage_dir: Path) -> bool:
+    """True while some process holds the lock of ``stage_dir`` (``cmmerge status``)."""
+    if not lock_path(stage_dir).exists():
+        return False
+    lock = FileLock(str(lock_path(stage_dir)), timeout=0)
+    try:
+        lock.acquire()
+    except TimeoutError:
+        return True
+    lock.release()
+    return False
+
+
+def file_sizes(folder: Path) -> dict[str, int]:
+    """``{relative path: size}`` of every file under ``folder`` but its manifest."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            out[path.relative_to(folder).as_posix()] = path.stat().st_size
+    return out
+
+
+def problem(stage_dir: Path, manifest: dict | None = None) -> str | None:
+    """Why ``stage_dir`` is not a finished stage, or None when it is: its manifest must parse,
+    carry its fields and say finished, and every file it lists must be there with its size."""
+    manifest = read_manifest(stage_dir) if manifest is None else manifest
+    if manifest is None:
+        return f"no readable {MANIFEST}"
+    if not isinstance(manifest, dict) or any(k not in manifest for k in REQUIRED_FIELDS):
+        return f"{MANIFEST} lacks its fields (written by another version, or damaged)"
+    if manifest["status"] != "finished" or not isinstance(manifest["files"], dict):
+        return f"{MANIFEST} does not describe a finished stage"
+    for name, size in manifest["files"].items():
+        path = stage_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} when it was written"
+    return None
+
+
+def finished_manifest(stage_dir: Path) -> dict | None:
+    """The manifest of ``stage_dir`` when it is a whole, finished stage, else None."""
+    manifest = read_manifest(stage_dir)
+    return manifest if manifest is not None and problem(stage_dir, manifest) is None else None
+
+
+def recover(stage_dir: Path) -> None:
+    """Under the lock: finish a swap that a kill cut short, and remove replaced folders."""
+    partial = partial_dir(stage_dir)
+    if (partial / MANIFEST).is_file() and not stage_dir.exists():
+        os.replace(partial, stage_dir)
+    for old in stage_dir.parent.glob(f".old-{stage_dir.name}-*"):
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def prepare(stage_dir: Path, attempt: str, resumable: bool) -> Path:
+    """An empty partial folder for this attempt, or, when ``resumable``, the one an interrupted
+    run of the very same attempt left (its checkpoints are resumed from)."""
+    partial = partial_dir(stage_dir)
+    marker = partial / _FINGERPRINT_FILE
+    same = marker.is_file() and marker.read_text() == attempt
+    if partial.exists() and not (resumable and same):
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    (partial / MANIFEST).unlink(missing_ok=True)
+    marker.write_text(attempt)
+    return partial
+
+
+def seal(partial: Path) -> None:
+    """Mark a partial folder whose work is done (no longer resumable; its manifest comes next)."""
+    (partial / _FINGERPRINT_FILE).unlink(missing_ok=True)
+
+
+def commit(stage_dir: Path, partial: Path) -> None:
+    """Put the finished ``partial`` folder (manifest inside) in the place of ``stage_dir``."""
+    old = None
+    if stage_dir.exists():
+        old = stage_dir.parent / f".old-{stage_dir.name}-{uuid.uuid4().hex[:8]}"
+        os.replace(stage_dir, old)
+    os.replace(partial, stage_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def discard(stage_dir: Path) -> None:
+    """Remove a failed attempt's partial folder (a resumable one is kept for the next run)."""
+    shutil.rmtree(partial_dir(stage_dir), ignore_errors=True)
+
+
+def invalidate(stage_dir: Path) -> None:
+    """Make ``stage_dir`` unfinished (its manifest removed) before it is redone in place of
+    itself: a consumer never pairs the old outputs with a newer upstream."""
+    (stage_dir / MANIFEST).unlink(missing_ok=True)

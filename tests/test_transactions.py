@@ -1,0 +1,233 @@
+"""Stages as transactions: locks, partial folders renamed into place, whole manifests only,
+fresh upstreams, failures recorded, kills at any moment recoverable."""
+
+from __future__ import annotations
+
+import errno
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from omegaconf import OmegaConf
+
+from cmmerge.errors import CmmergeError
+from cmmerge.io import transaction
+from cmmerge.io.manifest import read_manifest
+from cmmerge.stages.runner import failure_file, folder_input, run_stage, stage_input
+
+
+def _cfg(tmp_path, force=False):
+    return OmegaConf.create({"run": {"root": str(tmp_path), "name": "r"}, "force": force})
+
+
+def _writes(text="x", delay=0.0, calls=None):
+    def work(d):
+        if calls is not None:
+            calls.append(os.getpid())
+        time.sleep(delay)
+        (d / "out.txt").write_text(text)
+        (d / "sub").mkdir()
+        (d / "sub" / "w.bin").write_bytes(b"0" * 100)
+        return {"outputs": ["out.txt", "sub/"]}
+
+    return work
+
+
+def test_outputs_appear_only_with_their_manifest(tmp_path):
+    stage = tmp_path / "r" / "s"
+    seen = {}
+
+    def work(d):
+        seen["during"] = stage.exists()
+        return _writes()(d)
+
+    manifest = run_stage(_cfg(tmp_path), "s", stage, {"a": 1}, [], work)
+    assert seen["during"] is False  # nothing in place while the stage runs
+    assert manifest["files"] == {"out.txt": 1, "s.log": manifest["files"]["s.log"], "sub/w.bin": 100}
+    assert sorted(p.name for p in stage.parent.iterdir()) == [".s.lock", "s"]
+    assert transaction.problem(stage) is None
+
+
+def test_missing_or_resized_output_is_redone_and_refused_downstream(tmp_path):
+    stage, calls = tmp_path / "r" / "s", []
+    run_stage(_cfg(tmp_path), "s", stage, {"a": 1}, [], _writes(calls=calls))
+    (stage / "sub" / "w.bin").unlink()
+    with pytest.raises(CmmergeError, match=r"incomplete \(sub/w.bin is missing\).*`make s`"):
+        stage_input(stage, "make s")
+    run_stage(_cfg(tmp_path), "s", stage, {"a": 1}, [], _writes(calls=calls))
+    assert len(calls) == 2 and (stage / "sub" / "w.bin").stat().st_size == 100
+    (stage / "out.txt").write_text("longer")  # same name, other size
+    assert "out.txt has 6 bytes" in transaction.problem(stage)
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"stage": "s"}', "[]", ""])
+def test_damaged_manifest_counts_as_absent(tmp_path, content):
+    stage, calls = tmp_path / "r" / "s", []
+    run_stage(_cfg(tmp_path), "s", stage, {"a": 1}, [], _writes(calls=calls))
+    (stage / "manifest.json").write_text(content)
+    with pytest.raises(CmmergeError, match="not a finished stage|incomplete"):
+        stage_input(stage, "make s")
+    again = run_stage(_cfg(tmp_path), "s", stage, {"a": 1}, [], _writes(calls=calls))
+    assert len(calls) == 2 and again["skipped"] is False and read_manifest(stage)["stage"] == "s"
+
+
+def test_stale_upstream_is_refused(tmp_path):
+    up, down = tmp_path / "r" / "up", tmp_path / "r" / "down"
+    run_stage(_cfg(tmp_path), "up", up, {"v": 1}, [], _writes())
+    run_stage(_cfg(tmp_path), "down", down, {}, [stage_input(up, "make up")], _writes())
+    run_stage(_cfg(tmp_path), "up", up, {"v": 2}, [], _writes())  # up redone, down not
+    with pytest.raises(CmmergeError, match=r"down is stale: .*up changed since it was made"):
+        stage_input(down, "make down")
+
+
+def test_external_folder_is_identified_by_content(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"a" * 64)
+    first = folder_input(folder, tmp_path / "cache")
+    time.sleep(0.01)
+    (folder / "model.safetensors").write_bytes(b"b" * 64)  # same size, new content
+    assert folder_input(folder, tmp_path / "cache")["sha256"] != first["sha256"]
+
+
+def test_failure_is_recorded_and_leaves_nothing_in_place(tmp_path):
+    stage = tmp_path / "r" / "s"
+    run_stage(_cfg(tmp_path), "s", stage, {"a": 1}, [], _writes())
+
+    def boom(d):
+        (d / "half.bin").write_bytes(b"partial")
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError):
+        run_stage(_cfg(tmp_path), "s", stage, {"a": 2}, [], boom)
+    assert read_manifest(stage) is None and not transaction.partial_dir(stage).exists()
+    record = json.loads(failure_file(stage).read_text())
+    assert record["error"] == "RuntimeError: a bug"
+    assert "Traceback" in (stage.parent / ".s.failed.log").read_text()  # our bug: logged whole
+    run_stage(_cfg(tmp_path), "s", stage, {"a": 2}, [], _writes())
+    assert not failure_file(stage).exists() and read_manifest(stage)["config"] == {"a": 2}
+
+
+@pytest.mark.parametrize(
+    ("err", "text"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device", "w.bin"), "No space left on device"),
+        (OSError(errno.EFBIG, "File too large"), "File too large"),
+        (MemoryError(), "out of memory"),
+    ],
+)
+def test_machine_failures_become_one_line_errors(tmp_path, err, text):
+    def work(d):
+        raise err
+
+    with pytest.raises(CmmergeError, match=text):
+        run_stage(_cfg(tmp_path), "s", tmp_path / "r" / "s", {}, [], work)
+
+
+def test_resumable_stage_keeps_its_partial_folder_for_the_same_attempt(tmp_path):
+    stage = tmp_path / "r" / "s"
+    seen = []
+
+    def interrupted(d):
+        (d / "checkpoint").write_text("step 5")
+        raise KeyboardInterrupt
+
+    def resumes(d):
+        seen.append((d / "checkpoint").read_text() if (d / "checkpoint").exists() else None)
+        return {}
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(_cfg(tmp_path), "s", stage, {"a": 1}, [], interrupted, resumable=True)
+    run_stage(_cfg(tmp_path), "s", stage, {"a": 2}, [], resumes, resumable=True)  # other attempt
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(_cfg(tmp_path), "s", stage, {"a": 1}, [], interrupted, resumable=True)
+    run_stage(_cfg(tmp_path), "s", stage, {"a": 1}, [], resumes, resumable=True)
+    assert seen == [None, "step 5"]
+
+
+def _race(root: str, force: bool, calls_file: str) -> None:
+    cfg = OmegaConf.create({"run": {"root": root, "name": "r"}, "force": force})
+
+    def work(d):
+        with open(calls_file, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(0.5)
+        return _writes()(d)
+
+    run_stage(cfg, "s", transaction.Path(root) / "r" / "s", {"a": 1}, [], work)
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_two_processes_on_one_stage_do_it_once(tmp_path, force):
+    calls = tmp_path / "calls.txt"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_race, args=(str(tmp_path), force, str(calls))) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert len(calls.read_text().split()) == 1  # the second waited, then found it finished
+    assert transaction.problem(tmp_path / "r" / "s") is None
+
+
+_KILLABLE = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from omegaconf import OmegaConf
+    from cmmerge.stages.runner import run_stage
+
+    root = sys.argv[1]
+    cfg = OmegaConf.create({"run": {"root": root, "name": "r"}, "force": False})
+
+    def work(d):
+        for i in range(20):
+            (d / f"part{i}.bin").write_bytes(bytes(1000) * (i + 1))
+            time.sleep(0.01)
+        return {"outputs": ["."]}
+
+    run_stage(cfg, "s", Path(root) / "r" / "s", {"a": 1}, [], work)
+    """
+)
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.15, 0.3, 0.6, 1.5])
+def test_sigkill_at_any_moment_then_rerun_completes(tmp_path, delay):
+    script = tmp_path / "stage.py"
+    script.write_text(_KILLABLE)
+    stage = tmp_path / "r" / "s"
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)])
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if read_manifest(stage) is not None:  # it finished before the kill: then it is whole
+        assert transaction.problem(stage) is None
+    else:
+        assert not stage.exists() or not any(stage.iterdir())
+    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, timeout=120)
+    assert transaction.problem(stage) is None
+    assert sorted(read_manifest(stage)["files"]) == sorted(
+        [f"part{i}.bin" for i in range(20)] + ["s.log"]
+    )
+    leftovers = [p.name for p in stage.parent.iterdir() if p.name not in ("s", ".s.lock")]
+    assert leftovers == []
+
+
+def test_swap_cut_short_is_completed_on_the_next_run(tmp_path):
+    stage = tmp_path / "r" / "s"
+    run_stage(_cfg(tmp_path), "s", stage, {"a": 1}, [], _writes())
+    # a kill between the two renames: the old folder moved aside, the new one still partial
+    partial = transaction.partial_dir(stage)
+    os.replace(stage, partial)
+    (stage.parent / ".old-s-deadbeef").mkdir()
+    calls = []
+    again = run_stage(_cfg(tmp_path), "s", stage, {"a": 1}, [], _writes(calls=calls))
+    assert again["skipped"] is True and calls == []
+    assert sorted(p.name for p in stage.parent.iterdir()) == [".s.lock", "s"]

@@ -14,6 +14,7 @@ from conftest import FAST, compose
 from transformers import AutoModelForCausalLM
 
 from cmmerge.io.manifest import read_manifest
+from cmmerge.io.transaction import partial_dir
 from cmmerge.stages import cpt, extract
 
 
@@ -36,13 +37,14 @@ def test_killed_cpt_resumes_from_its_checkpoint(tmp_path):
         args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     deadline = time.time() + 300
-    while not list((stage / "checkpoints").glob("checkpoint-*/trainer_state.json")):
+    work = partial_dir(stage)  # a running stage writes beside its folder, renamed in at the end
+    while not list((work / "checkpoints").glob("checkpoint-*/trainer_state.json")):
         assert proc.poll() is None and time.time() < deadline, "no checkpoint before the end"
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # as a pre-empted job would be
     proc.wait()
     assert read_manifest(stage) is None  # unfinished: no manifest
-    partial = stage / "checkpoints" / "checkpoint-99999"  # as if killed while saving
+    partial = work / "checkpoints" / "checkpoint-99999"  # as if killed while saving
     partial.mkdir(exist_ok=True)
     (partial / "config.json").write_text("{}")
     done = subprocess.run(args, capture_output=True, text=True, timeout=600)

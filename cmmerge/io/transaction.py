@@ -25,7 +25,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from cmmerge.io.manifest import MANIFEST, read_manifest
+from cmmerge.io.manifest import MANIFEST, manifest_hash, read_manifest
 
 REQUIRED_FIELDS = ("stage", "status", "fingerprint", "files")
 _FINGERPRINT_FILE = ".fingerprint"
@@ -86,6 +86,16 @@ def problem(stage_dir: Path, manifest: dict | None = None) -> str | None:
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes, {size} when it was written"
     return None
+
+
+def stale_inputs(manifest: dict) -> list[str]:
+    """The upstream stages ``manifest`` recorded that are no longer the version it used."""
+    out = []
+    for item in manifest.get("inputs") or []:
+        recorded = item.get("manifest_sha256") if isinstance(item, dict) else None
+        if recorded and manifest_hash(Path(item["path"])) != recorded:
+            out.append(str(item["path"]))
+    return out
 
 
 def finished_manifest(stage_dir: Path) -> dict | None:

@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import csv
+import logging
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from cmmerge.io.manifest import read_json, read_manifest
+from cmmerge.io import transaction
+from cmmerge.io.manifest import read_json
+
+log = logging.getLogger("cmmerge")
 
 _ARM_ORDER = {"Full FT": 0, "CPT->FT": 1}
 
 
 def finetune_rows(run_dir: Path) -> list[dict]:
-    """One row per finished fine-tuning run: arm, settings, validation and test metrics."""
+    """One row per finished fine-tuning run: arm, settings, validation and test metrics.
+
+    Only whole, fresh results are paired: an evaluation made from an earlier version of its
+    fine-tune (redone since) is left out of the row and named in its ``stale`` column, as is a
+    fine-tune whose starting model changed after it was trained.
+    """
     rows = []
     for ft_dir in sorted((run_dir / "finetune").glob("*/")):
-        manifest = read_manifest(ft_dir)
+        manifest = transaction.finished_manifest(ft_dir)
         if manifest is None:
             continue
         config = manifest.get("config", {})
@@ -27,13 +38,25 @@ def finetune_rows(run_dir: Path) -> list[dict]:
             "merge_id": manifest.get("merge_id") or "",
             "val_macro_f1": manifest["metrics"].get("macro_f1"),
         }
+        stale = [f"finetune ({Path(p).name} changed)" for p in transaction.stale_inputs(manifest)]
         for eval_dir in sorted((run_dir / "evaluate" / ft_dir.name).glob("*/")):
-            if read_manifest(eval_dir) is None:
+            evaluation = transaction.finished_manifest(eval_dir)
+            if evaluation is None:
+                continue
+            if transaction.stale_inputs(evaluation):
+                stale.append(f"evaluate/{ft_dir.name}/{eval_dir.name}")
                 continue
             metrics = read_json(eval_dir / "metrics.json")
             suffix = "" if eval_dir.name == row["task"] else f"[{eval_dir.name}]"
             row[f"test_macro_f1{suffix}"] = metrics["macro_f1"]
             row[f"test_accuracy{suffix}"] = metrics["accuracy"]
+        if stale:
+            row["stale"] = "; ".join(stale)
+            log.warning(
+                "report: %s is stale (%s): re-run its stages to report it",
+                ft_dir.name,
+                row["stale"],
+            )
         rows.append(row)
     rows += prompt_rows(run_dir)
     rows.sort(key=lambda r: (_ARM_ORDER.get(r["arm"], 2), r["arm"], str(r["seed"])))
@@ -44,7 +67,7 @@ def prompt_rows(run_dir: Path) -> list[dict]:
     """One row per finished prompting run (no validation score: nothing is trained)."""
     rows = []
     for stage_dir in sorted((run_dir / "prompt").glob("*/")):
-        manifest = read_manifest(stage_dir)
+        manifest = transaction.finished_manifest(stage_dir)
         if manifest is None:
             continue
         metrics = manifest["metrics"]
@@ -71,13 +94,30 @@ def columns(rows: Sequence[dict]) -> list[str]:
 
 
 def write_csv(rows: Sequence[dict], path: Path, cols: Sequence[str] | None = None) -> None:
+    """Write ``rows`` as CSV through a private temporary file renamed into place."""
     cols = list(cols or columns(rows))
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` through a private temporary file renamed into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _fmt(value) -> str:

@@ -76,4 +76,6 @@ def run(cfg: DictConfig) -> dict:
         }
 
     inputs = [folder_input(base)]
-    return run_stage(cfg, "cpt", dirs["cpt"], config_view, inputs, work, all_ranks=True)
+    return run_stage(
+        cfg, "cpt", dirs["cpt"], config_view, inputs, work, all_ranks=True, resumable=True
+    )

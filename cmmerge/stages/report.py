@@ -6,6 +6,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from cmmerge.errors import CmmergeError
+from cmmerge.io import transaction
 from cmmerge.io.manifest import manifest_hash
 from cmmerge.reporting.tables import columns, finetune_rows, markdown_table, write_csv
 from cmmerge.settings import run_dir
@@ -20,7 +21,9 @@ def run(cfg: DictConfig) -> dict:
             f"run.name={cfg.run.name})"
         )
     patterns = ("finetune/*/", "evaluate/*/*/", "prompt/*/")
-    finished = sorted(p for pat in patterns for p in root.glob(pat) if manifest_hash(p))
+    finished = sorted(
+        p for pat in patterns for p in root.glob(pat) if transaction.finished_manifest(p)
+    )
     inputs = [{"path": str(p), "manifest_sha256": manifest_hash(p)} for p in finished]
     if not inputs:
         raise CmmergeError(f"nothing to report in {root}: no finished finetune or prompt stage")

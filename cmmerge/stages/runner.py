@@ -49,22 +49,12 @@ def stage_input(stage_dir: Path, hint: str) -> dict:
     reason = transaction.problem(stage_dir, manifest)
     if reason is not None:
         raise CmmergeError(f"{stage_dir} is incomplete ({reason}): run `{hint}` again")
-    stale = stale_inputs(manifest)
+    stale = transaction.stale_inputs(manifest)
     if stale:
         raise CmmergeError(
             f"{stage_dir} is stale: {stale[0]} changed since it was made: run `{hint}` again"
         )
     return {"path": str(stage_dir), "manifest_sha256": manifest_hash(stage_dir)}
-
-
-def stale_inputs(manifest: dict) -> list[str]:
-    """The recorded upstream stages of ``manifest`` that are no longer the version it used."""
-    out = []
-    for item in manifest.get("inputs") or []:
-        recorded = item.get("manifest_sha256") if isinstance(item, dict) else None
-        if recorded and manifest_hash(Path(item["path"])) != recorded:
-            out.append(str(item["path"]))
-    return out
 
 
 def folder_input(folder: Path, cache: Path | None = None) -> dict:
@@ -90,7 +80,7 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
-def _overrides() -> list[str]:
+def hydra_overrides() -> list[str]:
     try:
         return list(HydraConfig.get().overrides.task)
     except ValueError:  # not running under Hydra (tests, pipeline called directly)
@@ -198,6 +188,7 @@ def _record_failure(stage_dir: Path, partial: Path, err: BaseException) -> None:
         "error": f"{type(err).__name__}: {err}",
         "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "log": str(kept) if kept else None,
+        "overrides": hydra_overrides(),
     }
     with contextlib.suppress(OSError):
         write_json_atomic(failure_file(stage_dir), record)
@@ -238,7 +229,7 @@ def _do(cfg, stage, stage_dir, partial, config_view, inputs, work, digest) -> di
         "run_dir": str(run_dir(cfg)),
         "fingerprint": digest,
         "config": config_view,
-        "overrides": _overrides(),
+        "overrides": hydra_overrides(),
         "inputs": inputs,
         "outputs": result.pop("outputs", []),
         "metrics": result.pop("metrics", {}),

@@ -1,0 +1,130 @@
+"""`cmmerge status`: every stage folder of a run with its state (finished, stale, running,
+failed, interrupted, incomplete), the stages this config needs that are missing, and the
+command that makes or redoes each."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from cmmerge.errors import CmmergeError
+from cmmerge.io import transaction
+from cmmerge.io.manifest import MANIFEST, read_json, read_manifest
+from cmmerge.reporting.tables import markdown_table
+from cmmerge.settings import run_dir
+from cmmerge.stages.ids import stage_dirs
+from cmmerge.stages.runner import failure_file, hydra_overrides
+
+_SKIP_TOP = {"logs", "sweep"}
+
+
+def _stage_folders(root: Path) -> list[Path]:
+    """Stage folders under ``root``: those with a manifest, and those named by a lock, a
+    partial folder or a failure record beside them."""
+    found: set[Path] = set()
+    for path in root.rglob("*"):
+        rel = path.relative_to(root).parts
+        if not rel or rel[0] in _SKIP_TOP or len(rel) > 4:
+            continue
+        name = path.name
+        if name == MANIFEST and path.parent != root:
+            found.add(path.parent)
+        elif name.startswith(".partial-") and path.is_dir():
+            found.add(path.parent / name.removeprefix(".partial-"))
+        elif name.startswith(".") and name.endswith(".failed.json"):
+            found.add(path.parent / name[1 : -len(".failed.json")])
+        elif name.startswith(".") and name.endswith(".lock") and path.parent != root:
+            found.add(path.parent / name[1 : -len(".lock")])
+    # a stage's own sub-folders (model/, checkpoints/, a partial folder's contents) are not stages
+    stages = {p for p in found if not any(part.startswith(".partial-") for part in p.parts)}
+    return sorted(p for p in stages if not any(q != p and q in p.parents for q in stages))
+
+
+def stage_state(stage_dir: Path) -> tuple[str, str]:
+    """(state, detail) of one stage folder."""
+    if transaction.is_locked(stage_dir):
+        return "running", "a process holds its lock"
+    manifest = read_manifest(stage_dir)
+    if manifest is not None:
+        problem = transaction.problem(stage_dir, manifest)
+        if problem is not None:
+            return "incomplete", problem
+        stale = transaction.stale_inputs(manifest)
+        if stale:
+            return "stale", f"{Path(stale[0]).name} changed since it was made"
+        return "finished", f"{manifest.get('wall_time_s', '?')} s"
+    if failure_file(stage_dir).exists():
+        try:
+            return "failed", str(read_json(failure_file(stage_dir)).get("error", ""))
+        except (OSError, ValueError):
+            return "failed", "see its log"
+    if transaction.partial_dir(stage_dir).exists():
+        return "interrupted", "a partial run is left; the same command resumes or restarts it"
+    return "missing", ""
+
+
+def _command(stage_dir: Path, root: Path, fallback: list[str]) -> str:
+    manifest = read_manifest(stage_dir)
+    stage = (manifest or {}).get("stage") or stage_dir.relative_to(root).parts[0]
+    overrides = (manifest or {}).get("overrides") or fallback
+    if failure_file(stage_dir).exists():
+        try:
+            overrides = read_json(failure_file(stage_dir)).get("overrides") or overrides
+        except (OSError, ValueError):
+            pass
+    return " ".join(["cmmerge", str(stage), *map(shlex.quote, overrides)])
+
+
+def _expected(cfg: DictConfig) -> dict[str, Path]:
+    """The stages the given config's fine-tuning chain needs."""
+    dirs = stage_dirs(cfg)
+    init = str(cfg.init)
+    chain = ["finetune", "evaluate"]
+    if init in ("cpt", "merged"):
+        chain = ["cpt", *(["extract", "merge"] if init == "merged" else []), *chain]
+    return {name: dirs[name] for name in chain}
+
+
+def run(cfg: DictConfig) -> dict:
+    root = run_dir(cfg)
+    if not root.is_dir():
+        raise CmmergeError(f"run directory {root} does not exist (run.name={cfg.run.name})")
+    given = [o for o in hydra_overrides() if not o.startswith(("force=", "debug="))]
+    rows = []
+    seen = set()
+    for stage_dir in _stage_folders(root):
+        state, detail = stage_state(stage_dir)
+        rows.append(
+            {
+                "stage": stage_dir.relative_to(root).as_posix(),
+                "state": state,
+                "detail": detail,
+                "command": "" if state == "finished" else _command(stage_dir, root, given),
+            }
+        )
+        seen.add(stage_dir)
+    evaluate_dirs = [stage_dirs(cfg)["evaluate"] / str(t) for t in _eval_tasks(cfg)]
+    for name, stage_dir in _expected(cfg).items():
+        for folder in evaluate_dirs if name == "evaluate" else [stage_dir]:
+            if folder not in seen and not (folder / MANIFEST).exists():
+                command = " ".join(["cmmerge", name, *map(shlex.quote, given)])
+                rows.append(
+                    {
+                        "stage": folder.relative_to(root).as_posix(),
+                        "state": "missing",
+                        "detail": "needed by this config",
+                        "command": command,
+                    }
+                )
+    table = markdown_table(rows, ["stage", "state", "detail", "command"]) if rows else "empty\n"
+    print(f"# cmmerge status: {root}\n\n{table}")
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["state"]] = counts.get(row["state"], 0) + 1
+    return {"stage": "status", "rows": rows, "counts": counts, "skipped": False}
+
+
+def _eval_tasks(cfg: DictConfig) -> list[str]:
+    return [str(t) for t in (cfg.get("eval_tasks") or [cfg.task.name])]

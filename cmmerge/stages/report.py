@@ -1,49 +1,102 @@
-"""`cmmerge report`: arms x metrics (validation and test macro-F1) of a run directory, as
-Markdown and CSV in report/."""
+"""`cmmerge report [runs=[NAME_OR_DIR,...]]`: the study of one or several run directories.
+
+Writes into ``report/`` of the run: ``report.md`` (one row per fine-tune, then the paper's
+table of arms x tasks with mean ± sd over seeds, significance marks and the comparisons with
+Full FT and CPT->FT), ``report.csv`` (per fine-tune), ``study.csv`` (every number of the
+study), ``study.tex`` (booktabs), ``lambda_<task>.png`` and ``transfer.png``.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from omegaconf import DictConfig
 
 from cmmerge.errors import CmmergeError
 from cmmerge.io import transaction
 from cmmerge.io.manifest import manifest_hash
+from cmmerge.reporting import paper
+from cmmerge.reporting.study import study
 from cmmerge.reporting.tables import columns, finetune_rows, markdown_table, write_csv
 from cmmerge.settings import run_dir
 from cmmerge.stages.runner import run_stage
 
+_PATTERNS = ("finetune/*/", "evaluate/*/*/", "prompt/*/")
+
+
+def report_runs(cfg: DictConfig) -> list[Path]:
+    """The run directories reported: ``runs=[...]`` (names under run.root, or folders), else
+    the configured run."""
+    names = cfg.get("runs") or [str(cfg.run.name)]
+    out = []
+    for name in names:
+        path = Path(str(name)).expanduser()
+        path = path if path.is_dir() else Path(str(cfg.run.root)).expanduser() / str(name)
+        if not path.is_dir():
+            raise CmmergeError(
+                f"run directory {path} does not exist (run.root={cfg.run.root}, run {name})"
+            )
+        out.append(path)
+    return out
+
 
 def run(cfg: DictConfig) -> dict:
-    root = run_dir(cfg)
-    if not root.is_dir():
-        raise CmmergeError(
-            f"run directory {root} does not exist (run.root={cfg.run.root}, "
-            f"run.name={cfg.run.name})"
-        )
-    patterns = ("finetune/*/", "evaluate/*/*/", "prompt/*/")
+    roots = report_runs(cfg)
     finished = sorted(
-        p for pat in patterns for p in root.glob(pat) if transaction.finished_manifest(p)
+        p
+        for root in roots
+        for pat in _PATTERNS
+        for p in root.glob(pat)
+        if transaction.finished_manifest(p)
     )
     inputs = [{"path": str(p), "manifest_sha256": manifest_hash(p)} for p in finished]
     if not inputs:
-        raise CmmergeError(f"nothing to report in {root}: no finished finetune or prompt stage")
+        where = ", ".join(map(str, roots))
+        raise CmmergeError(f"nothing to report in {where}: no finished finetune or prompt stage")
+    n_resamples = int(cfg.get("report", {}).get("n_resamples", 1000))
+    config_view = {"runs": [str(r) for r in roots], "n_resamples": n_resamples}
 
     def work(stage_dir):
-        rows = finetune_rows(root)
+        rows = [row for root in roots for row in _with_run(finetune_rows(root), root, roots)]
         cols = columns(rows)
         table = markdown_table(rows, cols)
-        (stage_dir / "report.md").write_text(
-            f"# cmmerge report: {root.name}\n\nMacro-F1 (the paper's metric); the validation "
-            "score picks the epoch, the test score is only reported.\n\n" + table,
-            encoding="utf-8",
+        arms, cells = study(roots, n_resamples=n_resamples)
+        plots = paper.plot_lambda(arms, cells, stage_dir)
+        transfer = paper.plot_transfer(arms, cells, stage_dir)
+        plots += [transfer] if transfer else []
+        title = ", ".join(r.name for r in roots)
+        text = (
+            f"# cmmerge report: {title}\n\n## The study\n\n"
+            + paper.markdown(arms, cells)
+            + "\n## Against Full FT and CPT->FT\n\n"
+            + paper.comparisons_markdown(arms, cells)
+            + "\n## Every fine-tune\n\nMacro-F1 (the paper's metric); the validation score "
+            "picks the epoch (and λ), the test score is only reported.\n\n"
+            + table
+            + "".join(f"\n![{p.stem}]({p.name})\n" for p in plots)
         )
+        (stage_dir / "report.md").write_text(text, encoding="utf-8")
         write_csv(rows, stage_dir / "report.csv", cols)
+        paper.write_csv(paper.long_rows(arms, cells), stage_dir / "study.csv")
+        (stage_dir / "study.tex").write_text(paper.latex(arms, cells), encoding="utf-8")
+        selections = {
+            f"{Path(a.run).name}/{a.family}": a.selection for a in arms if a.chosen and a.selection
+        }
         return {
-            "metrics": {"n_rows": len(rows)},
-            "outputs": ["report.md", "report.csv"],
+            "metrics": {"n_rows": len(rows), "n_arms": sum(a.chosen for a in arms)},
+            "outputs": ["report.md", "report.csv", "study.csv", "study.tex"]
+            + [p.name for p in plots],
+            "lambda_selection": selections,
             "table": table,
         }
 
-    manifest = run_stage(cfg, "report", root / "report", {"run": str(root)}, inputs, work)
-    print((root / "report" / "report.md").read_text(encoding="utf-8"))
+    out = run_dir(cfg) / "report"
+    manifest = run_stage(cfg, "report", out, config_view, inputs, work)
+    print((out / "report.md").read_text(encoding="utf-8"))
     return manifest
+
+
+def _with_run(rows: list[dict], root: Path, roots: list[Path]) -> list[dict]:
+    if len(roots) == 1:
+        return rows
+    return [{"run": root.name, **row} for row in rows]

@@ -1,0 +1,288 @@
+"""Tables and plots of the study in the paper's layout: arms x tasks, mean +- sd over seeds,
+best in bold, significance against Full FT and CPT->FT marked; Markdown, CSV and LaTeX
+(booktabs); test and validation macro-F1 against lambda; the transfer matrix."""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from pathlib import Path
+
+from cmmerge.reporting.study import REFERENCES, Arm, Cell
+
+MARKS = {"Full FT": "†", "CPT->FT": "‡"}
+LATEX_MARKS = {"Full FT": r"$^\dagger$", "CPT->FT": r"$^\ddagger$"}
+ALPHA = 0.05
+_ORDER = {"Full FT": 0, "CPT->FT": 1, "TV->FT": 2, "TIES->FT": 3}
+
+
+def row_label(arm: Arm) -> str:
+    """The arm's name without its lambda (chosen per task on validation)."""
+    return re.sub(
+        r" \((?:([^()]*), )?lambda=[^()]*\)",
+        lambda m: f" ({m.group(1)})" if m.group(1) else "",
+        arm.arm,
+    )
+
+
+def _sort_key(label: str) -> tuple:
+    return (_ORDER.get(label.split(" (")[0], 4), label)
+
+
+def paper_rows(arms: list[Arm], cells: dict[tuple, Cell]) -> tuple[list[str], list[str], dict]:
+    """(row labels, training tasks, {(label, task): (arm, cell)}) of the chosen arms, each on
+    its own task's test set."""
+    table: dict[tuple[str, str], tuple[Arm, Cell]] = {}
+    for arm in arms:
+        cell = cells.get((arm.run, arm.group, arm.task))
+        if arm.chosen and cell is not None:
+            key = (row_label(arm), arm.task)
+            if key not in table or cell.n > table[key][1].n:
+                table[key] = (arm, cell)
+    labels = sorted({k[0] for k in table}, key=_sort_key)
+    tasks = sorted({k[1] for k in table})
+    return labels, tasks, table
+
+
+def _best(table: dict, labels: list[str], task: str) -> str | None:
+    scored = [(table[(lab, task)][1].mean, lab) for lab in labels if (lab, task) in table]
+    return max(scored)[1] if scored else None
+
+
+def _marks(cell: Cell, marks: dict[str, str]) -> str:
+    return "".join(
+        marks[name]
+        for name in REFERENCES
+        if name in cell.versus
+        and cell.versus[name].p_value < ALPHA
+        and cell.versus[name].difference.estimate > 0
+    )
+
+
+def markdown(arms: list[Arm], cells: dict[tuple, Cell]) -> str:
+    """The paper's table in Markdown: test macro-F1 mean ± sd (n seeds), best in bold."""
+    labels, tasks, table = paper_rows(arms, cells)
+    if not labels:
+        return "no arm with test results yet\n"
+    lines = ["| arm | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    best = {t: _best(table, labels, t) for t in tasks}
+    for label in labels:
+        row = []
+        for task in tasks:
+            if (label, task) not in table:
+                row.append("")
+                continue
+            arm, cell = table[(label, task)]
+            text = f"{cell.mean:.4f} ± {cell.sd:.4f} (n={cell.n})"
+            if label == best[task]:
+                text = f"**{text}**"
+            row.append(text + _marks(cell, MARKS) + _scale(arm))
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
+    note = (
+        "\nTest macro-F1, mean ± sd over seeds (n); best per task in bold; "
+        f"† / ‡: better than Full FT / CPT->FT with p < {ALPHA} (paired permutation test on "
+        "the same test examples and seeds); λ and density chosen on mean validation macro-F1.\n"
+    )
+    return "\n".join(lines) + "\n" + note
+
+
+def _scale(arm: Arm) -> str:
+    if not arm.merge:
+        return ""
+    density = arm.merge.get("density")
+    return f" λ={arm.merge['lambda']:g}" + (f" d={density:g}" if density is not None else "")
+
+
+def comparisons_markdown(arms: list[Arm], cells: dict[tuple, Cell]) -> str:
+    """Every chosen arm against Full FT and CPT->FT: difference, 95% interval, p-value."""
+    lines = [
+        "| arm | task | test macro-F1 [95% CI] | vs | difference [95% CI] | p | seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    labels, tasks, table = paper_rows(arms, cells)
+    for label in labels:
+        for task in tasks:
+            if (label, task) not in table:
+                continue
+            _, cell = table[(label, task)]
+            ci = cell.interval
+            score = f"{cell.mean:.4f} [{ci.low:.4f}, {ci.high:.4f}]" if ci else f"{cell.mean:.4f}"
+            if not cell.versus:
+                lines.append(f"| {label} | {task} | {score} | | | | {cell.n} |")
+            for name, c in cell.versus.items():
+                d = c.difference
+                lines.append(
+                    f"| {label} | {task} | {score} | {name} | {d.estimate:+.4f} "
+                    f"[{d.low:+.4f}, {d.high:+.4f}] | {c.p_value:.3f} | {c.n_seeds} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def _latex_escape(text: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("&", r"\&"), ("%", r"\%"),
+                 ("#", r"\#"), ("->", r"$\rightarrow$"), ("λ", r"$\lambda$")):  # fmt: skip
+        text = text.replace(a, b)
+    return text
+
+
+def latex(arms: list[Arm], cells: dict[tuple, Cell]) -> str:
+    """The paper's table as a LaTeX booktabs tabular."""
+    labels, tasks, table = paper_rows(arms, cells)
+    best = {t: _best(table, labels, t) for t in tasks}
+    out = [
+        r"\begin{tabular}{l" + "c" * len(tasks) + "}",
+        r"\toprule",
+        "Arm & " + " & ".join(_latex_escape(t) for t in tasks) + r" \\",
+        r"\midrule",
+    ]
+    for label in labels:
+        row = []
+        for task in tasks:
+            if (label, task) not in table:
+                row.append("--")
+                continue
+            _, cell = table[(label, task)]
+            text = f"{cell.mean:.3f} $\\pm$ {cell.sd:.3f}"
+            if label == best[task]:
+                text = rf"\textbf{{{cell.mean:.3f}}} $\pm$ {cell.sd:.3f}"
+            row.append(text + _marks(cell, LATEX_MARKS))
+        out.append(_latex_escape(label) + " & " + " & ".join(row) + r" \\")
+    out += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(out) + "\n"
+
+
+def long_rows(arms: list[Arm], cells: dict[tuple, Cell]) -> list[dict]:
+    """One CSV row per arm and test task: every number of the study."""
+    rows = []
+    for arm in arms:
+        for (run, group, task), cell in sorted(cells.items()):
+            if (run, group) != (arm.run, arm.group):
+                continue
+            row = {
+                "run": Path(run).name,
+                "arm": arm.arm,
+                "group": group,
+                "train_task": arm.task,
+                "test_task": task,
+                "seeds": " ".join(map(str, arm.seeds)),
+                "n": cell.n,
+                "val_macro_f1_mean": arm.val[0],
+                "test_macro_f1_mean": cell.mean,
+                "test_macro_f1_sd": cell.sd,
+                "ci_low": cell.interval.low if cell.interval else None,
+                "ci_high": cell.interval.high if cell.interval else None,
+                "lambda": (arm.merge or {}).get("lambda"),
+                "density": (arm.merge or {}).get("density"),
+                "lambda_chosen": arm.chosen if arm.merge else None,
+            }
+            for name in REFERENCES:
+                c = cell.versus.get(name)
+                key = name.replace("->", "_").replace(" ", "_").lower()
+                row[f"diff_vs_{key}"] = c.difference.estimate if c else None
+                row[f"p_vs_{key}"] = c.p_value if c else None
+            rows.append(row)
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    cols: list[str] = []
+    for row in rows:
+        cols += [k for k in row if k not in cols]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=cols)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_lambda(arms: list[Arm], cells: dict[tuple, Cell], out_dir: Path) -> list[Path]:
+    """Per training task: validation and test macro-F1 against lambda for each merge family,
+    seed sd as error bars, Full FT and CPT->FT test means as reference lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for task in sorted({a.task for a in arms}):
+        families: dict[str, list[Arm]] = {}
+        for arm in arms:
+            if arm.task == task and arm.merge is not None:
+                families.setdefault(row_label(arm), []).append(arm)
+        if not any(len(v) > 1 for v in families.values()):
+            continue
+        fig, ax = plt.subplots(figsize=(6.0, 3.8))
+        for i, (label, members) in enumerate(sorted(families.items())):
+            members.sort(key=lambda a: a.merge["lambda"])
+            xs = [a.merge["lambda"] for a in members]
+            val = [a.val for a in members]
+            color = f"C{i}"
+            ax.errorbar(
+                xs,
+                [v[0] for v in val],
+                yerr=[v[1] for v in val],
+                color=color,
+                linestyle="--",
+                marker="o",
+                capsize=3,
+                label=f"{label} (validation)",
+            )
+            test = [cells.get((a.run, a.group, task)) for a in members]
+            pts = [(x, c) for x, c in zip(xs, test, strict=True) if c is not None]
+            if pts:
+                ax.errorbar([p[0] for p in pts], [p[1].mean for p in pts],
+                            yerr=[p[1].sd for p in pts], color=color, marker="s", capsize=3,
+                            label=f"{label} (test)")  # fmt: skip
+        for j, name in enumerate(REFERENCES):
+            refs = [a for a in arms if a.arm == name and a.task == task]
+            cell = cells.get((refs[0].run, refs[0].group, task)) if refs else None
+            if cell is not None and not math.isnan(cell.mean):
+                ax.axhline(cell.mean, color=f"C{7 + j}", linestyle=":", label=f"{name} (test)")
+        ax.set_xlabel("λ")
+        ax.set_ylabel("macro-F1")
+        ax.set_title(f"{task}: macro-F1 against λ (mean ± sd over seeds)", fontsize=9)
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        path = out_dir / f"lambda_{task}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def plot_transfer(arms: list[Arm], cells: dict[tuple, Cell], out_dir: Path) -> Path | None:
+    """Heatmap per arm: training task x evaluation task, mean test macro-F1 over seeds."""
+    chosen = [a for a in arms if a.chosen]
+    by_label: dict[str, dict[tuple[str, str], float]] = {}
+    for arm in chosen:
+        for (run, group, task), cell in cells.items():
+            if (run, group) == (arm.run, arm.group):
+                by_label.setdefault(row_label(arm), {})[(arm.task, task)] = cell.mean
+    by_label = {k: v for k, v in by_label.items() if any(a != b for a, b in v)}
+    if not by_label:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = sorted(by_label, key=_sort_key)
+    fig, axes = plt.subplots(1, len(labels), figsize=(3.2 * len(labels) + 1, 3.2), squeeze=False)
+    for ax, label in zip(axes[0], labels, strict=True):
+        values = by_label[label]
+        train = sorted({a for a, _ in values})
+        test = sorted({b for _, b in values})
+        grid = [[values.get((a, b), math.nan) for b in test] for a in train]
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                if not math.isnan(v):
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w", fontsize=7)
+        ax.set_xticks(range(len(test)), test, rotation=45, ha="right", fontsize=6)
+        ax.set_yticks(range(len(train)), train, fontsize=6)
+        ax.set_title(label, fontsize=8)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="test macro-F1")
+    path = out_dir / "transfer.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -1,0 +1,119 @@
+"""The study report over seeds: lambda chosen on validation (never test), mean ± sd, intervals
+and paired tests against Full FT and CPT->FT, Markdown / CSV / LaTeX tables and plots, one
+report over several run directories. Built on hand-made run directories with known answers."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+from conftest import compose
+from omegaconf import OmegaConf
+
+from cmmerge.io.manifest import write_json_atomic, write_jsonl_atomic
+from cmmerge.stages import report
+from cmmerge.stages.runner import run_stage, stage_input
+
+LABELS = ["negative", "neutral", "positive"]
+N = 600
+
+
+def _predictions(accuracy: float, seed: int) -> tuple[list[int], list[int]]:
+    rng = np.random.default_rng(1000 + seed)
+    gold = np.random.default_rng(7).integers(0, 3, N)  # the same test set for every arm
+    wrong = rng.random(N) > accuracy
+    pred = np.where(wrong, (gold + rng.integers(1, 3, N)) % 3, gold)
+    return gold.tolist(), pred.tolist()
+
+
+def _finetune(root, ft_id, arm, seed, val, accuracy, merge_id="", task="t", evals=("t",)):
+    cfg = OmegaConf.create({"run": {"root": str(root.parent), "name": root.name}, "force": False})
+    ft_dir = root / "finetune" / f"{ft_id}-s{seed}"
+
+    def ft_work(d):
+        return {"metrics": {"macro_f1": val}, "arm": arm, "task": task, "merge_id": merge_id}
+
+    run_stage(cfg, "finetune", ft_dir, {"seed": seed, "id": ft_id}, [], ft_work)
+    for eval_task in evals:
+        acc = accuracy if eval_task == task else accuracy - 0.1
+
+        def ev_work(d, acc=acc):
+            gold, pred = _predictions(acc, seed)
+            f1 = float(np.mean([np.mean(np.array(pred)[np.array(gold) == k] == k) for k in range(3)]))
+            write_json_atomic(
+                d / "metrics.json",
+                {"macro_f1": f1, "accuracy": acc, "confusion_matrix": {"labels": LABELS}},
+            )
+            write_jsonl_atomic(
+                d / "predictions.jsonl",
+                ({"gold": LABELS[g], "pred": LABELS[p]} for g, p in zip(gold, pred, strict=True)),
+            )
+            return {}
+
+        run_stage(
+            cfg,
+            "evaluate",
+            root / "evaluate" / ft_dir.name / eval_task,
+            {"task": eval_task},
+            [stage_input(ft_dir, "make it")],
+            ev_work,
+        )
+
+
+def _study(root):
+    for seed in range(3):
+        _finetune(root, "base-t", "Full FT", seed, 0.60, 0.60, evals=("t", "u"))
+        _finetune(root, "cpt@c-t", "CPT->FT", seed, 0.62, 0.62)
+        # lambda 0.5 wins on validation although lambda 1 is better on test
+        _finetune(root, "ties-l0.5-d0.2@c-t", "TIES->FT (lambda=0.5)", seed, 0.70, 0.75,
+                  merge_id="ties-l0.5-d0.2@c")  # fmt: skip
+        _finetune(root, "ties-l1-d0.2@c-t", "TIES->FT (lambda=1)", seed, 0.65, 0.85,
+                  merge_id="ties-l1-d0.2@c", evals=("t", "u"))  # fmt: skip
+
+
+def test_study_tables_choose_lambda_on_validation_and_test_against_references(tmp_path):
+    root = tmp_path / "r"
+    _study(root)
+    cfg = compose("report", [f"run.root={tmp_path}", "run.name=r", "report.n_resamples=300"])
+    manifest = report.run(cfg)
+    out = root / "report"
+    text = (out / "report.md").read_text()
+    paper_table = text.split("## Against")[0]
+    assert "| TIES->FT | " in paper_table and "λ=0.5 d=0.2" in paper_table
+    assert "λ=1 " not in paper_table  # the lambda best on test is not the one reported
+    ties_row = next(line for line in paper_table.splitlines() if line.startswith("| TIES->FT"))
+    assert ties_row.count("**") == 2 and "(n=3)" in ties_row and "†‡" in ties_row
+    full_row = next(line for line in paper_table.splitlines() if line.startswith("| Full FT"))
+    assert "†" not in full_row and "**" not in full_row
+    selection = manifest["lambda_selection"]["r/ties@c-t"]
+    assert selection["lambda"] == 0.5 and len(selection["candidates"]) == 2
+
+    rows = list(csv.DictReader(open(out / "study.csv")))
+    ties = next(r for r in rows if r["group"] == "ties-l0.5-d0.2@c-t" and r["test_task"] == "t")
+    assert ties["seeds"] == "0 1 2" and ties["lambda_chosen"] == "True"
+    assert float(ties["ci_low"]) < float(ties["test_macro_f1_mean"]) < float(ties["ci_high"])
+    assert 0.10 < float(ties["diff_vs_full_ft"]) < 0.20 and float(ties["p_vs_full_ft"]) < 0.01
+    full = next(r for r in rows if r["group"] == "base-t" and r["test_task"] == "t")
+    assert full["diff_vs_full_ft"] == "" and float(full["test_macro_f1_sd"]) > 0
+
+    tex = (out / "study.tex").read_text()
+    assert tex.startswith("\\begin{tabular}{lc}") and "\\toprule" in tex and "\\bottomrule" in tex
+    assert "\\textbf{" in tex and "TIES$\\rightarrow$FT" in tex and "$^\\dagger$" in tex
+    assert (out / "lambda_t.png").stat().st_size > 1000
+    assert (out / "transfer.png").stat().st_size > 1000
+    assert {"study.csv", "study.tex", "lambda_t.png", "transfer.png"} <= set(manifest["files"])
+
+
+def test_one_report_over_several_run_directories(tmp_path):
+    for name in ("a", "b"):
+        for seed in range(2):
+            _finetune(tmp_path / name, "base-t", "Full FT", seed, 0.6, 0.6)
+    cfg = compose(
+        "report", [f"run.root={tmp_path}", "run.name=both", "runs=[a,b]", "report.n_resamples=100"]
+    )
+    (tmp_path / "both").mkdir()
+    report.run(cfg)
+    rows = list(csv.DictReader(open(tmp_path / "both" / "report" / "report.csv")))
+    assert sorted({r["run"] for r in rows}) == ["a", "b"] and len(rows) == 4
+    study = list(csv.DictReader(open(tmp_path / "both" / "report" / "study.csv")))
+    assert sorted(r["run"] for r in study) == ["a", "b"]

@@ -123,6 +123,7 @@ def commands(tool: str, base: Path, tuned: Path, out: Path, dtype: str) -> list[
             f"density={DENSITY}",
             f"output={out}",
             f"run.root={out.parent / 'runs'}",
+            f"dtype={dtype}",  # the same output dtype as mergekit's (cmmerge's default: float32)
         ]
     config = out.parent / f"{out.name}.yaml"
     config.write_text(

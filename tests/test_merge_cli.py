@@ -152,3 +152,61 @@ def test_stage_refuses_bad_input_and_leaves_nothing(dirs, tmp_path):
     _run_stage(tmp_path, *common, f"models=[{nan}]", "method=tv", "allow_nonfinite=true")
     assert (out / "manifest.json").exists()
     assert yaml.safe_load((out / "merge.yaml").read_text())["method"] == "task_arithmetic"
+
+
+def _digests(folder) -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.iterdir())
+        if p.is_file()
+    }
+
+
+def test_output_that_is_or_holds_an_input_is_refused_before_writing(dirs, tmp_path):
+    first = tmp_path / "first"
+    common = (f"models=[{dirs / 'tuned'}]", "method=tv")
+    _run_stage(tmp_path, f"base={dirs / 'base'}", *common, f"output={first}")
+    before = _digests(first)
+    cases = [
+        (f"base={first}", f"models=[{dirs / 'tuned'}]", f"output={first}"),  # deleted it before
+        (f"base={dirs / 'base'}", f"models=[{first}]", f"output={first}"),
+        (f"base={first}", f"models=[{dirs / 'tuned'}]", f"output={first / 'sub'}"),
+        (f"base={first}", f"models=[{dirs / 'tuned'}]", f"output={tmp_path}"),
+    ]
+    for args in cases:
+        with pytest.raises(
+            CmmergeError,
+            match=r"output folder .* (is|is inside|contains) (the base|a source) .*would destroy",
+        ):
+            _run_stage(tmp_path, *args, "method=tv")
+        assert _digests(first) == before, args
+        assert not (first / "sub").exists()
+    proc = _cli(f"base={first}", f"models=[{dirs / 'tuned'}]", f"output={first}", cwd=tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "writing it would destroy" in proc.stderr and _digests(first) == before
+
+
+def test_bf16_base_gives_a_float32_model_recorded_as_such(dirs, tmp_path):
+    b16 = tmp_path / "b16"
+    model = transformers.AutoModelForMaskedLM.from_pretrained(dirs / "base")
+    model.to(torch.bfloat16).save_pretrained(b16)
+    assert json.loads((b16 / "config.json").read_text())["dtype"] == "bfloat16"
+    out = tmp_path / "o"
+    _run_stage(tmp_path, f"base={b16}", f"models=[{dirs / 'tuned'}]", "method=tv", f"output={out}")
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "float32"
+    assert yaml.safe_load((out / "merge.yaml").read_text())["dtype"] == "float32"
+    assert "| dtype | float32 |" in (out / "README.md").read_text()
+    loaded = transformers.AutoModelForMaskedLM.from_pretrained(out)
+    assert loaded.dtype == torch.float32
+    with CheckpointReader(out) as r, CheckpointReader(dirs / "tuned") as t:
+        for key in r.keys():  # lambda 1: the tuned model, heads included, in float32
+            assert r.dtype(key) == torch.float32
+            torch.testing.assert_close(r.get(key), t.get(key), rtol=0, atol=1e-6)
+    out16 = tmp_path / "o16"
+    _run_stage(
+        tmp_path, f"base={b16}", f"models=[{dirs / 'tuned'}]", "method=tv", "dtype=bfloat16",
+        f"output={out16}",
+    )  # fmt: skip
+    assert json.loads((out16 / "config.json").read_text())["dtype"] == "bfloat16"
+    assert transformers.AutoModelForMaskedLM.from_pretrained(out16).dtype == torch.bfloat16

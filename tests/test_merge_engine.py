@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 from safetensors.torch import save_file
+from zoo import legacy_names
 
 import cmmerge.merging.engine as engine
 from cmmerge.errors import CmmergeError
@@ -221,11 +222,36 @@ def test_linear_is_weighted_average_and_negation(dirs, tmp_path):
         assert torch.allclose(neg[key], 2 * base[key] - a[key], atol=1e-6), key
 
 
-def test_bf16_output_dtype_and_override(dirs, tmp_path):
-    merge_models(dirs / "b16", [dirs / "a"], [1.0], "ties", 0.5, tmp_path / "o", density=0.5)
-    assert {t.dtype for t in _tensors(tmp_path / "o").values()} == {torch.bfloat16}
-    merge_models(dirs / "b16", [dirs / "a"], [1.0], "tv", 0.5, tmp_path / "f", dtype=torch.float32)
-    assert {t.dtype for t in _tensors(tmp_path / "f").values()} == {torch.float32}
+def test_bf16_base_merges_in_float32_unless_asked(dirs, tmp_path):
+    """A bfloat16 base is merged and written in float32: TV at lambda 1 gives the tuned model to
+    float32 precision (bfloat16 output would round lambda * tau away); dtype= still works."""
+    a = _tensors(dirs / "a")
+    info = merge_models(dirs / "b16", [dirs / "a"], [1.0], "tv", 1.0, tmp_path / "f")
+    got = _tensors(tmp_path / "f")
+    assert info["dtype"] == "float32" and {t.dtype for t in got.values()} == {torch.float32}
+    for key, t in a.items():
+        torch.testing.assert_close(got[key], t, rtol=0, atol=1e-7)  # float32 rounding only
+    tau = tmp_path / "tau.safetensors"
+    extract_task_vector(dirs / "b16", dirs / "a", tau)
+    merge_into_base(dirs / "b16", [tau], [1.0], "tv", 1.0, tmp_path / "t")
+    for key, t in _tensors(tmp_path / "t").items():
+        torch.testing.assert_close(t, a[key], rtol=0, atol=1e-7)
+    # bf16 base + bf16 sources -> float32 by default; small lambda * tau survives
+    b16_src = tmp_path / "a16"
+    transformers.LlamaForCausalLM.from_pretrained(dirs / "a").to(torch.bfloat16).save_pretrained(
+        b16_src
+    )
+    merge_models(dirs / "b16", [b16_src], [1.0], "tv", 0.01, tmp_path / "small")
+    base, src = _tensors(dirs / "b16"), _tensors(b16_src)
+    key = "model.layers.0.mlp.down_proj.weight"
+    want = base[key].float() + 0.01 * (src[key].float() - base[key].float())
+    small = _tensors(tmp_path / "small")[key]
+    assert small.dtype == torch.float32 and torch.allclose(small, want, rtol=0, atol=1e-8)
+    assert not torch.equal(small, base[key].float())
+    merge_models(dirs / "b16", [b16_src], [1.0], "tv", 0.01, tmp_path / "b", dtype=torch.bfloat16)
+    kept = _tensors(tmp_path / "b")
+    assert {t.dtype for t in kept.values()} == {torch.bfloat16}
+    assert (kept[key].float() - want).abs().max() > 1e-5  # what bfloat16 output loses
 
 
 def test_vocabulary_grown_by_cpt(dirs, tmp_path):
@@ -267,7 +293,8 @@ def test_grown_vocabulary_grows_an_untied_head_too(tmp_path):
     assert info["grown"] == {"model.embed_tokens.weight": 104, head: 104}
     got = _tensors(tmp_path / "out")
     assert got[head].shape == (104, 32)
-    assert torch.equal(got[head][:100], base[head])  # a head is copied from the base
+    merged = base[head] + 0.5 * (src[head][:100] - base[head])  # the head merges too
+    assert torch.allclose(got[head][:100], merged, atol=1e-7)
     assert torch.equal(got[head][100:], src[head][100:])  # its new rows from the source
     config = json.loads((tmp_path / "grown" / "config.json").read_text())
     (tmp_path / "out" / "config.json").write_text(json.dumps(config))
@@ -278,6 +305,28 @@ def test_grown_vocabulary_grows_an_untied_head_too(tmp_path):
     with pytest.raises(CmmergeError, match="untied head of 100 rows"):
         merge_into_base(tmp_path / "base", [tv], [1.0], "tv", 0.5, tmp_path / "out-tv")
     assert not (tmp_path / "out-tv" / "model.safetensors").exists()
+
+
+def test_grown_vocabulary_grows_an_mlm_head_bias(tmp_path):
+    """A whole-model merge of an MLM grows the head's 1-D bias with the vocabulary; a 1-D
+    tensor of another length is still a shape mismatch."""
+    torch.manual_seed(0)
+    model = _xlmr(vocab=120)
+    model.save_pretrained(tmp_path / "base")
+    _perturb(model, 2).resize_token_embeddings(124)
+    model.save_pretrained(tmp_path / "grown")
+    base, src = _tensors(tmp_path / "base"), _tensors(tmp_path / "grown")
+    info = merge_models(tmp_path / "base", [tmp_path / "grown"], [1.0], "tv", 0.5, tmp_path / "o")
+    assert info["grown"] == {"roberta.embeddings.word_embeddings.weight": 124, "lm_head.bias": 124}
+    got = _tensors(tmp_path / "o")["lm_head.bias"]
+    want = base["lm_head.bias"] + 0.5 * (src["lm_head.bias"][:120] - base["lm_head.bias"])
+    assert torch.allclose(got[:120], want, atol=1e-7) and torch.equal(
+        got[120:], src["lm_head.bias"][120:]
+    )
+    src["lm_head.dense.bias"] = torch.zeros(33)
+    save_file(src, str(tmp_path / "grown" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CmmergeError, match=r"shape mismatch for 'lm_head.dense.bias': \(32,\)"):
+        merge_models(tmp_path / "base", [tmp_path / "grown"], [1.0], "tv", 0.5, tmp_path / "x")
 
 
 def test_tied_embedding_stored_under_its_head_alias_is_merged(tmp_path):
@@ -306,6 +355,120 @@ def test_tied_embedding_stored_under_its_head_alias_is_merged(tmp_path):
     shutil.copy(base_dir / "config.json", tmp_path / "out" / "config.json")
     loaded = transformers.XLMRobertaForMaskedLM.from_pretrained(tmp_path / "out")
     assert torch.allclose(loaded.roberta.embeddings.word_embeddings.weight, expected, atol=1e-6)
+
+
+def _xlmr(vocab=120, **kw):
+    cfg = transformers.XLMRobertaConfig(
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=40, **kw,
+    )  # fmt: skip
+    return transformers.XLMRobertaForMaskedLM(cfg)
+
+
+def _with_pooler(model, out):
+    """Save ``model`` as xlm-roberta-base is stored on the hub: plus ``roberta.pooler.*``."""
+    model.save_pretrained(out)
+    tensors = _tensors(out)
+    g = torch.Generator().manual_seed(9)
+    for name in ("weight", "bias"):
+        shape = (32, 32) if name == "weight" else (32,)
+        tensors[f"roberta.pooler.dense.{name}"] = 0.02 * torch.randn(shape, generator=g)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def test_base_only_tensors_are_carried_over_not_an_abort(tmp_path):
+    """Issue 10: a base saved with a pooler that the CPT model does not save used to end the
+    merge with "tensor 'pooler.dense.bias' of the base is missing in task_vector.safetensors"."""
+    torch.manual_seed(0)
+    model = _xlmr()
+    base_dir = _with_pooler(model, tmp_path / "base")
+    _perturb(model, 1).save_pretrained(tmp_path / "cpt")  # MaskedLM: no pooler
+    tau = tmp_path / "tau.safetensors"
+    stats = extract_task_vector(base_dir, tmp_path / "cpt", tau)
+    pooler = ["roberta.pooler.dense.weight", "roberta.pooler.dense.bias"]
+    base, cpt = _tensors(base_dir), _tensors(tmp_path / "cpt")
+    for method in ("ties", "tv"):
+        out = tmp_path / method
+        info = merge_into_base(base_dir, [tau], [1.0], method, 0.5, out, density=0.2)
+        assert sorted(info["base_only"]) == sorted(pooler)
+        assert set(info["heads_copied"]) == {k for k in base if k.startswith("lm_head.")}
+        got = _tensors(out)
+        assert set(got) == set(base)
+        for key in pooler + sorted(info["heads_copied"]):
+            assert torch.equal(got[key], base[key]), key
+        key = "roberta.encoder.layer.0.output.dense.weight"
+        assert not torch.equal(got[key], base[key])
+    assert sorted(stats["base_only"]) == sorted(pooler)  # listed by extract too
+    info = merge_models(base_dir, [tmp_path / "cpt"], [1.0], "tv", 1.0, tmp_path / "whole")
+    assert sorted(info["base_only"]) == sorted(pooler) and info["heads_copied"] == []
+    got = _tensors(tmp_path / "whole")
+    for key, t in got.items():  # lambda 1: the CPT model whole, MLM head included
+        want = base[key] if key in pooler else cpt[key]
+        torch.testing.assert_close(t, want, rtol=0, atol=1e-7)
+
+
+def test_standalone_merge_merges_the_untied_head(tmp_path):
+    """Issue 10: ``merge base=B models=[A] method=task_arithmetic lambda=1.0`` left an untied
+    ``lm_head.weight`` at the base's; with one source at lambda 1 every tensor is A's."""
+    torch.manual_seed(0)
+    base_model = _llama(tied=False)
+    base_model.save_pretrained(tmp_path / "base")
+    _perturb(base_model, 5).save_pretrained(tmp_path / "a")
+    info = merge_models(tmp_path / "base", [tmp_path / "a"], [1.0], "tv", 1.0, tmp_path / "o")
+    a, got = _tensors(tmp_path / "a"), _tensors(tmp_path / "o")
+    assert "lm_head.weight" in got and set(got) == set(a) and info["n_copied"] == 0
+    for key in a:
+        torch.testing.assert_close(got[key], a[key], rtol=0, atol=1e-7)
+    # a task vector holds the backbone only: the head stays the base's, and is listed
+    tau = tmp_path / "tau.safetensors"
+    extract_task_vector(tmp_path / "base", tmp_path / "a", tau)
+    info = merge_into_base(tmp_path / "base", [tau], [1.0], "tv", 1.0, tmp_path / "t")
+    assert info["heads_copied"] == ["lm_head.weight"]
+    base = _tensors(tmp_path / "base")
+    assert torch.equal(_tensors(tmp_path / "t")["lm_head.weight"], base["lm_head.weight"])
+
+
+def test_a_source_missing_some_layers_is_refused(dirs, tmp_path):
+    """What a source lacks in every layer is carried over; a tensor missing in one layer only
+    (a shallower model, a damaged file) is refused."""
+
+    def drop_layer(t):
+        for key in [k for k in t if k.startswith("model.layers.1.")]:
+            t.pop(key)
+
+    shallow = _copy_with(dirs, tmp_path, "shallow", drop_layer)
+    with pytest.raises(CmmergeError, match=r"'layers.1.\S+' of the base is missing in .*shallow"):
+        merge_models(dirs / "base", [shallow], [1.0], "tv", 1.0, tmp_path / "o")
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+
+
+def test_legacy_layernorm_names_align(tmp_path):
+    """LayerNorm ``gamma``/``beta`` (TF-era BERT files) match ``weight``/``bias``; the output
+    keeps the base's names, which transformers renames on load."""
+    cfg = transformers.BertConfig(
+        vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=40,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.BertForMaskedLM(cfg)
+    model.save_pretrained(tmp_path / "base")
+    _perturb(model, 4).save_pretrained(tmp_path / "tuned")
+    legacy = legacy_names(_tensors(tmp_path / "base"))
+    save_file(legacy, str(tmp_path / "base" / "model.safetensors"), metadata={"format": "pt"})
+    stats = extract_task_vector(tmp_path / "base", tmp_path / "tuned", tmp_path / "tau")
+    assert stats["base_only"] == [] and "embeddings.LayerNorm.weight" in stats["per_tensor"]
+    merge_models(tmp_path / "base", [tmp_path / "tuned"], [1.0], "tv", 1.0, tmp_path / "o")
+    got, tuned = _tensors(tmp_path / "o"), _tensors(tmp_path / "tuned")
+    assert "bert.embeddings.LayerNorm.gamma" in got
+    renamed = dict(zip(legacy_names(dict.fromkeys(tuned)), tuned, strict=True))
+    for key, t in got.items():
+        torch.testing.assert_close(t, tuned[renamed[key]], rtol=0, atol=1e-7)
+    shutil.copy(tmp_path / "base" / "config.json", tmp_path / "o")
+    loaded = transformers.BertForMaskedLM.from_pretrained(tmp_path / "o")
+    torch.testing.assert_close(
+        loaded.bert.embeddings.LayerNorm.weight, tuned["bert.embeddings.LayerNorm.weight"]
+    )
 
 
 def test_extract_stats_and_cosines(dirs, tmp_path):

@@ -18,7 +18,13 @@ from cmmerge.io.checkpoint import (
     sha256_file,
 )
 from cmmerge.merging.engine import extract_task_vector, merge_into_base, merge_models
-from cmmerge.merging.keys import backbone_key, backbone_prefix
+from cmmerge.merging.keys import (
+    TIED_BY_DEFAULT,
+    backbone_key,
+    backbone_map,
+    backbone_prefix,
+    layer_template,
+)
 from cmmerge.merging.methods import (
     MERGE_METHODS,
     combine,
@@ -308,6 +314,31 @@ def test_backbone_keys(xlmr_dirs, llama_dirs):
         assert backbone_key(head, "model") is None
     assert backbone_key("model.norm.weight", "model") == "norm.weight"
     assert backbone_key("norm.weight", "model") == "norm.weight"
+    assert backbone_key("bert.encoder.layer.0.output.LayerNorm.gamma", "bert") == (
+        "encoder.layer.0.output.LayerNorm.weight"
+    )
+    keys = ["bert.embeddings.word_embeddings.weight", "cls.predictions.transform.LayerNorm.beta",
+            "cls.predictions.decoder.weight", "cls.seq_relationship.bias"]  # fmt: skip
+    assert backbone_map(keys, "bert", heads=True) == {
+        "embeddings.word_embeddings.weight": keys[0],
+        "cls.predictions.transform.LayerNorm.bias": keys[1],
+        "cls.predictions.decoder.weight": keys[2],
+        "cls.seq_relationship.bias": keys[3],
+    }
+    # a tied output embedding stored alone stands for the input embedding, never twice
+    assert backbone_map(["lm_head.weight", "model.norm.weight"], "model", heads=True) == {
+        "embed_tokens.weight": "lm_head.weight",
+        "norm.weight": "model.norm.weight",
+    }
+    assert layer_template("layers.3.mlp.experts.12.w1") == "layers.#.mlp.experts.#.w1"
+    assert layer_template("pooler.dense.weight") is None
+
+
+def test_known_architecture_tables_match_transformers():
+    from transformers import AutoConfig
+
+    for model_type, tied in TIED_BY_DEFAULT.items():
+        assert AutoConfig.for_model(model_type).tie_word_embeddings is tied, model_type
 
 
 def test_xlmr_round_trip(xlmr_dirs, tmp_path):

@@ -58,7 +58,7 @@ def test_every_stage_has_a_complete_manifest(demo):
         ):
             assert key in manifest, (stage_dir, key)
         for item in manifest["inputs"]:
-            assert item.get("manifest_sha256") or item.get("fingerprint")
+            assert item.get("manifest_sha256") or item.get("sha256")
 
 
 def test_data_stats_count_the_samples(demo):

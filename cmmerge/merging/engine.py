@@ -11,12 +11,20 @@ are computed once and kept between the selection passes and the merge (up to ``C
 for one tensor; larger ones are recomputed per pass), so memory stays near the largest such
 tensor's deltas plus ``threads * 2 * (sources + 4) * CHUNK * 4`` bytes and the interpreter,
 whatever the model size.
+
+What merges is planned in ``plan``: a standalone merge of models merges the whole model (every
+floating tensor the base and all sources have, heads included, as mergekit); the in-run merge of
+a task vector (backbone only) copies the base's heads, e.g. the MLM head that fine-tuning
+drops. Tensors only the base has (a pooler, an NSP head) are copied unchanged and listed.
+Floating tensors are written in float32 unless ``dtype`` asks otherwise, whatever the inputs'
+dtype (a bfloat16 base would lose the small ``lambda * tau``).
 """
 
 from __future__ import annotations
 
 import gc
 import hashlib
+import logging
 import math
 import os
 import threading
@@ -34,6 +42,8 @@ from cmmerge.merging.extract import TASK_VECTOR_FILE, extract_task_vector  # noq
 from cmmerge.merging.methods import MergeMethod, apply_delta, get_method, resolve_params
 from cmmerge.merging.plan import Item, PathLike, Source, open_sources, plan_merge
 from cmmerge.merging.select import Threshold, keep_count, thresholds_over, trim_
+
+log = logging.getLogger("cmmerge")
 
 CHUNK = 1 << 20  # elements per chunk (4 MiB in float32): fits the caches, amortises Python
 # Per-tensor trims of tensors up to this many elements run as one task that keeps its float32
@@ -335,6 +345,30 @@ class _Merger:
             sched.submit(self.copy, reader, item.grown_key, item, start, stop, start)
 
 
+def check_output_dir(out_dir: PathLike, inputs: list[tuple[str, PathLike]]) -> None:
+    """Refuse an output folder that is, contains or lies inside an input (the base, a source):
+    writing there would destroy what is being read.
+
+    Args:
+        out_dir: The folder a merge writes.
+        inputs: ``[(what, path), ...]``, e.g. ``[("the base", B), ("a source", A)]``.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    for what, path in inputs:
+        inp = Path(path).expanduser().resolve()
+        how = (
+            "is" if out == inp
+            else "is inside" if out.is_relative_to(inp)
+            else "contains" if inp.is_relative_to(out)
+            else None
+        )  # fmt: skip
+        if how:
+            raise CmmergeError(
+                f"output folder {out_dir} {how} {what} ({path}): writing it would destroy the "
+                "merge's input; choose another output"
+            )
+
+
 def _merge(
     base_dir: PathLike,
     source_paths: list[PathLike],
@@ -356,8 +390,7 @@ def _merge(
         raise CmmergeError("nothing to merge: no task vectors or models given")
     if len(weights) != len(source_paths):
         raise CmmergeError(f"{len(source_paths)} sources to merge but {len(weights)} weights")
-    if Path(out_dir).resolve() == Path(base_dir).resolve():
-        raise CmmergeError(f"output folder {out_dir} is the base model's folder")
+    check_output_dir(out_dir, [("the base", base_dir), *(("a source", p) for p in source_paths)])
     weights = [float(w) for w in weights]
     with ExitStack() as stack:
         base = stack.enter_context(CheckpointReader(base_dir, allow_pickle=allow_pickle))
@@ -373,6 +406,9 @@ def _merge(
         merger.run(items, threads or default_threads())
         files = writer.close()
     n_merged = sum(1 for it in items if it.src_keys)
+    copied = info["base_only"] + info["not_in_every_source"] + info["heads_copied"]
+    if copied:
+        log.info("copied from the base unchanged (not in every source): %s", ", ".join(copied))
     return {
         "n_merged": n_merged,
         "n_copied": len(items) - n_merged,
@@ -394,8 +430,11 @@ def merge_into_base(
     """Write ``base + scale * combine(method, [tau_1..tau_n], weights)`` to ``out_dir``.
 
     Base tensors whose backbone name is in the task vectors are merged (float32 math, written
-    in the base's dtype or ``dtype``); heads and non-float tensors are copied; a tied
-    ``lm_head`` stays tied.
+    in float32 or ``dtype``). Task vectors hold backbone tensors only (``extract``), so the
+    base's heads (an MLM head, an untied ``lm_head``: listed in ``heads_copied``) and what the
+    tuned model did not have (a pooler, an NSP head: ``base_only``) are copied from the base
+    unchanged: the in-run merge of tau_cpt keeps the base's MLM head, which fine-tuning drops.
+    Non-float tensors are copied; a tied ``lm_head`` stays tied.
 
     Args:
         base_dir: HF model folder of the base.
@@ -409,8 +448,11 @@ def merge_into_base(
             ``allow_nonfinite``, ``allow_pickle``, ``threads``.
 
     Returns:
-        Stats: ``n_merged``, ``n_copied``, ``tau_keys_missing_in_base``, ``dropped_tied``,
-        ``grown`` (key -> rows), ``params`` (resolved), ``files``.
+        Stats: ``n_merged``, ``n_copied``, ``base_only`` (float tensors no source has, copied),
+        ``heads_copied`` (heads of the base, which task vectors do not hold: copied),
+        ``not_in_every_source`` (copied too), ``tau_keys_missing_in_base``, ``dropped_tied``
+        (stored copies of tied tensors, left out), ``grown`` (key -> rows), ``dtype`` (of the
+        floating tensors written), ``params`` (resolved), ``files``.
 
     Raises:
         CmmergeError: Bad method or parameters, unreadable or mismatched checkpoints, missing
@@ -430,10 +472,14 @@ def merge_models(
     out_dir: PathLike,
     **options: object,
 ) -> dict:
-    """Like ``merge_into_base`` with ``tau_i = model_i - base`` computed chunk by chunk.
+    """Like ``merge_into_base`` with ``tau_i = model_i - base`` computed chunk by chunk, over
+    the whole model: every floating tensor the base and every model have is merged, heads
+    included (an untied ``lm_head``, an MLM head, ``cls.predictions.*``), as mergekit does.
 
-    ``model_dirs`` are HF model folders (any head, same ``model_type``); their keys are aligned
-    to the base through backbone names, so e.g. a classifier merges into an MLM base.
+    ``model_dirs`` are HF model folders (any head, same ``model_type``); backbone keys are
+    aligned to the base through backbone names (so e.g. a classifier merges into an MLM base),
+    head keys by their own names. A base tensor that not every model has is copied from the
+    base and listed (``base_only``, ``not_in_every_source``).
     """
     return _merge(
         base_dir, list(model_dirs), True, list(weights), method, scale, out_dir, **options

@@ -12,7 +12,7 @@ import torch
 
 from cmmerge.errors import CmmergeError
 from cmmerge.io.checkpoint import CheckpointReader, StreamingFileWriter
-from cmmerge.merging.keys import backbone_map, backbone_prefix
+from cmmerge.merging.keys import backbone_map, backbone_prefix, tied_copy, ties_embeddings
 from cmmerge.merging.plan import PathLike, check_shape, read_config
 
 TASK_VECTOR_FILE = "task_vector.safetensors"
@@ -67,7 +67,9 @@ def extract_task_vector(
     Returns:
         Stats: ``file``, ``n_tensors``, ``n_params``, ``l2_norm``, ``per_tensor`` (``l2``,
         ``n_params``, ``frac_changed``), ``per_layer``, ``grown``, ``skipped_head_keys``
-        (``base_only``, ``tuned_only``, ``both``) and ``skipped_non_float``.
+        (``base_only``, ``tuned_only``, ``both``), ``skipped_non_float`` and ``base_only``
+        (floating tensors of the base the tuned model lacks, e.g. a pooler: every merge copies
+        them from the base unchanged).
 
     Raises:
         CmmergeError: Unreadable checkpoints, differing architectures, a shape mismatch, or no
@@ -115,6 +117,7 @@ def extract_task_vector(
             "tuned_only": [k for k in left_tuned if k not in base],
             "both": [k for k in left_base if k in tuned],
         }
+        base_only = _base_only(base, base_dir, tuned, tuned_dir)
         metadata = {
             "format": "pt",
             "kind": "task_vector",
@@ -168,8 +171,27 @@ def extract_task_vector(
         "per_layer": layer_totals(per_tensor),
         "grown": grown,
         "skipped_head_keys": skipped,
+        "base_only": base_only,
         "skipped_non_float": non_float,
     }
+
+
+def _base_only(
+    base: CheckpointReader, base_dir: PathLike, tuned: CheckpointReader, tuned_dir: PathLike
+) -> list[str]:
+    """Floating tensors of the base that the tuned model does not have at all (a pooler or NSP
+    head its class does not save): merges carry them over from the base unchanged."""
+    tied = ties_embeddings(read_config(base_dir))
+    keys = set(base.keys())
+    names = backbone_map(base.keys(), backbone_prefix(base_dir), str(base_dir), heads=True)
+    have = backbone_map(tuned.keys(), backbone_prefix(tuned_dir), str(tuned_dir), heads=True)
+    return [
+        key
+        for name, key in names.items()
+        if name not in have
+        and base.dtype(key).is_floating_point
+        and not (tied and tied_copy(key, name, keys))
+    ]
 
 
 def task_vector_cosines(files: list[PathLike]) -> list[list[float]]:

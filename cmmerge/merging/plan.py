@@ -14,7 +14,15 @@ import torch
 
 from cmmerge.errors import CmmergeError
 from cmmerge.io.checkpoint import CheckpointReader
-from cmmerge.merging.keys import backbone_map, backbone_prefix
+from cmmerge.merging.keys import (
+    backbone_map,
+    backbone_prefix,
+    canonical,
+    is_head_key,
+    layer_template,
+    tied_copy,
+    ties_embeddings,
+)
 
 PathLike = str | os.PathLike
 
@@ -25,8 +33,12 @@ class Source:
 
     label: str
     reader: CheckpointReader
-    names: dict[str, str]  # backbone name -> key in ``reader``
+    names: dict[str, str]  # name (backbone name, or a head's own key) -> key in ``reader``
     is_model: bool
+    templates: set[str] = field(default_factory=set)  # layer templates of ``names``
+
+    def __post_init__(self) -> None:
+        self.templates = {t for t in map(layer_template, self.names) if t is not None}
 
 
 @dataclass
@@ -87,32 +99,46 @@ def open_sources(
             )
         keys = reader.keys()
         names = (
-            backbone_map(keys, backbone_prefix(path), str(path))
+            backbone_map(keys, backbone_prefix(path), str(path), heads=True)
             if is_model
-            else {k: k for k in keys}
+            else {canonical(k): k for k in keys}
         )
         sources.append(Source(str(path), reader, names, is_model))
     return sources
 
 
-def _grown_rows(base_shape: tuple, other: tuple) -> bool:
+def _grown_rows(base_shape: tuple, other: tuple, vectors: bool = False) -> bool:
+    """``other`` has more rows than ``base_shape`` and the same row shape (2-D; also 1-D with
+    ``vectors``)."""
     return (
-        len(base_shape) == len(other) == 2
+        len(base_shape) == len(other)
+        and (len(other) == 2 or (vectors and len(other) == 1))
         and other[0] > base_shape[0]
-        and other[1] == base_shape[1]
+        and other[1:] == base_shape[1:]
     )
 
 
 def check_shape(
-    name: str, base_shape: tuple, other: tuple, base: str, src: str, grow: bool = False
+    name: str,
+    base_shape: tuple,
+    other: tuple,
+    base: str,
+    src: str,
+    grow: bool = False,
+    vectors: bool = False,
 ) -> bool:
-    """True when ``other`` grows the rows of ``base_shape`` (allowed only with ``grow``); raise
-    CmmergeError naming the tensor and both shapes when the shapes otherwise differ."""
+    """True when ``other`` grows the rows of ``base_shape`` (allowed only with ``grow``; 1-D
+    tensors only with ``vectors`` too); raise CmmergeError naming the tensor and both shapes
+    when the shapes otherwise differ."""
     if tuple(base_shape) == tuple(other):
         return False
-    if grow and _grown_rows(tuple(base_shape), tuple(other)):
+    if grow and _grown_rows(tuple(base_shape), tuple(other), vectors):
         return True
-    raise CmmergeError(
+    raise _mismatch(name, base_shape, other, base, src)
+
+
+def _mismatch(name: str, base_shape: tuple, other: tuple, base: str, src: str) -> CmmergeError:
+    return CmmergeError(
         f"shape mismatch for {name!r}: {tuple(base_shape)} in {base} vs {tuple(other)} in {src}"
     )
 
@@ -122,77 +148,122 @@ def plan_merge(
 ) -> tuple[list[Item], dict]:
     """Plan every output tensor of ``base + merge(sources)`` from the headers.
 
-    Floating backbone tensors of the base merge and must exist in every source with the same
-    shape (or more rows: a vocabulary grown by CPT, whose new rows come from the first source
-    that has them); heads and non-float tensors are copied. With tied embeddings an
-    ``lm_head.weight`` stored in the base is left out (transformers re-ties it on load).
+    A floating tensor of the base merges when every source has it (by backbone name; a head by
+    its own key), with the same shape or more rows (a vocabulary grown by CPT, whose new rows
+    come from the first source that has them). One that no source has, or only some do, is
+    copied from the base and listed (a pooler or NSP head the CPT model does not save: in
+    ``base_only``; the heads task vectors leave out: in ``heads_copied``). A source that lacks
+    a tensor of a numbered layer while it has the same tensor in other layers is refused
+    (another depth, or a damaged checkpoint).
+    Non-float tensors are copied. With tied embeddings, an output-embedding copy stored in the
+    base (``lm_head.weight``, ``lm_head.decoder.weight``...) is left out: transformers re-ties
+    it on load. Floating tensors are written in ``dtype``, float32 by default.
 
     Returns:
-        (items in base order, info with ``tau_keys_missing_in_base``, ``dropped_tied``,
-        ``grown``).
+        (items in base order, info with ``base_only``, ``heads_copied``, ``not_in_every_source``,
+        ``tau_keys_missing_in_base``, ``dropped_tied``, ``grown`` and ``dtype``).
     """
     prefix = backbone_prefix(base_dir)
-    config = read_config(base_dir)
-    tied = bool(config.get("tie_word_embeddings", False))
+    tied = ties_embeddings(read_config(base_dir))
+    out_float = dtype or torch.float32
     items: list[Item] = []
     missing: list[tuple[str, str]] = []
     used: set[str] = set()
     dropped: list[str] = []
+    base_only: list[str] = []
+    partial: list[str] = []
+    heads: list[str] = []
     grown: dict[str, int] = {}
-    names = {key: name for name, key in backbone_map(base.keys(), prefix, str(base_dir)).items()}
+    vectors: list[tuple[Item, str, tuple, str]] = []  # grown 1-D tensors, checked below
+    aligned = backbone_map(base.keys(), prefix, str(base_dir), heads=True)
+    names = {key: name for name, key in aligned.items()}
+    keyset = set(names)
     for key in base.keys():
-        name = names.get(key)
+        name = names[key]
         shape, base_dtype = base.shape(key), base.dtype(key)
-        out_dtype = dtype if dtype is not None and base_dtype.is_floating_point else base_dtype
-        if name is None and tied and key == "lm_head.weight":
-            dropped.append(key)
+        if not base_dtype.is_floating_point:
+            items.append(Item(key, shape, base_dtype))
             continue
-        if name is None or not base_dtype.is_floating_point:
-            items.append(Item(key, shape, out_dtype))
+        if tied and tied_copy(key, name, keyset):
+            dropped.append(key)  # transformers re-ties it on load
             continue
-        absent = [s.label for s in sources if name not in s.names]
+        absent = [s for s in sources if name not in s.names]
         if absent:
-            missing += [(name, label) for label in absent]
+            template = layer_template(name)
+            missing += [(name, s.label) for s in absent if template in s.templates]
+            if len(absent) < len(sources):
+                partial.append(key)
+            elif is_head_key(key) and not any(s.is_model for s in sources):
+                heads.append(key)  # task vectors hold the backbone only
+            else:
+                base_only.append(key)
+            items.append(Item(key, shape, out_float))
             continue
-        item = Item(key, shape, out_dtype, [s.names[name] for s in sources], math.prod(shape))
+        item = Item(key, shape, out_float, [s.names[name] for s in sources], math.prod(shape))
         for i, s in enumerate(sources):
-            other = s.reader.shape(s.names[name])
+            other = tuple(s.reader.shape(s.names[name]))
             if not s.reader.dtype(s.names[name]).is_floating_point:
                 raise CmmergeError(
                     f"{name!r} is {s.reader.dtype(s.names[name])} in {s.label} "
                     f"but floating point in {base_dir}"
                 )
-            if check_shape(name, shape, other, str(base_dir), s.label, grow=True):
+            if check_shape(name, shape, other, str(base_dir), s.label, grow=True, vectors=True):
                 if item.grown_from is None:
-                    item.grown_from, item.grown_key, item.shape = i, s.names[name], tuple(other)
-                elif tuple(other) != item.shape:
+                    item.grown_from, item.grown_key, item.shape = i, s.names[name], other
+                    if len(other) == 1:
+                        vectors.append((item, name, shape, s.label))
+                elif other != item.shape:
                     raise CmmergeError(
                         f"sources grew {name!r} differently: {item.shape} in "
-                        f"{sources[item.grown_from].label} vs {tuple(other)} "
-                        f"in {s.label}"
+                        f"{sources[item.grown_from].label} vs {other} in {s.label}"
                     )
         if item.grown_from is not None:
             grown[key] = item.shape[0]
         used.add(name)
         items.append(item)
-    if grown:
-        _grow_heads(items, grown, base, sources)
     if missing:
         name, label = missing[0]
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CmmergeError(f"tensor {name!r} of the base is missing in {label}{more}")
+    _check_grown_vectors(vectors, items, str(base_dir))
+    if grown:
+        _grow_heads(items, grown, base, sources)
     if not any(item.src_keys for item in items):
         raise CmmergeError(f"no tensor of {base_dir} matches the sources to merge")
     unused = sorted({n for s in sources for n in s.names} - used)
-    return items, {"tau_keys_missing_in_base": unused, "dropped_tied": dropped, "grown": grown}
+    return items, {
+        "base_only": base_only,
+        "heads_copied": heads,
+        "not_in_every_source": partial,
+        "tau_keys_missing_in_base": unused,
+        "dropped_tied": dropped,
+        "grown": grown,
+        "dtype": str(out_float).removeprefix("torch."),
+    }
+
+
+def _check_grown_vectors(
+    vectors: list[tuple[Item, str, tuple, str]], items: list[Item], base_dir: str
+) -> None:
+    """A 1-D tensor may grow only with a grown vocabulary (an MLM head's bias): from the rows of
+    a grown 2-D tensor to its new rows; any other change of length is a shape mismatch."""
+    rows = {
+        (it.shared // it.shape[1], it.shape[0])
+        for it in items
+        if it.grown_from is not None and len(it.shape) == 2
+    }
+    for item, name, base_shape, label in vectors:
+        if (base_shape[0], item.shape[0]) not in rows:
+            raise _mismatch(name, base_shape, item.shape, base_dir, label)
 
 
 def _grow_heads(
     items: list[Item], grown: dict[str, int], base: CheckpointReader, sources: list[Source]
 ) -> None:
-    """Give untied vocabulary-sized heads (``lm_head.weight``, an MLM head's bias) the rows of a
-    vocabulary that CPT grew: the base's rows, then the new ones from the model that grew it."""
-    by_rows = {base.shape(it.key)[0]: it for it in items if it.key in grown}
+    """Give untied vocabulary-sized tensors copied from the base (``lm_head.weight``, an MLM
+    head's bias, when not every source has them) the rows of a vocabulary that CPT grew: the
+    base's rows, then the new ones from the model that grew it."""
+    by_rows = {base.shape(it.key)[0]: it for it in items if it.key in grown and len(it.shape) == 2}
     for item in items:
         if item.src_keys or not item.dtype.is_floating_point or not item.shape:
             continue

@@ -33,7 +33,7 @@ def resolve_model(cfg: DictConfig) -> Path:
     hub id downloaded to the Hugging Face cache."""
     model = cfg.model
     if model.get("name_or_path"):
-        return local_model_dir(str(model.name_or_path))
+        return local_model_dir(str(model.name_or_path), bool(cfg.get("allow_pickle")))
     if not model.get("tiny"):
         raise CmmergeError(f"model={model.name}: set model.name_or_path to a folder or hub id")
     from cmmerge.models.tiny import build_tiny_model, tiny_cache_key
@@ -50,12 +50,15 @@ def resolve_model(cfg: DictConfig) -> Path:
     return out
 
 
-def local_model_dir(name_or_path: str) -> Path:
-    """A local model folder for a path or hub id; one clear error when neither works."""
+def local_model_dir(name_or_path: str, allow_pickle: bool = True) -> Path:
+    """A local model folder for a path or hub id; one clear error when neither works, or (with
+    ``allow_pickle=False``) when its weights are only pickle files (``pytorch_model.bin``)."""
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise CmmergeError(f"model folder {path} has no config.json (not a Hugging Face model)")
+        if not allow_pickle:
+            refuse_pickle_only(path)
         return path
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise CmmergeError(f"model path {name_or_path} does not exist")
@@ -73,6 +76,19 @@ def local_model_dir(name_or_path: str) -> Path:
             f"model {name_or_path!r} is neither a local folder nor reachable on the hub "
             f"({type(err).__name__}); pass model.name_or_path=DIR of a downloaded model"
         ) from err
+
+
+def refuse_pickle_only(model_dir: Path) -> None:
+    """Refuse a model folder whose only weights are pickle files: unpickling can run code."""
+    safe = ("model.safetensors", "model.safetensors.index.json")
+    pickles = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+    if not any((model_dir / f).is_file() for f in safe) and any(
+        (model_dir / f).is_file() for f in pickles
+    ):
+        raise CmmergeError(
+            f"{model_dir} holds only pickle weights (pytorch_model.bin): refused because "
+            "unpickling can run code; allow_pickle=true loads it (or re-save it as safetensors)"
+        )
 
 
 def model_kind(model_dir: Path, configured: str = "auto") -> ModelKind:
@@ -107,16 +123,52 @@ def load_tokenizer(model_dir: Path):
     return tokenizer
 
 
+def check_finite(model, model_dir: Path) -> None:
+    """Refuse a model holding NaN or infinite weights: training from it cannot give a model."""
+    import torch
+
+    bad = [
+        name
+        for name, tensor in model.state_dict().items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise CmmergeError(
+            f"{model_dir} holds NaN or infinite weights in {len(bad)} tensor(s) ({shown}): "
+            "it cannot be trained or evaluated"
+        )
+
+
+def _log_new_weights(model_dir: Path, info: dict) -> None:
+    new = sorted(info.get("missing_keys") or [])
+    if new:
+        log.info(
+            "%s: %d tensor(s) not in the checkpoint, newly initialised: %s",
+            model_dir,
+            len(new),
+            ", ".join(new[:8]) + (" ..." if len(new) > 8 else ""),
+        )
+
+
 def load_lm(model_dir: Path, kind: ModelKind):
-    """Masked-LM (encoder) or causal-LM (decoder) model for CPT."""
+    """Masked-LM (encoder) or causal-LM (decoder) model for CPT, with finite weights.
+
+    A bare encoder (``BertModel``, ``XLMRobertaModel``: keys without the ``bert.`` prefix, no
+    MLM head) gets a newly initialised MLM head (seed the RNG first); the tensors added are
+    logged."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     cls = AutoModelForMaskedLM if kind == "encoder" else AutoModelForCausalLM
-    return cls.from_pretrained(model_dir, dtype="float32")
+    model, info = cls.from_pretrained(model_dir, dtype="float32", output_loading_info=True)
+    _log_new_weights(model_dir, info)
+    check_finite(model, model_dir)
+    return model
 
 
 def load_classifier(model_dir: Path, labels: list[str], pad_token_id: int | None):
-    """Sequence classifier over ``labels``; a head of another size is an error."""
+    """Sequence classifier over ``labels``, with finite weights; a head of another size is an
+    error. A new head is initialised from the global RNG: seed it first."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     config = AutoConfig.from_pretrained(model_dir)
@@ -128,13 +180,16 @@ def load_classifier(model_dir: Path, labels: list[str], pad_token_id: int | None
             f"{len(labels)} ({', '.join(labels)})"
         )
     id2label = dict(enumerate(labels))
-    model = AutoModelForSequenceClassification.from_pretrained(
+    model, info = AutoModelForSequenceClassification.from_pretrained(
         model_dir,
         num_labels=len(labels),
         id2label=id2label,
         label2id={v: k for k, v in id2label.items()},
         dtype="float32",
+        output_loading_info=True,
     )
+    _log_new_weights(model_dir, info)
+    check_finite(model, model_dir)
     if model.config.pad_token_id is None and pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     return model

@@ -3,6 +3,12 @@
 In a run directory the sources default to the run's task vector and the output to
 ``merge/<method>-l<lambda>[-d<density>]/model``; ``base=``, ``models=``/``task_vectors=``,
 ``weights=`` and ``output=DIR`` merge any Hugging Face folders (DIR is then the model folder).
+
+A standalone merge of models merges the whole model, heads included (as mergekit); the in-run
+merge of the task vector (backbone only) keeps the base's heads, e.g. the MLM head that
+fine-tuning drops. Tensors only the base has (a pooler, an NSP head) are carried over unchanged
+and listed in merge.yaml and the model card. Weights are written in float32 unless ``dtype=``
+asks otherwise, and config.json says so. Every output goes into the folder ``work`` is given.
 """
 
 from __future__ import annotations
@@ -18,7 +24,12 @@ from cmmerge.io.checkpoint import DEFAULT_MAX_SHARD_SIZE
 from cmmerge.io.hashes import describe
 from cmmerge.io.manifest import read_manifest
 from cmmerge.io.model_card import copy_model_files, write_model_card
-from cmmerge.merging.engine import TASK_VECTOR_FILE, merge_into_base, merge_models
+from cmmerge.merging.engine import (
+    TASK_VECTOR_FILE,
+    check_output_dir,
+    merge_into_base,
+    merge_models,
+)
 from cmmerge.merging.methods import get_method, resolve_params
 from cmmerge.models.loading import local_model_dir, resolve_model
 from cmmerge.settings import cache_dir, merge_scale
@@ -108,7 +119,7 @@ def _sources(cfg: DictConfig, dirs: dict) -> tuple[list[Path], bool, list[dict]]
     if cfg.get("task_vectors") is not None and len(cfg.task_vectors) == 0:
         raise CmmergeError("task_vectors=[] is empty: give at least one task-vector file")
     if cfg.get("models"):
-        paths = [local_model_dir(str(p)) for p in cfg.models]
+        paths = [local_model_dir(str(p), bool(cfg.get("allow_pickle"))) for p in cfg.models]
         return paths, True, [folder_input(p) for p in paths]
     names = source_names(cfg)
     if names != ["cpt"]:  # multi-source: task vectors computed from the models on the fly
@@ -143,11 +154,7 @@ def _output_dirs(cfg: DictConfig, dirs: dict) -> tuple[Path, Path]:
     if not cfg.get("output"):
         return dirs["merge"], dirs["merge"] / "model"
     out = Path(str(cfg.output)).expanduser()
-    if (
-        out.exists()
-        and any(out.iterdir())
-        and read_manifest(out) is None
-    ):
+    if out.exists() and any(out.iterdir()) and read_manifest(out) is None:
         raise CmmergeError(
             f"output={out} exists and is not a cmmerge merge: choose a new folder "
             "(cmmerge never overwrites other files)"
@@ -162,9 +169,14 @@ def run(cfg: DictConfig) -> dict:
     if cfg.get("dtype") and str(cfg.dtype) not in _DTYPES:
         raise CmmergeError(f"dtype={cfg.dtype}: choose one of {', '.join(_DTYPES)}")
     shard_size = _int_size(cfg.get("max_shard_size") or DEFAULT_MAX_SHARD_SIZE)
-    base = local_model_dir(str(cfg.base)) if cfg.get("base") else resolve_model(cfg)
+    pickle_ok = bool(cfg.get("allow_pickle"))
+    base = local_model_dir(str(cfg.base), pickle_ok) if cfg.get("base") else resolve_model(cfg)
     sources, are_models, source_inputs = _sources(cfg, dirs)
     weights = _weights(cfg, len(sources))
+    check_output_dir(
+        Path(str(cfg.output)) if cfg.get("output") else dirs["merge"],
+        [("the base", base), *(("a source", s) for s in sources)],
+    )
     stage_dir, final_model_dir = _output_dirs(cfg, dirs)
     method = method_name(cfg)
     config_view = {
@@ -172,7 +184,7 @@ def run(cfg: DictConfig) -> dict:
         "lambda": scale,
         "weights": weights,
         "params": params,
-        "dtype": cfg.get("dtype"),
+        "dtype": str(cfg.dtype) if cfg.get("dtype") else "float32",  # what is written
         "max_shard_size": shard_size,
         "allow_nonfinite": bool(cfg.get("allow_nonfinite")),
         "sources": [str(s) for s in sources],
@@ -199,6 +211,7 @@ def run(cfg: DictConfig) -> dict:
             **params,
         )
         copy_model_files(base, model_dir)
+        _record_dtype(model_dir, stats["dtype"])
         if stats["grown"]:
             _record_grown_vocab(model_dir, sources if are_models else [], stats["grown"])
         hashes = cache_dir(cfg)  # SHA-256 of the weights, remembered there
@@ -208,10 +221,14 @@ def run(cfg: DictConfig) -> dict:
             "lambda": scale,
             **params,
             "weights": weights,
-            "dtype": str(cfg.dtype) if cfg.get("dtype") else None,
+            "dtype": stats["dtype"],
             "base": str(base),
             "base_sha256": describe(base, hashes)["sha256"],
             "sources": described,
+            "base_only": stats["base_only"],
+            "heads_copied": stats["heads_copied"],
+            "not_in_every_source": stats["not_in_every_source"],
+            "dropped_tied": stats["dropped_tied"],
         }
         (model_dir / "merge.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
         mk = (
@@ -229,9 +246,16 @@ def run(cfg: DictConfig) -> dict:
             f"`{base}` merged with {len(sources)} source(s) by cmmerge ({method}: "
             f"{get_method(method).description}).",
             {
-                **{k: v for k, v in record.items() if k != "sources"},
+                **{k: v for k, v in record.items() if k not in _LISTS},
                 "sources": ", ".join(f"{d['path']} (sha256 {d['sha256']})" for d in described),
                 "mergekit config": "mergekit.yaml" if mk else "none (no equivalent)",
+                "carried over from the base unchanged": _listed(
+                    stats["base_only"] + stats["not_in_every_source"]
+                ),
+                "heads copied from the base (the task vector holds the backbone)": _listed(
+                    stats["heads_copied"]
+                ),
+                "left out (tied, re-tied on load)": _listed(stats["dropped_tied"]),
             },
         )
         return {
@@ -243,6 +267,26 @@ def run(cfg: DictConfig) -> dict:
     return run_stage(
         cfg, "merge", stage_dir, config_view, [folder_input(base), *source_inputs], work
     )
+
+
+_LISTS = ("sources", "base_only", "heads_copied", "not_in_every_source", "dropped_tied")
+
+
+def _listed(keys: list[str]) -> str:
+    return ", ".join(f"`{k}`" for k in keys) if keys else "none"
+
+
+def _record_dtype(model_dir: Path, dtype: str) -> None:
+    """config.json says the dtype the weights were written in (``dtype``, and ``torch_dtype``
+    where an older config has it), so ``from_pretrained`` loads them as they are."""
+    import json
+
+    config_file = model_dir / "config.json"
+    config = json.loads(config_file.read_text())
+    config["dtype"] = dtype
+    if "torch_dtype" in config:
+        config["torch_dtype"] = dtype
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _record_grown_vocab(model_dir: Path, model_sources: list[Path], grown: dict) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import gc
 import importlib
 import logging
@@ -20,6 +21,7 @@ STAGES = {
     "pipeline": "the paper's arms end to end (experiment=demo for the offline demo)",
     "prompt": "zero/few-shot prompting baseline of a decoder (verbaliser log-likelihood)",
     "report": "table of arms x metrics from a run directory (Markdown and CSV)",
+    "status": "state of every stage of a run (finished, stale, running, failed, missing)",
 }
 
 USAGE = (
@@ -59,28 +61,47 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def _task(stage: str):
+def _task(stage: str, started: list[bool]):
     def task_function(cfg) -> None:
         from cmmerge.errors import CmmergeError
 
+        started.append(True)
         _quiet_libraries()
         logging.getLogger("cmmerge").setLevel(logging.INFO)
         module = importlib.import_module(f"cmmerge.stages.{stage}")
         from cmmerge.stages import dist
+        from cmmerge.stages.summary import closing_line
 
         gc.freeze()  # the modules imported so far stay: no collection walks them again
         gc.enable()
         dist.init()
         try:
-            module.run(cfg)
+            result = module.run(cfg)
         except CmmergeError as err:
             if cfg.get("debug"):
                 raise
-            print(f"cmmerge {stage}: error: {err}", file=sys.stderr)
-            sys.exit(2)
+            _fail(stage, err)
+        line = closing_line(stage, cfg, result) if dist.is_main() else None
+        if line:
+            print(line, flush=True)
 
     task_function.__name__ = stage
     return task_function
+
+
+def _fail(stage: str, err: BaseException) -> None:
+    """The one line of a user error on stderr, exit status 2."""
+    print(f"cmmerge {stage}: error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _standalone_merge(stage: str, overrides: list[str]) -> list[str]:
+    """Hydra settings for a standalone merge (``output=DIR``, no ``run.name``): no log folder
+    under runs/ (the merge's own log and manifest go to DIR)."""
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    if stage != "merge" or "output" not in keys or "run.name" in keys:
+        return []
+    return ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,17 +117,45 @@ def main(argv: list[str] | None = None) -> None:
         return
     stage = argv[0]
     if stage not in STAGES:
-        print(
-            f"cmmerge: unknown stage '{stage}'; choose one of: {', '.join(STAGES)}", file=sys.stderr
-        )
+        close = difflib.get_close_matches(stage, list(STAGES), n=1, cutoff=0.6)
+        hint = f": did you mean {close[0]}? (" if close else "; "
+        choices = f"choose one of: {', '.join(STAGES)}" + (")" if close else "")
+        print(f"cmmerge: unknown stage '{stage}'{hint}{choices}", file=sys.stderr)
         sys.exit(2)
-    if "debug=true" in argv[1:]:
-        os.environ["HYDRA_FULL_ERROR"] = "1"
+    args = argv[1:]
+    debug = "debug=true" in args
     gc.disable()  # importing torch and transformers makes collections that find no garbage
     import hydra
 
-    sys.argv = [f"cmmerge {stage}", *argv[1:]]
-    hydra.main(config_path="configs", config_name=stage, version_base="1.3")(_task(stage))()
+    from cmmerge.config_errors import check_overrides, override_args
+    from cmmerge.errors import CmmergeError
+
+    overrides = override_args(args)
+    try:
+        check_overrides(
+            stage, overrides, multirun=stage == "sweep" or bool({"-m", "--multirun"} & set(args))
+        )
+    except CmmergeError as err:
+        if debug:
+            raise
+        _fail(stage, err)
+    sys.argv = [f"cmmerge {stage}", *args, *_standalone_merge(stage, overrides)]
+    started: list[bool] = []
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors: reported below, one line
+    try:
+        hydra.main(config_path="configs", config_name=stage, version_base="1.3")(
+            _task(stage, started)
+        )()
+    except Exception as err:  # noqa: BLE001 - a config error Hydra found before the stage ran
+        if started or debug:
+            raise
+        _fail(stage, " ".join(str(err).split()) or type(err).__name__)
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
 
 
 if __name__ == "__main__":

@@ -27,9 +27,43 @@ def plain(node: Any) -> Any:
     return node
 
 
+def _typed(cfg: DictConfig, key: str, kind: type, example: str) -> Any:
+    value = OmegaConf.select(cfg, key, throw_on_missing=True)
+    if isinstance(value, bool) and kind is not bool:
+        value = str(value).lower()  # true/false is no number
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    else:
+        try:
+            number = kind(value)
+            if kind is int and isinstance(value, float) and number != value:
+                raise ValueError(value)
+            return number
+        except (TypeError, ValueError):
+            pass
+    name = {int: "an integer", float: "a number", bool: "true or false"}[kind]
+    raise CmmergeError(f"{key}={value}: expected {name}, e.g. {key}={example}")
+
+
+def config_float(cfg: DictConfig, key: str, example: str = "0.5") -> float:
+    """``cfg.<key>`` (dotted) as a float, or a one-line error naming the key and the type."""
+    return _typed(cfg, key, float, example)
+
+
+def config_int(cfg: DictConfig, key: str, example: str = "1") -> int:
+    """``cfg.<key>`` (dotted) as an int, or a one-line error naming the key and the type."""
+    return _typed(cfg, key, int, example)
+
+
+def config_bool(cfg: DictConfig, key: str) -> bool:
+    """``cfg.<key>`` (dotted) as a bool (true/false), or a one-line error."""
+    return _typed(cfg, key, bool, "true")
+
+
 def merge_scale(cfg: DictConfig) -> float:
     """The merge scale ``lambda`` of the config (the one place Python reads that key)."""
-    return float(cfg["lambda"])
+    return config_float(cfg, "lambda")
 
 
 def data_root(cfg: DictConfig) -> Path:

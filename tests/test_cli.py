@@ -40,8 +40,12 @@ def test_unknown_stage_is_one_line_and_exit_2():
     out = cmmerge("mergee")
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
-        "cmmerge: unknown stage 'mergee'; choose one of: " + ", ".join(STAGES)
+        "cmmerge: unknown stage 'mergee': did you mean merge? (choose one of: "
+        + ", ".join(STAGES)
+        + ")"
     ]
+    out = cmmerge("xyz")
+    assert out.returncode == 2 and "unknown stage 'xyz'; choose one of: " in out.stderr
 
 
 def test_stage_help_and_cfg_job(tmp_path):

@@ -1,4 +1,5 @@
-"""`cmmerge prompt`: zero/few-shot prompting of a decoder -> prompt/<task>-k<shots>-s<seed>/."""
+"""`cmmerge prompt`: zero/few-shot prompting of a decoder ->
+prompt/<task>-k<shots>-s<seed>[-norm]/ (``-norm``: length-normalised scores)."""
 
 from __future__ import annotations
 
@@ -11,34 +12,51 @@ from cmmerge.evaluation.metrics import classification_metrics
 from cmmerge.evaluation.prompting import (
     draw_shots,
     few_shot_prefix,
-    score_verbalizers,
+    inference_device,
+    inference_dtype,
+    score_prompts,
     verbalizer_list,
 )
 from cmmerge.io.manifest import write_json_atomic, write_jsonl_atomic
 from cmmerge.models.loading import load_lm, load_tokenizer, model_kind
-from cmmerge.settings import data_root, plain, run_dir
+from cmmerge.settings import config_bool, config_int, data_root, plain, run_dir
 from cmmerge.stages.finetune import init_model
-from cmmerge.stages.inputs import split_seed, task_splits
+from cmmerge.stages.inputs import split_seed, task_labels, task_splits
 from cmmerge.stages.runner import run_stage
 
 log = logging.getLogger("cmmerge")
 
 
+def prompt_id(cfg: DictConfig) -> str:
+    """``<task>-k<shots>-s<seed>[-norm]``: the folder of this prompting run."""
+    norm = "-norm" if config_bool(cfg, "prompt.normalize") else ""
+    return f"{cfg.task.name}-k{config_int(cfg, 'shots')}-s{config_int(cfg, 'seed')}{norm}"
+
+
 def run(cfg: DictConfig) -> dict:
-    shots, seed = int(cfg.shots), int(cfg.seed)
+    shots, seed = config_int(cfg, "shots"), config_int(cfg, "seed")
+    normalize = config_bool(cfg, "prompt.normalize")
+    batch_size = config_int(cfg, "prompt.batch_size")
+    max_length = config_int(cfg, "prompt.max_length")
     if shots < 0:
         raise CmmergeError(f"shots={shots}: give 0 (zero-shot) or a positive number")
+    if batch_size < 1 or max_length < 2:
+        raise CmmergeError("prompt.batch_size must be >= 1 and prompt.max_length >= 2")
+    device = inference_device(cfg.prompt.get("device", "auto"))
+    dtype = inference_dtype(cfg.prompt.get("precision", "auto"), device)
     init_cfg = cfg.copy()
     with open_dict(init_cfg):
         init_cfg.init = cfg.prompt.init
     model_dir, model_input = init_model(init_cfg)
     if model_kind(model_dir, str(cfg.model.kind)) != "decoder":
         raise CmmergeError(f"prompting needs a decoder (causal LM); {model_dir} is an encoder")
-    labels = list(cfg.task.labels)
-    stage_dir = run_dir(cfg) / "prompt" / f"{cfg.task.name}-k{shots}-s{seed}"
+    labels = task_labels(cfg)  # task.labels, or inferred from the train file
+    stage_dir = run_dir(cfg) / "prompt" / prompt_id(cfg)
     config_view = {
         "task": plain(cfg.task),
         "prompt": plain(cfg.prompt),
+        "normalize": normalize,
+        "dtype": str(dtype).removeprefix("torch."),
         "shots": shots,
         "seed": seed,
         "data_root": str(data_root(cfg)),
@@ -54,15 +72,10 @@ def run(cfg: DictConfig) -> dict:
         test = splits["test"]
         prompts = [prefix + template.format(text=t) for t in test["text"]]
         tokenizer = load_tokenizer(model_dir)
-        model = load_lm(model_dir, "decoder")
-        scores = score_verbalizers(
-            model,
-            tokenizer,
-            prompts,
-            verbalizers,
-            int(cfg.prompt.batch_size),
-            int(cfg.prompt.max_length),
-            str(cfg.prompt.reduce),
+        model = load_lm(model_dir, "decoder").to(device=device, dtype=dtype)
+        log.info("prompt: scoring %d prompts x %d labels on %s", len(prompts), len(labels), device)
+        scores, truncated = score_prompts(
+            model, tokenizer, prompts, verbalizers, batch_size, max_length, normalize
         )
         pred = scores.argmax(-1).tolist()
         metrics = classification_metrics(list(test["label"]), pred, labels)
@@ -78,11 +91,17 @@ def run(cfg: DictConfig) -> dict:
         )
         write_jsonl_atomic(out_dir / "predictions.jsonl", rows)
         log.info("prompt %s k=%d: macro-F1 %.4f", cfg.task.name, shots, metrics["macro_f1"])
+        scoring = "mean log-prob per verbaliser token" if normalize else "summed log-prob"
         return {
             "metrics": metrics,
             "outputs": ["metrics.json", "predictions.jsonl"],
             "shots_used": [{"text": t, "label": labels[y]} for t, y in demos],
-            "arm": f"Prompting ({shots}-shot)",
+            "verbalizers": dict(zip(labels, verbalizers, strict=True)),
+            "scoring": scoring,
+            "prompts_truncated": truncated,
+            "device": str(device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "arm": f"Prompting ({shots}-shot{', normalised' if normalize else ''})",
             "task": str(cfg.task.name),
         }
 

@@ -140,6 +140,12 @@ def main(argv: list[str] | None = None) -> None:
             raise
         _fail(stage, err)
     sys.argv = [f"cmmerge {stage}", *args, *_standalone_merge(stage, overrides)]
+    from omegaconf import OmegaConf
+
+    # the log folder of each command: a timestamp and the process id, so two commands started
+    # in the same second never share one (cached: jobs a launcher runs in other processes
+    # resolve this command's id, so a multirun keeps one folder)
+    OmegaConf.register_new_resolver("cmmerge_pid", os.getpid, replace=True, use_cache=True)
     started: list[bool] = []
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors: reported below, one line
@@ -156,6 +162,16 @@ def main(argv: list[str] | None = None) -> None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = previous
+    if stage == "sweep":
+        from cmmerge.stages.sweep import FAILED
+
+        if FAILED:  # each was reported as it failed; the other jobs went on
+            print(
+                f"cmmerge sweep: {len(FAILED)} job(s) failed ({', '.join(FAILED)}): listed in "
+                "sweep/summary.md; run the same sweep again to retry them",
+                file=sys.stderr,
+            )
+            sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,11 @@ import shutil
 import subprocess
 import sys
 
-from conftest import FAST
+from conftest import FAST, compose
 from transformers import AutoModelForSequenceClassification
 
 from cmmerge.io.manifest import read_manifest
+from cmmerge.stages.ids import stage_dirs
 
 
 def test_two_process_cpt_finetune_and_evaluate(tmp_path):
@@ -42,12 +43,13 @@ def test_two_process_cpt_finetune_and_evaluate(tmp_path):
             [*launch, stage, *args], capture_output=True, text=True, env=env, timeout=600
         )
         assert out.returncode == 0, out.stderr[-3000:]
-    cpt = read_manifest(tmp_path / "ddp" / "cpt")
+    dirs = stage_dirs(compose("finetune", args))
+    cpt = read_manifest(dirs["cpt"])
     assert cpt["world_size"] == 2 and cpt["metrics"]["steps"] == 8
     # the training loss is the mean over both processes' batches, not scaled by their number
     ratio = cpt["metrics"]["train_loss"] / cpt["metrics"]["loss_before"]
     assert 0.8 < ratio < 1.2, cpt["metrics"]
-    ft = tmp_path / "ddp" / "finetune" / "base-sentiment-en-hi-s0"
+    ft = dirs["finetune"]
     manifest = read_manifest(ft)
     assert manifest["world_size"] == 2
     # 1500 texts, batch 32 per process, 2 processes: 24 steps for the epoch (not 47)
@@ -55,7 +57,7 @@ def test_two_process_cpt_finetune_and_evaluate(tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(ft / "model")
     assert model.num_labels == 3
     assert not list(ft.glob("checkpoints*")) and not list(ft.glob(".*tmp*"))
-    ev = tmp_path / "ddp" / "evaluate" / "base-sentiment-en-hi-s0" / "sentiment-en-hi"
+    ev = dirs["evaluate"] / "sentiment-en-hi"
     assert read_manifest(ev)["world_size"] == 2
     lines = (ev / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 300  # every test text once, not once per process

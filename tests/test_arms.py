@@ -13,6 +13,8 @@ from transformers import AutoModelForSequenceClassification
 from cmmerge.errors import CmmergeError
 from cmmerge.io.manifest import read_manifest
 from cmmerge.stages import evaluate, finetune, prompt, report
+from cmmerge.stages.ids import stage_dirs
+from cmmerge.stages.prompt import prompt_id
 from cmmerge.training.finetune import class_weights
 
 
@@ -20,7 +22,8 @@ def test_lora_finetune_sequential_joint_and_transfer(tmp_path):
     common = [f"run.root={tmp_path}", "run.name=arms", "init=base", *FAST]
     lora = compose("finetune", ["peft=lora", *common])
     manifest = finetune.run(lora)
-    ft_dir = tmp_path / "arms" / "finetune" / "base-sentiment-en-hi-lora-s0"
+    ft_dir = stage_dirs(lora)["finetune"]
+    assert ft_dir.name.startswith("base-sentiment-en-hi-lora")
     assert manifest["arm"] == "Full FT (LoRA)"
     assert (ft_dir / "adapter" / "adapter_config.json").exists()
     merged = AutoModelForSequenceClassification.from_pretrained(ft_dir / "model")
@@ -43,7 +46,8 @@ def test_lora_finetune_sequential_joint_and_transfer(tmp_path):
             ],
         )
     )
-    ev = tmp_path / "arms" / "evaluate" / "base-sentiment-en-hi-joint_sentiment-en-es-s0"
+    ev = stage_dirs(joint)["evaluate"]
+    assert ev.name.startswith("base-sentiment-en-hi-joint_sentiment-en-es")
     assert read_manifest(ev / "sentiment-en-hi") and read_manifest(ev / "sentiment-en-es")
     es = json.loads((ev / "sentiment-en-es" / "metrics.json").read_text())
     assert es["n"] == 300  # the Spanglish test split
@@ -72,8 +76,10 @@ def test_balanced_class_weights():
 def test_prompting_a_decoder_zero_and_few_shot(tmp_path):
     common = ["model=tiny-llama", f"run.root={tmp_path}", "run.name=p"]
     for shots in (0, 2):
-        manifest = prompt.run(compose("prompt", [*common, f"shots={shots}"]))
-        out = tmp_path / "p" / "prompt" / f"sentiment-en-hi-k{shots}-s0"
+        cfg = compose("prompt", [*common, f"shots={shots}"])
+        manifest = prompt.run(cfg)
+        out = tmp_path / "p" / "prompt" / prompt_id(cfg)
+        assert out.name == f"tiny-llama-base-sentiment-en-hi-k{shots}-s0"
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["n"] == 300 and 0 <= metrics["macro_f1"] <= 1
         assert len(manifest["shots_used"]) == shots

@@ -10,10 +10,11 @@ import sys
 import zipfile
 from pathlib import Path
 
-from conftest import FAST
+from conftest import FAST, compose
 
 from cmmerge.cli import STAGES
 from cmmerge.io.manifest import read_manifest
+from cmmerge.stages.ids import stage_dirs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,18 +64,17 @@ def test_sweep_is_a_real_multirun_with_one_shared_cpt(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / "sw"
     rows = list(csv.DictReader((run / "sweep" / "summary.csv").open()))
+    cpt_dir = stage_dirs(compose("sweep", [f"run.root={tmp_path}", "run.name=sw", *FAST]))["cpt"]
     assert sorted(r["merge_id"] for r in rows) == [
-        "task_arithmetic-l0.5",
-        "task_arithmetic-l1",
-        "ties-l0.5-d0.2",
-        "ties-l1-d0.2",
+        f"{m}@{cpt_dir.name}"
+        for m in ("task_arithmetic-l0.5", "task_arithmetic-l1", "ties-l0.5-d0.2", "ties-l1-d0.2")
     ]
     assert all(0 <= float(r["test_macro_f1"]) <= 1 for r in rows)
     assert "Best by validation macro-F1" in (run / "sweep" / "summary.md").read_text()
     assert len(list((run / "logs").glob("sweep-*/job*"))) == 4
     assert (run / "logs").glob("sweep-*/multirun.yaml")
     # CPT ran once and the later jobs reused it
-    cpt = read_manifest(run / "cpt")
+    cpt = read_manifest(cpt_dir)
     assert cpt is not None and "running -> " in "".join(
         p.read_text() for p in (run / "logs").glob("sweep-*/job0/*.log")
     )
@@ -94,7 +94,7 @@ def test_bad_inputs_exit_2_with_one_line_and_no_manifest(tmp_path):
     run = ["run.root=" + str(tmp_path), "run.name=bad"]
     out = cmmerge("cpt", "model.name_or_path=/no/such/model", *run)
     _assert_one_line_error(out, "/no/such/model")
-    assert read_manifest(tmp_path / "bad" / "cpt") is None
+    assert not list((tmp_path / "bad" / "cpt").rglob("manifest.json"))
 
     out = cmmerge("merge", "density=1.5", *run)
     _assert_one_line_error(out, "density", "1.5")
@@ -120,7 +120,7 @@ def test_bad_inputs_exit_2_with_one_line_and_no_manifest(tmp_path):
         *run,
     )
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert read_manifest(tmp_path / "bad" / "cpt") is None
+    assert not list((tmp_path / "bad" / "cpt").rglob("manifest.json"))
 
     out = cmmerge("extract", *run)  # no CPT in this run: says which command makes it
     _assert_one_line_error(out, "cmmerge cpt")

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from cmmerge.io.manifest import read_manifest
 from cmmerge.stages import cpt, evaluate, extract, finetune, merge
+from cmmerge.stages.ids import stage_dirs
 
 
 def test_tiny_llama_cpt_merge_finetune_evaluate(tmp_path):
@@ -31,14 +32,16 @@ def test_tiny_llama_cpt_merge_finetune_evaluate(tmp_path):
     assert cpt_manifest["metrics"]["perplexity"] < cpt_manifest["metrics"]["perplexity_before"]
     extract.run(cfg)
     merge.run(cfg)
-    merged = tmp_path / "llama" / "merge" / "ties-l0.7-d0.5" / "model"
+    dirs = stage_dirs(cfg)
+    assert dirs["merge"].name.startswith("ties-l0.7-d0.5@en-hi")
+    merged = dirs["merge"] / "model"
     with safe_open(merged / "model.safetensors", "pt") as f:
         assert "lm_head.weight" not in f.keys()  # tied to embed_tokens, as in the base
     model = AutoModelForCausalLM.from_pretrained(merged)
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     finetune.run(cfg)
     evaluate.run(cfg)
-    ev = tmp_path / "llama" / "evaluate" / "ties-l0.7-d0.5-sentiment-en-hi-s0" / "sentiment-en-hi"
+    ev = dirs["evaluate"] / "sentiment-en-hi"
     assert read_manifest(ev) is not None
     metrics = json.loads((ev / "metrics.json").read_text())
     assert metrics["n"] == 300 and 0 <= metrics["macro_f1"] <= 1

@@ -12,6 +12,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from cmmerge.io.manifest import read_manifest
 from cmmerge.stages import cpt, evaluate, extract, finetune, merge, prompt, report
+from cmmerge.stages.ids import stage_dirs
+from cmmerge.stages.prompt import prompt_id
 
 
 def test_custom_csv_and_jsonl_with_other_column_names(tmp_path):
@@ -39,10 +41,11 @@ def test_custom_csv_and_jsonl_with_other_column_names(tmp_path):
     ]
     finetune.run(compose("finetune", common))
     evaluate.run(compose("evaluate", common))
-    ev = tmp_path / "c" / "evaluate" / "base-custom-s0" / "custom"
+    dirs = stage_dirs(compose("evaluate", common))
+    ev = dirs["evaluate"] / "custom"
     metrics = json.loads((ev / "metrics.json").read_text())
     assert metrics["n"] == 40 and set(metrics["per_class"]) == {"neg", "pos"}
-    ft = read_manifest(tmp_path / "c" / "finetune" / "base-custom-s0")
+    ft = read_manifest(dirs["finetune"])
     assert ft["config"]["task"]["labels"] == ["neg", "pos"]
 
 
@@ -60,17 +63,18 @@ def test_tiny_llama_with_lora_from_cpt_to_prompting(tmp_path):
     for stage in (cpt, extract, merge, finetune, evaluate):
         stage.run(cfg)
     prompt.run(compose("prompt", [*common, "shots=2"]))
-    run = tmp_path / "l"
-    assert AutoModelForCausalLM.from_pretrained(run / "merge" / "ties-l1-d0.2" / "model")
-    ft = run / "finetune" / "ties-l1-d0.2-sentiment-en-hi-lora-s0"
+    dirs = stage_dirs(cfg)
+    assert AutoModelForCausalLM.from_pretrained(dirs["merge"] / "model")
+    ft = dirs["finetune"]
+    assert ft.name.startswith("ties-l1-d0.2@en-hi-lora") and "-sentiment-en-hi-lora" in ft.name
     assert AutoModelForSequenceClassification.from_pretrained(ft / "model").num_labels == 3
     for stage_dir in (
-        run / "cpt",
-        run / "extract",
-        run / "merge" / "ties-l1-d0.2",
+        dirs["cpt"],
+        dirs["extract"],
+        dirs["merge"],
         ft,
-        run / "evaluate" / ft.name / "sentiment-en-hi",
-        run / "prompt" / "sentiment-en-hi-k2-s0",
+        dirs["evaluate"] / "sentiment-en-hi",
+        tmp_path / "l" / "prompt" / prompt_id(compose("prompt", [*common, "shots=2"])),
     ):
         assert read_manifest(stage_dir) is not None, stage_dir
 

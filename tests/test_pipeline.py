@@ -16,8 +16,20 @@ from transformers import AutoModelForMaskedLM
 from cmmerge.io.manifest import read_manifest
 from cmmerge.models.loading import resolve_model
 from cmmerge.stages import extract, merge, pipeline
+from cmmerge.stages.ids import stage_dirs
 
-ARMS = ["base", "cpt", "task_arithmetic-l0.5", "ties-l1-d0.2"]
+# The demo's arms, as pipeline.run makes them from its config.
+ARMS = {
+    "base": {"init": "base"},
+    "cpt": {"init": "cpt"},
+    "task_arithmetic-l0.5": {"init": "merged", "method": "task_arithmetic", "lambda": 0.5},
+    "ties-l1-d0.2": {"init": "merged", "method": "ties", "lambda": 1.0, "density": 0.2},
+}
+
+
+def arm_dirs(cfg, arm: str) -> dict[str, Path]:
+    """Every stage folder of one of the demo's arms."""
+    return stage_dirs(pipeline.with_values(cfg, **ARMS[arm]))
 
 
 @pytest.fixture(scope="module")
@@ -28,20 +40,29 @@ def demo(tmp_path_factory):
     return cfg, root / "demo"
 
 
-def _stage_dirs(run: Path) -> list[Path]:
-    dirs = [run / "data", run / "cpt", run / "extract", run / "report"]
-    dirs += [run / "merge" / m for m in ("task_arithmetic-l0.5", "ties-l1-d0.2")]
+def _stage_dirs(cfg) -> list[Path]:
+    common = stage_dirs(cfg)
+    dirs = [common[k] for k in ("data", "cpt", "extract", "report")]
+    dirs += [arm_dirs(cfg, m)["merge"] for m in ("task_arithmetic-l0.5", "ties-l1-d0.2")]
     for arm in ARMS:
-        dirs += [
-            run / "finetune" / f"{arm}-sentiment-en-hi-s0",
-            run / "evaluate" / f"{arm}-sentiment-en-hi-s0" / "sentiment-en-hi",
-        ]
+        d = arm_dirs(cfg, arm)
+        dirs += [d["finetune"], d["evaluate"] / "sentiment-en-hi"]
     return dirs
 
 
+def test_stage_folders_are_named_by_their_specs(demo):
+    cfg, run = demo
+    cpt_id = stage_dirs(cfg)["cpt"].name
+    assert cpt_id.startswith("en-hi-")  # FAST's CPT settings differ from the smoke preset
+    assert arm_dirs(cfg, "ties-l1-d0.2")["merge"].name == f"ties-l1-d0.2@{cpt_id}"
+    ft = arm_dirs(cfg, "cpt")["finetune"].name
+    assert ft.startswith(f"cpt@{cpt_id}-sentiment-en-hi-") and ft.endswith("-s0")
+    assert [p.name for p in (run / "cpt").iterdir() if not p.name.startswith(".")] == [cpt_id]
+
+
 def test_every_stage_has_a_complete_manifest(demo):
-    _, run = demo
-    for stage_dir in _stage_dirs(run):
+    cfg, run = demo
+    for stage_dir in _stage_dirs(cfg):
         manifest = read_manifest(stage_dir)
         assert manifest is not None, stage_dir
         assert manifest["status"] == "finished"
@@ -79,54 +100,55 @@ def test_data_stats_count_the_samples(demo):
 
 
 def test_cpt_lowers_heldout_perplexity_and_saves_a_masked_lm(demo):
-    _, run = demo
-    metrics = json.loads((run / "cpt" / "metrics.json").read_text())
+    cfg, run = demo
+    cpt = stage_dirs(cfg)["cpt"]
+    metrics = json.loads((cpt / "metrics.json").read_text())
     assert metrics["steps"] == 8
     assert metrics["perplexity"] < metrics["perplexity_before"]
-    model = AutoModelForMaskedLM.from_pretrained(run / "cpt" / "model")
+    model = AutoModelForMaskedLM.from_pretrained(cpt / "model")
     assert model.config.model_type == "xlm-roberta"
-    assert "Continued pre-training" in (run / "cpt" / "model" / "README.md").read_text()
+    assert "Continued pre-training" in (cpt / "model" / "README.md").read_text()
 
 
 def test_task_vector_is_cpt_minus_base_over_the_backbone(demo):
     cfg, run = demo
-    tau = load_file(run / "extract" / "task_vector.safetensors")
+    dirs = stage_dirs(cfg)
+    tau = load_file(dirs["extract"] / "task_vector.safetensors")
     base = load_file(resolve_model(cfg) / "model.safetensors")
-    tuned = load_file(run / "cpt" / "model" / "model.safetensors")
+    tuned = load_file(dirs["cpt"] / "model" / "model.safetensors")
     key = "encoder.layer.0.attention.self.query.weight"
     assert key in tau and not any(k.startswith(("roberta.", "lm_head")) for k in tau)
     torch.testing.assert_close(tau[key], tuned["roberta." + key] - base["roberta." + key])
-    stats = json.loads((run / "extract" / "stats.json").read_text())
+    stats = json.loads((dirs["extract"] / "stats.json").read_text())
     assert stats["n_params"] == sum(t.numel() for t in tau.values())
 
 
 def test_merges_follow_the_formulas(demo):
     cfg, run = demo
-    tau = load_file(run / "extract" / "task_vector.safetensors")
+    tau = load_file(stage_dirs(cfg)["extract"] / "task_vector.safetensors")
     base = load_file(resolve_model(cfg) / "model.safetensors")
     key = "encoder.layer.1.output.dense.weight"
-    tv = load_file(run / "merge" / "task_arithmetic-l0.5" / "model" / "model.safetensors")
+    tv_dir, ties_dir = (arm_dirs(cfg, m)["merge"] for m in ("task_arithmetic-l0.5", "ties-l1-d0.2"))
+    tv = load_file(tv_dir / "model" / "model.safetensors")
     torch.testing.assert_close(tv["roberta." + key], base["roberta." + key] + 0.5 * tau[key])
     torch.testing.assert_close(tv["lm_head.dense.weight"], base["lm_head.dense.weight"])
-    ties = load_file(run / "merge" / "ties-l1-d0.2" / "model" / "model.safetensors")
+    ties = load_file(ties_dir / "model" / "model.safetensors")
     changed = (ties["roberta." + key] != base["roberta." + key]).float().mean().item()
     assert 0.15 < changed <= 0.2 + 1e-6  # top 20% by magnitude kept
-    for merge_id in ("task_arithmetic-l0.5", "ties-l1-d0.2"):
-        folder = run / "merge" / merge_id / "model"
+    for merge_dir in (tv_dir, ties_dir):
+        folder = merge_dir / "model"
         assert AutoModelForMaskedLM.from_pretrained(folder).config.vocab_size > 0
         assert (folder / "README.md").exists() and (folder / "merge.yaml").exists()
         assert (folder / "tokenizer.json").exists()
 
 
 def test_finetune_and_evaluate_metrics_are_consistent(demo):
-    _, run = demo
+    cfg, run = demo
     for arm in ARMS:
-        ft = json.loads(
-            (run / "finetune" / f"{arm}-sentiment-en-hi-s0" / "metrics.json").read_text()
-        )
+        ft = json.loads((arm_dirs(cfg, arm)["finetune"] / "metrics.json").read_text())
         assert ft["split"] == "validation" and 0.0 <= ft["macro_f1"] <= 1.0
         assert sum(map(sum, ft["confusion_matrix"]["matrix"])) == 300
-        ev_dir = run / "evaluate" / f"{arm}-sentiment-en-hi-s0" / "sentiment-en-hi"
+        ev_dir = arm_dirs(cfg, arm)["evaluate"] / "sentiment-en-hi"
         ev = json.loads((ev_dir / "metrics.json").read_text())
         keys = list(ev)
         assert keys[:4] == ["split", "macro_f1", "accuracy", "weighted_f1"]
@@ -155,7 +177,7 @@ def test_report_lists_the_paper_arms(demo):
 
 def test_second_run_skips_everything_and_force_redoes(demo):
     cfg, run = demo
-    before = {d: (d / "manifest.json").read_bytes() for d in _stage_dirs(run)}
+    before = {d: (d / "manifest.json").read_bytes() for d in _stage_dirs(cfg)}
     pipeline.run(cfg)
     assert all((d / "manifest.json").read_bytes() == b for d, b in before.items())
 

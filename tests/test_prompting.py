@@ -104,7 +104,16 @@ def test_prompt_stage_records_the_scoring_and_keeps_normalised_runs_apart(tmp_pa
     assert norm["scoring"] == "mean log-prob per verbaliser token"
     assert plain["prompts_truncated"] > 0 and plain["device"] == "cpu"
     assert plain["dtype"] == "float32"
-    for name in ("sentiment-en-hi-k0-s0", "sentiment-en-hi-k0-s0-norm"):
+    from cmmerge.stages.prompt import prompt_id
+
+    names = {prompt_id(compose("prompt", o)) for o in (common, [*common, "prompt.normalize=true"])}
+    assert names == {
+        "tiny-llama-base-sentiment-en-hi-k0-s0-607fe2",  # max_length 24 is not the default
+        "tiny-llama-base-sentiment-en-hi-k0-s0-norm-607fe2",
+    }
+    on_disk = (tmp_path / "p" / "prompt").iterdir()
+    assert {p.name for p in on_disk if not p.name.startswith(".")} == names
+    for name in names:
         metrics = json.loads((tmp_path / "p" / "prompt" / name / "metrics.json").read_text())
         assert metrics["n"] == 300
 

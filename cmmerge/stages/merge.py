@@ -33,7 +33,14 @@ from cmmerge.merging.engine import (
 from cmmerge.merging.methods import get_method, resolve_params
 from cmmerge.models.loading import local_model_dir, resolve_model
 from cmmerge.settings import cache_dir, merge_scale
-from cmmerge.stages.ids import cli_hint, merge_id, method_name, source_names, stage_dirs
+from cmmerge.stages.ids import (
+    cli_hint,
+    merge_id,
+    method_name,
+    source_finetune_id,
+    source_names,
+    stage_dirs,
+)
 from cmmerge.stages.runner import folder_input, run_stage, stage_input
 
 _DTYPES = ("float32", "float16", "bfloat16")
@@ -134,7 +141,7 @@ def _run_source(cfg: DictConfig, dirs: dict, name: str) -> tuple[Path, dict]:
     the base (its task vector, e.g. tau_en of an English task)."""
     if name == "cpt":
         return dirs["cpt"] / "model", stage_input(dirs["cpt"], cli_hint(cfg, "cpt"))
-    ft = dirs["run"] / "finetune" / f"base-{name}-s{int(cfg.seed)}"
+    ft = dirs["run"] / "finetune" / source_finetune_id(cfg, name)
     hint = cli_hint(cfg, "finetune", "init=base", f"task={name}", f"seed={cfg.seed}")
     return ft / "model", stage_input(ft, hint)
 

@@ -1,11 +1,13 @@
 """`cmmerge prompt`: zero/few-shot prompting of a decoder ->
-prompt/<task>-k<shots>-s<seed>[-norm]/ (``-norm``: length-normalised scores)."""
+prompt/<model>-<init>-<task>-k<shots>-s<seed>[-norm]/ (``-norm``: length-normalised scores)."""
 
 from __future__ import annotations
 
 import logging
+import re
+from pathlib import Path
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cmmerge.errors import CmmergeError
 from cmmerge.evaluation.metrics import classification_metrics
@@ -19,8 +21,9 @@ from cmmerge.evaluation.prompting import (
 )
 from cmmerge.io.manifest import write_json_atomic, write_jsonl_atomic
 from cmmerge.models.loading import load_lm, load_tokenizer, model_kind
-from cmmerge.settings import config_bool, config_int, data_root, plain, run_dir
+from cmmerge.settings import CONFIG_DIR, config_bool, config_int, data_root, plain, run_dir
 from cmmerge.stages.finetune import init_model
+from cmmerge.stages.ids import init_id, short_hash
 from cmmerge.stages.inputs import split_seed, task_labels, task_splits
 from cmmerge.stages.runner import run_stage
 
@@ -28,9 +31,23 @@ log = logging.getLogger("cmmerge")
 
 
 def prompt_id(cfg: DictConfig) -> str:
-    """``<task>-k<shots>-s<seed>[-norm]``: the folder of this prompting run."""
+    """``<model>-<init>-<task>-k<shots>-s<seed>[-norm][-<hash>]``: the folder of this prompting
+    run; the hash covers a template, verbalisers or max_length other than the defaults."""
     norm = "-norm" if config_bool(cfg, "prompt.normalize") else ""
-    return f"{cfg.task.name}-k{config_int(cfg, 'shots')}-s{config_int(cfg, 'seed')}{norm}"
+    model = cfg.model.get("name_or_path") or cfg.model.name
+    model = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(model)).name or "model")
+    init_cfg = cfg.copy()
+    with open_dict(init_cfg):
+        init_cfg.init = cfg.prompt.init
+    shape = {k: plain(cfg.prompt.get(k)) for k in ("template", "verbalizers", "max_length")}
+    diff = {k: v for k, v in shape.items() if _PROMPT_DEFAULTS.get(k) != v}
+    return (
+        f"{model}-{init_id(init_cfg)}-{cfg.task.name}-k{config_int(cfg, 'shots')}"
+        f"-s{config_int(cfg, 'seed')}{norm}" + (f"-{short_hash(diff)}" if diff else "")
+    )
+
+
+_PROMPT_DEFAULTS = dict(OmegaConf.load(CONFIG_DIR / "prompt.yaml").prompt)
 
 
 def run(cfg: DictConfig) -> dict:

@@ -1,0 +1,67 @@
+"""The upstream chain of a stage, named whole when it is missing: `finetune init=merged` on a
+fresh run says it needs cpt, extract and merge, with the commands, instead of one at a time."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from cmmerge.errors import CmmergeError
+from cmmerge.io import transaction
+from cmmerge.merging.methods import get_method
+from cmmerge.stages.ids import cli_hint, source_names, stage_dirs
+from cmmerge.stages.runner import hydra_overrides
+
+
+def _merge_keys(cfg: DictConfig) -> list[str]:
+    keys = [f"method={cfg.method.name}", f"lambda={cfg['lambda']}"]
+    if cfg.get("density") is not None and "density" in get_method(str(cfg.method.name)).params:
+        keys.append(f"density={cfg.density}")
+    return keys
+
+
+def _hint(cfg: DictConfig, stage: str, *keys: str) -> str:
+    """The command that makes ``stage``: the user's own overrides (so the folder it makes is
+    the one this config reads), with ``keys`` replacing theirs."""
+    given = [o for o in hydra_overrides() if not o.startswith(("force=", "debug=", "init="))]
+    if not given:
+        return cli_hint(cfg, stage, *keys)
+    names = {k.split("=", 1)[0] for k in keys}
+    kept = [o for o in given if o.split("=", 1)[0] not in names]
+    return " ".join(["cmmerge", stage, *kept, *keys])
+
+
+def upstream(cfg: DictConfig, stage: str) -> list[tuple[str, str]]:
+    """``(stage, command)`` of every stage ``stage`` needs in this run directory, in order."""
+    cpt = ("cpt", _hint(cfg, "cpt"))
+    init = str(cfg.get("init", "base"))
+    if stage == "extract":
+        return [cpt]
+    if stage == "merge":
+        return [cpt, ("extract", _hint(cfg, "extract"))] if source_names(cfg) == ["cpt"] else []
+    if stage == "finetune":
+        if init == "cpt":
+            return [cpt]
+        if init == "merged" and source_names(cfg) == ["cpt"]:
+            return [*upstream(cfg, "merge"), ("merge", _hint(cfg, "merge", *_merge_keys(cfg)))]
+        return []
+    if stage == "evaluate":
+        keys = [f"init={init}", f"task={cfg.task.name}", f"seed={cfg.seed}"]
+        if init == "merged":
+            keys += _merge_keys(cfg)
+        return [*upstream(cfg, "finetune"), ("finetune", _hint(cfg, "finetune", *keys))]
+    return []
+
+
+def require_upstream(cfg: DictConfig, stage: str) -> None:
+    """Raise one CmmergeError naming every missing stage of ``stage``'s chain (none: return)."""
+    dirs = stage_dirs(cfg)
+    missing = [(name, hint) for name, hint in upstream(cfg, stage) if _unfinished(dirs[name])]
+    if not missing:
+        return
+    names = ", ".join(name for name, _ in missing)
+    commands = " && ".join(f"`{hint}`" for _, hint in missing)
+    raise CmmergeError(f"{stage} needs {names}, not made yet in {dirs['run']}: run {commands}")
+
+
+def _unfinished(stage_dir) -> bool:
+    return transaction.finished_manifest(stage_dir) is None

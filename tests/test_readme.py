@@ -1,0 +1,145 @@
+"""The README is executable: every `cmmerge` command in its code blocks and tables runs, in
+order, on the tiny models in a scratch folder and makes the files it promises; every error shown
+in a `console` block is the one printed. Commands that cannot run offline are listed by name."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import compose
+
+from cmmerge.io import transaction
+from cmmerge.stages.ids import stage_dirs
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+# Commands that need what these offline machines or the test cannot have, each with its reason.
+OFFLINE = {
+    "cmmerge pipeline experiment=replicate-cpu model.name_or_path=/tmp/me5_small "
+    "data.root=../shared/data": "multilingual-e5-small and the full data sets",
+}
+
+# The README's placeholders, filled by the test.
+PLACEHOLDERS = ("DIR", "DIR1", "DIR2", "OUT")
+
+
+def readme_commands(text: str) -> list[tuple[str, str | None]]:
+    """``(command, expected stderr or None)`` in README order: lines of bash blocks, `$` lines
+    of console blocks (with the line printed after them), and commands in table cells."""
+    out: list[tuple[str, str | None]] = []
+    blocks = re.split(r"^```(\w*)\n", text, flags=re.M)
+    for i in range(0, len(blocks), 2):
+        prose = blocks[i] if i == 0 else blocks[i].split("```\n", 1)[-1]
+        if i > 0:
+            lang, body = blocks[i - 1], blocks[i].split("```\n", 1)[0]
+            lines = body.splitlines()
+            if lang == "bash":
+                out += [(_strip_comment(line), None) for line in lines if line.startswith("cmmerge ")]
+            elif lang == "console":
+                for j, line in enumerate(lines):
+                    if line.startswith("$ cmmerge "):
+                        out.append((line[2:].strip(), lines[j + 1].strip()))
+        for row in prose.splitlines():
+            if row.startswith("|"):
+                out += [(c, None) for c in re.findall(r"`(cmmerge [^`]+)`", row)]
+    return [(" ".join(c.replace("\\|", "|").split()), e) for c, e in out]
+
+
+def _strip_comment(line: str) -> str:
+    return line.split(" # ", 1)[0].strip()
+
+
+def _argv(command: str, fill: dict[str, str]) -> list[str]:
+    words = shlex.split(command)[1:]
+    out = []
+    for word in words:
+        key, _, value = word.partition("=")
+        for name in sorted(PLACEHOLDERS, key=len, reverse=True):
+            value = re.sub(rf"\b{name}\b", fill[name], value)
+        if "|" in value and not value.startswith("["):  # "tv|ties": alternatives, take one
+            value = value.split("|")[0]
+        out.append(f"{key}={value}" if _ else word)
+    return out
+
+
+def _promised(argv: list[str], cwd: Path) -> list[Path]:
+    """The folders (or files) a command promises, from the same composed config."""
+    stage, overrides = argv[0], [a for a in argv[1:] if "=" in a]
+    cfg = compose(stage, [*overrides, f"run.root={cwd / 'runs'}"])
+    dirs = stage_dirs(cfg)
+    if stage == "merge" and cfg.get("output"):
+        return [Path(cfg.output)]
+    if stage in ("cpt", "extract", "merge", "finetune", "data"):
+        return [dirs[stage]]
+    if stage == "evaluate":
+        return [dirs["evaluate"] / t for t in (cfg.get("eval_tasks") or [cfg.task.name])]
+    if stage in ("report", "pipeline"):
+        return [dirs["report"]]
+    if stage == "sweep":
+        return [dirs["sweep"] / "summary.csv"]
+    if stage == "prompt":
+        from cmmerge.stages.prompt import prompt_id
+
+        return [dirs["run"] / "prompt" / prompt_id(cfg)]
+    return []
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory, model_cache):
+    """A scratch folder with the placeholders' models: the tiny encoder and two copies."""
+    from cmmerge.models.loading import resolve_model
+
+    root = tmp_path_factory.mktemp("readme")
+    base = resolve_model(compose("finetune", []))
+    fill = {"DIR": str(root / "base"), "OUT": str(root / "merged")}
+    shutil.copytree(base, root / "base")
+    for name in ("DIR1", "DIR2"):
+        shutil.copytree(base, root / name.lower())
+        fill[name] = str(root / name.lower())
+    return root, fill
+
+
+def test_readme_lists_its_commands_and_offline_ones_by_name():
+    commands = [c for c, _ in readme_commands(README.read_text())]
+    assert len(commands) > 30
+    for command in OFFLINE:
+        assert command in commands, f"stale OFFLINE entry: {command}"
+    stages = {c.split()[1] for c in commands}
+    assert {"data", "cpt", "extract", "merge", "finetune", "evaluate", "sweep", "prompt",
+            "pipeline", "report", "status"} <= stages  # fmt: skip
+
+
+def test_every_readme_command_runs_and_makes_what_it_promises(scratch):
+    root, fill = scratch
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    for command, expected in readme_commands(README.read_text()):
+        if command in OFFLINE:
+            continue
+        argv = _argv(command, fill)
+        proc = subprocess.run(
+            [sys.executable, "-m", "cmmerge.cli", *argv],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        if expected is not None:  # a mistake shown with its message
+            assert proc.returncode == 2, (command, proc.stderr[-2000:])
+            assert proc.stderr.strip() == expected, command
+            continue
+        assert proc.returncode == 0, (command, proc.stdout[-1500:], proc.stderr[-3000:])
+        for path in _promised(argv, root):
+            if path.suffix:
+                assert path.is_file(), (command, path)
+            else:
+                assert transaction.problem(path) is None, (command, path)
+        if argv[0] == "status":
+            assert "# cmmerge status" in proc.stdout and "| finished |" in proc.stdout

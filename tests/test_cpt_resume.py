@@ -10,12 +10,17 @@ import subprocess
 import sys
 import time
 
+import pytest
+import torch
 from conftest import FAST, compose
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+import cmmerge.training.cpt as training_cpt
 from cmmerge.io.manifest import read_manifest
 from cmmerge.io.transaction import partial_dir
 from cmmerge.stages import cpt, extract
+from cmmerge.stages.ids import stage_dirs
 
 
 def test_killed_cpt_resumes_from_its_checkpoint(tmp_path):
@@ -32,7 +37,7 @@ def test_killed_cpt_resumes_from_its_checkpoint(tmp_path):
         "cpt.batch_size=8",
         "cpt.max_length=32",
     ]
-    stage = tmp_path / "r" / "cpt"
+    stage = stage_dirs(compose("cpt", args[4:]))["cpt"]
     proc = subprocess.Popen(
         args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
@@ -60,7 +65,7 @@ def test_killed_cpt_resumes_from_its_checkpoint(tmp_path):
 def test_lora_cpt_on_the_decoder_merges_the_adapter(tmp_path):
     cfg = compose("cpt", ["model=tiny-llama", "peft=lora", f"run.root={tmp_path}", *FAST])
     manifest = cpt.run(cfg)
-    out = tmp_path / "default" / "cpt"
+    out = stage_dirs(cfg)["cpt"]
     assert manifest["metrics"]["lora"] is True
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 8
     model = AutoModelForCausalLM.from_pretrained(out / "model")
@@ -68,3 +73,36 @@ def test_lora_cpt_on_the_decoder_merges_the_adapter(tmp_path):
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     stats = extract.run(cfg)["metrics"]
     assert stats["l2_norm"] > 0  # the merged adapter changed the attention/MLP weights
+
+
+class Preempted(Exception):
+    """Stands for the job being killed right after a checkpoint was written."""
+
+
+def test_resumed_cpt_gives_the_uninterrupted_weights_and_whole_run_metrics(tmp_path, monkeypatch):
+    args = [f"run.root={tmp_path}", *FAST, "cpt.max_steps=6", "cpt.save_steps=2"]
+    args += ["cpt.logging_steps=3", "cpt.batch_size=8", "cpt.eval_fraction=0.01"]
+    whole_cfg, cut_cfg = (compose("cpt", [*args, f"run.name={n}"]) for n in ("whole", "cut"))
+    whole = cpt.run(whole_cfg)
+
+    class PreemptAfterSave(training_cpt.FiniteLossCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                raise Preempted
+
+    monkeypatch.setattr(training_cpt, "FiniteLossCallback", PreemptAfterSave)
+    with pytest.raises(Preempted):
+        cpt.run(cut_cfg)
+    assert read_manifest(stage_dirs(cut_cfg)["cpt"]) is None
+    monkeypatch.undo()
+    resumed = cpt.run(cut_cfg)
+    got, want = resumed["metrics"], whole["metrics"]
+    assert got["resumed"] and got["resumed_at_step"] == 4 and not want["resumed"]
+    assert got["steps"] == want["steps"] == 6
+    assert got["train_loss"] == want["train_loss"]  # the whole run's, not steps 5-6 only
+    assert got["loss"] == want["loss"]
+    a = load_file(str(stage_dirs(whole_cfg)["cpt"] / "model" / "model.safetensors"))
+    b = load_file(str(stage_dirs(cut_cfg)["cpt"] / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

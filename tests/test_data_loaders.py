@@ -40,8 +40,10 @@ def sizes(ds) -> dict[str, int]:
 
 
 def custom(**overrides: object) -> dict:
+    """The custom task with the three sentiment labels listed (``labels=None`` infers them)."""
     cfg = load_task_config("custom")
     cfg["root"] = None
+    cfg["labels"] = LABELS
     cfg.update(overrides)
     return cfg
 

@@ -56,13 +56,13 @@ def test_closing_lines_say_the_key_result_and_where_it_is(tmp_path):
     )
     assert closing_line("merge", cfg, merge) == (
         "cmmerge merge: ties lambda=0.5 density=0.2: 36 tensors merged, 4 copied in 0.7 s "
-        f"-> {run / 'merge' / 'ties-l0.5-d0.2' / 'model'}"
+        f"-> {run / 'merge' / 'ties-l0.5-d0.2@en-hi' / 'model'}"
     )
     skipped = closing_line("merge", cfg, {**merge, "skipped": True})
     assert skipped.startswith("cmmerge merge: up to date (force=true redoes it): ties lambda=0.5")
     cpt = _manifest(metrics={"perplexity_before": 3976.4, "perplexity": 1215.22, "steps": 150})
     assert closing_line("cpt", cfg, cpt) == (
-        f"cmmerge cpt: held-out perplexity 3976.4 -> 1215.2 after 150 steps -> {run / 'cpt/model'}"
+        f"cmmerge cpt: held-out perplexity 3976.4 -> 1215.2 after 150 steps -> {run / 'cpt/en-hi/model'}"
     )
     extract = _manifest(metrics={"n_tensors": 36, "n_params": 390_000, "l2_norm": 3.25})
     line = closing_line("extract", cfg, extract)

@@ -49,9 +49,11 @@ def tokenize_cached(
 ) -> datasets.Dataset:
     """Tokenise ``ds[text_column]`` with ``datasets.map(batched=True)``, cached on disk.
 
-    The cache file is keyed by the texts, the tokenizer and ``max_length``, so a second call
-    (another run, another process) loads the arrow file instead of tokenising again. An
-    in-memory data set has no cache of its own in ``datasets``, hence the explicit file name.
+    Only the text column is tokenised and cached; the other columns (labels, ...) are attached
+    to the result afterwards, so the cache depends on nothing but the texts, the tokenizer and
+    its arguments: a relabelled data set with the same texts re-uses the tokens and keeps its
+    new labels. An in-memory data set has no cache of its own in ``datasets``, hence the
+    explicit file name.
 
     Args:
         ds: Data set with a string column ``text_column`` (other columns are kept).
@@ -64,7 +66,7 @@ def tokenize_cached(
             ``return_special_tokens_mask=True``.
 
     Returns:
-        ``ds`` with ``input_ids`` and ``attention_mask`` added.
+        ``ds`` with the tokenizer's outputs (``input_ids``, ``attention_mask``, ...) added.
     """
 
     def encode(batch):
@@ -75,23 +77,34 @@ def tokenize_cached(
             **tokenizer_kwargs,
         )
 
+    texts = ds.select_columns([text_column])
     if cache_dir is None:
-        return ds.map(encode, batched=True, batch_size=batch_size, keep_in_memory=True)
-    extra = sorted(tokenizer_kwargs.items())
-    key = f"{tokenizer_fingerprint(tokenizer)}|{max_length}|{ds.column_names}|{extra}"
-    h = hashlib.sha256(key.encode())
-    for text in ds[text_column]:
-        h.update(text.encode("utf-8", "surrogatepass") + b"\0")
-    folder = Path(cache_dir) / "tokenized"
-    folder.mkdir(parents=True, exist_ok=True)
-    return ds.map(
-        encode,
-        batched=True,
-        batch_size=batch_size,
-        load_from_cache_file=True,
-        cache_file_name=str(folder / f"{h.hexdigest()[:24]}.arrow"),
-        desc="tokenising",
-    )
+        tokens = texts.map(
+            encode,
+            batched=True,
+            batch_size=batch_size,
+            keep_in_memory=True,
+            remove_columns=[text_column],
+        )
+    else:
+        extra = sorted(tokenizer_kwargs.items())
+        key = f"{tokenizer_fingerprint(tokenizer)}|{max_length}|{extra}"
+        h = hashlib.sha256(key.encode())
+        for text in texts[text_column]:
+            h.update(text.encode("utf-8", "surrogatepass") + b"\0")
+        folder = Path(cache_dir) / "tokenized"
+        folder.mkdir(parents=True, exist_ok=True)
+        tokens = texts.map(
+            encode,
+            batched=True,
+            batch_size=batch_size,
+            load_from_cache_file=True,
+            remove_columns=[text_column],
+            cache_file_name=str(folder / f"tokens-{h.hexdigest()[:24]}.arrow"),
+            desc="tokenising",
+        )
+    clash = [c for c in tokens.column_names if c in ds.column_names]
+    return datasets.concatenate_datasets([ds.remove_columns(clash), tokens], axis=1)
 
 
 def length_percentiles(lengths: Sequence[int]) -> dict[str, float]:

@@ -3,7 +3,8 @@
 Task config keys (``configs/task/<name>.yaml``; file paths relative to ``root``, default
 ``data.root``):
 
-- ``name``, ``labels`` (ordered; label id = index), ``format``: ``sentimix_conll`` (alias
+- ``name``, ``labels`` (ordered; label id = index; ``null``: the sorted distinct labels of the
+  train file, after ``label_map``), ``format``: ``sentimix_conll`` (alias
   ``conll``), ``tsv``, ``csv``, ``jsonl`` or ``auto`` (by suffix, else by the first line).
 - ``train``, ``validation``, ``test``: files (``train_file`` etc. are accepted too);
   ``test_labels``: a ``Uid,Sentiment`` CSV joined by uid to an unlabelled CoNLL test file.
@@ -16,10 +17,14 @@ Task config keys (``configs/task/<name>.yaml``; file paths relative to ``root``,
 - ``fix_mojibake`` (ftfy), ``language_tags`` (word tag -> language) with ``filter_language`` and
   ``filter_min_share`` (keep tweets whose language-tagged tokens are at least that share of it).
 - ``hub``, ``hub_config``, ``hub_splits`` ({split: hub split}): read the splits from the hub.
+
+Rows whose text is blank are dropped (counted as ``blank_dropped`` in the split's info); a split
+left with no text is an error.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter, defaultdict
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,7 +39,10 @@ from cmmerge.data.tables import FILE_FORMATS, Row, canonical_format, detect_form
 from cmmerge.errors import CmmergeError
 from cmmerge.settings import SAMPLES_DIR
 
+log = logging.getLogger("cmmerge")
+
 SPLITS = ("train", "validation", "test")
+_LOGGED: set[tuple[str, tuple[str, ...]]] = set()  # label sets inferred and logged so far
 # Repair mojibake but leave clean text alone (the default config would also uncurl quotes).
 _FTFY_CONFIG = ftfy.TextFixerConfig(uncurl_quotes=False)
 Tags = tuple[str, ...]
@@ -52,6 +60,11 @@ def as_dict(cfg: Mapping) -> dict[str, Any]:
     if isinstance(cfg, DictConfig):
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     return dict(cfg)
+
+
+def labels_given(task_cfg: Mapping) -> bool:
+    """Whether the task config lists its labels (else they are inferred from the train file)."""
+    return as_dict(task_cfg).get("labels") is not None
 
 
 def task_labels(task_cfg: Mapping) -> list[str]:
@@ -72,15 +85,15 @@ def split_file(cfg: Mapping, split: str) -> str | None:
     return cfg.get(split) or cfg.get(f"{split}_file") or None
 
 
-def _label_map(cfg: dict[str, Any], names: list[str]) -> dict[str, str | None]:
-    """The trimmed raw-label map, checked against ``names``."""
+def _label_map(cfg: dict[str, Any], names: list[str] | None) -> dict[str, str | None]:
+    """The trimmed raw-label map, checked against ``names`` (unless None)."""
     raw = cfg.get("label_map") or {}
     if not isinstance(raw, Mapping):
         raise CmmergeError(f"task {cfg['name']}: label_map must be a mapping, got {raw!r}")
     out: dict[str, str | None] = {}
     for key, value in raw.items():
         target = None if value is None else str(value).strip()
-        if target is not None and target not in names:
+        if target is not None and names is not None and target not in names:
             raise CmmergeError(
                 f"task {cfg['name']}: label_map maps {key!r} to {value!r}, which "
                 f"is not one of the labels {names}"
@@ -178,7 +191,7 @@ def _read_split(cfg: dict[str, Any], split: str, root: Path, names: list[str]) -
         rows = _join_continuations(rows, set(label_map) | set(names), info)
     unknown: dict[str, list[int]] = defaultdict(list)
     dropped: Counter[str] = Counter()
-    kept = []
+    kept, blank = [], 0
     for row, tags in rows:
         if row.label is None:
             raise CmmergeError(
@@ -189,8 +202,13 @@ def _read_split(cfg: dict[str, Any], split: str, root: Path, names: list[str]) -
             dropped[row.label] += 1
         elif label not in names:
             unknown[row.label].append(row.line)
+        elif not row.text.strip():
+            blank += 1
         else:
             kept.append((row.text, names.index(label), tags))
+    if blank:
+        info["blank_dropped"] = blank
+        log.warning("task %s, %s: %d row(s) with blank text dropped", cfg["name"], split, blank)
     if unknown:
         listed = ", ".join(
             f"{label!r} ({len(lines)}x, line(s) {', '.join(map(str, lines[:3]))}"
@@ -221,7 +239,10 @@ def _read_split(cfg: dict[str, Any], split: str, root: Path, names: list[str]) -
         info["mojibake_repaired"] = sum(a != b for a, b in zip(texts, fixed, strict=True))
         texts = fixed
     if not texts:
-        raise CmmergeError(f"task {cfg['name']}: split {split} ({source}) has no examples left")
+        why = f" ({blank} row(s) with blank text dropped)" if blank else ""
+        raise CmmergeError(
+            f"task {cfg['name']}: split {split} ({source}) has no examples left{why}"
+        )
     return texts, [label for _, label, _ in kept], [list(t) for *_, t in kept], info
 
 
@@ -262,6 +283,51 @@ def _fraction(cfg: Mapping, key: str) -> float | None:
     return float(value)
 
 
+def _root(cfg: dict[str, Any], data_root: str | Path) -> Path:
+    """The folder the task's files are relative to; a task without a train file is refused."""
+    if not cfg.get("hub") and not split_file(cfg, "train"):
+        raise CmmergeError(
+            f"task {cfg['name']}: no train file (set task.train=PATH or task.hub=NAME)"
+        )
+    return Path(cfg["root"]).expanduser() if cfg.get("root") else Path(data_root)
+
+
+def infer_labels(task_cfg: Mapping, data_root: str | Path) -> list[str]:
+    """The sorted distinct labels of the train split (after ``label_map``): the label set of a
+    task whose config has ``labels: null``. ``[]`` when no row is left (reading the split then
+    says why)."""
+    cfg = as_dict(task_cfg)
+    cfg["name"] = name = cfg.get("name") or "?"
+    if cfg.get("join_continuation_lines"):
+        raise CmmergeError(f"task {name}: join_continuation_lines needs task.labels=[...]")
+    rows, source = _read_rows(cfg, "train", _root(cfg, data_root), {})
+    label_map = _label_map(cfg, None)
+    found: set[str] = set()
+    for row, _ in rows:
+        if row.label is None:
+            raise CmmergeError(f"{source} line {row.line}: empty label (task {name}, key train)")
+        label = label_map[row.label] if row.label in label_map else row.label
+        if label is not None:
+            found.add(label)
+    labels = sorted(found)
+    if len(labels) == 1:
+        raise CmmergeError(
+            f"task {name}: every row of {source} has the label {labels[0]!r}; a classifier "
+            "needs at least two (list them with task.labels=[...])"
+        )
+    if (source, tuple(labels)) not in _LOGGED:  # once per file and label set, not per read
+        _LOGGED.add((source, tuple(labels)))
+        log.info("task %s: labels inferred from %s (sorted): %s", name, source, ", ".join(labels))
+    return labels
+
+
+def resolve_labels(task_cfg: Mapping, data_root: str | Path) -> list[str]:
+    """``task.labels`` when given, else the labels :func:`infer_labels` finds."""
+    if labels_given(task_cfg):
+        return task_labels(task_cfg)
+    return infer_labels(task_cfg, data_root)
+
+
 def load_task_with_info(
     task_cfg: Mapping, data_root: str | Path, seed: int = 0
 ) -> tuple[datasets.DatasetDict, dict]:
@@ -273,10 +339,9 @@ def load_task_with_info(
     cfg = as_dict(task_cfg)
     name = cfg.get("name") or "?"
     cfg["name"] = name
-    names = task_labels(cfg)
-    if not cfg.get("hub") and not split_file(cfg, "train"):
-        raise CmmergeError(f"task {name}: no train file (set task.train=PATH or task.hub=NAME)")
-    root = Path(cfg["root"]).expanduser() if cfg.get("root") else Path(data_root)
+    root = _root(cfg, data_root)
+    if labels_given(cfg):
+        names = task_labels(cfg)
     if cfg.get("hub"):
         cfg["hub_splits"] = cfg.get("hub_splits") or {s: s for s in SPLITS}
         has = {s: bool(cfg["hub_splits"].get(s)) for s in SPLITS}
@@ -293,6 +358,8 @@ def load_task_with_info(
     carve_val = not has["validation"]
     if carve_test and carve_val and fractions["test"] + fractions["validation"] >= 1:
         raise CmmergeError(f"task {name}: validation_fraction + test_fraction must be < 1")
+    if not labels_given(cfg):
+        names = infer_labels(cfg, data_root)
     info: dict[str, dict] = {}
     out: dict[str, datasets.Dataset] = {}
     texts, labels, tags, info["train"] = _read_split(cfg, "train", root, names)

@@ -19,7 +19,7 @@ def _merge_keys(cfg: DictConfig) -> list[str]:
     return keys
 
 
-def _hint(cfg: DictConfig, stage: str, *keys: str) -> str:
+def command_for(cfg: DictConfig, stage: str, *keys: str) -> str:
     """The command that makes ``stage``: the user's own overrides (so the folder it makes is
     the one this config reads), with ``keys`` replacing theirs."""
     given = [o for o in hydra_overrides() if not o.startswith(("force=", "debug=", "init="))]
@@ -32,23 +32,28 @@ def _hint(cfg: DictConfig, stage: str, *keys: str) -> str:
 
 def upstream(cfg: DictConfig, stage: str) -> list[tuple[str, str]]:
     """``(stage, command)`` of every stage ``stage`` needs in this run directory, in order."""
-    cpt = ("cpt", _hint(cfg, "cpt"))
+    cpt = ("cpt", command_for(cfg, "cpt"))
     init = str(cfg.get("init", "base"))
     if stage == "extract":
         return [cpt]
     if stage == "merge":
-        return [cpt, ("extract", _hint(cfg, "extract"))] if source_names(cfg) == ["cpt"] else []
+        return (
+            [cpt, ("extract", command_for(cfg, "extract"))] if source_names(cfg) == ["cpt"] else []
+        )
     if stage == "finetune":
         if init == "cpt":
             return [cpt]
         if init == "merged" and source_names(cfg) == ["cpt"]:
-            return [*upstream(cfg, "merge"), ("merge", _hint(cfg, "merge", *_merge_keys(cfg)))]
+            return [
+                *upstream(cfg, "merge"),
+                ("merge", command_for(cfg, "merge", *_merge_keys(cfg))),
+            ]
         return []
     if stage == "evaluate":
         keys = [f"init={init}", f"task={cfg.task.name}", f"seed={cfg.seed}"]
         if init == "merged":
             keys += _merge_keys(cfg)
-        return [*upstream(cfg, "finetune"), ("finetune", _hint(cfg, "finetune", *keys))]
+        return [*upstream(cfg, "finetune"), ("finetune", command_for(cfg, "finetune", *keys))]
     return []
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 from omegaconf import DictConfig
 
+from cmmerge.errors import CmmergeError
 from cmmerge.io.manifest import write_json_atomic
 from cmmerge.io.model_card import write_model_card
 from cmmerge.models.loading import model_kind, resolve_model
@@ -13,6 +16,19 @@ from cmmerge.stages.ids import stage_dirs
 from cmmerge.stages.inputs import cpt_corpus, leakage_tasks, split_seed
 from cmmerge.stages.runner import folder_input, run_stage, view
 from cmmerge.training.cpt import train_lm
+
+log = logging.getLogger("cmmerge")
+
+
+def _check_corpus(name: str, texts: list[str], stats: dict) -> None:
+    """Log what the corpus kept and dropped; a corpus with no text left is an error."""
+    removed = (
+        f"{stats['raw']} read: {stats['empty_removed']} blank, {stats['duplicates_removed']} "
+        f"duplicate(s), {stats['leakage_removed']} evaluation text(s) removed"
+    )
+    if not texts:
+        raise CmmergeError(f"corpus {name}: no text left for CPT ({removed})")
+    log.info("corpus %s: %d texts kept (%s)", name, len(texts), removed)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -33,6 +49,7 @@ def run(cfg: DictConfig) -> dict:
 
     def work(stage_dir):
         texts, corpus_stats = cpt_corpus(cfg)
+        _check_corpus(str(cfg.corpus.name), texts, corpus_stats)
         peft_cfg = config_view["peft"]
         metrics = train_lm(
             base,

@@ -42,8 +42,8 @@ def _tokenizer(cfg: DictConfig):
 def collect_stats(cfg: DictConfig) -> dict:
     """What a person checks before training: sizes, labels, lengths, mixing, corpus leakage."""
     task_cfg = plain(cfg.task)
-    labels = [str(label) for label in task_cfg["labels"]]
     splits, info = load_task_with_info(task_cfg, data_root(cfg), seed=split_seed(cfg))
+    labels = list(splits["train"].features["label"].names)  # task.labels, or inferred
     tokenizer = _tokenizer(cfg)
     cache = cache_dir(cfg) if tokenizer is not None else None
     lang_tags = task_cfg.get("language_tags") or {}
@@ -105,6 +105,7 @@ def summary(stats: dict) -> str:
             in (
                 "read",
                 "dropped_by_label_map",
+                "blank_dropped",
                 "continuation_lines_joined",
                 "filtered_out",
                 "mojibake_repaired",

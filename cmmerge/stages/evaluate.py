@@ -13,7 +13,7 @@ from cmmerge.io.manifest import write_json_atomic, write_jsonl_atomic
 from cmmerge.settings import data_root, plain, task_config
 from cmmerge.stages import dist
 from cmmerge.stages.ids import cli_hint, finetune_id, stage_dirs
-from cmmerge.stages.inputs import split_seed, task_splits
+from cmmerge.stages.inputs import split_seed, task_labels, task_splits_with_info
 from cmmerge.stages.runner import run_stage, stage_input
 from cmmerge.training.finetune import predict
 
@@ -33,14 +33,16 @@ def evaluate_one(cfg: DictConfig, task_name: str) -> dict:
     )
     inputs = [stage_input(ft_dir, hint)]
     task = task_config(cfg, task_name)
-    labels = list(cfg.task.labels)
-    if list(task.labels) != labels:
+    labels = task_labels(cfg)  # what fine-tuning used: task.labels, or inferred from train
+    eval_labels = labels if task_name == str(cfg.task.name) else task_labels(cfg, task_name)
+    if eval_labels != labels:
         raise CmmergeError(
-            f"eval task {task_name} has labels {list(task.labels)}, the model "
+            f"eval task {task_name} has labels {eval_labels}, the model "
             f"{finetune_id(cfg)} was trained on {labels}"
         )
     config_view = {
         "task": plain(task),
+        "labels": labels,
         "evaluate": plain(cfg.evaluate),
         "data_root": str(data_root(cfg)),
         "split_seed": split_seed(cfg),
@@ -48,7 +50,8 @@ def evaluate_one(cfg: DictConfig, task_name: str) -> dict:
     }
 
     def work(stage_dir):
-        test = task_splits(cfg, task_name)["test"]
+        splits, info = task_splits_with_info(cfg, task_name)
+        test = splits["test"]
         texts, gold = list(test["text"]), list(test["label"])
         probs, metrics = predict(
             ft_dir / "model",
@@ -84,6 +87,7 @@ def evaluate_one(cfg: DictConfig, task_name: str) -> dict:
             "outputs": ["metrics.json", "predictions.jsonl"],
             "finetune_id": finetune_id(cfg),
             "task": task_name,
+            "test_blank_dropped": info["test"].get("blank_dropped", 0),
         }
 
     stage_dir = dirs["evaluate"] / task_name

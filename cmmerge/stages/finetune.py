@@ -7,21 +7,25 @@ epoch by validation macro-F1 -> finetune/<finetune-id>/model/ and metrics.json.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from datasets import DatasetDict, concatenate_datasets
 from omegaconf import DictConfig
 
 from cmmerge.errors import CmmergeError
+from cmmerge.evaluation.baseline import majority_baseline_warning
 from cmmerge.io.manifest import write_json_atomic
 from cmmerge.io.model_card import write_model_card
 from cmmerge.models.loading import local_model_dir, resolve_model
-from cmmerge.settings import cache_dir, data_root, plain, task_config
+from cmmerge.settings import cache_dir, data_root, plain
 from cmmerge.stages import dist
 from cmmerge.stages.ids import arm_name, cli_hint, finetune_id, merge_id, stage_dirs
-from cmmerge.stages.inputs import split_seed, task_splits
+from cmmerge.stages.inputs import split_seed, task_labels, task_splits_with_info
 from cmmerge.stages.runner import folder_input, run_stage, stage_input, view
 from cmmerge.training.finetune import train_classifier
+
+log = logging.getLogger("cmmerge")
 
 
 def init_model(cfg: DictConfig) -> tuple[Path, dict]:
@@ -46,10 +50,9 @@ def init_model(cfg: DictConfig) -> tuple[Path, dict]:
     return path, folder_input(path)
 
 
-def _same_labels(cfg: DictConfig, names: list[str]) -> None:
-    labels = list(cfg.task.labels)
+def _same_labels(cfg: DictConfig, labels: list[str], names: list[str]) -> None:
     for name in names:
-        other = list(task_config(cfg, name).labels)
+        other = task_labels(cfg, name)
         if other != labels:
             raise CmmergeError(
                 f"task {name} has labels {other}; {cfg.task.name} has {labels}: "
@@ -57,24 +60,39 @@ def _same_labels(cfg: DictConfig, names: list[str]) -> None:
             )
 
 
-def training_data(cfg: DictConfig) -> DatasetDict:
-    """The task's splits, with the train sets of ``finetune.joint`` tasks added to train."""
-    splits = task_splits(cfg)
+def _data_info(info: dict) -> dict:
+    """Per split: rows kept and blank texts dropped (for the manifest)."""
+    return {
+        split: {"size": entry.get("size"), "blank_dropped": entry.get("blank_dropped", 0)}
+        for split, entry in info.items()
+    }
+
+
+def training_data(cfg: DictConfig) -> tuple[DatasetDict, dict]:
+    """The task's splits, with the train sets of ``finetune.joint`` tasks added to train, and
+    per task what was read (blank texts dropped)."""
+    splits, info = task_splits_with_info(cfg)
+    infos = {str(cfg.task.name): _data_info(info)}
     joint = [str(t) for t in cfg.finetune.get("joint") or []]
     if joint:
-        extra = [task_splits(cfg, name)["train"].cast(splits["train"].features) for name in joint]
+        features = splits["train"].features
+        extra = []
+        for name in joint:
+            other, other_info = task_splits_with_info(cfg, name)
+            extra.append(other["train"].cast(features))
+            infos[name] = _data_info(other_info)
         train = concatenate_datasets([splits["train"], *extra]).shuffle(seed=int(cfg.seed))
         splits = DatasetDict(train=train, validation=splits["validation"], test=splits["test"])
-    return splits
+    return splits, infos
 
 
 def run(cfg: DictConfig) -> dict:
     dirs = stage_dirs(cfg)
     init_dir, init_input = init_model(cfg)
-    labels = list(cfg.task.labels)
+    labels = task_labels(cfg)  # task.labels, or inferred from the train file
     seed = int(cfg.seed)
     sequential = [str(t) for t in cfg.finetune.get("sequential") or []]
-    _same_labels(cfg, sequential + [str(t) for t in cfg.finetune.get("joint") or []])
+    _same_labels(cfg, labels, sequential + [str(t) for t in cfg.finetune.get("joint") or []])
     peft_cfg = plain(cfg.get("peft"))
     config_view = view(
         cfg,
@@ -86,17 +104,24 @@ def run(cfg: DictConfig) -> dict:
         split_seed=split_seed(cfg),
         seed=seed,
         peft=peft_cfg,
+        labels=labels,
+        labels_inferred=cfg.task.get("labels") is None,
     )
 
     tokens_cache = cache_dir(cfg)  # tokenize_cached keeps its files in <cache>/tokenized
 
     def work(stage_dir):
         start, steps = init_dir, []
+        how = "inferred from the train file" if config_view["labels_inferred"] else "task.labels"
+        log.info("labels (%s): %s", how, ", ".join(labels))
+        splits, data_info = training_data(cfg)
         for name in sequential:  # earlier tasks first, each from the previous result
             step_dir = stage_dir / "sequential" / name
+            step_splits, step_info = task_splits_with_info(cfg, name)
+            data_info[name] = _data_info(step_info)
             result = train_classifier(
                 start,
-                task_splits(cfg, name),
+                step_splits,
                 labels,
                 config_view["finetune"],
                 step_dir,
@@ -108,7 +133,7 @@ def run(cfg: DictConfig) -> dict:
             start = step_dir / "model"
         result = train_classifier(
             start,
-            training_data(cfg),
+            splits,
             labels,
             config_view["finetune"],
             stage_dir,
@@ -136,11 +161,14 @@ def run(cfg: DictConfig) -> dict:
                 "epochs": cfg.finetune.epochs,
             },
         )
+        warning = majority_baseline_warning(metrics, labels, config_view["finetune"])
         return {
             "metrics": metrics,
             "outputs": ["model/", "metrics.json"],
+            "baseline_warning": warning,
             **result,
             "sequential_steps": steps,
+            "data": data_info,
             "arm": arm_name(cfg),
             "init": str(cfg.init),
             "task": str(cfg.task.name),

@@ -8,8 +8,8 @@ from pathlib import Path
 from datasets import DatasetDict
 from omegaconf import DictConfig
 
-from cmmerge.data import build_corpus, load_corpus, load_task, normalize_text
-from cmmerge.data.tasks import SPLITS, split_file
+from cmmerge.data import build_corpus, load_corpus, load_task, load_task_with_info, normalize_text
+from cmmerge.data.tasks import SPLITS, resolve_labels, split_file
 from cmmerge.settings import data_root, plain, task_config
 
 log = logging.getLogger("cmmerge")
@@ -24,6 +24,20 @@ def task_splits(cfg: DictConfig, name: str | None = None) -> DatasetDict:
     """Train / validation / test of ``name`` (default: the configured task)."""
     task = task_config(cfg, name or str(cfg.task.name))
     return load_task(plain(task), data_root(cfg), seed=split_seed(cfg))
+
+
+def task_splits_with_info(cfg: DictConfig, name: str | None = None) -> tuple[DatasetDict, dict]:
+    """:func:`task_splits` and what happened to each split (rows read, blank texts dropped...)."""
+    task = task_config(cfg, name or str(cfg.task.name))
+    splits, info = load_task_with_info(plain(task), data_root(cfg), seed=split_seed(cfg))
+    return splits.remove_columns("tags"), info
+
+
+def task_labels(cfg: DictConfig, name: str | None = None) -> list[str]:
+    """The label set of ``name`` (default: the configured task): ``task.labels``, or the sorted
+    labels of its train file when that is null."""
+    task = task_config(cfg, name or str(cfg.task.name))
+    return resolve_labels(plain(task), data_root(cfg))
 
 
 def leakage_tasks(cfg: DictConfig) -> list[str]:

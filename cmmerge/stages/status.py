@@ -14,6 +14,7 @@ from cmmerge.io import transaction
 from cmmerge.io.manifest import MANIFEST, read_json, read_manifest
 from cmmerge.reporting.tables import markdown_table
 from cmmerge.settings import run_dir
+from cmmerge.stages.chain import command_for, upstream
 from cmmerge.stages.ids import stage_dirs
 from cmmerge.stages.runner import failure_file, hydra_overrides
 
@@ -106,10 +107,11 @@ def run(cfg: DictConfig) -> dict:
         )
         seen.add(stage_dir)
     evaluate_dirs = [stage_dirs(cfg)["evaluate"] / str(t) for t in _eval_tasks(cfg)]
+    commands = dict(upstream(cfg, "evaluate"))
     for name, stage_dir in _expected(cfg).items():
         for folder in evaluate_dirs if name == "evaluate" else [stage_dir]:
             if folder not in seen and not (folder / MANIFEST).exists():
-                command = " ".join(["cmmerge", name, *map(shlex.quote, given)])
+                command = commands.get(name) or command_for(cfg, name)
                 rows.append(
                     {
                         "stage": folder.relative_to(root).as_posix(),

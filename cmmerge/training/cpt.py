@@ -27,10 +27,14 @@ from cmmerge.models.loading import ModelKind, load_lm, load_tokenizer
 from cmmerge.stages import dist
 from cmmerge.training import lora
 from cmmerge.training.arguments import (
+    FiniteLossCallback,
     LogCallback,
     activation_checkpointing,
     precision_name,
+    readable_output,
+    seed_everything,
     training_arguments,
+    whole_run_loss,
 )
 from cmmerge.training.losses import (
     DEFAULT_CHUNK_SIZE,
@@ -38,6 +42,7 @@ from cmmerge.training.losses import (
     masked_lm_loss,
     mlm_head,
 )
+from cmmerge.training.masking import MaskEpochCallback, ResumableMLMCollator
 from cmmerge.training.packing import pack_dataset, packing_collator, packing_keeps_documents_apart
 
 log = logging.getLogger("cmmerge")
@@ -55,12 +60,12 @@ def tokenize_texts(
 
 
 def _collator(tokenizer, kind: ModelKind, mlm_probability: float, seed: int, wwm: bool = False):
-    return DataCollatorForLanguageModeling(
-        tokenizer,
-        mlm=kind == "encoder",
-        mlm_probability=mlm_probability if kind == "encoder" else None,
-        whole_word_mask=wwm and kind == "encoder",
-        seed=seed,
+    """Masks for encoders (the same in a resumed run: :class:`ResumableMLMCollator`), labels
+    for decoders."""
+    if kind == "decoder":
+        return DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    return ResumableMLMCollator(
+        tokenizer, mlm=True, mlm_probability=mlm_probability, whole_word_mask=wwm, seed=seed
     )
 
 
@@ -184,6 +189,8 @@ def train_lm(
         raise CmmergeError(
             f"tokenizer in {model_dir} has no mask token: it cannot do masked-LM CPT"
         )
+    # before the model is built: a bare encoder (BertModel) gets a new MLM head
+    seed_everything(seed, bool(params.get("full_determinism", False)))
     dataset = tokenize_texts(texts, tokenizer, int(params["max_length"]), cache_dir)
     n_eval = max(1, int(len(dataset) * float(params.get("eval_fraction", 0.05))))
     if len(dataset) - n_eval < int(params["batch_size"]):
@@ -234,31 +241,39 @@ def train_lm(
         **activation_checkpointing(bool(params.get("gradient_checkpointing"))),
         remove_unused_columns=True,
     )
+    train_collator = make_collator()
+    callbacks: list = [LogCallback(), FiniteLossCallback()]
+    if isinstance(train_collator, ResumableMLMCollator):
+        callbacks.append(MaskEpochCallback(train_collator))
     trainer = CptTrainer(
         model=model,
         args=args,
         train_dataset=split["train"],
-        data_collator=make_collator(),
+        data_collator=train_collator,
         processing_class=tokenizer,
         kind=kind,
         fast_loss=fast_loss,
         chunk_size=int(params.get("loss_chunk_size") or DEFAULT_CHUNK_SIZE),
-        callbacks=[LogCallback()],
+        callbacks=callbacks,
     )
+    readable_output(trainer)  # one line per logged step, no raw dicts
     before = _perplexity(trainer, make_collator, split["test"])
-    trainer.data_collator = make_collator()
+    trainer.data_collator = train_collator
     if resume:
         log.info("resuming CPT from the last checkpoint, %s", resume)
     result = trainer.train(resume_from_checkpoint=resume)
     after = _perplexity(trainer, make_collator, split["test"])
+    train_loss = whole_run_loss(trainer.state.log_history)
     lora.save_trained(trainer, tokenizer, out_dir, peft_cfg)
     return {
         "loss": after["loss"],
         "perplexity": after["perplexity"],
         "perplexity_before": before["perplexity"],
         "loss_before": before["loss"],
-        "train_loss": float(result.training_loss),
+        # the whole run's mean, also after a resume (the Trainer's covers this call only)
+        "train_loss": float(result.training_loss if train_loss is None else train_loss),
         "steps": int(result.global_step),
+        "resumed_at_step": int(resume.rsplit("-", 1)[-1]) if resume else None,
         "train_texts": n_texts["train"],
         "heldout_texts": n_texts["test"],
         "train_tokens_per_epoch": int(n_tokens),

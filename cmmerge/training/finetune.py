@@ -19,9 +19,12 @@ from cmmerge.models.loading import load_classifier, load_tokenizer
 from cmmerge.stages import dist
 from cmmerge.training import lora
 from cmmerge.training.arguments import (
+    FiniteLossCallback,
     LogCallback,
     StepTimer,
     precision_name,
+    readable_output,
+    seed_everything,
     training_arguments,
 )
 
@@ -74,8 +77,10 @@ def train_classifier(
     Saves the best model and tokenizer to ``out_dir/model`` (with LoRA: the adapter and trained
     head to ``out_dir/adapter``, the merged full model to ``out_dir/model``); returns the
     validation metrics of the kept model (flat scalars, ``per_class``, ``confusion_matrix``) and
-    training facts.
+    training facts. ``seed`` seeds the RNGs before the model (and its new head) is built, and
+    the Trainer's data order and dropout: the same seed gives the same run in any process.
     """
+    seed_everything(seed, bool(params.get("full_determinism", False)))
     tokenizer = load_tokenizer(init_dir)
     model = load_classifier(init_dir, labels, tokenizer.pad_token_id)
     if lora.enabled(peft_cfg):
@@ -100,7 +105,7 @@ def train_classifier(
         train_sampling_strategy="group_by_length",
     )
     timer = StepTimer()
-    callbacks: list = [LogCallback(), timer]
+    callbacks: list = [LogCallback(), FiniteLossCallback(), timer]
     patience = params.get("early_stopping_patience")
     if patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=int(patience)))
@@ -116,6 +121,7 @@ def train_classifier(
         callbacks=callbacks,
         compute_loss_func=_weighted_loss(weights) if weights is not None else None,
     )
+    readable_output(trainer)  # one line per logged step, no raw dicts
     result = trainer.train()
     prediction = trainer.predict(data["validation"])
     pred = np.asarray(prediction.predictions).argmax(-1)

@@ -49,7 +49,11 @@ def test_outputs_appear_only_with_their_manifest(tmp_path):
 
     manifest = run_stage(_cfg(tmp_path), "s", stage, {"a": 1}, [], work)
     assert seen["during"] is False  # nothing in place while the stage runs
-    assert manifest["files"] == {"out.txt": 1, "s.log": manifest["files"]["s.log"], "sub/w.bin": 100}
+    assert manifest["files"] == {
+        "out.txt": 1,
+        "s.log": manifest["files"]["s.log"],
+        "sub/w.bin": 100,
+    }
     assert sorted(p.name for p in stage.parent.iterdir()) == [".s.lock", "s"]
     assert transaction.problem(stage) is None
 
@@ -231,3 +235,25 @@ def test_swap_cut_short_is_completed_on_the_next_run(tmp_path):
     again = run_stage(_cfg(tmp_path), "s", stage, {"a": 1}, [], _writes(calls=calls))
     assert again["skipped"] is True and calls == []
     assert sorted(p.name for p in stage.parent.iterdir()) == [".s.lock", "s"]
+
+
+def test_a_data_file_edited_in_place_redoes_the_stage(tmp_path):
+    from conftest import compose
+
+    from cmmerge.stages import data
+
+    train = tmp_path / "train.csv"
+    rows = "".join(f"text {i} yaar,{'pos' if i % 2 else 'neg'}\n" for i in range(40))
+    train.write_text("text,label\n" + rows)
+    overrides = [
+        f"run.root={tmp_path}",
+        "task=custom",
+        f"task.train={train}",
+        f"task.test={train}",
+        "data.token_lengths=false",
+    ]
+    assert data.run(compose("data", overrides))["skipped"] is False
+    assert data.run(compose("data", overrides))["skipped"] is True
+    time.sleep(0.01)
+    train.write_text(train.read_text().replace("text 3 yaar", "text 3 bhai"))  # same size
+    assert data.run(compose("data", overrides))["skipped"] is False

@@ -13,7 +13,7 @@ from cmmerge.models.loading import model_kind, resolve_model
 from cmmerge.settings import cache_dir, data_root, plain
 from cmmerge.stages import dist
 from cmmerge.stages.ids import stage_dirs
-from cmmerge.stages.inputs import cpt_corpus, leakage_tasks, split_seed
+from cmmerge.stages.inputs import cpt_corpus, data_inputs, leakage_tasks, split_seed
 from cmmerge.stages.runner import folder_input, run_stage, view
 from cmmerge.training.cpt import train_lm
 
@@ -92,7 +92,7 @@ def run(cfg: DictConfig) -> dict:
             "kind": kind,
         }
 
-    inputs = [folder_input(base)]
+    inputs = [folder_input(base), *data_inputs(cfg, [], corpus=True)]
     return run_stage(
         cfg, "cpt", dirs["cpt"], config_view, inputs, work, all_ranks=True, resumable=True
     )

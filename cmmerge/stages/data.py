@@ -20,7 +20,7 @@ from cmmerge.errors import CmmergeError
 from cmmerge.io.manifest import write_json_atomic
 from cmmerge.settings import cache_dir, data_root, plain
 from cmmerge.stages.ids import stage_dirs
-from cmmerge.stages.inputs import cpt_corpus_with_info, leakage_tasks, split_seed
+from cmmerge.stages.inputs import cpt_corpus_with_info, data_inputs, leakage_tasks, split_seed
 from cmmerge.stages.runner import run_stage, view
 
 log = logging.getLogger("cmmerge")
@@ -169,7 +169,8 @@ def run(cfg: DictConfig) -> dict:
         )
         return {"metrics": metrics, "outputs": ["stats.json"]}
 
-    manifest = run_stage(cfg, "data", dirs["data"], config_view, [], work)
+    inputs = data_inputs(cfg, [str(cfg.task.name)], corpus=True)
+    manifest = run_stage(cfg, "data", dirs["data"], config_view, inputs, work)
     stats = json.loads((Path(dirs["data"]) / "stats.json").read_text(encoding="utf-8"))
     print(summary(stats), flush=True)
     return manifest

@@ -12,8 +12,9 @@ from cmmerge.errors import CmmergeError
 from cmmerge.io.manifest import write_json_atomic, write_jsonl_atomic
 from cmmerge.settings import data_root, plain, task_config
 from cmmerge.stages import dist
+from cmmerge.stages.chain import require_upstream
 from cmmerge.stages.ids import cli_hint, finetune_id, stage_dirs
-from cmmerge.stages.inputs import split_seed, task_labels, task_splits_with_info
+from cmmerge.stages.inputs import data_inputs, split_seed, task_labels, task_splits_with_info
 from cmmerge.stages.runner import run_stage, stage_input
 from cmmerge.training.finetune import predict
 
@@ -31,7 +32,8 @@ def evaluate_one(cfg: DictConfig, task_name: str) -> dict:
     hint = cli_hint(
         cfg, "finetune", f"init={cfg.init}", f"task={cfg.task.name}", f"seed={cfg.seed}"
     )
-    inputs = [stage_input(ft_dir, hint)]
+    require_upstream(cfg, "evaluate")  # every missing stage of the chain, named at once
+    inputs = [stage_input(ft_dir, hint), *data_inputs(cfg, [task_name])]
     task = task_config(cfg, task_name)
     labels = task_labels(cfg)  # what fine-tuning used: task.labels, or inferred from train
     eval_labels = labels if task_name == str(cfg.task.name) else task_labels(cfg, task_name)

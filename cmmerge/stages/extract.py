@@ -15,6 +15,7 @@ from cmmerge.errors import CmmergeError
 from cmmerge.io.manifest import write_json_atomic
 from cmmerge.merging.extract import TASK_VECTOR_FILE, extract_task_vector, task_vector_cosines
 from cmmerge.models.loading import resolve_model
+from cmmerge.stages.chain import require_upstream
 from cmmerge.stages.ids import cli_hint, stage_dirs
 from cmmerge.stages.runner import folder_input, run_stage, stage_input, view
 
@@ -31,6 +32,7 @@ def run(cfg: DictConfig) -> dict:
     for p in others:
         if not p.is_file():
             raise CmmergeError(f"task vector file {p} does not exist")
+    require_upstream(cfg, "extract")
     inputs = [
         folder_input(base),
         stage_input(dirs["cpt"], cli_hint(cfg, "cpt")),

@@ -20,8 +20,9 @@ from cmmerge.io.model_card import write_model_card
 from cmmerge.models.loading import local_model_dir, resolve_model
 from cmmerge.settings import cache_dir, data_root, plain
 from cmmerge.stages import dist
+from cmmerge.stages.chain import require_upstream
 from cmmerge.stages.ids import arm_name, cli_hint, finetune_id, merge_id, stage_dirs
-from cmmerge.stages.inputs import split_seed, task_labels, task_splits_with_info
+from cmmerge.stages.inputs import data_inputs, split_seed, task_labels, task_splits_with_info
 from cmmerge.stages.runner import folder_input, run_stage, stage_input, view
 from cmmerge.training.finetune import train_classifier
 
@@ -32,6 +33,7 @@ def init_model(cfg: DictConfig) -> tuple[Path, dict]:
     """The model folder fine-tuning starts from and its manifest input entry."""
     dirs = stage_dirs(cfg)
     init = str(cfg.init)
+    require_upstream(cfg, "finetune")  # every missing stage of the chain, named at once
     if init == "base":
         path = resolve_model(cfg)
         return path, folder_input(path)
@@ -46,7 +48,7 @@ def init_model(cfg: DictConfig) -> tuple[Path, dict]:
             f"density={cfg.density}",
         )
         return dirs["merge"] / "model", stage_input(dirs["merge"], hint)
-    path = local_model_dir(init)
+    path = local_model_dir(init, bool(cfg.get("allow_pickle")))
     return path, folder_input(path)
 
 
@@ -92,7 +94,8 @@ def run(cfg: DictConfig) -> dict:
     labels = task_labels(cfg)  # task.labels, or inferred from the train file
     seed = int(cfg.seed)
     sequential = [str(t) for t in cfg.finetune.get("sequential") or []]
-    _same_labels(cfg, labels, sequential + [str(t) for t in cfg.finetune.get("joint") or []])
+    joint = [str(t) for t in cfg.finetune.get("joint") or []]
+    _same_labels(cfg, labels, sequential + joint)
     peft_cfg = plain(cfg.get("peft"))
     config_view = view(
         cfg,
@@ -176,5 +179,11 @@ def run(cfg: DictConfig) -> dict:
         }
 
     return run_stage(
-        cfg, "finetune", dirs["finetune"], config_view, [init_input], work, all_ranks=True
+        cfg,
+        "finetune",
+        dirs["finetune"],
+        config_view,
+        [init_input, *data_inputs(cfg, [str(cfg.task.name), *sequential, *joint])],
+        work,
+        all_ranks=True,
     )

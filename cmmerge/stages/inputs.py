@@ -109,3 +109,38 @@ def cpt_corpus(cfg: DictConfig) -> tuple[list[str], dict]:
     """The CPT corpus (normalised, de-duplicated, evaluation texts removed) and its counts."""
     texts, stats, _ = cpt_corpus_with_info(cfg)
     return texts, stats
+
+
+def _task_files(cfg: DictConfig, name: str) -> list[Path]:
+    """The files of task ``name`` that exist (none for hub tasks)."""
+    task = plain(task_config(cfg, name))
+    if task.get("hub"):
+        return []
+    root = Path(task["root"]).expanduser() if task.get("root") else data_root(cfg)
+    files = [split_file(task, s) for s in (*SPLITS, "test_labels")]
+    return [root / str(f) for f in files if f and (root / str(f)).is_file()]
+
+
+def _corpus_files(cfg: DictConfig) -> list[Path]:
+    corpus = plain(cfg.corpus)
+    root = Path(corpus["root"]).expanduser() if corpus.get("root") else data_root(cfg)
+    paths = [root / str(s["path"]) for s in corpus.get("sources") or [] if isinstance(s, dict)]
+    return [p for p in paths if p.is_file()]
+
+
+def data_inputs(cfg: DictConfig, tasks: list[str], corpus: bool = False) -> list[dict]:
+    """Manifest inputs for the data files a stage reads, identified by content (SHA-256,
+    remembered by path, size and modification time): editing a file redoes the stage."""
+    from cmmerge.io.hashes import content_digest
+    from cmmerge.settings import cache_dir
+
+    files: list[Path] = []
+    for name in tasks:
+        files += _task_files(cfg, name)
+    if corpus:
+        files += _corpus_files(cfg)
+        for name in [*leakage_tasks(cfg), *(cfg.corpus.get("task_train_sets") or [])]:
+            files += [f for f in _task_files(cfg, str(name)) if f not in files]
+    cache = cache_dir(cfg)
+    unique = list(dict.fromkeys(files))
+    return [{"path": str(f), "sha256": content_digest(f, cache)} for f in unique]

@@ -33,6 +33,7 @@ from cmmerge.merging.engine import (
 from cmmerge.merging.methods import get_method, resolve_params
 from cmmerge.models.loading import local_model_dir, resolve_model
 from cmmerge.settings import cache_dir, merge_scale
+from cmmerge.stages.chain import require_upstream
 from cmmerge.stages.ids import (
     cli_hint,
     merge_id,
@@ -132,6 +133,7 @@ def _sources(cfg: DictConfig, dirs: dict) -> tuple[list[Path], bool, list[dict]]
     if names != ["cpt"]:  # multi-source: task vectors computed from the models on the fly
         found = [_run_source(cfg, dirs, name) for name in names]
         return [p for p, _ in found], True, [i for _, i in found]
+    require_upstream(cfg, "merge")  # cpt and extract, both named when both are missing
     extract = dirs["extract"]
     return [extract / TASK_VECTOR_FILE], False, [stage_input(extract, cli_hint(cfg, "extract"))]
 

@@ -8,8 +8,11 @@ import shutil
 
 import pytest
 import torch
+from conftest import compose
 from safetensors.torch import load_file, save_file
 from test_cli import cmmerge
+
+from cmmerge.models.loading import resolve_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -37,11 +40,16 @@ def folders(tmp_path_factory):
         intermediate_size=64,
     )
     transformers.LlamaForCausalLM(llama).save_pretrained(root / "llama")
-    shutil.copytree(root / "tuned", root / "nan")
+    shutil.copytree(resolve_model(compose("finetune", [])), root / "tiny")  # with a tokenizer
+    shutil.copytree(root / "tiny", root / "nan")
     weights = load_file(root / "nan" / "model.safetensors")
-    key = next(k for k in weights if "dense.weight" in k)
+    key = next(k for k in weights if k.startswith("roberta.encoder") and "dense.weight" in k)
     weights[key][0, 0] = float("nan")
     save_file(weights, root / "nan" / "model.safetensors", metadata={"format": "pt"})
+    shutil.copytree(root / "tuned", root / "nan_tuned")
+    weights = load_file(root / "nan_tuned" / "model.safetensors")
+    weights[key][0, 0] = float("inf")
+    save_file(weights, root / "nan_tuned" / "model.safetensors", metadata={"format": "pt"})
     shutil.copytree(root / "tuned", root / "truncated")
     data = (root / "truncated" / "model.safetensors").read_bytes()
     (root / "truncated" / "model.safetensors").write_bytes(data[: len(data) // 2])
@@ -54,7 +62,7 @@ def folders(tmp_path_factory):
 
 
 M = "merge"
-# 34 bad inputs across the stages (the issue asks for at least 30).
+# 36 bad inputs across the stages (the issue asks for at least 30).
 CASES = [
     ("merge", ["lamda=0.5"], "did you mean lambda"),
     ("merge", ["lambda=abc"], "lambda takes a number"),
@@ -75,7 +83,9 @@ CASES = [
     ("evaluate", ["init=base"], "needs finetune"),
     ("data", ["data.root=/no/such/folder"], "/no/such/folder"),
     ("finetune", ["init=base", "finetune.class_weights=bogus"], "class_weights"),
-    ("report", ["run.name=nothing_here"], "does not exist"),
+    ("report", [], "nothing to report"),
+    ("finetune", ["init={root}/tiny", "finetune.max_length=500"], "positions"),
+    ("finetune", ["init={root}/noconfig"], "config.json"),
     ("prompt", ["model=tiny-xlmr"], "decoder"),
     (M, ["base={root}/none", "models=[{root}/tuned]", "output={root}/o"], "does not exist"),
     (M, ["base={root}/base", "models=[]", "output={root}/o"], "empty"),
@@ -102,18 +112,18 @@ CASES = [
         "weights",
     ),  # fmt: skip
     (M, ["base={root}/noconfig", "models=[{root}/tuned]", "output={root}/o"], "config.json"),
-    (M, ["base={root}/base", "models=[{root}/nan]", "output={root}/o"], "non-finite"),
+    (M, ["base={root}/base", "models=[{root}/nan_tuned]", "output={root}/o"], "non-finite"),
     (M, ["base={root}/base", "models=[{root}/truncated]", "output={root}/o"], "truncated"),
     (
         M,
         ["base={root}/base", "task_vectors=[{root}/tv.safetensors]", "output={root}/o"],
         "tv.safetensors",
     ),  # fmt: skip
-    ("finetune", ["init={root}/nan"], "non-finite"),
+    ("finetune", ["init={root}/nan"], "nan or infinite"),
     (
         "finetune",
         ["init=base", "task=custom", "task.train={root}/blank.csv", "task.test={root}/blank.csv"],
-        "no non-blank",
+        "no examples left",
     ),  # fmt: skip
 ]
 

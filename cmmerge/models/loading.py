@@ -115,7 +115,22 @@ def load_tokenizer(model_dir: Path):
     """The folder's tokenizer, with a pad token (decoders often lack one: EOS is used)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    from cmmerge.io.transaction import pruned_output
+
+    stage = None if Path(model_dir).exists() else pruned_output(Path(model_dir))
+    if stage is not None:
+        raise CmmergeError(
+            f"{model_dir} was deleted after use (keep_merged=false / keep_models=false; "
+            f"{stage / 'pruned.json'}): run the stage that made {stage.name} again with "
+            "force=true (cmmerge pipeline and cmmerge sweep do that themselves)"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError) as err:
+        raise CmmergeError(
+            f"cannot load a tokenizer from {model_dir} ({type(err).__name__}): copy the base "
+            "model's tokenizer files into it"
+        ) from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise CmmergeError(f"tokenizer in {model_dir} has neither a pad nor an EOS token")
@@ -193,3 +208,21 @@ def load_classifier(model_dir: Path, labels: list[str], pad_token_id: int | None
     if model.config.pad_token_id is None and pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     return model
+
+
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert")
+
+
+def check_max_length(config, max_length: int, key: str, where: Path) -> None:
+    """Refuse a ``max_length`` longer than the positions the model has (one line naming the
+    key), instead of an index error deep in the forward pass."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not limit:
+        return
+    if getattr(config, "model_type", None) in _OFFSET_POSITIONS:  # positions start after padding
+        limit -= int(getattr(config, "pad_token_id", None) or 1) + 1
+    if max_length > limit:
+        raise CmmergeError(
+            f"{key}={max_length} is longer than the {limit} positions of the model in {where}: "
+            f"set {key}={limit} or less"
+        )

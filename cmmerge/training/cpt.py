@@ -23,7 +23,7 @@ from transformers import DataCollatorForLanguageModeling, Trainer
 
 from cmmerge.data.stats import tokenize_cached
 from cmmerge.errors import CmmergeError
-from cmmerge.models.loading import ModelKind, load_lm, load_tokenizer
+from cmmerge.models.loading import ModelKind, check_max_length, load_lm, load_tokenizer
 from cmmerge.stages import dist
 from cmmerge.training import lora
 from cmmerge.training.arguments import (
@@ -200,6 +200,7 @@ def train_lm(
         )
     split = dataset.train_test_split(test_size=n_eval, seed=seed)
     model = load_lm(model_dir, kind)
+    check_max_length(model.config, int(params["max_length"]), "cpt.max_length", model_dir)
     if lora.enabled(peft_cfg):
         model = lora.wrap(model, peft_cfg, "causal_lm" if kind == "decoder" else "masked_lm")
     mlm_p = float(params.get("mlm_probability", 0.15))

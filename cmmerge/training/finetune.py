@@ -15,7 +15,7 @@ from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer
 from cmmerge.data.stats import tokenize_cached
 from cmmerge.errors import CmmergeError
 from cmmerge.evaluation.metrics import classification_metrics, trainer_metrics
-from cmmerge.models.loading import load_classifier, load_tokenizer
+from cmmerge.models.loading import check_max_length, load_classifier, load_tokenizer
 from cmmerge.stages import dist
 from cmmerge.training import lora
 from cmmerge.training.arguments import (
@@ -83,6 +83,7 @@ def train_classifier(
     seed_everything(seed, bool(params.get("full_determinism", False)))
     tokenizer = load_tokenizer(init_dir)
     model = load_classifier(init_dir, labels, tokenizer.pad_token_id)
+    check_max_length(model.config, int(params["max_length"]), "finetune.max_length", init_dir)
     if lora.enabled(peft_cfg):
         model = lora.wrap(model, peft_cfg, "seq_cls")
     data = tokenize_splits(
@@ -162,6 +163,7 @@ def predict(
 
     tokenizer = load_tokenizer(model_dir)
     model = load_classifier(model_dir, labels, tokenizer.pad_token_id)
+    check_max_length(model.config, max_length, "evaluate.max_length", model_dir)
     ds = Dataset.from_dict({"text": texts, "label": gold})
     data = tokenize_splits(DatasetDict(train=ds), tokenizer, max_length)["train"]
     args = training_arguments(work_dir, {"batch_size": batch_size, "lr": 0.0}, seed=0)

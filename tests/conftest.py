@@ -42,6 +42,31 @@ def tiny_llama(vocab: int, tied: bool = True, **config: object):
     )
 
 
+def xlmr_pair(
+    root: Path, vocab: int = 100, hidden: int = 32, layers: int = 2, intermediate: int = 64
+) -> Path:
+    """A tiny XLM-R masked LM in ``root/base`` and a perturbed copy in ``root/tuned``."""
+    import torch
+    from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM
+
+    config = XLMRobertaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=intermediate,
+        max_position_embeddings=40,
+    )
+    torch.manual_seed(0)
+    model = XLMRobertaForMaskedLM(config)
+    model.save_pretrained(root / "base")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape))
+    model.save_pretrained(root / "tuned")
+    return root
+
+
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory) -> Path:
     """Tiny models are built once per test session into a private cache."""

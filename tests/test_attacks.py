@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-import torch
+from conftest import xlmr_pair
 
 from cmmerge.io import transaction
 from cmmerge.io.manifest import read_manifest
@@ -22,23 +22,9 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("attack")
-    cfg = transformers.XLMRobertaConfig(
-        vocab_size=3000,
-        hidden_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=256,
-        max_position_embeddings=40,
+    return xlmr_pair(
+        tmp_path_factory.mktemp("attack"), vocab=3000, hidden=64, layers=4, intermediate=256
     )
-    torch.manual_seed(0)
-    model = transformers.XLMRobertaForMaskedLM(cfg)
-    model.save_pretrained(root / "base")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn(p.shape))
-    model.save_pretrained(root / "tuned")
-    return root
 
 
 def _args(models, out, *extra):

@@ -7,8 +7,7 @@ import json
 import shutil
 
 import pytest
-import torch
-from conftest import compose
+from conftest import compose, xlmr_pair
 from safetensors.torch import load_file, save_file
 from test_cli import cmmerge
 
@@ -19,18 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bad")
-    cfg = transformers.XLMRobertaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=40,
-    )
-    torch.manual_seed(0)
-    transformers.XLMRobertaForMaskedLM(cfg).save_pretrained(root / "base")
-    transformers.XLMRobertaForMaskedLM(cfg).save_pretrained(root / "tuned")
+    root = xlmr_pair(tmp_path_factory.mktemp("bad"))
     llama = transformers.LlamaConfig(
         vocab_size=100,
         hidden_size=32,

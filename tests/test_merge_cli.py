@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 import yaml
+from conftest import xlmr_pair
 from hydra import compose, initialize_config_module
 from safetensors.torch import save_file
 
@@ -23,23 +24,7 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    cfg = transformers.XLMRobertaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=40,
-    )
-    torch.manual_seed(0)
-    model = transformers.XLMRobertaForMaskedLM(cfg)
-    model.save_pretrained(root / "base")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn(p.shape))
-    model.save_pretrained(root / "tuned")
-    return root
+    return xlmr_pair(tmp_path_factory.mktemp("cli"))
 
 
 def _cli(*args: str, cwd) -> subprocess.CompletedProcess:

@@ -62,7 +62,8 @@ def test_closing_lines_say_the_key_result_and_where_it_is(tmp_path):
     assert skipped.startswith("cmmerge merge: up to date (force=true redoes it): ties lambda=0.5")
     cpt = _manifest(metrics={"perplexity_before": 3976.4, "perplexity": 1215.22, "steps": 150})
     assert closing_line("cpt", cfg, cpt) == (
-        f"cmmerge cpt: held-out perplexity 3976.4 -> 1215.2 after 150 steps -> {run / 'cpt/en-hi/model'}"
+        "cmmerge cpt: held-out perplexity 3976.4 -> 1215.2 after 150 steps -> "
+        f"{run / 'cpt/en-hi/model'}"
     )
     extract = _manifest(metrics={"n_tensors": 36, "n_params": 390_000, "l2_norm": 3.25})
     line = closing_line("extract", cfg, extract)

@@ -41,7 +41,8 @@ def readme_commands(text: str) -> list[tuple[str, str | None]]:
             lang, body = blocks[i - 1], blocks[i].split("```\n", 1)[0]
             lines = body.splitlines()
             if lang == "bash":
-                out += [(_strip_comment(line), None) for line in lines if line.startswith("cmmerge ")]
+                commands = [line for line in lines if line.startswith("cmmerge ")]
+                out += [(_strip_comment(line), None) for line in commands]
             elif lang == "console":
                 for j, line in enumerate(lines):
                     if line.startswith("$ cmmerge "):

@@ -91,7 +91,12 @@ def score_interval(
         idx = np.moveaxis(np.asarray(idx), axis, -1)
         return macro_f1(gold[idx], preds[:, idx], n_labels).mean(axis=0)
 
-    estimate = float(statistic(index))
+    return _bootstrap(statistic, index, level, n_resamples, seed)
+
+
+def _bootstrap(statistic, index: np.ndarray, level: float, n_resamples: int, seed: int) -> Interval:
+    """The statistic on every example and its percentile bootstrap interval (examples resampled
+    by index, vectorised, seeded)."""
     result = stats.bootstrap(
         (index,),
         statistic,
@@ -103,7 +108,7 @@ def score_interval(
         batch=100,
     )
     ci = result.confidence_interval
-    return Interval(estimate, float(ci.low), float(ci.high))
+    return Interval(float(statistic(index)), float(ci.low), float(ci.high))
 
 
 def compare(
@@ -136,17 +141,7 @@ def compare(
         a = macro_f1(gold[idx], preds_a[:, idx], n_labels).mean(axis=0)
         return a - macro_f1(gold[idx], preds_b[:, idx], n_labels).mean(axis=0)
 
-    estimate = float(difference(index))
-    boot = stats.bootstrap(
-        (index,),
-        difference,
-        vectorized=True,
-        n_resamples=n_resamples,
-        confidence_level=level,
-        method="percentile",
-        rng=np.random.default_rng(seed),
-        batch=100,
-    )
+    interval = _bootstrap(difference, index, level, n_resamples, seed)
 
     def swapped(codes_a: np.ndarray, codes_b: np.ndarray, axis: int = -1) -> np.ndarray:
         codes_a, codes_b = np.moveaxis(codes_a, axis, -1), np.moveaxis(codes_b, axis, -1)
@@ -163,10 +158,7 @@ def compare(
         rng=np.random.default_rng(seed),
         batch=100,
     )
-    ci = boot.confidence_interval
-    return Comparison(
-        Interval(estimate, float(ci.low), float(ci.high)), float(test.pvalue), n_seeds
-    )
+    return Comparison(interval, float(test.pvalue), n_seeds)
 
 
 def mean_sd(values: list[float]) -> tuple[float, float, int]:

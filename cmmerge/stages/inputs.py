@@ -50,14 +50,19 @@ def leakage_tasks(cfg: DictConfig) -> list[str]:
     return names
 
 
-def missing_task_files(cfg: DictConfig, name: str) -> list[str]:
-    """Files of task ``name`` that are not under its root (``[]`` for hub tasks)."""
+def _task_paths(cfg: DictConfig, name: str) -> list[tuple[str, Path]]:
+    """``(as configured, full path)`` of each file of task ``name`` ([] for hub tasks)."""
     task = plain(task_config(cfg, name))
     if task.get("hub"):
         return []
     root = Path(task["root"]).expanduser() if task.get("root") else data_root(cfg)
     files = [split_file(task, s) for s in (*SPLITS, "test_labels")]
-    return [str(f) for f in files if f and not (root / str(f)).is_file()]
+    return [(str(f), root / str(f)) for f in files if f]
+
+
+def missing_task_files(cfg: DictConfig, name: str) -> list[str]:
+    """Files of task ``name`` that are not under its root (``[]`` for hub tasks)."""
+    return [f for f, path in _task_paths(cfg, name) if not path.is_file()]
 
 
 def evaluation_texts_with_info(cfg: DictConfig) -> tuple[set[str], dict]:
@@ -113,12 +118,7 @@ def cpt_corpus(cfg: DictConfig) -> tuple[list[str], dict]:
 
 def _task_files(cfg: DictConfig, name: str) -> list[Path]:
     """The files of task ``name`` that exist (none for hub tasks)."""
-    task = plain(task_config(cfg, name))
-    if task.get("hub"):
-        return []
-    root = Path(task["root"]).expanduser() if task.get("root") else data_root(cfg)
-    files = [split_file(task, s) for s in (*SPLITS, "test_labels")]
-    return [root / str(f) for f in files if f and (root / str(f)).is_file()]
+    return [path for _, path in _task_paths(cfg, name) if path.is_file()]
 
 
 def _corpus_files(cfg: DictConfig) -> list[Path]:

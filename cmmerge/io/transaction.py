@@ -20,15 +20,22 @@ import contextlib
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from filelock import FileLock
 
-from cmmerge.io.manifest import MANIFEST, manifest_hash, read_manifest
+from cmmerge.io.manifest import (
+    MANIFEST,
+    manifest_hash,
+    read_json,
+    read_manifest,
+    write_json_atomic,
+)
 
 REQUIRED_FIELDS = ("stage", "status", "fingerprint", "files")
 _FINGERPRINT_FILE = ".fingerprint"
+PRUNED = "pruned.json"  # beside the manifest: outputs deleted on purpose after use
 
 
 def lock_path(stage_dir: Path) -> Path:
@@ -79,9 +86,12 @@ def problem(stage_dir: Path, manifest: dict | None = None) -> str | None:
         return f"{MANIFEST} lacks its fields (written by another version, or damaged)"
     if manifest["status"] != "finished" or not isinstance(manifest["files"], dict):
         return f"{MANIFEST} does not describe a finished stage"
+    gone = pruned(stage_dir)
     for name, size in manifest["files"].items():
         path = stage_dir / name
         if not path.is_file():
+            if _covered(name, gone):
+                continue  # deleted on purpose after use (keep_merged / keep_models)
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes, {size} when it was written"
@@ -152,3 +162,58 @@ def invalidate(stage_dir: Path) -> None:
     """Make ``stage_dir`` unfinished (its manifest removed) before it is redone in place of
     itself: a consumer never pairs the old outputs with a newer upstream."""
     (stage_dir / MANIFEST).unlink(missing_ok=True)
+
+
+def _covered(name: str, outputs: Sequence[str]) -> bool:
+    """Whether the relative path ``name`` is one of ``outputs`` or inside one (``model/``)."""
+    return any(name == o.rstrip("/") or (o.endswith("/") and name.startswith(o)) for o in outputs)
+
+
+def pruned(stage_dir: Path) -> list[str]:
+    """The outputs of ``stage_dir`` deleted on purpose after use (``model/``...), from its
+    ``pruned.json``; ``[]`` when nothing was."""
+    path = Path(stage_dir) / PRUNED
+    try:
+        record = read_json(path) if path.is_file() else {}
+    except (OSError, ValueError):
+        return []
+    return [str(p) for p in record.get("pruned") or []] if isinstance(record, dict) else []
+
+
+def prune(stage_dir: Path, drop: Sequence[str]) -> int:
+    """Delete the outputs ``drop`` (relative paths, folders ending in ``/``) of a finished stage
+    and record them in ``pruned.json``; the stage stays finished (its manifest, and so every
+    downstream stage's record of it, unchanged). The record is written before anything is
+    deleted, under the stage's lock. Returns the bytes freed (0 when the stage is not finished
+    or nothing was there)."""
+    stage_dir = Path(stage_dir)
+    with stage_lock(stage_dir):
+        manifest = read_manifest(stage_dir)
+        if manifest is None or problem(stage_dir, manifest) is not None:
+            return 0
+        present = [d for d in drop if (stage_dir / d.rstrip("/")).exists()]
+        if not present:
+            return 0
+        files = manifest["files"]
+        freed = sum(size for name, size in files.items() if _covered(name, present))
+        record = {"pruned": sorted({*pruned(stage_dir), *drop}), "bytes": freed}
+        write_json_atomic(stage_dir / PRUNED, record)
+        for name in present:
+            target = stage_dir / name.rstrip("/")
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+    return freed
+
+
+def pruned_output(path: Path) -> Path | None:
+    """The stage folder whose ``pruned.json`` says ``path`` (an output inside it, e.g. its
+    ``model/``) was deleted after use, or None."""
+    path = Path(path)
+    for stage_dir in list(path.parents)[:3]:
+        gone = pruned(stage_dir)
+        if gone:
+            if _covered(path.relative_to(stage_dir).as_posix(), gone):
+                return stage_dir
+    return None

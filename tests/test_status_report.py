@@ -44,9 +44,7 @@ def test_status_names_states_and_commands(tmp_path, capsys):
         finetune.run(bad)
     except Exception:  # noqa: BLE001 - the failure is what this test records
         pass
-    merged = compose(
-        "status", [f"run.root={tmp_path}", "run.name=f", "init=merged", "method=ties"]
-    )
+    merged = compose("status", [f"run.root={tmp_path}", "run.name=f", "init=merged", "method=ties"])
     rows = {r["stage"]: r for r in status.run(merged)["rows"]}
     ft = stage_dirs(cfg)["finetune"].relative_to(tmp_path / "f").as_posix()
     failed = stage_dirs(bad)["finetune"].relative_to(tmp_path / "f").as_posix()
@@ -62,14 +60,10 @@ def test_status_names_states_and_commands(tmp_path, capsys):
 def test_a_failed_sweep_job_is_recorded_and_the_summary_lists_it(tmp_path):
     cfg = compose("sweep", [f"run.root={tmp_path}", "run.name=s", *FAST, "lambda=0.5"])
     assert "failed" not in sweep.run(cfg)
-    bad = compose(
-        "sweep", [f"run.root={tmp_path}", "run.name=s", *FAST, "lambda=0.5", "density=2"]
-    )
+    bad = compose("sweep", [f"run.root={tmp_path}", "run.name=s", *FAST, "lambda=0.5", "density=2"])
     out = sweep.run(bad)
     assert "density" in out["failed"]
-    record = json.loads(
-        (tmp_path / "s" / "sweep" / "failures" / f"{out['job']}.json").read_text()
-    )
+    record = json.loads((tmp_path / "s" / "sweep" / "failures" / f"{out['job']}.json").read_text())
     assert record["lambda"] == 0.5 and "density" in record["error"]
     summary = (tmp_path / "s" / "sweep" / "summary.md").read_text()
     assert "Failed jobs" in summary and out["job"] in summary

@@ -39,7 +39,9 @@ def _finetune(root, ft_id, arm, seed, val, accuracy, merge_id="", task="t", eval
 
         def ev_work(d, acc=acc):
             gold, pred = _predictions(acc, seed)
-            f1 = float(np.mean([np.mean(np.array(pred)[np.array(gold) == k] == k) for k in range(3)]))
+            f1 = float(
+                np.mean([np.mean(np.array(pred)[np.array(gold) == k] == k) for k in range(3)])
+            )
             write_json_atomic(
                 d / "metrics.json",
                 {"macro_f1": f1, "accuracy": acc, "confusion_matrix": {"labels": LABELS}},

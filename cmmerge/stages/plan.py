@@ -1,0 +1,351 @@
+"""A study as a list of stage steps: the pipeline's tasks x CPT variants x arms x lambdas x seeds
+expanded into data, cpt, extract, merge, finetune, evaluate and prompt steps in the order they
+run, each with its folder (from :mod:`cmmerge.stages.ids`) and the upstream folders it reads.
+
+``pipeline.*`` keys read here (``configs/pipeline.yaml``): ``tasks``, ``seeds``,
+``cpt_variants``, ``baselines``, ``merges`` and ``multi_source`` (``lambda`` and ``density`` may
+be lists: a grid), ``sequential``, ``joint`` and ``prompts``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from cmmerge.errors import CmmergeError
+from cmmerge.settings import CONFIG_DIR, load_group_config, plain, run_dir
+from cmmerge.stages.ids import stage_dirs
+
+_ARM_KEYS = ("sequential", "joint", "multi_source")
+
+
+def with_values(cfg: DictConfig, **values: Any) -> DictConfig:
+    """A copy of ``cfg`` with top-level keys (and ``method.name`` as ``method``) replaced."""
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        for key, value in values.items():
+            if key == "method":
+                out.method.name = value
+            else:
+                out[key] = value
+    return out
+
+
+@dataclass
+class Step:
+    """One stage of a study: ``stage`` run with ``cfg`` into ``folder``, reading ``needs``."""
+
+    stage: str
+    cfg: DictConfig
+    folder: Path
+    needs: tuple[Path, ...] = ()
+    eval_task: str | None = None  # evaluate: the task whose test split is scored
+    identity: str = field(default="", repr=False)
+
+    def name(self, root: Path) -> str:
+        """The folder relative to the run directory (``finetune/base-sentiment-en-hi-s0``)."""
+        try:
+            return self.folder.relative_to(root).as_posix()
+        except ValueError:
+            return str(self.folder)
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return [None]
+    value = plain(value)
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def seeds(cfg: DictConfig) -> list[int]:
+    """``pipeline.seeds``, or the configured ``seed``."""
+    return [int(s) for s in (cfg.pipeline.get("seeds") or [cfg.seed])]
+
+
+def task_entries(cfg: DictConfig) -> list[dict]:
+    """``pipeline.tasks`` as mappings ``{name, corpus, eval_tasks, sequential, joint,
+    multi_source, prompt}``; a plain name, or a key left out, takes the pipeline's (or the
+    run's); ``prompt`` is merged into the ``prompt`` settings of that task's prompting arms."""
+    entries = plain(cfg.pipeline.get("tasks")) or [str(cfg.task.name)]
+    out = []
+    for entry in entries:
+        entry = {"name": entry} if isinstance(entry, str) else dict(entry)
+        if "name" not in entry:
+            raise CmmergeError(f"pipeline.tasks entry {entry} has no name")
+        entry.setdefault("corpus", str(cfg.corpus.name))
+        entry.setdefault("eval_tasks", plain(cfg.get("eval_tasks")))
+        for key in _ARM_KEYS:
+            entry.setdefault(key, plain(cfg.pipeline.get(key)) or [])
+        out.append(entry)
+    return out
+
+
+def _task_cfg(cfg: DictConfig, entry: dict) -> DictConfig:
+    """The run's config for one task entry (its task, corpus and evaluation tasks)."""
+    values: dict[str, Any] = {"eval_tasks": entry["eval_tasks"]}
+    if entry["name"] != str(cfg.task.name):
+        values["task"] = load_group_config("task", entry["name"])
+    if entry["corpus"] != str(cfg.corpus.name):
+        values["corpus"] = load_group_config("corpus", entry["corpus"])
+    return with_values(cfg, **values)
+
+
+def _variant_cfg(cfg: DictConfig, variant: dict | None) -> DictConfig:
+    out = copy.deepcopy(cfg)
+    if variant:
+        with open_dict(out):
+            out.cpt = OmegaConf.merge(out.cpt, variant)
+    return out
+
+
+def _merge_settings(spec: dict) -> Iterator[dict]:
+    """Every point of a merge spec's grid (``lambda`` and ``density`` may be lists)."""
+    for scale in _as_list(spec.get("lambda", 1.0)):
+        for density in _as_list(spec.get("density")):
+            values = {"init": "merged", "method": spec["method"], "lambda": scale}
+            if density is not None:
+                values["density"] = density
+            for key in ("sources", "weights"):
+                if spec.get(key) is not None:
+                    values[key] = list(spec[key])
+            yield values
+
+
+def _prompt_defaults(cfg: DictConfig) -> DictConfig:
+    """The ``prompt`` section and ``shots`` key of ``prompt.yaml`` under the run's own."""
+    base = OmegaConf.load(CONFIG_DIR / "prompt.yaml")
+    section = OmegaConf.merge(base.prompt, cfg.get("prompt") or {})
+    return with_values(cfg, prompt=section, shots=int(base.shots))
+
+
+class _Plan:
+    def __init__(self) -> None:
+        self.steps: dict[Path, Step] = {}
+
+    def add(self, step: Step) -> Path:
+        step.identity = _identity(step)
+        known = self.steps.get(step.folder)
+        if known is None:
+            self.steps[step.folder] = step
+        elif known.identity != step.identity:
+            raise CmmergeError(
+                f"two different {step.stage} stages of this study would share {step.folder}: "
+                "give the variants settings that name their folders apart"
+            )
+        return step.folder
+
+
+def _identity(step: Step) -> str:
+    """What makes a step's result; two steps in one folder must agree on it."""
+    c = step.cfg
+    keys: dict[str, Any] = {"stage": step.stage, "needs": [str(p) for p in step.needs]}
+    if step.stage in ("cpt", "extract", "data"):
+        keys.update(model=plain(c.model), corpus=plain(c.corpus), cpt=plain(c.cpt))
+    if step.stage in ("merge",):
+        keys.update(method=plain(c.method), scale=c["lambda"], density=c.get("density"))
+        keys.update(sources=plain(c.get("sources")), weights=plain(c.get("weights")))
+    if step.stage in ("finetune", "evaluate", "prompt", "data"):
+        keys.update(task=str(c.task.name), seed=int(c.seed))
+    if step.stage in ("finetune", "evaluate"):
+        keys.update(init=str(c.init), finetune=plain(c.finetune), peft=plain(c.get("peft")))
+    if step.stage == "prompt":
+        keys.update(shots=int(c.shots), prompt=plain(c.prompt))
+    keys["eval_task"] = step.eval_task
+    return json.dumps(keys, sort_keys=True, default=str)
+
+
+def _arm_cfgs(tcfg: DictConfig, entry: dict, baselines: list[str]) -> list[DictConfig]:
+    """The fine-tuning arms of one task that need no merge: baselines, sequential, joint."""
+    arms = [with_values(tcfg, init=str(init)) for init in baselines]
+    for key in ("sequential", "joint"):
+        if entry[key]:
+            arm = with_values(tcfg, init="base")
+            with open_dict(arm):
+                arm.finetune[key] = list(entry[key])
+            arms.append(arm)
+    return arms
+
+
+def _finetune_and_evaluate(plan: _Plan, arm: DictConfig, needs: tuple[Path, ...], seed: int):
+    arm = with_values(arm, seed=seed)
+    dirs = stage_dirs(arm)
+    ft = plan.add(Step("finetune", arm, dirs["finetune"], needs))
+    for task in [str(t) for t in (arm.get("eval_tasks") or [arm.task.name])]:
+        plan.add(Step("evaluate", arm, dirs["evaluate"] / task, (ft,), eval_task=task))
+
+
+def expand(cfg: DictConfig) -> list[Step]:
+    """Every step of the study ``cfg.pipeline`` describes, in the order the pipeline runs them;
+    steps that several arms share (a CPT, Full FT across CPT variants) appear once."""
+    plan = _Plan()
+    plan.add(Step("data", cfg, stage_dirs(cfg)["data"]))
+    run_seeds = seeds(cfg)
+    baselines = [str(b) for b in cfg.pipeline.get("baselines") or []]
+    merges = list(plain(cfg.pipeline.get("merges")) or [])
+    prompts = plain(cfg.pipeline.get("prompts")) or {}
+    for entry in task_entries(cfg):
+        tcfg = _task_cfg(cfg, entry)
+        for variant in plain(cfg.pipeline.get("cpt_variants")) or [None]:
+            vcfg = _variant_cfg(tcfg, variant)
+            dirs = stage_dirs(vcfg)
+            cpt_dir = plan.add(Step("cpt", vcfg, dirs["cpt"]))
+            ext_dir = plan.add(Step("extract", vcfg, dirs["extract"], (cpt_dir,)))
+            for arm in _arm_cfgs(vcfg, entry, baselines):
+                needs = (cpt_dir,) if str(arm.init) == "cpt" else ()
+                for seed in run_seeds:
+                    _finetune_and_evaluate(plan, arm, needs, seed)
+            for spec in [*merges, *entry["multi_source"]]:
+                for values in _merge_settings(spec):
+                    arm = with_values(vcfg, seed=run_seeds[0], **values)
+                    needs = [ext_dir] if "cpt" in (values.get("sources") or ["cpt"]) else []
+                    for source in values.get("sources") or []:
+                        if source != "cpt":  # tau of that task: the base fine-tuned on it first
+                            src = with_values(
+                                vcfg,
+                                init="base",
+                                seed=run_seeds[0],
+                                task=load_group_config("task", str(source)),
+                            )
+                            needs.append(
+                                plan.add(Step("finetune", src, stage_dirs(src)["finetune"]))
+                            )
+                    merge_dir = plan.add(Step("merge", arm, stage_dirs(arm)["merge"], (*needs,)))
+                    for seed in run_seeds:
+                        _finetune_and_evaluate(plan, arm, (merge_dir,), seed)
+        for shots in _as_list(prompts.get("shots")) if prompts else []:
+            pcfg = _prompt_defaults(tcfg)
+            with open_dict(pcfg):
+                pcfg.prompt = OmegaConf.merge(pcfg.prompt, entry.get("prompt") or {})
+                pcfg.shots = int(shots)
+                pcfg.prompt.init = str(prompts.get("init") or pcfg.prompt.init)
+            for seed in run_seeds[:1] if int(shots) == 0 else run_seeds:
+                plan.add(_prompt_step(with_values(pcfg, seed=seed)))
+    plan.add(Step("report", cfg, stage_dirs(cfg)["report"]))
+    return list(plan.steps.values())
+
+
+def _prompt_step(cfg: DictConfig) -> Step:
+    from cmmerge.stages.prompt import prompt_id
+
+    dirs = stage_dirs(cfg)
+    needs = (dirs["cpt"],) if str(cfg.prompt.init) == "cpt" else ()
+    return Step("prompt", cfg, run_dir(cfg) / "prompt" / prompt_id(cfg), needs)
+
+
+def is_done(folder: Path) -> bool:
+    """A whole, finished stage in ``folder`` made from the upstream versions there now (by its
+    folder: a setting changed under the same id is found out when the stage runs)."""
+    from cmmerge.io import transaction
+
+    manifest = transaction.finished_manifest(folder)
+    return manifest is not None and not transaction.stale_inputs(manifest)
+
+
+def pending(steps: list[Step]) -> list[Step]:
+    """The steps still to do: those not done, those pruned after use that a step to do needs
+    (made again first), and everything made from a step that is redone (then stale)."""
+    from cmmerge.io import transaction
+
+    todo = {s.folder for s in steps if not is_done(s.folder)}
+    pruned = {s.folder for s in steps if transaction.pruned(s.folder)}
+    size = -1
+    while size != len(todo):
+        size = len(todo)
+        for step in reversed(steps):  # upstreams of steps to do, when pruned
+            if step.folder in pruned and any(
+                step.folder in s.needs for s in steps if s.folder in todo
+            ):
+                todo.add(step.folder)
+        for step in steps:  # downstream of steps to do
+            if any(n in todo for n in step.needs):
+                todo.add(step.folder)
+    if todo:
+        todo |= {s.folder for s in steps if s.stage == "report"}
+    return [s for s in steps if s.folder in todo]
+
+
+def _measured(root: Path) -> dict[tuple[str, str | None], list[float]]:
+    """Wall times of the finished stages of a run directory, by (stage, task) and by stage."""
+    from cmmerge.io.manifest import read_manifest
+
+    times: dict[tuple[str, str | None], list[float]] = {}
+    for path in root.glob("**/manifest.json"):
+        manifest = read_manifest(path.parent)
+        if not isinstance(manifest, dict) or manifest.get("status") != "finished":
+            continue
+        seconds = manifest.get("wall_time_s")
+        stage = manifest.get("stage")
+        if not isinstance(seconds, int | float) or not stage:
+            continue
+        times.setdefault((stage, manifest.get("task")), []).append(float(seconds))
+        times.setdefault((stage, None), []).append(float(seconds))
+    return times
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def _task_of(step: Step) -> str | None:
+    return step.eval_task if step.stage == "evaluate" else str(step.cfg.task.name)
+
+
+def estimate(steps: list[Step], root: Path) -> tuple[float, int, int]:
+    """Seconds the ``steps`` will take, from the median measured wall time of finished stages
+    of the same kind (and task) in ``root``; also how many steps had a measurement and how many
+    had none (left out of the total)."""
+    times = _measured(root)
+    total, known, unknown = 0.0, 0, 0
+    for step in steps:
+        values = times.get((step.stage, _task_of(step))) or times.get((step.stage, None))
+        if values:
+            total, known = total + _median(values), known + 1
+        else:
+            unknown += 1
+    return total, known, unknown
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def describe(steps: list[Step], root: Path, shown: int = 5) -> str:
+    """The plan as text: per stage kind the steps to do and done, an estimate of the time the
+    ones to do take, and the first of them."""
+    todo = pending(steps)
+    lines = [
+        f"plan for {root}: {len(steps)} stages, {len(steps) - len(todo)} done, {len(todo)} to do"
+    ]
+    lines.append(f"  {'stage':<9} {'to do':>6} {'done':>6}  estimate")
+    order = ("data", "cpt", "extract", "merge", "finetune", "evaluate", "prompt", "report")
+    for stage in sorted({s.stage for s in steps}, key=order.index):
+        mine = [s for s in steps if s.stage == stage]
+        left = [s for s in todo if s.stage == stage]
+        seconds, known, unknown = estimate(left, root)
+        when = "-" if not left else (_duration(seconds) if known else "not measured yet")
+        if left and known and unknown:
+            when += f" (+{unknown} not measured)"
+        lines.append(f"  {stage:<9} {len(left):>6} {len(mine) - len(left):>6}  {when}")
+    seconds, known, unknown = estimate(todo, root)
+    if todo:
+        basis = "measured wall times of this run's finished stages"
+        total = f"about {_duration(seconds)}" if known else "no estimate yet (nothing measured)"
+        if known and unknown:
+            total += f" + {unknown} stage(s) of a kind not measured yet"
+        lines.append(f"  time to do: {total}" + (f" (from {basis})" if known else ""))
+        names = [s.name(root) for s in todo[:shown]]
+        more = f", ... (+{len(todo) - shown} more)" if len(todo) > shown else ""
+        lines.append("  next: " + ", ".join(names) + more)
+    return "\n".join(lines)

@@ -1,0 +1,131 @@
+"""The experiment configs: each composes, lists only what differs, and expands into the study
+it promises (tasks x arms x lambdas x seeds, transfer evaluations, CPT variants, prompting)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import compose
+
+from cmmerge.errors import CmmergeError
+from cmmerge.settings import CONFIG_DIR
+from cmmerge.stages import plan
+
+LAMBDAS = [0.1, 0.3, 0.5, 0.7, 1.0]
+
+
+def _expand(experiment: str, *overrides: str):
+    cfg = compose("pipeline", [f"experiment={experiment}", "run.root=/nonexistent", *overrides])
+    steps = plan.expand(cfg)
+    return cfg, steps, Counter(s.stage for s in steps)
+
+
+def _finetunes(steps, task: str | None = None):
+    return [s for s in steps if s.stage == "finetune" and (task is None or s.cfg.task.name == task)]
+
+
+def test_every_experiment_is_a_global_package_that_lists_what_differs():
+    files = sorted((CONFIG_DIR / "experiment").glob("*.yaml"))
+    names = {f.stem for f in files}
+    assert {"paper-xlmr", "paper-llama", "cpt-duration", "replicate-cpu"} <= names
+    for path in files:
+        text = path.read_text()
+        assert text.startswith("# @package _global_"), path.name
+        assert "stage:" not in text and "hydra:" not in text  # the stage's own keys stay its
+
+
+def test_paper_xlmr_is_the_papers_grid():
+    cfg, steps, count = _expand("paper-xlmr")
+    assert cfg.model.name == "xlmr" and cfg.model.name_or_path == "FacebookAI/xlm-roberta-base"
+    per_seed = {  # baselines + sequential + joint + TV and TIES over 5 lambdas + 2 multi-source
+        "sentiment-en-hi": 2 + 1 + 1 + 2 * len(LAMBDAS) + 2,
+        "sentiment-en-es": 2 + 1 + 1 + 2 * len(LAMBDAS) + 2,
+        "hate-en-hi": 2 + 2 * len(LAMBDAS),  # no English hate data: no seq/joint/multi-source
+    }
+    for task, arms in per_seed.items():
+        tuned = _finetunes(steps, task)
+        assert len(tuned) == 3 * arms, task
+        assert sorted({int(s.cfg.seed) for s in tuned}) == [0, 1, 2]
+    (source,) = _finetunes(steps, "english-sentiment-en-hi")  # tau_en, once for both tasks
+    assert source.cfg.init == "base" and int(source.cfg.seed) == 0
+    assert count["finetune"] == 3 * sum(per_seed.values()) + 1 == 133
+    # one CPT (and task vector) per corpus; merges per corpus; hate-en-hi shares En-Hi's
+    assert count["cpt"] == count["extract"] == 2
+    assert count["merge"] == 2 * (2 * len(LAMBDAS) + 2)
+    lambdas = sorted({float(s.cfg["lambda"]) for s in steps if s.stage == "merge"})
+    assert lambdas == LAMBDAS
+    # transfer: the sentiment models are evaluated on En-Ta and En-Ml as well
+    evaluated = Counter(s.eval_task for s in steps if s.stage == "evaluate")
+    assert evaluated["sentiment-en-ta"] == evaluated["sentiment-en-ml"] == 3 * 2 * 16
+    assert evaluated["hate-en-hi"] == 3 * 12 and count["evaluate"] == 3 * (16 * 3 * 2 + 12)
+    assert count["report"] == 1 and steps[-1].stage == "report"
+
+
+def test_paper_llama_adds_lora_and_the_prompting_baselines():
+    cfg, steps, count = _expand("paper-llama")
+    assert cfg.model.name == "llama" and cfg.peft.name == "lora"
+    assert count["finetune"] == 133 and count["cpt"] == 2
+    assert all(
+        str(s.folder.name).startswith("en-") and "lora" in s.folder.name
+        for s in steps
+        if s.stage == "cpt"
+    )
+    prompts = [s for s in steps if s.stage == "prompt"]
+    assert len(prompts) == 3 * (1 + 3)  # per task: zero-shot once, 4-shot with each seed
+    assert {(int(s.cfg.shots), s.cfg.prompt.init) for s in prompts} == {(0, "base"), (4, "base")}
+    hate = {s.cfg.prompt.template for s in prompts if s.cfg.task.name == "hate-en-hi"}
+    assert hate == {"Tweet: {text}\nHate speech:"}
+
+
+def test_cpt_duration_gives_each_duration_its_own_cpt_and_arms():
+    cfg, steps, count = _expand("cpt-duration")
+    epochs = [int(s.cfg.cpt.epochs) for s in steps if s.stage == "cpt"]
+    assert epochs == [1, 2, 3, 5, 10] and len({s.folder for s in steps if s.stage == "cpt"}) == 5
+    # per duration: CPT->FT and TIES->FT at 3 lambdas, 3 seeds; one Full FT for all durations
+    assert count["finetune"] == 5 * (1 + 3) * 3 + 3 and count["merge"] == 5 * 3
+    full_ft = [s for s in _finetunes(steps) if s.cfg.init == "base"]
+    assert len(full_ft) == 3
+
+
+def test_replicate_cpu_is_me5_small_on_a_cpu_budget():
+    cfg, steps, count = _expand("replicate-cpu")
+    assert cfg.model.name_or_path == "intfloat/multilingual-e5-small"
+    assert cfg.cpt.max_steps == 300 and cfg.finetune.epochs == 2
+    assert count["finetune"] == (2 + 2 + 2) * 3 and count["evaluate"] == 3 * count["finetune"]
+    local = compose("pipeline", ["experiment=replicate-cpu", "model.name_or_path=/models/me5"])
+    assert local.model.name_or_path == "/models/me5"
+
+
+@pytest.mark.parametrize("experiment,finetunes", [("demo", 4), ("paper-arms", 8)])
+def test_the_tiny_experiments_keep_their_arms(experiment, finetunes):
+    _, steps, count = _expand(experiment)
+    assert count["finetune"] == finetunes and count["cpt"] == 1
+
+
+def test_a_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
+    from cmmerge.stages import pipeline
+
+    cfg = compose(
+        "pipeline", ["experiment=paper-xlmr", f"run.root={tmp_path}", "pipeline.dry_run=true"]
+    )
+    assert pipeline.run(cfg) is None
+    text = capsys.readouterr().out
+    assert f"plan for {Path(tmp_path) / 'paper-xlmr'}: 487 stages, 0 done, 487 to do" in text
+    assert "  finetune     133      0  not measured yet" in text
+    assert not (tmp_path / "paper-xlmr").exists()
+
+
+def test_two_different_stages_in_one_folder_are_refused():
+    bad = "pipeline.cpt_variants=[{seed: 1}, {seed: 1}]"  # same folder, same settings: shared
+    _, steps, count = _expand("demo", bad)
+    assert count["cpt"] == 1
+    cfg = compose("pipeline", ["experiment=demo", "run.root=/nonexistent"])
+    step = plan.Step("cpt", cfg, Path("/nonexistent/x"))
+    other = plan.Step("cpt", plan.with_values(cfg, seed=5), Path("/nonexistent/x"))
+    other.cfg.cpt.lr = 0.5
+    table = plan._Plan()
+    table.add(step)
+    with pytest.raises(CmmergeError, match="would share"):
+        table.add(other)

@@ -24,6 +24,10 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 OFFLINE = {
     "cmmerge pipeline experiment=replicate-cpu model.name_or_path=/tmp/me5_small "
     "data.root=../shared/data": "multilingual-e5-small and the full data sets",
+    "cmmerge sweep hydra/launcher=joblib hydra.launcher.n_jobs=4 lambda=0.1,0.3,0.5,0.7,1.0 "
+    "method=tv,ties seed=0,1,2 run.name=hi": "30 jobs; tests/test_launchers.py runs joblib",
+    "cmmerge sweep hydra/launcher=slurm hydra.launcher.partition=gpu lambda=0.1,0.3,0.5,0.7,1.0 "
+    "method=tv,ties seed=0,1,2 run.name=hi": "a SLURM cluster",
 }
 
 # The README's placeholders, filled by the test.

@@ -77,6 +77,9 @@ def _argv(command: str, fill: dict[str, str]) -> list[str]:
 def _promised(argv: list[str], cwd: Path) -> list[Path]:
     """The folders (or files) a command promises, from the same composed config."""
     stage, overrides = argv[0], [a for a in argv[1:] if "=" in a]
+    if stage == "sweep":  # a multirun: its values are lists, not one config
+        name = next((a.split("=", 1)[1] for a in overrides if a.startswith("run.name=")), "default")
+        return [cwd / "runs" / name / "sweep" / "summary.csv"]
     cfg = compose(stage, [*overrides, f"run.root={cwd / 'runs'}"])
     dirs = stage_dirs(cfg)
     if stage == "merge" and cfg.get("output"):
@@ -87,8 +90,6 @@ def _promised(argv: list[str], cwd: Path) -> list[Path]:
         return [dirs["evaluate"] / t for t in (cfg.get("eval_tasks") or [cfg.task.name])]
     if stage in ("report", "pipeline"):
         return [dirs["report"]]
-    if stage == "sweep":
-        return [dirs["sweep"] / "summary.csv"]
     if stage == "prompt":
         from cmmerge.stages.prompt import prompt_id
 

@@ -17,6 +17,7 @@ from cmmerge.io.checkpoint import CheckpointReader
 from cmmerge.io.manifest import read_manifest
 from cmmerge.merging.keys import backbone_map, backbone_prefix, is_head_key
 from cmmerge.stages import cpt, evaluate, extract, finetune, merge
+from cmmerge.stages.ids import stage_dirs
 
 transformers = pytest.importorskip("transformers")
 
@@ -153,8 +154,8 @@ def test_zoo_member_runs_the_whole_chain(name, zoo_root, data, tmp_path):
         *pickle,
     ]
     cpt.run(compose("cpt", common))
-    run = tmp_path / "zoo"
-    cpt_dir = run / "cpt" / "model"
+    dirs = stage_dirs(compose("extract", common))
+    cpt_dir = dirs["cpt"] / "model"
     extract.run(compose("extract", common))
 
     for overrides in (TV, TIES):
@@ -162,11 +163,11 @@ def test_zoo_member_runs_the_whole_chain(name, zoo_root, data, tmp_path):
     base, tuned = _tensors(base_dir), _by_name(cpt_dir)
     heads = {k for k in base if is_head_key(k) and base[k].is_floating_point()}
     heads -= TIED_COPIES.get(name, set())
-    tau = _tensors(run / "extract" / "task_vector.safetensors")
-    stats = json.loads((run / "extract" / "stats.json").read_text())
+    tau = _tensors(dirs["extract"] / "task_vector.safetensors")
+    stats = json.loads((dirs["extract"] / "stats.json").read_text())
     assert set(stats["base_only"]) == BASE_ONLY[name]
-    tv_dir = run / "merge" / "task_arithmetic-l1" / "model"
-    ties_dir = run / "merge" / "ties-l0.5-d0.2" / "model"
+    tv_dir = stage_dirs(compose("merge", common + TV))["merge"] / "model"
+    ties_dir = stage_dirs(compose("merge", common + TIES))["merge"] / "model"
     for folder in (tv_dir, ties_dir):
         record = yaml.safe_load((folder / "merge.yaml").read_text())
         # the task vector holds the backbone: the base's heads are copied, the rest it lacks too
@@ -191,7 +192,7 @@ def test_zoo_member_runs_the_whole_chain(name, zoo_root, data, tmp_path):
     ft_cfg = compose("finetune", common + TIES + ["init=merged"])
     finetune.run(ft_cfg)
     evaluate.run(compose("evaluate", common + TIES + ["init=merged"]))
-    ev = run / "evaluate" / "ties-l0.5-d0.2-custom-s0" / "custom"
+    ev = stage_dirs(ft_cfg)["evaluate"] / "custom"
     metrics = json.loads((ev / "metrics.json").read_text())
     assert read_manifest(ev) is not None and metrics["n"] == 40 and 0 <= metrics["macro_f1"] <= 1
 

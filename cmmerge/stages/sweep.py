@@ -15,7 +15,6 @@ its fine-tuned weights once evaluated. A pruned stage a job still needs is made 
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from datetime import datetime, timezone
@@ -132,10 +131,7 @@ def run(cfg: DictConfig) -> dict:
         write_summary(cfg)
         return {"failed": str(err), "job": job}
     record.unlink(missing_ok=True)
-    rows = write_summary(cfg)
-    summary = run_dir(cfg) / "sweep" / "summary.md"
-    best = {m: r["merge_id"] for m, r in best_by_method(rows).items()}
-    log.info("sweep: job %s done; summary in %s; best so far: %s", job, summary, json.dumps(best))
+    write_summary(cfg)  # the CLI's closing line names it and the best lambda per method
     return {"finetune": ft["metrics"], "evaluate": ev, "job": job}
 
 

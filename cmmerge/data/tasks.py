@@ -262,7 +262,7 @@ def _to_dataset(texts: list[str], labels: list[int], tags: list, names: list[str
 def _carve(
     ds: datasets.Dataset, fraction: float, seed: int, name: str, split: str, names: list[str]
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Split a stratified, seeded ``fraction`` off ``ds``: (rest, carved)."""
+    """Split a stratified, seeded ``fraction`` (or count, an int) off ``ds``: (rest, carved)."""
     try:
         parts = ds.train_test_split(test_size=fraction, stratify_by_column="label", seed=seed)
     except ValueError as err:
@@ -272,6 +272,17 @@ def _carve(
             f"{fraction:.3g} from train (label counts {counts}): {err}"
         ) from None
     return parts["train"], parts["test"]
+
+
+def subsample(ds: datasets.Dataset, size: int | None, seed: int, name: str) -> datasets.Dataset:
+    """A seeded, stratified subset of ``size`` examples of ``ds`` (all of it when ``size`` is
+    null or not smaller): the training budget of a CPU-sized study."""
+    if size is None or int(size) >= len(ds):
+        return ds
+    if int(size) < 1:
+        raise CmmergeError(f"task {name}: finetune.train_size must be >= 1 or null, got {size}")
+    _, kept = _carve(ds, int(size), seed, name, "train_size", ds.features["label"].names)
+    return kept
 
 
 def _fraction(cfg: Mapping, key: str) -> float | None:

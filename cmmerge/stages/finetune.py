@@ -13,6 +13,7 @@ from pathlib import Path
 from datasets import DatasetDict, concatenate_datasets
 from omegaconf import DictConfig
 
+from cmmerge.data.tasks import subsample
 from cmmerge.errors import CmmergeError
 from cmmerge.evaluation.baseline import majority_baseline_warning
 from cmmerge.io.manifest import write_json_atomic
@@ -63,17 +64,30 @@ def _same_labels(cfg: DictConfig, labels: list[str], names: list[str]) -> None:
 
 
 def _data_info(info: dict) -> dict:
-    """Per split: rows kept and blank texts dropped (for the manifest)."""
-    return {
-        split: {"size": entry.get("size"), "blank_dropped": entry.get("blank_dropped", 0)}
-        for split, entry in info.items()
-    }
+    """Per split: rows kept, blank texts dropped and, for a subsampled train split
+    (``finetune.train_size``), the size it was drawn from."""
+    out = {}
+    for split, entry in info.items():
+        out[split] = {"size": entry.get("size"), "blank_dropped": entry.get("blank_dropped", 0)}
+        if "subsampled_from" in entry:
+            out[split]["subsampled_from"] = entry["subsampled_from"]
+    return out
 
 
 def training_data(cfg: DictConfig) -> tuple[DatasetDict, dict]:
     """The task's splits, with the train sets of ``finetune.joint`` tasks added to train, and
     per task what was read (blank texts dropped)."""
     splits, info = task_splits_with_info(cfg)
+    size = cfg.finetune.get("train_size")
+    if size is not None:
+        name = str(cfg.task.name)
+        train = subsample(splits["train"], int(size), split_seed(cfg), name)
+        info["train"] = {
+            **info["train"],
+            "size": len(train),
+            "subsampled_from": len(splits["train"]),
+        }
+        splits = DatasetDict(train=train, validation=splits["validation"], test=splits["test"])
     infos = {str(cfg.task.name): _data_info(info)}
     joint = [str(t) for t in cfg.finetune.get("joint") or []]
     if joint:

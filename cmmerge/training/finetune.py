@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import DatasetDict
-from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer
+from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainerCallback
 
 from cmmerge.data.stats import tokenize_cached
 from cmmerge.errors import CmmergeError
@@ -62,6 +62,37 @@ def _weighted_loss(weights: torch.Tensor):
     return loss
 
 
+class _EvaluationRecorder(TrainerCallback):
+    """``compute_metrics`` that keeps the full validation metrics of every epoch's evaluation,
+    so the kept (best) epoch's metrics need no second pass over the validation set."""
+
+    def __init__(self, labels: list[str]) -> None:
+        self.labels = labels
+        self.by_step: dict[int, dict[str, Any]] = {}
+        self._last: dict[str, Any] = {}
+
+    def compute(self, eval_pred) -> dict[str, float]:
+        logits = eval_pred.predictions
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        pred = np.asarray(logits).argmax(-1).tolist()
+        self._last = classification_metrics(
+            np.asarray(eval_pred.label_ids).tolist(), pred, self.labels
+        )
+        return trainer_metrics(eval_pred)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.by_step[state.global_step] = {
+            **self._last,
+            "loss": float((metrics or {}).get("eval_loss", float("nan"))),
+        }
+
+    def of_best(self, state) -> dict[str, Any]:
+        """The metrics of the checkpoint the Trainer kept (the last evaluation if none)."""
+        best = state.best_model_checkpoint
+        step = int(str(best).rsplit("-", 1)[-1]) if best else max(self.by_step)
+        return self.by_step[step]
+
+
 def train_classifier(
     init_dir: Path,
     splits: DatasetDict,
@@ -106,7 +137,8 @@ def train_classifier(
         train_sampling_strategy="group_by_length",
     )
     timer = StepTimer()
-    callbacks: list = [LogCallback(), FiniteLossCallback(), timer]
+    evaluations = _EvaluationRecorder(labels)
+    callbacks: list = [LogCallback(), FiniteLossCallback(), timer, evaluations]
     patience = params.get("early_stopping_patience")
     if patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=int(patience)))
@@ -118,16 +150,13 @@ def train_classifier(
         eval_dataset=data["validation"],
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=trainer_metrics,
+        compute_metrics=evaluations.compute,
         callbacks=callbacks,
         compute_loss_func=_weighted_loss(weights) if weights is not None else None,
     )
     readable_output(trainer)  # one line per logged step, no raw dicts
     result = trainer.train()
-    prediction = trainer.predict(data["validation"])
-    pred = np.asarray(prediction.predictions).argmax(-1)
-    metrics = classification_metrics(prediction.label_ids.tolist(), pred.tolist(), labels)
-    metrics["loss"] = float(prediction.metrics.get("test_loss", float("nan")))
+    metrics = evaluations.of_best(trainer.state)
     history = [
         {"epoch": h["epoch"], "macro_f1": h["eval_macro_f1"], "loss": h["eval_loss"]}
         for h in trainer.state.log_history

@@ -95,8 +95,18 @@ def test_resumed_cpt_gives_the_uninterrupted_weights_and_whole_run_metrics(tmp_p
         cpt.run(cut_cfg)
     assert read_manifest(stage_dirs(cut_cfg)["cpt"]) is None
     monkeypatch.undo()
+    evaluations = []
+    real_evaluate = training_cpt.CptTrainer.evaluate
+
+    def counted(self, *a, **k):
+        evaluations.append(self.state.global_step)
+        return real_evaluate(self, *a, **k)
+
+    monkeypatch.setattr(training_cpt.CptTrainer, "evaluate", counted)
     resumed = cpt.run(cut_cfg)
+    assert evaluations == [6]  # the loss before training is read back, not measured again
     got, want = resumed["metrics"], whole["metrics"]
+    assert got["loss_before"] == want["loss_before"]
     assert got["resumed"] and got["resumed_at_step"] == 4 and not want["resumed"]
     assert got["steps"] == want["steps"] == 6
     assert got["train_loss"] == want["train_loss"]  # the whole run's, not steps 5-6 only

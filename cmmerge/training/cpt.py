@@ -23,6 +23,7 @@ from transformers import DataCollatorForLanguageModeling, Trainer
 
 from cmmerge.data.stats import tokenize_cached
 from cmmerge.errors import CmmergeError
+from cmmerge.io.manifest import write_json_atomic
 from cmmerge.models.loading import ModelKind, check_max_length, load_lm, load_tokenizer
 from cmmerge.stages import dist
 from cmmerge.training import lora
@@ -167,6 +168,21 @@ def _perplexity(trainer: Trainer, make_collator, eval_ds: Dataset) -> dict[str, 
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
+def _perplexity_before(
+    trainer: Trainer, make_collator, eval_ds: Dataset, ckpt_dir: Path, resume: str | None
+) -> dict[str, float]:
+    """The held-out loss before training, measured once per run: a resumed run reads it from
+    its checkpoint folder (which only a run with the same identity keeps) instead of spending a
+    second pass over the held-out texts."""
+    saved = ckpt_dir / "perplexity_before.json"
+    if resume and saved.exists():
+        return json.loads(saved.read_text())
+    before = _perplexity(trainer, make_collator, eval_ds)
+    if dist.is_main():
+        write_json_atomic(saved, before)
+    return before
+
+
 def train_lm(
     model_dir: Path,
     kind: ModelKind,
@@ -258,7 +274,7 @@ def train_lm(
         callbacks=callbacks,
     )
     readable_output(trainer)  # one line per logged step, no raw dicts
-    before = _perplexity(trainer, make_collator, split["test"])
+    before = _perplexity_before(trainer, make_collator, split["test"], ckpt_dir, resume)
     trainer.data_collator = train_collator
     if resume:
         log.info("resuming CPT from the last checkpoint, %s", resume)

@@ -16,6 +16,7 @@ STAGES = {
     "extract": "task vector tau = theta_cpt - theta_base over backbone parameters",
     "merge": "merge task vectors into the base (task_arithmetic/tv, ties)",
     "finetune": "sequence classification from init=base|cpt|merged|DIR",
+    "graft": "no code-mixed labels: tau_cpt added to a model fine-tuned on onto=TASK",
     "evaluate": "macro-F1, accuracy, per-class report, confusion matrix, predictions",
     "sweep": "Hydra multirun over lambda/method/density/seed: merge -> finetune -> evaluate",
     "pipeline": "the paper's arms end to end (experiment=demo for the offline demo)",

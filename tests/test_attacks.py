@@ -1,21 +1,29 @@
-"""Attacks on real stages through the command line: SIGKILL at random moments of a merge, two
-merges of one folder at once, a write failure under `ulimit -f`, and damaged inputs. After each,
-nothing that looks finished is left, and the same command completes with the same result."""
+"""Attacks on real stages through the command line: SIGKILL at random moments of a merge, a
+fine-tune and an evaluation (by time, and the moment a given file appears in the partial
+folder), two merges of one folder at once, a write failure under `ulimit -f`, and damaged
+inputs. After each, nothing that looks finished is left, and the same command completes with
+the same result as an uninterrupted run."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import xlmr_pair
+from conftest import compose, xlmr_pair
+from small_task import rows, small_task, write_csv
 
+from cmmerge.errors import CmmergeError
 from cmmerge.io import transaction
 from cmmerge.io.manifest import read_manifest
+from cmmerge.stages import evaluate, status
+from cmmerge.stages.ids import stage_dirs
 
 transformers = pytest.importorskip("transformers")
 
@@ -140,3 +148,228 @@ def test_source_rewritten_in_place_at_the_same_size_redoes_the_merge(models, tmp
     proc = subprocess.run(args, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "up to date" not in proc.stdout + proc.stderr and _weights_digest(out) != first
+
+
+# Fine-tuning and evaluation through the command line: a small separable task, init=base.
+FT = [
+    "train=smoke",
+    "finetune.epochs=3",
+    "finetune.batch_size=8",
+    "finetune.max_length=32",
+    "evaluate.max_length=32",
+    "init=base",
+]
+
+
+def _env() -> dict[str, str]:
+    """The test session's environment (its model cache), one thread per process."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def ft_task(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ft-task")
+    task = small_task(folder, n_train=48, n_eval=16)
+    write_csv(folder / "test.csv", rows(800, seed=2))  # predictions take long enough to hit
+    return task
+
+
+def _cli(stage, root, task, *extra):
+    return [
+        sys.executable,
+        "-m",
+        "cmmerge.cli",
+        stage,
+        f"run.root={root}",
+        "run.name=r",
+        *FT,
+        *task,
+        *extra,
+    ]
+
+
+def _compose(stage, root, task):
+    return compose(stage, [f"run.root={root}", "run.name=r", *FT, *task])
+
+
+def _dirs(root, task):
+    """(the fine-tune's folder, its evaluation's folder) in ``root``'s run ``r``."""
+    dirs = stage_dirs(_compose("finetune", root, task))
+    return dirs["finetune"], dirs["evaluate"] / "custom"
+
+
+def _results(ft_dir, ev_dir):
+    """The bytes of every result: weights and validation metrics, test metrics, predictions."""
+    files = {
+        "weights": ft_dir / "model" / "model.safetensors",
+        "validation": ft_dir / "metrics.json",
+        "test": ev_dir / "metrics.json",
+        "predictions": ev_dir / "predictions.jsonl",
+    }
+    return {k: p.read_bytes() if p.is_file() else None for k, p in files.items()}
+
+
+@pytest.fixture(scope="module")
+def ft_reference(ft_task, tmp_path_factory):
+    """An uninterrupted fine-tune and evaluation: the run ``r`` under the returned root."""
+    root = tmp_path_factory.mktemp("ft-ref")
+    for stage in ("finetune", "evaluate"):
+        out = subprocess.run(_cli(stage, root, ft_task), capture_output=True, text=True, env=_env())
+        assert out.returncode == 0, out.stderr[-3000:]
+    ft_dir, ev_dir = _dirs(root, ft_task)
+    results = _results(ft_dir, ev_dir)
+    assert all(v is not None for v in results.values())
+    return root, results
+
+
+def _killed(argv, trigger, timeout=300.0) -> bool:
+    """Run ``argv`` and SIGKILL it the moment ``trigger()`` holds (polled every millisecond);
+    True when it was killed before it ended by itself."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        if trigger() or time.monotonic() > deadline:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.001)
+    return proc.wait() == -signal.SIGKILL
+
+
+def _trigger(kind, partial):
+    """When to kill: ``after:S`` seconds from the start (imports, loading), ``sealed`` (the work
+    done, its outputs being listed and its manifest written), or the moment the file pattern
+    appears in the stage's partial folder (optionally ``+S`` seconds later)."""
+    if kind.startswith("after:"):
+        at = time.monotonic() + float(kind.split(":")[1])
+        return lambda: time.monotonic() >= at
+    if kind == "sealed":  # the work is done: its attempt marker removed before the manifest
+        return lambda: (partial / "metrics.json").is_file() and not any(partial.glob(".fing*"))
+    pattern, _, later = kind.partition("+")
+    seen: list[float] = []
+
+    def fire():
+        if not seen and any(partial.glob(pattern)):
+            seen.append(time.monotonic())
+        return bool(seen) and time.monotonic() >= seen[0] + float(later or 0)
+
+    return fire
+
+
+def _not_finished_looking(stage_dir):
+    """After a kill: either nothing in place (the stage is not finished for anyone) or, when
+    the kill came after the swap, a whole finished stage; never something in between."""
+    manifest = read_manifest(stage_dir)
+    if manifest is not None:
+        assert transaction.problem(stage_dir, manifest) is None
+        return False
+    assert not stage_dir.exists()
+    state, _ = status.stage_state(stage_dir)
+    assert state in ("missing", "interrupted", "failed"), state
+    return True
+
+
+def _only_the_lock_beside(stage_dir):
+    beside = sorted(p.name for p in stage_dir.parent.iterdir() if p.name.startswith("."))
+    assert beside == [f".{stage_dir.name}.lock"], beside
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        "after:2.5",  # starting up: loading the model and the data
+        "finetune.log",  # the stage's work has just begun
+        "checkpoints/checkpoint-*/model.safetensors",  # the first epoch's checkpoint
+        "checkpoints/checkpoint-*/model.safetensors+0.4",  # training on, checkpoints rotating
+        "model/model.safetensors",  # writing the fine-tuned weights
+        "model/tokenizer.json",  # writing the tokenizer beside them
+        "metrics.json",  # the outputs written, the model card and the manifest next
+        "sealed",  # done and sealed: listing its files, writing the manifest, the swap next
+    ],
+)
+def test_killed_finetune_then_the_same_command_gives_the_same_model(
+    ft_task, ft_reference, tmp_path, when
+):
+    ft_dir, ev_dir = _dirs(tmp_path, ft_task)
+    argv = _cli("finetune", tmp_path, ft_task)
+    killed = _killed(argv, _trigger(when, transaction.partial_dir(ft_dir)))
+    if _not_finished_looking(ft_dir):
+        assert killed
+        # nothing downstream accepts it: evaluation refuses it before doing anything
+        with pytest.raises(CmmergeError, match="finetune"):
+            evaluate.run(_compose("evaluate", tmp_path, ft_task))
+        assert not ev_dir.exists()
+        if when == "model/model.safetensors":  # and on the command line, in one line
+            out = subprocess.run(
+                _cli("evaluate", tmp_path, ft_task), capture_output=True, text=True, env=_env()
+            )
+            assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+            assert "Traceback" not in out.stderr and "finetune" in out.stderr
+            out = subprocess.run(
+                _cli("status", tmp_path, ft_task), capture_output=True, text=True, env=_env()
+            )
+            row = next(
+                line for line in out.stdout.splitlines() if f"| finetune/{ft_dir.name}" in line
+            )
+            assert row.split("|")[2].strip() == "interrupted", row  # the command redoes it
+    done = subprocess.run(argv, capture_output=True, text=True, env=_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert transaction.problem(ft_dir) is None
+    ours = _results(ft_dir, ev_dir)
+    theirs = ft_reference[1]
+    assert ours["weights"] == theirs["weights"]  # bit-identical weights
+    assert ours["validation"] == theirs["validation"]  # the same validation metrics
+    _only_the_lock_beside(ft_dir)
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        "after:2.0",  # starting up
+        "evaluate.log",  # the stage's work has just begun
+        ".predict",  # predicting
+        "metrics.json",  # the metrics written, the predictions next
+        ".predictions.jsonl.*",  # writing the predictions' temporary file
+        "predictions.jsonl",  # the outputs written, the manifest next
+    ],
+)
+def test_killed_evaluate_then_the_same_command_gives_the_same_predictions(
+    ft_task, ft_reference, tmp_path, when
+):
+    ref_root, reference = ft_reference
+    ref_ft, _ = _dirs(ref_root, ft_task)
+    ft_dir, ev_dir = _dirs(tmp_path, ft_task)
+    shutil.copytree(ref_ft.parent, ft_dir.parent)  # the finished fine-tune (and its lock file)
+    argv = _cli("evaluate", tmp_path, ft_task)
+    killed = _killed(argv, _trigger(when, transaction.partial_dir(ev_dir)))
+    if _not_finished_looking(ev_dir):
+        assert killed
+    done = subprocess.run(argv, capture_output=True, text=True, env=_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert transaction.problem(ev_dir) is None
+    ours = _results(ft_dir, ev_dir)
+    assert ours == reference  # the same predictions and metrics, the fine-tune untouched
+    assert not list(tmp_path.rglob(".predictions.jsonl.*"))  # no orphaned temporary files
+    assert not list(tmp_path.rglob(".predict"))
+    _only_the_lock_beside(ev_dir)
+
+
+def test_finetune_write_failure_is_one_line_and_a_rerun_completes(ft_task, ft_reference, tmp_path):
+    ft_dir, _ = _dirs(tmp_path, ft_task)
+    argv = _cli("finetune", tmp_path, ft_task)
+    proc = subprocess.run(
+        ["bash", "-c", f"ulimit -f 200; exec {shlex.join(argv)}"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "File too large" in lines[0] or "file size" in lines[0], lines[0]
+    assert not ft_dir.exists() and not transaction.partial_dir(ft_dir).exists()
+    state, detail = status.stage_state(ft_dir)
+    assert state == "failed" and "File too large" in detail
+    done = subprocess.run(argv, capture_output=True, text=True, env=_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (ft_dir / "model" / "model.safetensors").read_bytes() == ft_reference[1]["weights"]
+    _only_the_lock_beside(ft_dir)  # the failure record is gone with the failure

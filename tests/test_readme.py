@@ -28,6 +28,9 @@ OFFLINE = {
     "method=tv,ties seed=0,1,2 run.name=hi": "30 jobs; tests/test_launchers.py runs joblib",
     "cmmerge sweep hydra/launcher=slurm hydra.launcher.partition=gpu lambda=0.1,0.3,0.5,0.7,1.0 "
     "method=tv,ties seed=0,1,2 run.name=hi": "a SLURM cluster",
+    "cmmerge pipeline experiment=paper-arms": "run by tests/test_experiments.py",
+    "cmmerge pipeline experiment=no-labels": "2.5 min of training on the tiny models: "
+    "tests/test_no_labels.py runs it with the fast test settings",
 }
 
 # The README's placeholders, filled by the test.

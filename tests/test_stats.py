@@ -65,3 +65,31 @@ def test_mean_sd():
     assert mean_sd([0.5]) == (0.5, 0.0, 1)
     mean, sd, n = mean_sd([0.5, 0.7, 0.6])
     assert (round(mean, 6), round(sd, 6), n) == (0.6, 0.1, 3)
+
+
+def test_words_of_a_sentence_are_resampled_together():
+    """A token-level task: each sentence of k words that all carry one example's gold and
+    prediction scores as that example k times. Drawing whole sentences must then give the
+    per-example interval and p-value exactly; drawing words as if independent gives a
+    narrower, overconfident interval."""
+    rng = np.random.default_rng(4)
+    gold = rng.integers(0, 3, 300)
+    a = np.stack([_noisy(gold, 0.75, rng) for _ in range(2)])
+    b = np.stack([_noisy(gold, 0.70, rng) for _ in range(2)])
+    k = 4
+    words_gold, words_a, words_b = np.repeat(gold, k), np.repeat(a, k, 1), np.repeat(b, k, 1)
+    sentences = np.repeat(np.arange(gold.size), k)
+
+    per_example = score_interval(gold, a, 3, n_resamples=300)
+    by_sentence = score_interval(words_gold, words_a, 3, n_resamples=300, units=sentences)
+    by_word = score_interval(words_gold, words_a, 3, n_resamples=300)
+    assert by_sentence.estimate == pytest.approx(per_example.estimate, abs=1e-12)
+    assert (by_sentence.low, by_sentence.high) == pytest.approx(
+        (per_example.low, per_example.high), abs=1e-12
+    )
+    assert by_word.high - by_word.low < 0.7 * (per_example.high - per_example.low)
+
+    want = compare(gold, a, b, 3, n_resamples=300)
+    got = compare(words_gold, words_a, words_b, 3, n_resamples=300, units=sentences)
+    assert got.p_value == pytest.approx(want.p_value, abs=1e-12)
+    assert got.difference.low == pytest.approx(want.difference.low, abs=1e-12)

@@ -257,3 +257,68 @@ def test_a_data_file_edited_in_place_redoes_the_stage(tmp_path):
     time.sleep(0.01)
     train.write_text(train.read_text().replace("text 3 yaar", "text 3 bhai"))  # same size
     assert data.run(compose("data", overrides))["skipped"] is False
+
+
+def test_a_library_failing_on_damaged_input_weights_becomes_one_line(tmp_path):
+    """transformers / safetensors fail on a truncated or missing weight file of an input model
+    folder with their own errors; the stage names the file in one line (a user error), and
+    leaves any other failure of the same types as a bug."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    from cmmerge.stages.runner import as_user_error
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(64, 64)}, str(model / "model.safetensors"))
+    inputs = [{"path": str(tmp_path / "data.csv"), "sha256": "x"}, {"path": str(model)}]
+    loading = SafetensorError("Error while deserializing header: incomplete metadata")
+    assert as_user_error(loading, tmp_path / "s", inputs) is None  # the weights read: a bug
+
+    data = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(data[: len(data) // 2])
+    err = as_user_error(loading, tmp_path / "s", inputs)
+    assert isinstance(err, CmmergeError) and "model.safetensors: truncated" in str(err)
+
+    (model / "model.safetensors").unlink()  # transformers: OSError without an errno
+    err = as_user_error(OSError("Error no file named model.safetensors"), tmp_path / "s", inputs)
+    assert isinstance(err, CmmergeError) and "no model.safetensors or" in str(err)
+    assert as_user_error(RuntimeError("a bug"), tmp_path / "s", inputs) is None
+    # a finished stage's model/ is looked into as well
+    stage_model = tmp_path / "ft" / "model"
+    stage_model.mkdir(parents=True)
+    (stage_model / "config.json").write_text("{}")
+    err = as_user_error(loading, tmp_path / "s", [{"path": str(tmp_path / "ft")}])
+    assert isinstance(err, CmmergeError) and str(stage_model) in str(err)
+
+
+def test_a_redo_killed_between_its_manifest_and_the_swap_is_completed(tmp_path, monkeypatch):
+    """A stage redone in place of an older version (invalidated first) and killed after the
+    new manifest is written but before the swap: the next run puts the finished new version
+    in place instead of doing the work again, and never revives the old one."""
+    stage = tmp_path / "r" / "s"
+    run_stage(_cfg(tmp_path), "s", stage, {"a": 1}, [], _writes("old"))
+
+    def killed(stage_dir, partial):
+        raise KeyboardInterrupt  # SIGKILL stand-in: nothing after this point runs
+
+    monkeypatch.setattr(transaction, "commit", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(_cfg(tmp_path), "s", stage, {"a": 2}, [], _writes("new"))
+    monkeypatch.undo()
+    assert read_manifest(stage) is None  # the old version: no longer finished
+    assert read_manifest(transaction.partial_dir(stage))["config"] == {"a": 2}
+    calls: list = []
+    again = run_stage(_cfg(tmp_path), "s", stage, {"a": 2}, [], _writes("new", calls=calls))
+    assert again["skipped"] is True and calls == [] and (stage / "out.txt").read_text() == "new"
+    assert sorted(p.name for p in stage.parent.iterdir()) == [".s.lock", "s"]
+    # the same cut with a partial whose files were damaged since: not put in place, redone
+    monkeypatch.setattr(transaction, "commit", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(_cfg(tmp_path), "s", stage, {"a": 3}, [], _writes("third"))
+    monkeypatch.undo()
+    (transaction.partial_dir(stage) / "sub" / "w.bin").write_bytes(b"short")
+    again = run_stage(_cfg(tmp_path), "s", stage, {"a": 3}, [], _writes("third", calls=calls))
+    assert again["skipped"] is False and len(calls) == 1 and transaction.problem(stage) is None

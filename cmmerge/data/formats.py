@@ -41,6 +41,25 @@ class SentimixRecord:
 
 
 @dataclass(frozen=True)
+class TaggedSentence:
+    """One sentence of a word-tagged file (a token-level task's example).
+
+    Attributes:
+        words: The sentence's words, in order.
+        tags: The raw tag of each word.
+        line: 1-based line number where the sentence starts (its header, else its first word).
+        tag_lines: The 1-based line number of each word.
+        label: The sentence label of its SentiMix header, if any.
+    """
+
+    words: tuple[str, ...]
+    tags: tuple[str, ...]
+    line: int
+    tag_lines: tuple[int, ...]
+    label: str | None = None
+
+
+@dataclass(frozen=True)
 class TaggedText:
     """One text of a token-per-line corpus with the language tag of each token."""
 
@@ -146,6 +165,71 @@ def parse_sentimix_conll(path: Path, what: str) -> list[SentimixRecord]:
             f"no 'meta<TAB>uid' header in {path}: not a SentiMix CoNLL file ({what})"
         )
     return records
+
+
+def parse_tagged_sentences(path: Path, what: str, headers: bool) -> list[TaggedSentence]:
+    """Parse a word-tagged file strictly: one ``word<TAB>tag`` line per word, a blank line
+    between sentences; further tab-separated fields are ignored.
+
+    Args:
+        path: The file.
+        what: Where the path came from, for error messages.
+        headers: SentiMix CoNLL (``meta<TAB>uid[<TAB>label]`` lines start sentences, and are
+            not words); without, every non-blank line is a word.
+
+    Returns:
+        The sentences in file order; a header with no word after it gives no sentence.
+
+    Raises:
+        CmmergeError: Naming the file and line of the first word with no tag, or when the file
+            holds no tagged word at all. A line whose word is blank is skipped.
+    """
+    sentences: list[TaggedSentence] = []
+    words: list[str] = []
+    tags: list[str] = []
+    lines: list[int] = []
+    header = 0  # line of the header the next sentence belongs to (0: none)
+    label: str | None = None  # that header's sentence label
+
+    def close() -> None:
+        if words:
+            start = header or lines[0]
+            sentences.append(
+                TaggedSentence(
+                    tuple(words), tuple(tags), start, tuple(lines), label if header else None
+                )
+            )
+        words.clear()
+        tags.clear()
+        lines.clear()
+
+    for number, line in enumerate(split_lines(read_text(path, what)), start=1):
+        if not line.strip():
+            if words:
+                close()
+                header = 0
+            continue
+        fields = line.split("\t")
+        if headers and _header(fields):
+            close()
+            header = number
+            label = fields[2].strip() or None if len(fields) > 2 else None
+            continue
+        word = fields[0].strip()
+        if not word:  # a blank word (SentiMix has a few ' <TAB>O' lines): skipped
+            continue
+        tag = fields[1].strip() if len(fields) > 1 else ""
+        if not tag:
+            raise CmmergeError(
+                f"{path} line {number}: word {word!r} has no tag: expected word<TAB>tag ({what})"
+            )
+        words.append(word)
+        tags.append(tag)
+        lines.append(number)
+    close()
+    if not sentences:
+        raise CmmergeError(f"no word<TAB>tag line in {path} ({what})")
+    return sentences
 
 
 def parse_tagged_tokens(path: Path, what: str) -> list[TaggedText]:

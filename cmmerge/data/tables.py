@@ -1,4 +1,5 @@
-"""Tabular task files: CSV, TSV (no quoting, as the research TSVs are written) and JSON lines.
+"""Tabular task files: CSV, TSV (no quoting, as the research TSVs are written) and JSON lines;
+the names and detection of every task file format (token-level tasks' too).
 
 :func:`read_table` returns the rows of one file as :class:`Row` (text, raw label, line number) for
 the configured text and label columns; errors name the file and line, and a missing column lists
@@ -45,6 +46,25 @@ def canonical_format(fmt: str | None) -> str:
     """``conll`` is an alias of ``sentimix_conll``; ``None`` means ``auto``."""
     fmt = (fmt or "auto").lower()
     return "sentimix_conll" if fmt == "conll" else fmt
+
+
+TOKEN_FORMATS = ("sentimix_conll", "conll_tokens")
+
+
+def canonical_token_format(fmt: str | None) -> str:
+    """The format of a token-level task's files: ``sentimix_conll`` (``meta<TAB>uid`` header
+    lines start sentences), ``conll_tokens`` (alias ``token_per_line``: ``word<TAB>tag`` lines,
+    a blank line between sentences, no headers), or ``auto`` (alias ``conll``: by the first
+    line)."""
+    fmt = (fmt or "auto").lower()
+    return {"conll": "auto", "token_per_line": "conll_tokens"}.get(fmt, fmt)
+
+
+def detect_token_format(path: Path, what: str) -> str:
+    """``sentimix_conll`` when the first non-blank line of ``path`` is a SentiMix header, else
+    ``conll_tokens``."""
+    first = next((line for line in split_lines(read_text(path, what)) if line.strip()), "")
+    return "sentimix_conll" if _CONLL_HEADER.match(first) else "conll_tokens"
 
 
 def detect_format(path: Path, what: str) -> str:

@@ -17,6 +17,8 @@ Task config keys (``configs/task/<name>.yaml``; file paths relative to ``root``,
 - ``fix_mojibake`` (ftfy), ``language_tags`` (word tag -> language) with ``filter_language`` and
   ``filter_min_share`` (keep tweets whose language-tagged tokens are at least that share of it).
 - ``hub``, ``hub_config``, ``hub_splits`` ({split: hub split}): read the splits from the hub.
+- ``type``: ``sequence`` (the default: one label per text) or ``token`` (one label per word,
+  e.g. language identification; see :mod:`cmmerge.data.token_tasks`).
 
 Rows whose text is blank are dropped (counted as ``blank_dropped`` in the split's info); a split
 left with no text is an error.
@@ -36,6 +38,12 @@ import ftfy
 from cmmerge.data.formats import parse_sentimix_conll, read_labels_csv, resolve_path
 from cmmerge.data.hub import hub_rows
 from cmmerge.data.tables import FILE_FORMATS, Row, canonical_format, detect_format, read_table
+from cmmerge.data.token_tasks import (
+    infer_token_labels,
+    is_token_task,
+    load_token_task_with_info,
+    word_label_counts,
+)
 from cmmerge.errors import CmmergeError
 from cmmerge.settings import SAMPLES_DIR
 
@@ -309,6 +317,8 @@ def infer_labels(task_cfg: Mapping, data_root: str | Path) -> list[str]:
     says why)."""
     cfg = as_dict(task_cfg)
     cfg["name"] = name = cfg.get("name") or "?"
+    if is_token_task(cfg):
+        return infer_token_labels(cfg, _root(cfg, data_root))
     if cfg.get("join_continuation_lines"):
         raise CmmergeError(f"task {name}: join_continuation_lines needs task.labels=[...]")
     rows, source = _read_rows(cfg, "train", _root(cfg, data_root), {})
@@ -350,10 +360,11 @@ def load_task_with_info(
     cfg = as_dict(task_cfg)
     name = cfg.get("name") or "?"
     cfg["name"] = name
+    token = is_token_task(cfg)  # an unknown task.type is named before anything is read
     root = _root(cfg, data_root)
     if labels_given(cfg):
         names = task_labels(cfg)
-    if cfg.get("hub"):
+    if cfg.get("hub") and not token:
         cfg["hub_splits"] = cfg.get("hub_splits") or {s: s for s in SPLITS}
         has = {s: bool(cfg["hub_splits"].get(s)) for s in SPLITS}
     else:
@@ -371,6 +382,8 @@ def load_task_with_info(
         raise CmmergeError(f"task {name}: validation_fraction + test_fraction must be < 1")
     if not labels_given(cfg):
         names = infer_labels(cfg, data_root)
+    if token:  # one label per word: cmmerge.data.token_tasks
+        return load_token_task_with_info(cfg, root, names, seed)
     info: dict[str, dict] = {}
     out: dict[str, datasets.Dataset] = {}
     texts, labels, tags, info["train"] = _read_split(cfg, "train", root, names)
@@ -420,8 +433,18 @@ def load_task(task_cfg: Mapping, data_root: str | Path, seed: int = 0) -> datase
     return splits.remove_columns("tags")
 
 
+def dataset_labels(ds: datasets.Dataset) -> list[str]:
+    """The label names of a loaded split (a token-level task's word labels too)."""
+    if "word_labels" in ds.column_names:
+        return list(ds.features["word_labels"].feature.names)
+    return list(ds.features["label"].names)
+
+
 def label_counts(ds: datasets.Dataset, labels: list[str]) -> dict[str, int]:
-    """Count the examples of each label (in ``labels`` order, zeros included)."""
+    """Count the examples of each label (in ``labels`` order, zeros included); words, for a
+    token-level task."""
+    if "word_labels" in ds.column_names:
+        return word_label_counts(ds, list(labels))
     counts = dict.fromkeys(labels, 0)
     for label_id in ds["label"]:
         counts[labels[label_id]] += 1

@@ -94,9 +94,32 @@ def folder_fingerprint(folder: Path) -> str:
     return h.hexdigest()
 
 
+# Settings of the training sections that only change how fast or how verbosely a stage runs
+# (logging, checkpoint frequency, experiment trackers): left out of the folder ids
+# (:mod:`cmmerge.stages.ids`) and of the fingerprints, so turning on TensorBoard or logging more
+# often neither renames nor redoes a finished stage.
+NOT_OUTPUT_SETTINGS = frozenset({"logging_steps", "report_to", "save_steps"})
+TRAINING_SECTIONS = ("cpt", "finetune")
+
+
+def output_view(config_view: Any) -> Any:
+    """``config_view`` without the :data:`NOT_OUTPUT_SETTINGS` of its training sections: what
+    the fingerprint hashes."""
+    if not isinstance(config_view, dict):
+        return config_view
+    out = dict(config_view)
+    for section in TRAINING_SECTIONS:
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k not in NOT_OUTPUT_SETTINGS}
+    return out
+
+
 def fingerprint(config_view: Any, inputs: list[dict]) -> str:
-    """Hash of what determines a stage's result: its config view and its inputs' hashes."""
-    blob = json.dumps({"config": config_view, "inputs": inputs}, sort_keys=True, default=str)
+    """Hash of what determines a stage's result: its config view (less the settings that do
+    not change outputs, :func:`output_view`) and its inputs' hashes."""
+    blob = json.dumps(
+        {"config": output_view(config_view), "inputs": inputs}, sort_keys=True, default=str
+    )
     return sha256_bytes(blob.encode())
 
 

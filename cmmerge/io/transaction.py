@@ -115,10 +115,15 @@ def finished_manifest(stage_dir: Path) -> dict | None:
 
 
 def recover(stage_dir: Path) -> None:
-    """Under the lock: finish a swap that a kill cut short, and remove replaced folders."""
+    """Under the lock: finish a swap that a kill cut short (a whole, finished partial folder
+    beside no folder, or beside the unfinished one it was to replace), and remove replaced
+    folders."""
     partial = partial_dir(stage_dir)
-    if (partial / MANIFEST).is_file() and not stage_dir.exists():
-        os.replace(partial, stage_dir)
+    if (partial / MANIFEST).is_file() and problem(partial) is None:
+        if not stage_dir.exists():
+            os.replace(partial, stage_dir)
+        elif read_manifest(stage_dir) is None:  # invalidated before the redo: replace it
+            commit(stage_dir, partial)
     for old in stage_dir.parent.glob(f".old-{stage_dir.name}-*"):
         shutil.rmtree(old, ignore_errors=True)
 

@@ -27,7 +27,7 @@ def row_label(arm: Arm) -> str:
 
 
 def _sort_key(label: str) -> tuple:
-    return (_ORDER.get(label.split(" (")[0], 4), label)
+    return (_ORDER.get(re.split(r" [(\[]", label)[0], 4), label)
 
 
 def paper_rows(arms: list[Arm], cells: dict[tuple, Cell]) -> tuple[list[str], list[str], dict]:
@@ -121,7 +121,8 @@ def comparisons_markdown(arms: list[Arm], cells: dict[tuple, Cell]) -> str:
 
 def _latex_escape(text: str) -> str:
     for a, b in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("&", r"\&"), ("%", r"\%"),
-                 ("#", r"\#"), ("->", r"$\rightarrow$"), ("λ", r"$\lambda$")):  # fmt: skip
+                 ("#", r"\#"), ("->", r"$\rightarrow$"), ("λ", r"$\lambda$"),
+                 ("τ", r"$\tau$")):  # fmt: skip
         text = text.replace(a, b)
     return text
 
@@ -233,11 +234,14 @@ def plot_lambda(arms: list[Arm], cells: dict[tuple, Cell], out_dir: Path) -> lis
                 ax.errorbar([p[0] for p in pts], [p[1].mean for p in pts],
                             yerr=[p[1].sd for p in pts], color=color, marker="s", capsize=3,
                             label=f"{label} (test)")  # fmt: skip
-        for j, name in enumerate(REFERENCES):
-            refs = [a for a in arms if a.arm == name and a.task == task]
-            cell = cells.get((refs[0].run, refs[0].group, task)) if refs else None
+        refs = [a for name in REFERENCES for a in arms if a.kind == name and a.task == task]
+        several_runs = len({a.run for a in refs}) > 1
+        for j, ref in enumerate(sorted(refs, key=lambda a: (_sort_key(a.arm), a.run))):
+            cell = cells.get((ref.run, ref.group, task))
             if cell is not None and not math.isnan(cell.mean):
-                ax.axhline(cell.mean, color=f"C{7 + j}", linestyle=":", label=f"{name} (test)")
+                where = f", {Path(ref.run).name}" if several_runs else ""
+                color = f"C{7 + j}" if j < 3 else f"C{j}"
+                ax.axhline(cell.mean, color=color, linestyle=":", label=f"{ref.arm} (test{where})")
         ax.set_xlabel("λ")
         ax.set_ylabel("macro-F1")
         ax.set_title(f"{task}: macro-F1 against λ (mean ± sd over seeds)", fontsize=9)

@@ -39,16 +39,40 @@ def macro_f1(gold: np.ndarray, pred: np.ndarray, n_labels: int) -> np.ndarray:
     return f1.mean(axis=-1).reshape(lead)
 
 
-def _encode(preds: np.ndarray, n_labels: int) -> np.ndarray:
-    """One integer per example holding every seed's prediction: ``[seeds, n]`` -> ``[n]``."""
-    powers = n_labels ** np.arange(preds.shape[0], dtype=np.int64)
-    return (preds.astype(np.int64) * powers[:, None]).sum(axis=0)
+def unit_counts(
+    gold: np.ndarray, preds: np.ndarray, n_labels: int, units: np.ndarray | None = None
+) -> np.ndarray:
+    """Confusion counts of each resampling unit: ``[seeds, units, K*K]`` (gold-major).
+
+    A unit is one example, or with ``units`` (a unit id per example, e.g. the sentence of each
+    word of a token-level task) every example sharing an id: the bootstrap and the permutation
+    test then draw and swap whole sentences, as the examples of one sentence are not independent.
+    """
+    gold, preds = np.asarray(gold, dtype=np.int64), np.atleast_2d(preds).astype(np.int64)
+    n_seeds, k2 = preds.shape[0], n_labels * n_labels
+    if units is None:
+        index, n_units = np.arange(gold.shape[0]), gold.shape[0]
+    else:
+        _, index = np.unique(np.asarray(units), return_inverse=True)
+        n_units = int(index.max()) + 1 if index.size else 0
+    cell = (np.arange(n_seeds)[:, None] * n_units + index[None, :]) * k2
+    codes = cell + gold[None, :] * n_labels + preds
+    counts = np.bincount(codes.ravel(), minlength=n_seeds * n_units * k2)
+    return counts.reshape(n_seeds, n_units, k2)
 
 
-def _decode(codes: np.ndarray, n_seeds: int, n_labels: int) -> np.ndarray:
-    """``[..., n]`` codes -> ``[seeds, ..., n]`` predictions."""
-    powers = n_labels ** np.arange(n_seeds, dtype=np.int64)
-    return (codes[None] // powers.reshape((-1,) + (1,) * codes.ndim)) % n_labels
+def f1_of_counts(counts: np.ndarray, n_labels: int) -> np.ndarray:
+    """Macro-F1 of summed confusion counts ``[..., K*K]`` -> ``[...]`` (as :func:`macro_f1`)."""
+    confusion = counts.reshape(*counts.shape[:-1], n_labels, n_labels)
+    tp = np.diagonal(confusion, axis1=-2, axis2=-1)
+    denominator = confusion.sum(axis=-2) + confusion.sum(axis=-1)  # 2tp + fp + fn
+    f1 = np.divide(2 * tp, denominator, out=np.zeros(tp.shape), where=denominator > 0)
+    return f1.mean(axis=-1)
+
+
+def _mean_f1(counts: np.ndarray, idx: np.ndarray, n_labels: int) -> np.ndarray:
+    """Mean over seeds of the macro-F1 of the units ``idx`` (``[..., m]``) -> ``[...]``."""
+    return f1_of_counts(counts[:, idx].sum(axis=-2), n_labels).mean(axis=0)
 
 
 @dataclass(frozen=True)
@@ -76,6 +100,7 @@ def score_interval(
     level: float = 0.95,
     n_resamples: int = 1000,
     seed: int = 0,
+    units: np.ndarray | None = None,
 ) -> Interval:
     """Mean test macro-F1 over seeds with a bootstrap interval (test examples resampled, the
     same resample for every seed; percentile method).
@@ -83,13 +108,14 @@ def score_interval(
     Args:
         gold: ``[n]`` gold label ids.
         preds: ``[seeds, n]`` predictions of each seed.
+        units: ``[n]`` resampling unit of each example (its sentence, for word-level tasks);
+            None: every example is a unit.
     """
-    gold, preds = np.asarray(gold), np.atleast_2d(np.asarray(preds))
-    index = np.arange(gold.shape[0])
+    counts = unit_counts(gold, preds, n_labels, units)
+    index = np.arange(counts.shape[1])
 
     def statistic(idx: np.ndarray, axis: int = -1) -> np.ndarray:
-        idx = np.moveaxis(np.asarray(idx), axis, -1)
-        return macro_f1(gold[idx], preds[:, idx], n_labels).mean(axis=0)
+        return _mean_f1(counts, np.moveaxis(np.asarray(idx), axis, -1), n_labels)
 
     return _bootstrap(statistic, index, level, n_resamples, seed)
 
@@ -119,37 +145,38 @@ def compare(
     level: float = 0.95,
     n_resamples: int = 1000,
     seed: int = 0,
+    units: np.ndarray | None = None,
 ) -> Comparison:
     """Arm A minus arm B in mean test macro-F1, seeds paired (row i of each is seed i), with a
-    paired bootstrap interval and a two-sided paired permutation test's p-value (each example's
+    paired bootstrap interval and a two-sided paired permutation test's p-value (each unit's
     predictions swapped between the arms at random, every seed at once).
 
     Args:
         gold: ``[n]`` gold label ids.
         preds_a: ``[seeds, n]`` predictions of arm A.
         preds_b: ``[seeds, n]`` predictions of arm B, the same seeds in the same order.
+        units: as for :func:`score_interval`.
     """
-    gold = np.asarray(gold)
     preds_a, preds_b = np.atleast_2d(preds_a), np.atleast_2d(preds_b)
     if preds_a.shape != preds_b.shape:
         raise ValueError(f"paired arms need the same shape: {preds_a.shape} vs {preds_b.shape}")
-    n_seeds = preds_a.shape[0]
-    index = np.arange(gold.shape[0])
+    counts_a = unit_counts(gold, preds_a, n_labels, units)
+    counts_b = unit_counts(gold, preds_b, n_labels, units)
+    index = np.arange(counts_a.shape[1])
 
     def difference(idx: np.ndarray, axis: int = -1) -> np.ndarray:
         idx = np.moveaxis(np.asarray(idx), axis, -1)
-        a = macro_f1(gold[idx], preds_a[:, idx], n_labels).mean(axis=0)
-        return a - macro_f1(gold[idx], preds_b[:, idx], n_labels).mean(axis=0)
+        return _mean_f1(counts_a, idx, n_labels) - _mean_f1(counts_b, idx, n_labels)
 
     interval = _bootstrap(difference, index, level, n_resamples, seed)
+    both = np.concatenate([counts_a, counts_b], axis=1)  # unit i of A, then unit i of B
 
-    def swapped(codes_a: np.ndarray, codes_b: np.ndarray, axis: int = -1) -> np.ndarray:
-        codes_a, codes_b = np.moveaxis(codes_a, axis, -1), np.moveaxis(codes_b, axis, -1)
-        a = macro_f1(gold, _decode(codes_a, n_seeds, n_labels), n_labels).mean(axis=0)
-        return a - macro_f1(gold, _decode(codes_b, n_seeds, n_labels), n_labels).mean(axis=0)
+    def swapped(units_a: np.ndarray, units_b: np.ndarray, axis: int = -1) -> np.ndarray:
+        units_a, units_b = np.moveaxis(units_a, axis, -1), np.moveaxis(units_b, axis, -1)
+        return _mean_f1(both, units_a, n_labels) - _mean_f1(both, units_b, n_labels)
 
     test = stats.permutation_test(
-        (_encode(preds_a, n_labels), _encode(preds_b, n_labels)),
+        (index, index + index.shape[0]),
         swapped,
         permutation_type="samples",
         vectorized=True,
@@ -158,7 +185,7 @@ def compare(
         rng=np.random.default_rng(seed),
         batch=100,
     )
-    return Comparison(interval, float(test.pvalue), n_seeds)
+    return Comparison(interval, float(test.pvalue), preds_a.shape[0])
 
 
 def mean_sd(values: list[float]) -> tuple[float, float, int]:

@@ -21,6 +21,9 @@ from cmmerge.io.manifest import read_json, read_manifest
 from cmmerge.reporting.stats import Comparison, Interval, compare, mean_sd, score_interval
 
 _SEED = re.compile(r"-s(\d+)$")
+# A multi-source merge's source seed (``-src_cpt+TASK_s1``): the seed of the fine-tune made
+# from it, so the seeds of one arm group together as for any other arm.
+_SOURCE_SEED = re.compile(r"(-src_[^@]*?)_s\d+")
 _NUMBER = r"-?[0-9.]+(?:e[-+]?[0-9]+)?"
 _SCALE = re.compile(rf"^(?P<method>[a-z_]+)-l(?P<scale>{_NUMBER})(?:-d(?P<density>{_NUMBER}))?")
 REFERENCES = ("Full FT", "CPT->FT")
@@ -34,6 +37,7 @@ class Evaluation:
     pred: np.ndarray
     labels: list[str]
     macro_f1: float
+    units: np.ndarray | None = None  # token-level tasks: the sentence of each word
 
 
 @dataclass
@@ -48,6 +52,8 @@ class Seeded:
     val_f1: float
     merge: dict | None
     tests: dict[str, Evaluation] = field(default_factory=dict)
+    kind: str = ""  # the arm's name in its manifest (``CPT->FT``), without the CPT tag
+    cpt: str | None = None  # the CPT it was made from (init=cpt or a merge), else None
 
 
 @dataclass
@@ -63,6 +69,8 @@ class Arm:
     family: str = ""
     chosen: bool = True
     selection: dict | None = None
+    kind: str = ""
+    cpt: str | None = None
 
     @property
     def seeds(self) -> list[int]:
@@ -76,6 +84,10 @@ class Arm:
         values = [m.tests[task].macro_f1 for m in self.members if task in m.tests]
         return mean_sd(values) if values else None
 
+    def units(self, task: str) -> np.ndarray | None:
+        """The resampling unit of each test example on ``task`` (None: each example)."""
+        return next(m.tests[task].units for m in self.members if task in m.tests)
+
     def predictions(self, task: str, seeds: list[int]) -> tuple[np.ndarray, np.ndarray, int]:
         """(gold ``[n]``, predictions ``[seeds, n]``, number of labels) on ``task``."""
         by_seed = {m.seed: m.tests[task] for m in self.members if task in m.tests}
@@ -83,20 +95,30 @@ class Arm:
         return evals[0].gold, np.stack([e.pred for e in evals]), len(evals[0].labels)
 
 
-def _evaluation(eval_dir: Path) -> Evaluation | None:
+def _evaluation(eval_dir: Path, predictions: bool = True) -> Evaluation | None:
     manifest = transaction.finished_manifest(eval_dir)
     if manifest is None or transaction.stale_inputs(manifest):
         return None
     metrics = read_json(eval_dir / "metrics.json")
     labels = list(metrics["confusion_matrix"]["labels"])
+    if not predictions:  # scores only (the sweep's summary)
+        empty = np.zeros(0, dtype=int)
+        return Evaluation(empty, empty, labels, float(metrics["macro_f1"]))
     index = {name: i for i, name in enumerate(labels)}
-    gold, pred = [], []
+    gold, pred, units = [], [], []
     with open(eval_dir / "predictions.jsonl", encoding="utf-8") as f:
-        for line in f:
+        for number, line in enumerate(f):
             row = json.loads(line)
+            if isinstance(row["gold"], list):  # a token-level task: words scored, sentences drawn
+                gold.extend(index[g] for g in row["gold"])
+                pred.extend(index[p] for p in row["pred"])
+                units.extend([number] * len(row["gold"]))
+                continue
             gold.append(index[row["gold"]])
             pred.append(index[row["pred"]])
-    return Evaluation(np.asarray(gold), np.asarray(pred), labels, float(metrics["macro_f1"]))
+    score = float(metrics["macro_f1"])
+    sentences = np.asarray(units) if units else None
+    return Evaluation(np.asarray(gold), np.asarray(pred), labels, score, sentences)
 
 
 def _merge_settings(manifest: dict) -> dict | None:
@@ -123,28 +145,70 @@ def _merge_settings(manifest: dict) -> dict | None:
     }
 
 
-def collect(run_dir: Path) -> list[Seeded]:
-    """Every finished, fresh fine-tune of a run directory with its fresh evaluations."""
+def _cpt_of(manifest: dict) -> str | None:
+    """The CPT id a fine-tune was made from: after ``@`` in its merge id, or the folder of its
+    ``init=cpt`` model; None for a fine-tune of the base (or of a folder)."""
+    if manifest.get("merge_id"):
+        return str(manifest["merge_id"]).rpartition("@")[2] or None
+    config = manifest.get("config") or {}
+    if str(config.get("init")) == "cpt" and config.get("init_dir"):
+        return Path(str(config["init_dir"])).parent.name
+    return None
+
+
+def _cpt_labels(run_dir: Path, ids: set[str]) -> dict[str, str]:
+    """``{cpt id: label}`` for the CPT variants of a run: the id and the CPT settings in which
+    the variants differ (``en-hi-3f2a1b, epochs=2``), read from their manifests."""
+    settings = {}
+    for cpt in ids:
+        manifest = read_manifest(run_dir / "cpt" / cpt) or {}
+        section = (manifest.get("config") or {}).get("cpt")
+        settings[cpt] = section if isinstance(section, dict) else {}
+    keys = sorted({k for v in settings.values() for k in v})
+    differing = [
+        k for k in keys if len({json.dumps(v.get(k), default=str) for v in settings.values()}) > 1
+    ]
+    out = {}
+    for cpt, values in settings.items():
+        shown = ", ".join(f"{k}={values.get(k)}" for k in differing if k in values)
+        out[cpt] = f"{cpt}, {shown}" if shown else cpt
+    return out
+
+
+def collect(run_dir: Path, predictions: bool = True) -> list[Seeded]:
+    """Every finished, fresh fine-tune of a run directory with its fresh evaluations
+    (``predictions=False``: their scores only). Where the run holds fine-tunes of more than
+    one CPT variant (``pipeline.cpt_variants``), the arms made from a CPT carry it in their
+    name (``CPT->FT [cpt en-hi-3f2a1b, epochs=2]``), so variants are reported apart."""
     out = []
     for ft_dir in sorted((run_dir / "finetune").glob("*/")):
         manifest = transaction.finished_manifest(ft_dir)
         if manifest is None or transaction.stale_inputs(manifest):
             continue
         seed = int(manifest.get("config", {}).get("seed", 0))
+        kind = str(manifest.get("arm", ft_dir.name))
         item = Seeded(
             run=str(run_dir),
-            group=_SEED.sub("", ft_dir.name),
-            arm=str(manifest.get("arm", ft_dir.name)),
+            group=_SOURCE_SEED.sub(r"\1", _SEED.sub("", ft_dir.name)),
+            arm=kind,
             task=str(manifest.get("task")),
             seed=seed,
             val_f1=float(manifest["metrics"]["macro_f1"]),
             merge=_merge_settings(manifest),
+            kind=kind,
+            cpt=_cpt_of(manifest),
         )
         for eval_dir in sorted((run_dir / "evaluate" / ft_dir.name).glob("*/")):
-            evaluation = _evaluation(eval_dir)
+            evaluation = _evaluation(eval_dir, predictions)
             if evaluation is not None:
                 item.tests[eval_dir.name] = evaluation
         out.append(item)
+    variants = {s.cpt for s in out if s.cpt}
+    if len(variants) > 1:
+        labels = _cpt_labels(run_dir, variants)
+        for s in out:
+            if s.cpt:
+                s.arm = f"{s.kind} [cpt {labels[s.cpt]}]"
     return out
 
 
@@ -154,7 +218,7 @@ def group_arms(seeded: list[Seeded]) -> list[Arm]:
     for s in seeded:
         key = (s.run, s.group)
         if key not in arms:
-            arms[key] = Arm(s.run, s.group, s.arm, s.task, s.merge, [])
+            arms[key] = Arm(s.run, s.group, s.arm, s.task, s.merge, [], kind=s.kind, cpt=s.cpt)
         arms[key].members.append(s)
     for arm in arms.values():
         arm.members.sort(key=lambda m: m.seed)
@@ -185,6 +249,37 @@ def select_scales(arms: list[Arm]) -> None:
             }
 
 
+def chosen_scales(run_dir: Path) -> list[dict]:
+    """The lambda (and density) :func:`select_scales` chooses for each merge family of a run
+    directory, on mean validation macro-F1 over seeds (never test): one row per family with
+    the chosen arm's mean validation and test macro-F1 and the seeds. The sweep's summary and
+    the CLI's closing line show these rows, the report records the same choice."""
+    arms = group_arms(collect(Path(run_dir), predictions=False))
+    select_scales(arms)
+    rows = []
+    for arm in sorted(arms, key=lambda a: a.family):
+        if arm.merge is None or not arm.chosen:
+            continue
+        val, sd, n = arm.val
+        test = arm.test(arm.task)
+        rows.append(
+            {
+                "family": arm.family,
+                "method": arm.merge.get("method"),
+                "lambda": arm.merge.get("lambda"),
+                "density": arm.merge.get("density"),
+                "arm": arm.arm,
+                "task": arm.task,
+                "seeds": " ".join(map(str, arm.seeds)),
+                "val_macro_f1_mean": val,
+                "val_macro_f1_sd": sd,
+                "test_macro_f1_mean": test[0] if test else None,
+                "candidates": len((arm.selection or {}).get("candidates") or []),
+            }
+        )
+    return rows
+
+
 @dataclass
 class Cell:
     """One arm on one test task: mean +- sd over seeds, interval, and comparisons."""
@@ -197,10 +292,12 @@ class Cell:
 
 
 def _reference(arms: list[Arm], arm: Arm, name: str) -> Arm | None:
-    """The Full FT / CPT->FT arm an arm is compared with: same run and training task, most
-    seeds."""
-    found = [a for a in arms if a.arm == name and a.run == arm.run and a.task == arm.task]
-    return max(found, key=lambda a: len(a.members)) if found else None
+    """The Full FT / CPT->FT arm an arm is compared with: same run and training task (and,
+    for CPT->FT, the same CPT variant where the arm has one), most seeds."""
+    found = [a for a in arms if a.kind == name and a.run == arm.run and a.task == arm.task]
+    if arm.cpt and any(a.cpt == arm.cpt for a in found):
+        found = [a for a in found if a.cpt == arm.cpt]
+    return max(found, key=lambda a: (len(a.members), a.group)) if found else None
 
 
 def cells(arms: list[Arm], n_resamples: int = 1000, seed: int = 0) -> dict[tuple, Cell]:
@@ -216,6 +313,7 @@ def cells(arms: list[Arm], n_resamples: int = 1000, seed: int = 0) -> dict[tuple
                 out[(arm.run, arm.group, task)] = Cell(mean, sd, n, None, {})
                 continue
             versus = {}
+            units = arm.units(task)
             for name in REFERENCES:
                 ref = _reference(arms, arm, name)
                 if ref is None or ref is arm:
@@ -230,9 +328,11 @@ def cells(arms: list[Arm], n_resamples: int = 1000, seed: int = 0) -> dict[tuple
                 if not np.array_equal(gold, ref_gold):
                     continue  # another test set: nothing to pair
                 versus[name] = compare(
-                    gold, preds_a, preds_b, k, n_resamples=n_resamples, seed=seed
+                    gold, preds_a, preds_b, k, n_resamples=n_resamples, seed=seed, units=units
                 )
-            interval = score_interval(gold, preds, k, n_resamples=n_resamples, seed=seed)
+            interval = score_interval(
+                gold, preds, k, n_resamples=n_resamples, seed=seed, units=units
+            )
             out[(arm.run, arm.group, task)] = Cell(mean, sd, n, interval, versus)
     return out
 

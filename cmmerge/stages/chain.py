@@ -1,5 +1,8 @@
 """The upstream chain of a stage, named whole when it is missing: `finetune init=merged` on a
-fresh run says it needs cpt, extract and merge, with the commands, instead of one at a time."""
+fresh run says it needs cpt, extract and merge, with the commands, instead of one at a time.
+
+A graft (``cmmerge graft``: tau_cpt added to the base fine-tuned on ``onto``) needs cpt, extract
+and that fine-tune; ``evaluate init=graft`` needs the graft too."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from omegaconf import DictConfig
 from cmmerge.errors import CmmergeError
 from cmmerge.io import transaction
 from cmmerge.merging.methods import get_method
-from cmmerge.stages.ids import cli_hint, source_names, stage_dirs
+from cmmerge.stages.ids import GRAFT, cli_hint, onto_task, source_names, stage_dirs
 from cmmerge.stages.runner import hydra_overrides
 
 
@@ -32,6 +35,23 @@ def command_for(cfg: DictConfig, stage: str, *keys: str) -> str:
 
 def upstream(cfg: DictConfig, stage: str) -> list[tuple[str, str]]:
     """``(stage, command)`` of every stage ``stage`` needs in this run directory, in order."""
+    return [(name, command) for name, command, _ in chain(cfg, stage)]
+
+
+def chain(cfg: DictConfig, stage: str) -> list[tuple[str, str, str]]:
+    """``(stage, command, key of its folder in stage_dirs)`` of every stage ``stage`` needs."""
+    init = str(cfg.get("init", "base"))
+    if stage == "graft":
+        keys = [f"task={onto_task(cfg)}", f"seed={cfg.seed}"]
+        onto = ("finetune", command_for(cfg, "finetune", "init=base", *keys), "onto")
+        return [*chain(cfg, "extract"), ("extract", command_for(cfg, "extract"), "extract"), onto]
+    if stage == "evaluate" and init == GRAFT:
+        make = command_for(cfg, "graft", f"onto={onto_task(cfg)}", *_merge_keys(cfg))
+        return [*chain(cfg, "graft"), ("graft", make, "finetune")]
+    return [(name, command, name) for name, command in _upstream(cfg, stage)]
+
+
+def _upstream(cfg: DictConfig, stage: str) -> list[tuple[str, str]]:
     cpt = ("cpt", command_for(cfg, "cpt"))
     init = str(cfg.get("init", "base"))
     if stage == "extract":
@@ -45,7 +65,7 @@ def upstream(cfg: DictConfig, stage: str) -> list[tuple[str, str]]:
             return [cpt]
         if init == "merged" and source_names(cfg) == ["cpt"]:
             return [
-                *upstream(cfg, "merge"),
+                *_upstream(cfg, "merge"),
                 ("merge", command_for(cfg, "merge", *_merge_keys(cfg))),
             ]
         return []
@@ -53,14 +73,20 @@ def upstream(cfg: DictConfig, stage: str) -> list[tuple[str, str]]:
         keys = [f"init={init}", f"task={cfg.task.name}", f"seed={cfg.seed}"]
         if init == "merged":
             keys += _merge_keys(cfg)
-        return [*upstream(cfg, "finetune"), ("finetune", command_for(cfg, "finetune", *keys))]
+        return [*_upstream(cfg, "finetune"), ("finetune", command_for(cfg, "finetune", *keys))]
     return []
 
 
 def require_upstream(cfg: DictConfig, stage: str) -> None:
     """Raise one CmmergeError naming every missing stage of ``stage``'s chain (none: return)."""
+    if stage == "finetune" and str(cfg.get("init")) == GRAFT:
+        raise CmmergeError(
+            "init=graft is not fine-tuned: `cmmerge graft onto=TASK lambda=...` makes it "
+            "(tau_cpt added to the base fine-tuned on TASK); evaluate it with `cmmerge evaluate "
+            "init=graft ...`"
+        )
     dirs = stage_dirs(cfg)
-    missing = [(name, hint) for name, hint in upstream(cfg, stage) if _unfinished(dirs[name])]
+    missing = [(name, hint) for name, hint, key in chain(cfg, stage) if _unfinished(dirs[key])]
     if not missing:
         return
     names = ", ".join(name for name, _ in missing)

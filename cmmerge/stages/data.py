@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from cmmerge.data import label_distribution, load_task_with_info
 from cmmerge.data.stats import code_mixing, split_overlap, token_lengths
+from cmmerge.data.tasks import dataset_labels
 from cmmerge.errors import CmmergeError
 from cmmerge.io.manifest import write_json_atomic
 from cmmerge.settings import cache_dir, data_root, plain
@@ -43,7 +44,7 @@ def collect_stats(cfg: DictConfig) -> dict:
     """What a person checks before training: sizes, labels, lengths, mixing, corpus leakage."""
     task_cfg = plain(cfg.task)
     splits, info = load_task_with_info(task_cfg, data_root(cfg), seed=split_seed(cfg))
-    labels = list(splits["train"].features["label"].names)  # task.labels, or inferred
+    labels = dataset_labels(splits["train"])  # task.labels, or inferred (words' for token tasks)
     tokenizer = _tokenizer(cfg)
     cache = cache_dir(cfg) if tokenizer is not None else None
     lang_tags = task_cfg.get("language_tags") or {}

@@ -1,6 +1,8 @@
 """`cmmerge evaluate`: macro-F1, accuracy, per-class report and confusion matrix of a fine-tuned
 model on the test split of its task and of other tasks with the same labels (cross-pair transfer)
--> evaluate/<finetune-id>/<task>/metrics.json, predictions.jsonl."""
+-> evaluate/<finetune-id>/<task>/metrics.json, predictions.jsonl. Token-level tasks
+(``task.type=token``) are scored over words, and each predictions line holds a sentence's
+``words`` with a ``gold`` and a ``pred`` tag per word."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import logging
 
 from omegaconf import DictConfig
 
+from cmmerge.data.token_tasks import is_token_task
 from cmmerge.errors import CmmergeError
 from cmmerge.io.manifest import write_json_atomic, write_jsonl_atomic
 from cmmerge.settings import data_root, plain, task_config
@@ -17,6 +20,7 @@ from cmmerge.stages.ids import cli_hint, finetune_id, stage_dirs
 from cmmerge.stages.inputs import data_inputs, split_seed, task_labels, task_splits_with_info
 from cmmerge.stages.runner import run_stage, stage_input
 from cmmerge.training.finetune import predict
+from cmmerge.training.token_classification import predict_tokens
 
 log = logging.getLogger("cmmerge")
 
@@ -37,6 +41,12 @@ def evaluate_one(cfg: DictConfig, task_name: str) -> dict:
     task = task_config(cfg, task_name)
     labels = task_labels(cfg)  # what fine-tuning used: task.labels, or inferred from train
     eval_labels = labels if task_name == str(cfg.task.name) else task_labels(cfg, task_name)
+    token = is_token_task(plain(task))
+    if token != is_token_task(plain(cfg.task)):
+        raise CmmergeError(
+            f"eval task {task_name} is {'token' if token else 'sentence'}-level, the model "
+            f"{finetune_id(cfg)} was trained on {cfg.task.name}, which is not"
+        )
     if eval_labels != labels:
         raise CmmergeError(
             f"eval task {task_name} has labels {eval_labels}, the model "
@@ -54,6 +64,8 @@ def evaluate_one(cfg: DictConfig, task_name: str) -> dict:
     def work(stage_dir):
         splits, info = task_splits_with_info(cfg, task_name)
         test = splits["test"]
+        if token:
+            return token_work(stage_dir, test)
         texts, gold = list(test["text"]), list(test["label"])
         probs, metrics = predict(
             ft_dir / "model",
@@ -90,6 +102,47 @@ def evaluate_one(cfg: DictConfig, task_name: str) -> dict:
             "finetune_id": finetune_id(cfg),
             "task": task_name,
             "test_blank_dropped": info["test"].get("blank_dropped", 0),
+        }
+
+    def token_work(stage_dir, test):
+        """Word-level metrics; one predictions line per sentence with a tag per word."""
+        words, gold = list(test["words"]), list(test["word_labels"])
+        preds, _, metrics = predict_tokens(
+            ft_dir / "model",
+            words,
+            labels,
+            int(cfg.evaluate.batch_size),
+            int(cfg.evaluate.max_length),
+            gold,
+            stage_dir / ".predict",
+        )
+        if not dist.is_main():
+            return {"metrics": metrics}
+        write_json_atomic(stage_dir / "metrics.json", {"split": "test", **metrics})
+        rows = (
+            {
+                "text": text,
+                "words": w,
+                "gold": [labels[i] for i in g],
+                "pred": [labels[i] for i in p],
+            }
+            for text, w, g, p in zip(test["text"], words, gold, preds, strict=True)
+        )
+        write_jsonl_atomic(stage_dir / "predictions.jsonl", rows)
+        log.info(
+            "evaluate %s on %s: word macro-F1 %.4f, accuracy %.4f (%d words)",
+            finetune_id(cfg),
+            task_name,
+            metrics["macro_f1"],
+            metrics["accuracy"],
+            metrics["n"],
+        )
+        return {
+            "metrics": metrics,
+            "outputs": ["metrics.json", "predictions.jsonl"],
+            "finetune_id": finetune_id(cfg),
+            "task": task_name,
+            "test_blank_dropped": 0,
         }
 
     stage_dir = dirs["evaluate"] / task_name

@@ -1,5 +1,6 @@
-"""`cmmerge finetune`: sequence classification from init=base|cpt|merged|DIR, full or LoRA, best
-epoch by validation macro-F1 -> finetune/<finetune-id>/model/ and metrics.json.
+"""`cmmerge finetune`: sequence classification (token classification for ``task.type=token``)
+from init=base|cpt|merged|DIR, full or LoRA, best epoch by validation macro-F1 ->
+finetune/<finetune-id>/model/ and metrics.json.
 
 ``finetune.sequential=[TASK,...]`` fine-tunes on those tasks first, in order (sequential FT);
 ``finetune.joint=[TASK,...]`` adds their train sets to the task's (joint FT).
@@ -14,18 +15,20 @@ from datasets import DatasetDict, concatenate_datasets
 from omegaconf import DictConfig
 
 from cmmerge.data.tasks import subsample
+from cmmerge.data.token_tasks import is_token_task, subsample_sentences
 from cmmerge.errors import CmmergeError
 from cmmerge.evaluation.baseline import majority_baseline_warning
 from cmmerge.io.manifest import write_json_atomic
 from cmmerge.io.model_card import write_model_card
 from cmmerge.models.loading import local_model_dir, resolve_model
-from cmmerge.settings import cache_dir, data_root, plain
+from cmmerge.settings import cache_dir, data_root, plain, task_config
 from cmmerge.stages import dist
 from cmmerge.stages.chain import require_upstream
 from cmmerge.stages.ids import arm_name, cli_hint, finetune_id, merge_id, stage_dirs
 from cmmerge.stages.inputs import data_inputs, split_seed, task_labels, task_splits_with_info
 from cmmerge.stages.runner import folder_input, run_stage, stage_input, view
 from cmmerge.training.finetune import train_classifier
+from cmmerge.training.token_classification import train_token_classifier
 
 log = logging.getLogger("cmmerge")
 
@@ -54,7 +57,14 @@ def init_model(cfg: DictConfig) -> tuple[Path, dict]:
 
 
 def _same_labels(cfg: DictConfig, labels: list[str], names: list[str]) -> None:
+    token = is_token_task(plain(cfg.task))
     for name in names:
+        if is_token_task(plain(task_config(cfg, name))) != token:
+            kind = "token-level" if token else "sentence-level"
+            raise CmmergeError(
+                f"task {name} is not {kind} like {cfg.task.name}: sequential and joint "
+                "fine-tuning need tasks of one type (task.type)"
+            )
         other = task_labels(cfg, name)
         if other != labels:
             raise CmmergeError(
@@ -74,14 +84,25 @@ def _data_info(info: dict) -> dict:
     return out
 
 
+def train_size(cfg: DictConfig) -> int | None:
+    """``finetune.train_size``: null, or a whole number of training examples >= 1."""
+    size = cfg.finetune.get("train_size")
+    if size is None:
+        return None
+    if isinstance(size, bool) or not str(size).isdigit() or int(size) < 1:
+        raise CmmergeError(f"finetune.train_size must be a whole number >= 1 or null, got {size!r}")
+    return int(size)
+
+
 def training_data(cfg: DictConfig) -> tuple[DatasetDict, dict]:
     """The task's splits, with the train sets of ``finetune.joint`` tasks added to train, and
     per task what was read (blank texts dropped)."""
     splits, info = task_splits_with_info(cfg)
-    size = cfg.finetune.get("train_size")
+    size = train_size(cfg)
     if size is not None:
         name = str(cfg.task.name)
-        train = subsample(splits["train"], int(size), split_seed(cfg), name)
+        draw = subsample_sentences if is_token_task(plain(cfg.task)) else subsample
+        train = draw(splits["train"], int(size), split_seed(cfg), name)
         info["train"] = {
             **info["train"],
             "size": len(train),
@@ -104,6 +125,7 @@ def training_data(cfg: DictConfig) -> tuple[DatasetDict, dict]:
 
 def run(cfg: DictConfig) -> dict:
     dirs = stage_dirs(cfg)
+    train_size(cfg)  # a bad budget is refused before anything is locked or written
     init_dir, init_input = init_model(cfg)
     labels = task_labels(cfg)  # task.labels, or inferred from the train file
     seed = int(cfg.seed)
@@ -126,6 +148,8 @@ def run(cfg: DictConfig) -> dict:
     )
 
     tokens_cache = cache_dir(cfg)  # tokenize_cached keeps its files in <cache>/tokenized
+    # task.type=token: one label per word (cmmerge.training.token_classification)
+    fit = train_token_classifier if is_token_task(plain(cfg.task)) else train_classifier
 
     def work(stage_dir):
         start, steps = init_dir, []
@@ -136,7 +160,7 @@ def run(cfg: DictConfig) -> dict:
             step_dir = stage_dir / "sequential" / name
             step_splits, step_info = task_splits_with_info(cfg, name)
             data_info[name] = _data_info(step_info)
-            result = train_classifier(
+            result = fit(
                 start,
                 step_splits,
                 labels,
@@ -148,7 +172,7 @@ def run(cfg: DictConfig) -> dict:
             )
             steps.append({"task": name, "validation_macro_f1": result["metrics"]["macro_f1"]})
             start = step_dir / "model"
-        result = train_classifier(
+        result = fit(
             start,
             splits,
             labels,

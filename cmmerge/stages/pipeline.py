@@ -1,7 +1,8 @@
 """`cmmerge pipeline`: a whole study in one run directory. The plan (:mod:`cmmerge.stages.plan`)
-expands ``pipeline.*`` into data -> cpt -> extract -> merges -> fine-tuning arms -> evaluate
-(-> prompting) steps over tasks, CPT variants, lambda grids and seeds; it is printed first (to
-do, done, estimated time), then run in order, then ``report``. Finished stages are skipped, so
+expands ``pipeline.*`` into data -> cpt -> extract -> merges -> fine-tuning arms (-> grafts of
+tau_cpt onto a fine-tune, ``pipeline.no_labels``) -> evaluate (-> prompting) steps over tasks,
+CPT variants, lambda grids and seeds; it is printed first (to do, done, estimated time), then
+run in order, then ``report``. Finished stages are skipped, so
 the same command resumes an interrupted study.
 
 A stage that fails is recorded and the stages that need it are left out; the others go on and
@@ -21,7 +22,19 @@ from omegaconf import DictConfig
 from cmmerge.errors import CmmergeError
 from cmmerge.io import transaction
 from cmmerge.settings import run_dir
-from cmmerge.stages import cpt, data, dist, evaluate, extract, finetune, merge, plan, prompt, report
+from cmmerge.stages import (
+    cpt,
+    data,
+    dist,
+    evaluate,
+    extract,
+    finetune,
+    graft,
+    merge,
+    plan,
+    prompt,
+    report,
+)
 from cmmerge.stages.plan import Step, with_values
 
 __all__ = ["run", "with_values"]
@@ -32,6 +45,7 @@ log = logging.getLogger("cmmerge")
 PRUNABLE = {
     "merge": ("keep_merged", ("model/",)),
     "finetune": ("keep_models", ("model/", "adapter/", "sequential/")),
+    "graft": ("keep_models", ("model/",)),
 }
 
 
@@ -46,6 +60,7 @@ def run_step(step: Step, force: bool = False) -> dict:
         "extract": extract,
         "merge": merge,
         "finetune": finetune,
+        "graft": graft,
         "prompt": prompt,
         "report": report,
     }[step.stage]
@@ -141,7 +156,7 @@ def run(cfg: DictConfig) -> dict | None:
     executor = _Executor(cfg, work)
     for step in work:
         executor.run(step)
-    trained = [s for s in work if s.stage in ("finetune", "prompt")]
+    trained = [s for s in work if s.stage in ("finetune", "graft", "prompt")]
     result: dict = {}
     if any(executor.status.get(s.folder) == "ok" for s in trained):
         result = report.run(cfg)

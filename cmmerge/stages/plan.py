@@ -4,7 +4,13 @@ run, each with its folder (from :mod:`cmmerge.stages.ids`) and the upstream fold
 
 ``pipeline.*`` keys read here (``configs/pipeline.yaml``): ``tasks``, ``seeds``,
 ``cpt_variants``, ``baselines``, ``merges`` and ``multi_source`` (``lambda`` and ``density`` may
-be lists: a grid), ``sequential``, ``joint`` and ``prompts``.
+be lists: a grid), ``sequential``, ``joint``, ``no_labels`` and ``prompts``.
+
+``no_labels`` (no code-mixed labels): per entry ``{onto: TASK, lambda: [...], method,
+density, baselines}``, the base fine-tuned on ``onto`` (per seed), a graft per lambda (tau_cpt
+added to it, scored on the code-mixed task's validation split) evaluated on the task's
+evaluation tasks, and the ``onto`` baselines (default Full FT and CPT->FT on ``onto``)
+evaluated there too, beside the task's own arms (the ceiling, with code-mixed labels).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from cmmerge.errors import CmmergeError
 from cmmerge.settings import CONFIG_DIR, load_group_config, plain, run_dir
 from cmmerge.stages.ids import stage_dirs
 
-_ARM_KEYS = ("sequential", "joint", "multi_source")
+_ARM_KEYS = ("sequential", "joint", "multi_source", "no_labels")
 
 
 def with_values(cfg: DictConfig, **values: Any) -> DictConfig:
@@ -70,8 +76,9 @@ def seeds(cfg: DictConfig) -> list[int]:
 
 def task_entries(cfg: DictConfig) -> list[dict]:
     """``pipeline.tasks`` as mappings ``{name, corpus, eval_tasks, sequential, joint,
-    multi_source, prompt}``; a plain name, or a key left out, takes the pipeline's (or the
-    run's); ``prompt`` is merged into the ``prompt`` settings of that task's prompting arms."""
+    multi_source, no_labels, prompt}``; a plain name, or a key left out, takes the pipeline's
+    (or the run's); ``prompt`` is merged into the ``prompt`` settings of that task's prompting
+    arms."""
     entries = plain(cfg.pipeline.get("tasks")) or [str(cfg.task.name)]
     out = []
     for entry in entries:
@@ -150,10 +157,13 @@ def _identity(step: Step) -> str:
     if step.stage in ("merge",):
         keys.update(method=plain(c.method), scale=c["lambda"], density=c.get("density"))
         keys.update(sources=plain(c.get("sources")), weights=plain(c.get("weights")))
-    if step.stage in ("finetune", "evaluate", "prompt", "data"):
+    if step.stage in ("finetune", "evaluate", "prompt", "data", "graft"):
         keys.update(task=str(c.task.name), seed=int(c.seed))
-    if step.stage in ("finetune", "evaluate"):
+    if step.stage in ("finetune", "evaluate", "graft"):
         keys.update(init=str(c.init), finetune=plain(c.finetune), peft=plain(c.get("peft")))
+    if step.stage == "graft":
+        keys.update(method=plain(c.method), scale=c["lambda"], density=c.get("density"))
+        keys.update(onto=str(c.onto), evaluate=plain(c.evaluate))
     if step.stage == "prompt":
         keys.update(shots=int(c.shots), prompt=plain(c.prompt))
     keys["eval_task"] = step.eval_task
@@ -172,12 +182,68 @@ def _arm_cfgs(tcfg: DictConfig, entry: dict, baselines: list[str]) -> list[DictC
     return arms
 
 
-def _finetune_and_evaluate(plan: _Plan, arm: DictConfig, needs: tuple[Path, ...], seed: int):
+def _finetune_and_evaluate(
+    plan: _Plan, arm: DictConfig, needs: tuple[Path, ...], seed: int, stage: str = "finetune"
+) -> Path:
     arm = with_values(arm, seed=seed)
     dirs = stage_dirs(arm)
-    ft = plan.add(Step("finetune", arm, dirs["finetune"], needs))
+    ft = plan.add(Step(stage, arm, dirs["finetune"], needs))
     for task in [str(t) for t in (arm.get("eval_tasks") or [arm.task.name])]:
         plan.add(Step("evaluate", arm, dirs["evaluate"] / task, (ft,), eval_task=task))
+    return ft
+
+
+def _no_labels(plan: _Plan, vcfg: DictConfig, spec: dict, seeds: list[int], cpt_dir, ext_dir):
+    """One ``pipeline.no_labels`` entry for one task and CPT variant: the base fine-tuned on
+    ``onto`` and the grafts of tau_cpt onto it, per seed and lambda, evaluated on the task's
+    evaluation tasks, and the ``onto`` baselines (Full FT / CPT->FT on ``onto``) evaluated
+    there too."""
+    spec = {"onto": spec} if isinstance(spec, str) else dict(spec)
+    if not spec.get("onto"):
+        raise CmmergeError(f"pipeline.no_labels entry {spec} has no onto (the labelled task)")
+    onto = str(spec["onto"])
+    eval_tasks = [str(t) for t in (vcfg.get("eval_tasks") or [vcfg.task.name])]
+    source = with_values(vcfg, task=load_group_config("task", onto), eval_tasks=eval_tasks)
+    mine, theirs = plain(vcfg.task.get("labels")), plain(source.task.get("labels"))
+    if mine and theirs and list(mine) != list(theirs):
+        raise CmmergeError(
+            f"pipeline.no_labels: onto={onto} has labels {list(theirs)}, {vcfg.task.name} has "
+            f"{list(mine)}: give that task's entry in pipeline.tasks no_labels: []"
+        )
+    for init in spec.get("baselines", ["base", "cpt"]):
+        needs = (cpt_dir,) if str(init) == "cpt" else ()
+        for seed in seeds:
+            _finetune_and_evaluate(plan, with_values(source, init=str(init)), needs, seed)
+    method = str(spec.get("method", "task_arithmetic"))
+    for values in _merge_settings({**spec, "method": method}):
+        values = {k: v for k, v in values.items() if k not in ("sources", "weights")}
+        arm = with_values(vcfg, **{**values, "init": "graft", "onto": onto})
+        for seed in seeds:
+            src = with_values(source, init="base", seed=seed)
+            ft = plan.add(Step("finetune", src, stage_dirs(src)["finetune"]))
+            _finetune_and_evaluate(plan, arm, (ext_dir, ft), seed, stage="graft")
+
+
+def _merged_arm(
+    plan: _Plan, vcfg: DictConfig, values: dict, ext_dir: Path, run_seeds: list[int]
+) -> None:
+    """A merge arm's merge, fine-tunes and evaluations. A merge of the CPT's task vector alone
+    is shared by every seed; a merge with a task's tau (the base fine-tuned on that task, with
+    the seed of the fine-tune made from the merge) is one merge per seed, from that seed's
+    source fine-tune."""
+    sources = [str(s) for s in values.get("sources") or ["cpt"]]
+    tasks = [s for s in sources if s != "cpt"]
+    for group in [[seed] for seed in run_seeds] if tasks else [run_seeds]:
+        arm = with_values(vcfg, seed=group[0], **values)
+        needs = [ext_dir] if "cpt" in sources else []
+        for source in tasks:  # tau of that task: the base fine-tuned on it first
+            src = with_values(
+                vcfg, init="base", seed=group[0], task=load_group_config("task", source)
+            )
+            needs.append(plan.add(Step("finetune", src, stage_dirs(src)["finetune"])))
+        merge_dir = plan.add(Step("merge", arm, stage_dirs(arm)["merge"], (*needs,)))
+        for seed in group:
+            _finetune_and_evaluate(plan, arm, (merge_dir,), seed)
 
 
 def expand(cfg: DictConfig) -> list[Step]:
@@ -202,22 +268,9 @@ def expand(cfg: DictConfig) -> list[Step]:
                     _finetune_and_evaluate(plan, arm, needs, seed)
             for spec in [*merges, *entry["multi_source"]]:
                 for values in _merge_settings(spec):
-                    arm = with_values(vcfg, seed=run_seeds[0], **values)
-                    needs = [ext_dir] if "cpt" in (values.get("sources") or ["cpt"]) else []
-                    for source in values.get("sources") or []:
-                        if source != "cpt":  # tau of that task: the base fine-tuned on it first
-                            src = with_values(
-                                vcfg,
-                                init="base",
-                                seed=run_seeds[0],
-                                task=load_group_config("task", str(source)),
-                            )
-                            needs.append(
-                                plan.add(Step("finetune", src, stage_dirs(src)["finetune"]))
-                            )
-                    merge_dir = plan.add(Step("merge", arm, stage_dirs(arm)["merge"], (*needs,)))
-                    for seed in run_seeds:
-                        _finetune_and_evaluate(plan, arm, (merge_dir,), seed)
+                    _merged_arm(plan, vcfg, values, ext_dir, run_seeds)
+            for spec in entry["no_labels"]:
+                _no_labels(plan, vcfg, spec, run_seeds, cpt_dir, ext_dir)
         for shots in _as_list(prompts.get("shots")) if prompts else []:
             pcfg = _prompt_defaults(tcfg)
             with open_dict(pcfg):
@@ -329,7 +382,7 @@ def describe(steps: list[Step], root: Path, shown: int = 5) -> str:
         f"plan for {root}: {len(steps)} stages, {len(steps) - len(todo)} done, {len(todo)} to do"
     ]
     lines.append(f"  {'stage':<9} {'to do':>6} {'done':>6}  estimate")
-    order = ("data", "cpt", "extract", "merge", "finetune", "evaluate", "prompt", "report")
+    order = ("data", "cpt", "extract", "merge", "finetune", "graft", "evaluate", "prompt", "report")
     for stage in sorted({s.stage for s in steps}, key=order.index):
         mine = [s for s in steps if s.stage == stage]
         left = [s for s in todo if s.stage == stage]

@@ -57,6 +57,8 @@ def run(cfg: DictConfig) -> dict:
     max_length = config_int(cfg, "prompt.max_length")
     if shots < 0:
         raise CmmergeError(f"shots={shots}: give 0 (zero-shot) or a positive number")
+    if str(cfg.task.get("type") or "sequence") == "token":
+        raise CmmergeError(f"task {cfg.task.name} labels words: prompting scores whole texts only")
     if batch_size < 1 or max_length < 2:
         raise CmmergeError("prompt.batch_size must be >= 1 and prompt.max_length >= 2")
     device = inference_device(cfg.prompt.get("device", "auto"))

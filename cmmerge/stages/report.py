@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from cmmerge.errors import CmmergeError
 from cmmerge.io import transaction
 from cmmerge.io.manifest import manifest_hash
-from cmmerge.reporting import paper
+from cmmerge.reporting import no_labels, paper
 from cmmerge.reporting.study import study
 from cmmerge.reporting.tables import columns, finetune_rows, markdown_table, write_csv
 from cmmerge.settings import run_dir
@@ -70,6 +70,7 @@ def run(cfg: DictConfig) -> dict:
             + paper.markdown(arms, cells)
             + "\n## Against Full FT and CPT->FT\n\n"
             + paper.comparisons_markdown(arms, cells)
+            + no_labels.markdown(arms, cells, n_resamples=n_resamples)
             + "\n## Every fine-tune\n\nMacro-F1 (the paper's metric); the validation score "
             "picks the epoch (and λ), the test score is only reported.\n\n"
             + table

@@ -133,7 +133,7 @@ def run_stage(
         dist.barrier()
         previous = read_manifest(stage_dir)
         reason = None if previous is None else transaction.problem(stage_dir, previous)
-        if previous is not None and reason is None and previous["fingerprint"] == digest:
+        if previous is not None and reason is None and _same_stage(previous, digest):
             just_made = (stage_dir / MANIFEST).stat().st_mtime >= asked  # by another process
             if not cfg.get("force") or just_made:
                 log.info("%s: up to date in %s, skipped (force=true redoes it)", stage, stage_dir)
@@ -212,7 +212,7 @@ def _do(cfg, stage, stage_dir, partial, config_view, inputs, work, digest) -> di
     except CmmergeError:
         raise
     except BaseException as err:
-        user_error = as_user_error(err, stage_dir)
+        user_error = as_user_error(err, stage_dir, inputs)
         if user_error is not None:
             log.error("%s", user_error)
             raise user_error from err
@@ -247,9 +247,12 @@ def _do(cfg, stage, stage_dir, partial, config_view, inputs, work, digest) -> di
 _DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES}
 
 
-def as_user_error(err: BaseException, stage_dir: Path) -> CmmergeError | None:
+def as_user_error(
+    err: BaseException, stage_dir: Path, inputs: list[dict] | None = None
+) -> CmmergeError | None:
     """The one-line error for a failure the user's machine or files cause (disk full, a file
-    size limit, no permission, out of memory), or None for anything else (a bug)."""
+    size limit, no permission, out of memory, a model folder among ``inputs`` whose weights
+    are missing or damaged), or None for anything else (a bug)."""
     if isinstance(err, OSError) and err.errno in _DISK_ERRNOS:
         where = f" ({err.filename})" if err.filename else ""
         return CmmergeError(
@@ -267,6 +270,32 @@ def as_user_error(err: BaseException, stage_dir: Path) -> CmmergeError | None:
             f"out of memory in {stage_dir}: lower the batch size or max_length, use peft=lora, "
             "or a machine with more memory"
         )
+    loading = type(err).__name__ == "SafetensorError" or (
+        isinstance(err, OSError) and err.errno is None  # transformers: "no file named ..."
+    )
+    return _unreadable_model(inputs or []) if loading else None
+
+
+def _unreadable_model(inputs: list[dict]) -> CmmergeError | None:
+    """When a library failed to load weights: the model folder among ``inputs`` (an
+    ``init=DIR``, a base model, a stage's ``model/``) whose weights are missing, truncated or
+    damaged, as one line naming the file; None when they all read (then it was not them)."""
+    from cmmerge.io.checkpoint import CheckpointReader
+
+    for item in inputs:
+        folder = Path(str(item.get("path", ""))) if isinstance(item, dict) else None
+        if folder is None or not folder.is_dir():
+            continue
+        for model_dir in (folder, folder / "model"):
+            if not (model_dir / "config.json").is_file():
+                continue
+            try:
+                CheckpointReader(model_dir, allow_pickle=True).close()
+            except CmmergeError as bad:
+                return CmmergeError(
+                    f"cannot load the model in {model_dir}: {bad}; "
+                    "replace its weights (or choose another model), then run the same command"
+                )
     return None
 
 
@@ -284,6 +313,17 @@ def _gpu_peak() -> dict[str, float]:
     if not torch.cuda.is_available():
         return {}
     return {"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+
+
+def _same_stage(previous: dict, digest: str) -> bool:
+    """Whether a finished manifest is the stage ``digest`` names: by its fingerprint, or by its
+    recorded config and inputs hashed the way fingerprints are now (a manifest written before
+    :data:`~cmmerge.io.manifest.NOT_OUTPUT_SETTINGS` left the fingerprint stays valid)."""
+    if previous.get("fingerprint") == digest:
+        return True
+    if "config" not in previous or not isinstance(previous.get("inputs"), list):
+        return False
+    return fingerprint(previous["config"], previous["inputs"]) == digest
 
 
 def view(cfg: DictConfig, *keys: str, **extra: Any) -> dict[str, Any]:

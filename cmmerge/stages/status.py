@@ -14,8 +14,9 @@ from cmmerge.io import transaction
 from cmmerge.io.manifest import MANIFEST, read_json, read_manifest
 from cmmerge.reporting.tables import markdown_table
 from cmmerge.settings import run_dir
-from cmmerge.stages.chain import command_for, upstream
-from cmmerge.stages.ids import stage_dirs
+from cmmerge.stages.chain import chain as upstream_chain
+from cmmerge.stages.chain import command_for
+from cmmerge.stages.ids import GRAFT, is_graft_id, stage_dirs
 from cmmerge.stages.runner import failure_file, hydra_overrides
 
 _SKIP_TOP = {"logs", "sweep"}
@@ -69,6 +70,8 @@ def stage_state(stage_dir: Path) -> tuple[str, str]:
 def _command(stage_dir: Path, root: Path, fallback: list[str]) -> str:
     manifest = read_manifest(stage_dir)
     stage = (manifest or {}).get("stage") or stage_dir.relative_to(root).parts[0]
+    if stage == "finetune" and is_graft_id(stage_dir.name):  # a failed or interrupted graft
+        stage = "graft"
     overrides = (manifest or {}).get("overrides") or fallback
     if failure_file(stage_dir).exists():
         try:
@@ -79,9 +82,13 @@ def _command(stage_dir: Path, root: Path, fallback: list[str]) -> str:
 
 
 def _expected(cfg: DictConfig) -> dict[str, Path]:
-    """The stages the given config's fine-tuning chain needs."""
+    """The stages the given config's fine-tuning chain needs (a graft's: cpt, extract, the
+    fine-tune on ``onto``, the graft, evaluate)."""
     dirs = stage_dirs(cfg)
     init = str(cfg.init)
+    if init == GRAFT:
+        found = {key: dirs[key] for _, _, key in upstream_chain(cfg, "evaluate")}
+        return {**found, "evaluate": dirs["evaluate"]}
     chain = ["finetune", "evaluate"]
     if init in ("cpt", "merged"):
         chain = ["cpt", *(["extract", "merge"] if init == "merged" else []), *chain]
@@ -107,11 +114,12 @@ def run(cfg: DictConfig) -> dict:
         )
         seen.add(stage_dir)
     evaluate_dirs = [stage_dirs(cfg)["evaluate"] / str(t) for t in _eval_tasks(cfg)]
-    commands = dict(upstream(cfg, "evaluate"))
+    commands = {key: command for _, command, key in upstream_chain(cfg, "evaluate")}
     for name, stage_dir in _expected(cfg).items():
         for folder in evaluate_dirs if name == "evaluate" else [stage_dir]:
             if folder not in seen and not (folder / MANIFEST).exists():
-                command = commands.get(name) or command_for(cfg, name)
+                keys = ["init=graft"] if name == "evaluate" and str(cfg.init) == GRAFT else []
+                command = commands.get(name) or command_for(cfg, name, *keys)
                 rows.append(
                     {
                         "stage": folder.relative_to(root).as_posix(),

@@ -8,8 +8,6 @@ A stage that was skipped says ``up to date`` first.
 
 from __future__ import annotations
 
-import csv
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -99,29 +97,29 @@ def _prompt(cfg: DictConfig, m: dict) -> str:
     return f"{m.get('arm', 'prompting')}: test macro-F1 {_f(x.get('macro_f1'))}{how} -> {where}"
 
 
-def best_lambdas(summary_csv: Path) -> dict[str, tuple[str, float]]:
-    """Best lambda (and its validation macro-F1) per merge method in a sweep's summary.csv."""
-    best: dict[str, tuple[str, float]] = {}
-    if not summary_csv.is_file():
-        return best
-    with summary_csv.open(encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            found = re.match(r"(.+?)-l(\d[\d.]*(?:e-?\d+)?)", row.get("merge_id") or "")
-            try:
-                score = float(row.get("val_macro_f1") or "nan")
-            except ValueError:
-                continue
-            if found and score == score:  # not NaN
-                method, lam = found.groups()
-                if method not in best or score > best[method][1]:
-                    best[method] = (lam, score)
-    return best
+def best_lambdas(run: Path) -> str:
+    """The lambda (and density) chosen per merge method in a run directory, as the sweep's
+    summary and the report choose it (mean validation macro-F1 over seeds,
+    :func:`~cmmerge.reporting.study.chosen_scales`), in words."""
+    from cmmerge.reporting.study import chosen_scales
+
+    rows = chosen_scales(run)
+    methods = [str(r["method"]) for r in rows]
+    shown = []
+    for row in rows:
+        name = row["method"] if methods.count(str(row["method"])) == 1 else row["family"]
+        density = f" density={row['density']:g}" if row["density"] is not None else ""
+        n = len(row["seeds"].split())
+        seeds = f", mean of {n} seeds" if n > 1 else ""
+        shown.append(
+            f"{name} lambda={row['lambda']:g}{density} (val {row['val_macro_f1_mean']:.4f}{seeds})"
+        )
+    return ", ".join(shown)
 
 
 def _sweep(cfg: DictConfig, result: dict) -> str:
     root = run_dir(cfg) / "sweep"
-    best = best_lambdas(root / "summary.csv")
-    shown = ", ".join(f"{m} lambda={lam} (val {s:.4f})" for m, (lam, s) in sorted(best.items()))
+    shown = best_lambdas(run_dir(cfg))
     job = f"job {result['job']} " if result.get("job") else "job "
     done = "failed" if result.get("failed") else "done"
     return f"{job}{done}; summary in {root / 'summary.md'}; best so far: {shown or 'none yet'}"
@@ -138,6 +136,7 @@ _LINES: dict[str, Callable[[DictConfig, Any], str]] = {
     "extract": _extract,
     "merge": _merge,
     "finetune": _finetune,
+    "graft": _finetune,  # a graft is a fine-tuned model (init=graft): same line
     "evaluate": _evaluate,
     "prompt": _prompt,
     "sweep": _sweep,

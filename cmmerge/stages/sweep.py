@@ -28,6 +28,7 @@ from omegaconf import DictConfig, open_dict
 from cmmerge.errors import CmmergeError
 from cmmerge.io import transaction
 from cmmerge.io.manifest import read_json, write_json_atomic
+from cmmerge.reporting.study import chosen_scales
 from cmmerge.reporting.tables import finetune_rows, markdown_table, write_csv, write_text_atomic
 from cmmerge.settings import merge_scale, run_dir
 from cmmerge.stages import cpt, evaluate, extract, finetune, merge
@@ -52,19 +53,24 @@ def _failures(cfg: DictConfig) -> list[dict]:
 
 
 def write_summary(cfg: DictConfig) -> list[dict]:
-    """sweep/summary.csv and summary.md: every merged arm of the run, best lambda per method
-    (on validation macro-F1), and the jobs that failed. Written under the sweep's lock."""
+    """sweep/summary.csv and summary.md: every merged arm of the run, the lambda (and density)
+    chosen per method on mean validation macro-F1 over seeds (the report's choice,
+    :func:`~cmmerge.reporting.study.chosen_scales`; test only reported), and the jobs that
+    failed. Written under the sweep's lock."""
     root = run_dir(cfg)
     out = root / "sweep"
     out.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out / ".summary.lock")):
         rows = [r for r in finetune_rows(root) if r["merge_id"]]
         write_csv(rows, out / "summary.csv")
-        best = best_by_method(rows)
+        best = chosen_scales(root)
         text = "# Sweep summary\n\n" + (markdown_table(rows) if rows else "empty\n")
         if best:
-            text += "\n## Best by validation macro-F1 (test only reported)\n\n"
-            text += markdown_table(list(best.values()))
+            text += (
+                "\n## Best by validation macro-F1 (λ and density per method on the mean over "
+                "seeds; test only reported)\n\n"
+            )
+            text += markdown_table([_scales_shown(r) for r in best])
         failures = _failures(cfg)
         if failures:
             text += "\n## Failed jobs (re-run the sweep to retry them)\n\n"
@@ -73,16 +79,12 @@ def write_summary(cfg: DictConfig) -> list[dict]:
     return rows
 
 
-def best_by_method(rows: list[dict]) -> dict[str, dict]:
-    """The row with the best validation macro-F1 of each merge method."""
-    best: dict[str, dict] = {}
-    for r in rows:
-        method = r["merge_id"].split("-l")[0]
-        if r["val_macro_f1"] is not None and (
-            method not in best or r["val_macro_f1"] > best[method]["val_macro_f1"]
-        ):
-            best[method] = r
-    return best
+def _scales_shown(row: dict) -> dict:
+    """A chosen-scale row with lambda and density as written on the command line."""
+    out = dict(row)
+    for key in ("lambda", "density"):
+        out[key] = "" if row[key] is None else f"{float(row[key]):g}"
+    return out
 
 
 def _job_name(cfg: DictConfig) -> str:

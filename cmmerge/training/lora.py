@@ -48,9 +48,14 @@ def target_modules(model: torch.nn.Module, peft_cfg: Mapping[str, Any]) -> list[
 
 
 def wrap(model: torch.nn.Module, peft_cfg: Mapping[str, Any], task: str) -> PeftModel:
-    """Wrap ``model`` with LoRA adapters; ``task`` is ``causal_lm``, ``masked_lm`` or ``seq_cls``
-    (the classification head is then trained in full and saved with the adapter)."""
-    task_type = {"causal_lm": TaskType.CAUSAL_LM, "seq_cls": TaskType.SEQ_CLS}.get(task)
+    """Wrap ``model`` with LoRA adapters; ``task`` is ``causal_lm``, ``masked_lm``, ``seq_cls``
+    or ``token_cls`` (a classification head is then trained in full and saved with the
+    adapter)."""
+    task_type = {
+        "causal_lm": TaskType.CAUSAL_LM,
+        "seq_cls": TaskType.SEQ_CLS,
+        "token_cls": TaskType.TOKEN_CLS,
+    }.get(task)
     config = LoraConfig(
         r=int(peft_cfg["r"]),
         lora_alpha=int(peft_cfg["alpha"]),

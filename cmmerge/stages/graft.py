@@ -1,0 +1,214 @@
+"""`cmmerge graft`: task arithmetic after fine-tuning, for tasks without code-mixed labels.
+
+``theta = theta_ft + lambda * tau_cpt``: the base fine-tuned on ``onto`` (labelled data in one
+language, e.g. ``english-sentiment-en-hi``) gets the CPT task vector added, with no further
+training, and is scored on the validation split of the code-mixed ``task`` (which picks lambda;
+test is only scored by ``cmmerge evaluate init=graft ...``).
+
+Only the tensors tau_cpt covers change (the backbone; float32 math, written in float32 unless
+``dtype=`` asks otherwise); the fine-tuned classifier head and every tensor only the fine-tuned
+model has are copied unchanged. ``method=ties|dare_*`` trims tau_cpt first, as a merge would.
+
+The result is a fine-tuned model like any other: ``finetune/<graft-id>/model/``,
+``metrics.json`` (validation, code-mixed task) and a manifest with the fields ``evaluate``,
+``report`` and ``status`` read (``arm``, ``init``, ``task``, ``merge_id``), so that
+``cmmerge evaluate init=graft onto=TASK method=... lambda=...`` and ``cmmerge report`` treat it
+as one more fine-tune, and the report chooses its lambda on validation like a merge's.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import yaml
+from omegaconf import DictConfig
+
+from cmmerge.errors import CmmergeError
+from cmmerge.io import transaction
+from cmmerge.io.manifest import write_json_atomic
+from cmmerge.io.model_card import copy_model_files, write_model_card
+from cmmerge.merging.engine import TASK_VECTOR_FILE, merge_into_base
+from cmmerge.settings import data_root, merge_scale, plain
+from cmmerge.stages import dist
+from cmmerge.stages.chain import require_upstream
+from cmmerge.stages.ids import (
+    GRAFT,
+    arm_name,
+    cli_hint,
+    finetune_id,
+    graft_source_id,
+    merge_id,
+    method_name,
+    onto_task,
+    source_names,
+    stage_dirs,
+)
+from cmmerge.stages.inputs import data_inputs, split_seed, task_labels, task_splits_with_info
+from cmmerge.stages.merge import _DTYPES, _record_dtype, _record_grown_vocab, method_params
+from cmmerge.stages.plan import with_values
+from cmmerge.stages.runner import run_stage, stage_input
+
+log = logging.getLogger("cmmerge")
+
+
+def graft_weights(
+    finetuned, task_vector, scale: float, out_dir, method: str = "task_arithmetic", **options
+) -> dict:
+    """Write ``finetuned + scale * combine(method, [tau])`` into ``out_dir`` (weights only).
+
+    Args:
+        finetuned: HF folder of the fine-tuned classifier (its heads are kept unchanged).
+        task_vector: ``task_vector.safetensors`` written by ``extract`` (backbone names).
+        scale: lambda.
+        out_dir: folder for the weights.
+        method: merge method applied to the single task vector (task_arithmetic: tau as is).
+        **options: method parameters and ``dtype`` etc., as :func:`merge_into_base` takes.
+
+    Returns:
+        The merge engine's stats (``n_merged``, ``heads_copied``, ``base_only``, ``dtype``...).
+    """
+    return merge_into_base(finetuned, [task_vector], [1.0], method, scale, out_dir, **options)
+
+
+def _check(cfg: DictConfig, labels: list[str]) -> None:
+    if source_names(cfg) != ["cpt"] or cfg.get("weights") is not None:
+        raise CmmergeError(
+            "cmmerge graft adds tau_cpt alone: leave sources= and weights= unset "
+            "(multi-source merges: cmmerge merge sources=[...])"
+        )
+    if cfg.get("models") or cfg.get("task_vectors") or cfg.get("output") or cfg.get("base"):
+        raise CmmergeError(
+            "cmmerge graft works in a run directory: base=, models=, task_vectors= and output= "
+            "belong to a standalone cmmerge merge"
+        )
+    if cfg.get("dtype") and str(cfg.dtype) not in _DTYPES:
+        raise CmmergeError(f"dtype={cfg.dtype}: choose one of {', '.join(_DTYPES)}")
+    onto = onto_task(cfg)
+    onto_labels = task_labels(cfg, onto)
+    if onto_labels != labels:
+        raise CmmergeError(
+            f"onto={onto} has labels {onto_labels}; {cfg.task.name} has {labels}: the fine-tuned "
+            "classifier must predict the code-mixed task's labels"
+        )
+
+
+def run(cfg: DictConfig) -> dict:
+    cfg = with_values(cfg, init=GRAFT)
+    dirs = stage_dirs(cfg)
+    labels = task_labels(cfg)
+    _check(cfg, labels)
+    require_upstream(cfg, "graft")  # cpt, extract and the fine-tune on onto, named at once
+    onto, scale, method = onto_task(cfg), merge_scale(cfg), method_name(cfg)
+    params = method_params(cfg)
+    source = dirs["onto"]
+    hint = cli_hint(cfg, "finetune", "init=base", f"task={onto}", f"seed={cfg.seed}")
+    if not (source / "model").exists() and transaction.pruned_output(source / "model"):
+        raise CmmergeError(
+            f"{source}/model was deleted after use (keep_models=false): run `{hint} force=true` "
+            "to make it again"
+        )
+    inputs = [
+        stage_input(source, hint),
+        stage_input(dirs["extract"], cli_hint(cfg, "extract")),
+        *data_inputs(cfg, [str(cfg.task.name)]),
+    ]
+    config_view = {
+        "onto": onto,
+        "method": method,
+        "lambda": scale,
+        "params": params,
+        "dtype": str(cfg.dtype) if cfg.get("dtype") else "float32",
+        "task": plain(cfg.task),
+        "labels": labels,
+        "evaluate": plain(cfg.evaluate),
+        "data_root": str(data_root(cfg)),
+        "split_seed": split_seed(cfg),
+        "seed": int(cfg.seed),
+    }
+
+    def work(stage_dir):
+        import torch
+
+        from cmmerge.training.finetune import predict
+
+        model_dir = stage_dir / "model"
+        model_dir.mkdir(parents=True, exist_ok=True)
+        if dist.is_main():
+            stats = graft_weights(
+                source / "model",
+                dirs["extract"] / TASK_VECTOR_FILE,
+                scale,
+                model_dir,
+                method,
+                dtype=getattr(torch, str(cfg.dtype)) if cfg.get("dtype") else None,
+                allow_nonfinite=bool(cfg.get("allow_nonfinite")),
+                **params,
+            )
+            copy_model_files(source / "model", model_dir)
+            _record_dtype(model_dir, stats["dtype"])
+            if stats["grown"]:  # CPT grew the vocabulary: config.json says the new size
+                _record_grown_vocab(model_dir, [], stats["grown"])
+        dist.barrier()
+        splits, info = task_splits_with_info(cfg)
+        val = splits["validation"]
+        _, metrics = predict(
+            model_dir,
+            list(val["text"]),
+            labels,
+            int(cfg.evaluate.batch_size),
+            int(cfg.evaluate.max_length),
+            list(val["label"]),
+            stage_dir / ".predict",
+        )
+        if not dist.is_main():
+            return {"metrics": metrics}
+        write_json_atomic(stage_dir / "metrics.json", {"split": "validation", **metrics})
+        record = {
+            "onto": onto,
+            "finetuned": str(source / "model"),
+            "task_vector": str(dirs["extract"] / TASK_VECTOR_FILE),
+            "method": method,
+            "lambda": scale,
+            **params,
+            "dtype": stats["dtype"],
+            "n_merged": stats["n_merged"],
+            "kept_from_the_finetuned_model": stats["heads_copied"] + stats["base_only"],
+        }
+        (model_dir / "graft.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+        write_model_card(
+            model_dir,
+            finetune_id(cfg),
+            f"`{source / 'model'}` (fine-tuned on {onto}) plus {scale:g} x tau_cpt "
+            f"({method}), for {cfg.task.name} without code-mixed labels; not trained further.",
+            {
+                "arm": arm_name(cfg),
+                "task": cfg.task.name,
+                "seed": int(cfg.seed),
+                f"validation macro-F1 ({cfg.task.name})": f"{metrics['macro_f1']:.4f}",
+                "tensors with tau_cpt added": stats["n_merged"],
+                "kept unchanged (heads, tensors tau_cpt lacks)": len(
+                    record["kept_from_the_finetuned_model"]
+                ),
+                "dtype": stats["dtype"],
+            },
+        )
+        log.info(
+            "graft %s: validation macro-F1 %.4f on %s",
+            finetune_id(cfg),
+            metrics["macro_f1"],
+            cfg.task.name,
+        )
+        return {
+            "metrics": metrics,
+            "outputs": ["model/", "metrics.json"],
+            "arm": arm_name(cfg),
+            "init": GRAFT,
+            "task": str(cfg.task.name),
+            "onto": onto,
+            "onto_finetune_id": graft_source_id(cfg),
+            "merge_id": merge_id(cfg),
+            "graft": {k: v for k, v in stats.items() if k != "files"},
+            "data": {"validation": info["validation"]},
+        }
+
+    return run_stage(cfg, "graft", dirs["finetune"], config_view, inputs, work, all_ranks=True)

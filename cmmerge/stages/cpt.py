@@ -10,11 +10,11 @@ from cmmerge.errors import CmmergeError
 from cmmerge.io.manifest import write_json_atomic
 from cmmerge.io.model_card import write_model_card
 from cmmerge.models.loading import model_kind, resolve_model
-from cmmerge.settings import cache_dir, data_root, plain
+from cmmerge.settings import cache_dir, data_root
 from cmmerge.stages import dist
-from cmmerge.stages.ids import stage_dirs
-from cmmerge.stages.inputs import cpt_corpus, data_inputs, leakage_tasks, split_seed
-from cmmerge.stages.runner import folder_input, run_stage, view
+from cmmerge.stages.inputs import cpt_corpus, data_inputs
+from cmmerge.stages.runner import folder_input, run_stage
+from cmmerge.stages.spec import CptSpec
 from cmmerge.training.cpt import train_lm
 
 log = logging.getLogger("cmmerge")
@@ -32,20 +32,11 @@ def _check_corpus(name: str, texts: list[str], stats: dict) -> None:
 
 
 def run(cfg: DictConfig) -> dict:
-    dirs = stage_dirs(cfg)
+    spec = CptSpec.from_config(cfg)
     base = resolve_model(cfg)
     kind = model_kind(base, str(cfg.model.kind))
-    config_view = view(
-        cfg,
-        "model",
-        "corpus",
-        "cpt",
-        data_root=str(data_root(cfg)),
-        leakage_tasks=leakage_tasks(cfg),
-        split_seed=split_seed(cfg),
-        seed=int(cfg.cpt.seed),
-        peft=plain(cfg.get("peft")),
-    )
+    data_root(cfg)  # a missing data.root is named before anything is locked
+    config_view = spec.config_view()
 
     def work(stage_dir):
         texts, corpus_stats = cpt_corpus(cfg)
@@ -57,7 +48,7 @@ def run(cfg: DictConfig) -> dict:
             texts,
             config_view["cpt"],
             stage_dir,
-            int(cfg.cpt.seed),
+            spec.seed,
             peft_cfg,
             cache_dir=cache_dir(cfg),
         )
@@ -94,5 +85,5 @@ def run(cfg: DictConfig) -> dict:
 
     inputs = [folder_input(base), *data_inputs(cfg, [], corpus=True)]
     return run_stage(
-        cfg, "cpt", dirs["cpt"], config_view, inputs, work, all_ranks=True, resumable=True
+        cfg, "cpt", spec.folder, config_view, inputs, work, all_ranks=True, resumable=True
     )

@@ -21,8 +21,9 @@ from cmmerge.errors import CmmergeError
 from cmmerge.io.manifest import write_json_atomic
 from cmmerge.settings import cache_dir, data_root, plain
 from cmmerge.stages.ids import stage_dirs
-from cmmerge.stages.inputs import cpt_corpus_with_info, data_inputs, leakage_tasks, split_seed
-from cmmerge.stages.runner import run_stage, view
+from cmmerge.stages.inputs import cpt_corpus_with_info, data_inputs, split_seed
+from cmmerge.stages.runner import run_stage
+from cmmerge.stages.spec import DataSpec
 
 log = logging.getLogger("cmmerge")
 
@@ -147,17 +148,9 @@ def summary(stats: dict) -> str:
 
 def run(cfg: DictConfig) -> dict:
     dirs = stage_dirs(cfg)
-    config_view = view(
-        cfg,
-        "task",
-        "corpus",
-        data=plain(cfg.data),
-        data_root=str(data_root(cfg)),
-        seed=int(cfg.seed),
-        cpt_seed=cfg.cpt.seed,
-        model=plain(cfg.model) if cfg.data.get("token_lengths", True) else None,
-        leakage_tasks=leakage_tasks(cfg),
-    )
+    data_root(cfg)  # a missing data.root is named before anything is locked
+    spec = DataSpec.from_config(cfg)
+    config_view = spec.config_view()
 
     def work(stage_dir):
         stats = collect_stats(cfg)

@@ -13,12 +13,12 @@ from omegaconf import DictConfig
 from cmmerge.data.token_tasks import is_token_task
 from cmmerge.errors import CmmergeError
 from cmmerge.io.manifest import write_json_atomic, write_jsonl_atomic
-from cmmerge.settings import data_root, plain, task_config
+from cmmerge.settings import plain
 from cmmerge.stages import dist
 from cmmerge.stages.chain import require_upstream
-from cmmerge.stages.ids import cli_hint, finetune_id, stage_dirs
-from cmmerge.stages.inputs import data_inputs, split_seed, task_labels, task_splits_with_info
+from cmmerge.stages.inputs import data_inputs, task_labels, task_splits_with_info
 from cmmerge.stages.runner import run_stage, stage_input
+from cmmerge.stages.spec import EvaluateSpec, thaw
 from cmmerge.training.finetune import predict
 from cmmerge.training.token_classification import predict_tokens
 
@@ -31,35 +31,27 @@ def eval_task_names(cfg: DictConfig) -> list[str]:
 
 def evaluate_one(cfg: DictConfig, task_name: str) -> dict:
     """Evaluate the configured fine-tuned model on the test split of ``task_name``."""
-    dirs = stage_dirs(cfg)
-    ft_dir = dirs["finetune"]
-    hint = cli_hint(
-        cfg, "finetune", f"init={cfg.init}", f"task={cfg.task.name}", f"seed={cfg.seed}"
-    )
+    spec = EvaluateSpec.from_config(cfg, task_name)
+    ft_dir, ft_id = spec.model.folder, spec.model.folder_id
+    hint = spec.model.cli_hint()
     require_upstream(cfg, "evaluate")  # every missing stage of the chain, named at once
     inputs = [stage_input(ft_dir, hint), *data_inputs(cfg, [task_name])]
-    task = task_config(cfg, task_name)
+    task = spec.task
     labels = task_labels(cfg)  # what fine-tuning used: task.labels, or inferred from train
     eval_labels = labels if task_name == str(cfg.task.name) else task_labels(cfg, task_name)
-    token = is_token_task(plain(task))
+    token = is_token_task(thaw(task))
     if token != is_token_task(plain(cfg.task)):
         raise CmmergeError(
             f"eval task {task_name} is {'token' if token else 'sentence'}-level, the model "
-            f"{finetune_id(cfg)} was trained on {cfg.task.name}, which is not"
+            f"{ft_id} was trained on {cfg.task.name}, which is not"
         )
     if eval_labels != labels:
         raise CmmergeError(
             f"eval task {task_name} has labels {eval_labels}, the model "
-            f"{finetune_id(cfg)} was trained on {labels}"
+            f"{ft_id} was trained on {labels}"
         )
-    config_view = {
-        "task": plain(task),
-        "labels": labels,
-        "evaluate": plain(cfg.evaluate),
-        "data_root": str(data_root(cfg)),
-        "split_seed": split_seed(cfg),
-        "seed": int(cfg.seed),
-    }
+    spec = spec.resolve(labels=labels)
+    config_view = spec.config_view()
 
     def work(stage_dir):
         splits, info = task_splits_with_info(cfg, task_name)
@@ -91,7 +83,7 @@ def evaluate_one(cfg: DictConfig, task_name: str) -> dict:
         write_jsonl_atomic(stage_dir / "predictions.jsonl", rows)
         log.info(
             "evaluate %s on %s: macro-F1 %.4f, accuracy %.4f",
-            finetune_id(cfg),
+            ft_id,
             task_name,
             metrics["macro_f1"],
             metrics["accuracy"],
@@ -99,7 +91,7 @@ def evaluate_one(cfg: DictConfig, task_name: str) -> dict:
         return {
             "metrics": metrics,
             "outputs": ["metrics.json", "predictions.jsonl"],
-            "finetune_id": finetune_id(cfg),
+            "finetune_id": ft_id,
             "task": task_name,
             "test_blank_dropped": info["test"].get("blank_dropped", 0),
         }
@@ -131,7 +123,7 @@ def evaluate_one(cfg: DictConfig, task_name: str) -> dict:
         write_jsonl_atomic(stage_dir / "predictions.jsonl", rows)
         log.info(
             "evaluate %s on %s: word macro-F1 %.4f, accuracy %.4f (%d words)",
-            finetune_id(cfg),
+            ft_id,
             task_name,
             metrics["macro_f1"],
             metrics["accuracy"],
@@ -140,13 +132,12 @@ def evaluate_one(cfg: DictConfig, task_name: str) -> dict:
         return {
             "metrics": metrics,
             "outputs": ["metrics.json", "predictions.jsonl"],
-            "finetune_id": finetune_id(cfg),
+            "finetune_id": ft_id,
             "task": task_name,
             "test_blank_dropped": 0,
         }
 
-    stage_dir = dirs["evaluate"] / task_name
-    return run_stage(cfg, "evaluate", stage_dir, config_view, inputs, work, all_ranks=True)
+    return run_stage(cfg, "evaluate", spec.folder, config_view, inputs, work, all_ranks=True)
 
 
 def run(cfg: DictConfig) -> dict:

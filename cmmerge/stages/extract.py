@@ -16,15 +16,16 @@ from cmmerge.io.manifest import write_json_atomic
 from cmmerge.merging.extract import TASK_VECTOR_FILE, extract_task_vector, task_vector_cosines
 from cmmerge.models.loading import resolve_model
 from cmmerge.stages.chain import require_upstream
-from cmmerge.stages.ids import cli_hint, stage_dirs
-from cmmerge.stages.runner import folder_input, run_stage, stage_input, view
+from cmmerge.stages.runner import folder_input, run_stage, stage_input
+from cmmerge.stages.spec import ExtractSpec
 
 _DTYPES = ("float32", "float16", "bfloat16")
 PLOT_FILE = "norm_by_layer.png"
 
 
 def run(cfg: DictConfig) -> dict:
-    dirs = stage_dirs(cfg)
+    spec = ExtractSpec.from_config(cfg)
+    cpt_dir = spec.cpt.folder
     base = resolve_model(cfg)
     if cfg.get("dtype") and str(cfg.dtype) not in _DTYPES:
         raise CmmergeError(f"dtype={cfg.dtype}: choose one of {', '.join(_DTYPES)}")
@@ -35,10 +36,10 @@ def run(cfg: DictConfig) -> dict:
     require_upstream(cfg, "extract")
     inputs = [
         folder_input(base),
-        stage_input(dirs["cpt"], cli_hint(cfg, "cpt")),
+        stage_input(cpt_dir, spec.cpt.cli_hint()),
         *({"path": str(p), "size": p.stat().st_size} for p in others),
     ]
-    config_view = view(cfg, "model", dtype=cfg.get("dtype"), compare_with=[str(p) for p in others])
+    config_view = spec.config_view()
 
     def work(stage_dir):
         import torch
@@ -49,7 +50,7 @@ def run(cfg: DictConfig) -> dict:
         out = stage_dir / TASK_VECTOR_FILE
         stats = extract_task_vector(
             base,
-            dirs["cpt"] / "model",
+            cpt_dir / "model",
             out,
             dtype=dtype,
             allow_pickle=bool(cfg.get("allow_pickle")),
@@ -64,4 +65,4 @@ def run(cfg: DictConfig) -> dict:
             metrics["cosine_with"] = cos[0][1:]
         return {"metrics": metrics, "outputs": [TASK_VECTOR_FILE, "stats.json", PLOT_FILE]}
 
-    return run_stage(cfg, "extract", dirs["extract"], config_view, inputs, work)
+    return run_stage(cfg, "extract", spec.folder, config_view, inputs, work)

@@ -21,12 +21,13 @@ from cmmerge.evaluation.baseline import majority_baseline_warning
 from cmmerge.io.manifest import write_json_atomic
 from cmmerge.io.model_card import write_model_card
 from cmmerge.models.loading import local_model_dir, resolve_model
-from cmmerge.settings import cache_dir, data_root, plain, task_config
+from cmmerge.settings import cache_dir, plain, task_config
 from cmmerge.stages import dist
 from cmmerge.stages.chain import require_upstream
-from cmmerge.stages.ids import arm_name, cli_hint, finetune_id, merge_id, stage_dirs
+from cmmerge.stages.ids import arm_name
 from cmmerge.stages.inputs import data_inputs, split_seed, task_labels, task_splits_with_info
-from cmmerge.stages.runner import folder_input, run_stage, stage_input, view
+from cmmerge.stages.runner import folder_input, run_stage, stage_input
+from cmmerge.stages.spec import FinetuneSpec, init_spec
 from cmmerge.training.finetune import train_classifier
 from cmmerge.training.token_classification import train_token_classifier
 
@@ -35,23 +36,14 @@ log = logging.getLogger("cmmerge")
 
 def init_model(cfg: DictConfig) -> tuple[Path, dict]:
     """The model folder fine-tuning starts from and its manifest input entry."""
-    dirs = stage_dirs(cfg)
     init = str(cfg.init)
     require_upstream(cfg, "finetune")  # every missing stage of the chain, named at once
     if init == "base":
         path = resolve_model(cfg)
         return path, folder_input(path)
-    if init == "cpt":
-        return dirs["cpt"] / "model", stage_input(dirs["cpt"], cli_hint(cfg, "cpt"))
-    if init == "merged":
-        hint = cli_hint(
-            cfg,
-            "merge",
-            f"method={cfg.method.name}",
-            f"lambda={cfg['lambda']}",
-            f"density={cfg.density}",
-        )
-        return dirs["merge"] / "model", stage_input(dirs["merge"], hint)
+    if init in ("cpt", "merged"):  # the stage fine-tuning starts from, by its spec
+        start = init_spec(cfg)
+        return start.folder / "model", stage_input(start.folder, start.cli_hint())
     path = local_model_dir(init, bool(cfg.get("allow_pickle")))
     return path, folder_input(path)
 
@@ -124,28 +116,16 @@ def training_data(cfg: DictConfig) -> tuple[DatasetDict, dict]:
 
 
 def run(cfg: DictConfig) -> dict:
-    dirs = stage_dirs(cfg)
+    spec = FinetuneSpec.from_config(cfg)
     train_size(cfg)  # a bad budget is refused before anything is locked or written
     init_dir, init_input = init_model(cfg)
     labels = task_labels(cfg)  # task.labels, or inferred from the train file
-    seed = int(cfg.seed)
-    sequential = [str(t) for t in cfg.finetune.get("sequential") or []]
-    joint = [str(t) for t in cfg.finetune.get("joint") or []]
+    seed = spec.seed
+    sequential, joint = spec.task_list("sequential"), spec.task_list("joint")
     _same_labels(cfg, labels, sequential + joint)
-    peft_cfg = plain(cfg.get("peft"))
-    config_view = view(
-        cfg,
-        "task",
-        "finetune",
-        init=str(cfg.init),
-        init_dir=str(init_dir),
-        data_root=str(data_root(cfg)),
-        split_seed=split_seed(cfg),
-        seed=seed,
-        peft=peft_cfg,
-        labels=labels,
-        labels_inferred=cfg.task.get("labels") is None,
-    )
+    spec = spec.resolve(init_dir=str(init_dir), labels=labels)
+    config_view = spec.config_view()
+    peft_cfg = config_view["peft"]
 
     tokens_cache = cache_dir(cfg)  # tokenize_cached keeps its files in <cache>/tokenized
     # task.type=token: one label per word (cmmerge.training.token_classification)
@@ -188,7 +168,7 @@ def run(cfg: DictConfig) -> dict:
         write_json_atomic(stage_dir / "metrics.json", {"split": "validation", **metrics})
         write_model_card(
             stage_dir / "model",
-            f"{finetune_id(cfg)}",
+            spec.folder_id,
             f"Fine-tuned by cmmerge for {cfg.task.name} ({', '.join(labels)}) from "
             f"`{init_dir}`; the epoch kept is the best on validation macro-F1.",
             {
@@ -213,13 +193,13 @@ def run(cfg: DictConfig) -> dict:
             "arm": arm_name(cfg),
             "init": str(cfg.init),
             "task": str(cfg.task.name),
-            "merge_id": merge_id(cfg) if str(cfg.init) == "merged" else None,
+            "merge_id": spec.init_id if spec.init == "merged" else None,
         }
 
     return run_stage(
         cfg,
         "finetune",
-        dirs["finetune"],
+        spec.folder,
         config_view,
         [init_input, *data_inputs(cfg, [str(cfg.task.name), *sequential, *joint])],
         work,

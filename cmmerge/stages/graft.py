@@ -28,25 +28,14 @@ from cmmerge.io import transaction
 from cmmerge.io.manifest import write_json_atomic
 from cmmerge.io.model_card import copy_model_files, write_model_card
 from cmmerge.merging.engine import TASK_VECTOR_FILE, merge_into_base
-from cmmerge.settings import data_root, merge_scale, plain
 from cmmerge.stages import dist
 from cmmerge.stages.chain import require_upstream
-from cmmerge.stages.ids import (
-    GRAFT,
-    arm_name,
-    cli_hint,
-    finetune_id,
-    graft_source_id,
-    merge_id,
-    method_name,
-    onto_task,
-    source_names,
-    stage_dirs,
-)
-from cmmerge.stages.inputs import data_inputs, split_seed, task_labels, task_splits_with_info
-from cmmerge.stages.merge import _DTYPES, _record_dtype, _record_grown_vocab, method_params
+from cmmerge.stages.ids import GRAFT, arm_name, cli_hint, onto_task, source_names, stage_dirs
+from cmmerge.stages.inputs import data_inputs, task_labels, task_splits_with_info
+from cmmerge.stages.merge import _DTYPES, _record_dtype, _record_grown_vocab
 from cmmerge.stages.plan import with_values
 from cmmerge.stages.runner import run_stage, stage_input
+from cmmerge.stages.spec import GraftSpec, source_finetune_spec
 
 log = logging.getLogger("cmmerge")
 
@@ -98,10 +87,11 @@ def run(cfg: DictConfig) -> dict:
     labels = task_labels(cfg)
     _check(cfg, labels)
     require_upstream(cfg, "graft")  # cpt, extract and the fine-tune on onto, named at once
-    onto, scale, method = onto_task(cfg), merge_scale(cfg), method_name(cfg)
-    params = method_params(cfg)
+    spec = GraftSpec.from_config(cfg)
+    onto, scale, method = spec.onto, spec.merge.scale, spec.merge.method
+    params = dict(spec.merge.params)
     source = dirs["onto"]
-    hint = cli_hint(cfg, "finetune", "init=base", f"task={onto}", f"seed={cfg.seed}")
+    hint = source_finetune_spec(cfg, onto).cli_hint()
     if not (source / "model").exists() and transaction.pruned_output(source / "model"):
         raise CmmergeError(
             f"{source}/model was deleted after use (keep_models=false): run `{hint} force=true` "
@@ -112,19 +102,8 @@ def run(cfg: DictConfig) -> dict:
         stage_input(dirs["extract"], cli_hint(cfg, "extract")),
         *data_inputs(cfg, [str(cfg.task.name)]),
     ]
-    config_view = {
-        "onto": onto,
-        "method": method,
-        "lambda": scale,
-        "params": params,
-        "dtype": str(cfg.dtype) if cfg.get("dtype") else "float32",
-        "task": plain(cfg.task),
-        "labels": labels,
-        "evaluate": plain(cfg.evaluate),
-        "data_root": str(data_root(cfg)),
-        "split_seed": split_seed(cfg),
-        "seed": int(cfg.seed),
-    }
+    spec = spec.resolve(labels=labels)
+    config_view = spec.config_view()
 
     def work(stage_dir):
         import torch
@@ -177,7 +156,7 @@ def run(cfg: DictConfig) -> dict:
         (model_dir / "graft.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
         write_model_card(
             model_dir,
-            finetune_id(cfg),
+            spec.folder_id,
             f"`{source / 'model'}` (fine-tuned on {onto}) plus {scale:g} x tau_cpt "
             f"({method}), for {cfg.task.name} without code-mixed labels; not trained further.",
             {
@@ -194,7 +173,7 @@ def run(cfg: DictConfig) -> dict:
         )
         log.info(
             "graft %s: validation macro-F1 %.4f on %s",
-            finetune_id(cfg),
+            spec.folder_id,
             metrics["macro_f1"],
             cfg.task.name,
         )
@@ -205,10 +184,10 @@ def run(cfg: DictConfig) -> dict:
             "init": GRAFT,
             "task": str(cfg.task.name),
             "onto": onto,
-            "onto_finetune_id": graft_source_id(cfg),
-            "merge_id": merge_id(cfg),
+            "onto_finetune_id": spec.onto_finetune,
+            "merge_id": spec.merge.folder_id,
             "graft": {k: v for k, v in stats.items() if k != "files"},
             "data": {"validation": info["validation"]},
         }
 
-    return run_stage(cfg, "graft", dirs["finetune"], config_view, inputs, work, all_ranks=True)
+    return run_stage(cfg, "graft", spec.folder, config_view, inputs, work, all_ranks=True)

@@ -20,7 +20,6 @@ import yaml
 from omegaconf import DictConfig
 
 from cmmerge.errors import CmmergeError
-from cmmerge.io.checkpoint import DEFAULT_MAX_SHARD_SIZE
 from cmmerge.io.hashes import describe
 from cmmerge.io.manifest import read_manifest
 from cmmerge.io.model_card import copy_model_files, write_model_card
@@ -30,34 +29,21 @@ from cmmerge.merging.engine import (
     merge_into_base,
     merge_models,
 )
-from cmmerge.merging.methods import get_method, resolve_params
+from cmmerge.merging.methods import get_method
 from cmmerge.models.loading import local_model_dir, resolve_model
-from cmmerge.settings import cache_dir, merge_scale
+from cmmerge.settings import cache_dir
 from cmmerge.stages.chain import require_upstream
-from cmmerge.stages.ids import (
-    cli_hint,
-    merge_id,
-    method_name,
-    source_finetune_id,
-    source_names,
-    stage_dirs,
-)
+from cmmerge.stages.ids import cli_hint, source_names, stage_dirs
 from cmmerge.stages.runner import folder_input, run_stage, stage_input
+from cmmerge.stages.spec import CptSpec, MergeSpec, source_finetune_spec
+from cmmerge.stages.spec import shard_bytes as _int_size  # noqa: F401 (its old name)
 
 _DTYPES = ("float32", "float16", "bfloat16")
 
 
 def method_params(cfg: DictConfig) -> dict:
     """The validated parameters of the configured method (density only where it applies)."""
-    method = cfg.method
-    return resolve_params(
-        str(method.name),
-        density=cfg.get("density"),
-        sign=method.get("sign"),
-        normalize=method.get("normalize"),
-        trim_scope=method.get("trim_scope"),
-        seed=method.get("seed"),
-    )
+    return dict(MergeSpec.from_config(cfg).params)
 
 
 def mergekit_yaml(
@@ -94,24 +80,6 @@ def mergekit_yaml(
     return yaml.safe_dump(config, sort_keys=False)
 
 
-def _int_size(value: object) -> int:
-    """``max_shard_size`` in bytes: an int or ``"500MB"``/``"2GB"``/``"1GiB"``."""
-    text = str(value).strip().upper().replace("IB", "B")
-    for suffix, mult in (("KB", 1024), ("MB", 1024**2), ("GB", 1024**3), ("B", 1)):
-        if text.endswith(suffix):
-            text, factor = text[: -len(suffix)], mult
-            break
-    else:
-        factor = 1
-    try:
-        size = int(float(text) * factor)
-    except ValueError:
-        raise CmmergeError(f"max_shard_size={value}: give bytes or e.g. 500MB, 2GB") from None
-    if size <= 0:
-        raise CmmergeError(f"max_shard_size={value} must be positive")
-    return size
-
-
 def _sources(cfg: DictConfig, dirs: dict) -> tuple[list[Path], bool, list[dict]]:
     """(paths, paths_are_models, manifest inputs) of what is merged into the base."""
     if cfg.get("task_vectors") and cfg.get("models"):
@@ -142,10 +110,10 @@ def _run_source(cfg: DictConfig, dirs: dict, name: str) -> tuple[Path, dict]:
     """A run-directory source: ``cpt``, or a task name = the model fine-tuned on that task from
     the base (its task vector, e.g. tau_en of an English task)."""
     if name == "cpt":
-        return dirs["cpt"] / "model", stage_input(dirs["cpt"], cli_hint(cfg, "cpt"))
-    ft = dirs["run"] / "finetune" / source_finetune_id(cfg, name)
-    hint = cli_hint(cfg, "finetune", "init=base", f"task={name}", f"seed={cfg.seed}")
-    return ft / "model", stage_input(ft, hint)
+        cpt = CptSpec.from_config(cfg)
+        return cpt.folder / "model", stage_input(cpt.folder, cpt.cli_hint())
+    source = source_finetune_spec(cfg, name)
+    return source.folder / "model", stage_input(source.folder, source.cli_hint())
 
 
 def _weights(cfg: DictConfig, n: int) -> list[float]:
@@ -173,11 +141,11 @@ def _output_dirs(cfg: DictConfig, dirs: dict) -> tuple[Path, Path]:
 
 def run(cfg: DictConfig) -> dict:
     dirs = stage_dirs(cfg)
-    params = method_params(cfg)
-    scale = merge_scale(cfg)
+    spec = MergeSpec.from_config(cfg)
+    params, scale, method = dict(spec.params), spec.scale, spec.method
     if cfg.get("dtype") and str(cfg.dtype) not in _DTYPES:
         raise CmmergeError(f"dtype={cfg.dtype}: choose one of {', '.join(_DTYPES)}")
-    shard_size = _int_size(cfg.get("max_shard_size") or DEFAULT_MAX_SHARD_SIZE)
+    shard_size = spec.shard_bytes
     pickle_ok = bool(cfg.get("allow_pickle"))
     base = local_model_dir(str(cfg.base), pickle_ok) if cfg.get("base") else resolve_model(cfg)
     sources, are_models, source_inputs = _sources(cfg, dirs)
@@ -187,17 +155,8 @@ def run(cfg: DictConfig) -> dict:
         [("the base", base), *(("a source", s) for s in sources)],
     )
     stage_dir, final_model_dir = _output_dirs(cfg, dirs)
-    method = method_name(cfg)
-    config_view = {
-        "method": method,
-        "lambda": scale,
-        "weights": weights,
-        "params": params,
-        "dtype": str(cfg.dtype) if cfg.get("dtype") else "float32",  # what is written
-        "max_shard_size": shard_size,
-        "allow_nonfinite": bool(cfg.get("allow_nonfinite")),
-        "sources": [str(s) for s in sources],
-    }
+    spec = spec.resolve(source_paths=[str(s) for s in sources], source_weights=weights)
+    config_view = spec.config_view()
 
     def work(work_dir):
         import torch
@@ -251,7 +210,7 @@ def run(cfg: DictConfig) -> dict:
             (model_dir / "mergekit.yaml").write_text(mk)
         write_model_card(
             model_dir,
-            f"{merge_id(cfg)} merge",
+            f"{spec.folder_id} merge",
             f"`{base}` merged with {len(sources)} source(s) by cmmerge ({method}: "
             f"{get_method(method).description}).",
             {

@@ -4,10 +4,8 @@ prompt/<model>-<init>-<task>-k<shots>-s<seed>[-norm]/ (``-norm``: length-normali
 from __future__ import annotations
 
 import logging
-import re
-from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from cmmerge.errors import CmmergeError
 from cmmerge.evaluation.metrics import classification_metrics
@@ -21,33 +19,19 @@ from cmmerge.evaluation.prompting import (
 )
 from cmmerge.io.manifest import write_json_atomic, write_jsonl_atomic
 from cmmerge.models.loading import load_lm, load_tokenizer, model_kind
-from cmmerge.settings import CONFIG_DIR, config_bool, config_int, data_root, plain, run_dir
+from cmmerge.settings import config_bool, config_int, plain
 from cmmerge.stages.finetune import init_model
-from cmmerge.stages.ids import init_id, short_hash
-from cmmerge.stages.inputs import split_seed, task_labels, task_splits
+from cmmerge.stages.inputs import task_labels, task_splits
 from cmmerge.stages.runner import run_stage
+from cmmerge.stages.spec import PromptSpec
 
 log = logging.getLogger("cmmerge")
 
 
 def prompt_id(cfg: DictConfig) -> str:
     """``<model>-<init>-<task>-k<shots>-s<seed>[-norm][-<hash>]``: the folder of this prompting
-    run; the hash covers a template, verbalisers or max_length other than the defaults."""
-    norm = "-norm" if config_bool(cfg, "prompt.normalize") else ""
-    model = cfg.model.get("name_or_path") or cfg.model.name
-    model = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(model)).name or "model")
-    init_cfg = cfg.copy()
-    with open_dict(init_cfg):
-        init_cfg.init = cfg.prompt.init
-    shape = {k: plain(cfg.prompt.get(k)) for k in ("template", "verbalizers", "max_length")}
-    diff = {k: v for k, v in shape.items() if _PROMPT_DEFAULTS.get(k) != v}
-    return (
-        f"{model}-{init_id(init_cfg)}-{cfg.task.name}-k{config_int(cfg, 'shots')}"
-        f"-s{config_int(cfg, 'seed')}{norm}" + (f"-{short_hash(diff)}" if diff else "")
-    )
-
-
-_PROMPT_DEFAULTS = dict(OmegaConf.load(CONFIG_DIR / "prompt.yaml").prompt)
+    run (:attr:`PromptSpec.folder_id`)."""
+    return PromptSpec.from_config(cfg).folder_id
 
 
 def run(cfg: DictConfig) -> dict:
@@ -70,17 +54,8 @@ def run(cfg: DictConfig) -> dict:
     if model_kind(model_dir, str(cfg.model.kind)) != "decoder":
         raise CmmergeError(f"prompting needs a decoder (causal LM); {model_dir} is an encoder")
     labels = task_labels(cfg)  # task.labels, or inferred from the train file
-    stage_dir = run_dir(cfg) / "prompt" / prompt_id(cfg)
-    config_view = {
-        "task": plain(cfg.task),
-        "prompt": plain(cfg.prompt),
-        "normalize": normalize,
-        "dtype": str(dtype).removeprefix("torch."),
-        "shots": shots,
-        "seed": seed,
-        "data_root": str(data_root(cfg)),
-        "split_seed": split_seed(cfg),
-    }
+    spec = PromptSpec.from_config(cfg).resolve(dtype=str(dtype).removeprefix("torch."))
+    config_view = spec.config_view()
 
     def work(out_dir):
         splits = task_splits(cfg)
@@ -124,4 +99,4 @@ def run(cfg: DictConfig) -> dict:
             "task": str(cfg.task.name),
         }
 
-    return run_stage(cfg, "prompt", stage_dir, config_view, [model_input], work)
+    return run_stage(cfg, "prompt", spec.folder, config_view, [model_input], work)

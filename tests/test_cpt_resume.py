@@ -99,6 +99,7 @@ def test_resumed_cpt_gives_the_uninterrupted_weights_and_whole_run_metrics(tmp_p
     real_evaluate = training_cpt.CptTrainer.evaluate
 
     def counted(self, *a, **k):
+        assert self.args.prediction_loss_only  # the loss only, no vocabulary-sized logits kept
         evaluations.append(self.state.global_step)
         return real_evaluate(self, *a, **k)
 

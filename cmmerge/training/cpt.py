@@ -255,6 +255,7 @@ def train_lm(
         save_steps=max(save_steps, 1),
         save_total_limit=1,
         save_only_model=False,  # optimizer and scheduler state too, to resume exactly
+        prediction_loss_only=True,  # held-out loss only: no [masked, vocab] logits gathered
         **activation_checkpointing(bool(params.get("gradient_checkpointing"))),
         remove_unused_columns=True,
     )

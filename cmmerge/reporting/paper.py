@@ -119,6 +119,37 @@ def comparisons_markdown(arms: list[Arm], cells: dict[tuple, Cell]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def transfer_markdown(arms: list[Arm], cells: dict[tuple, Cell]) -> str:
+    """Chosen arms on the test sets of other tasks (cross-pair transfer, ``eval_tasks``): mean
+    ± sd over seeds, the 95% bootstrap interval and the paired difference to Full FT."""
+    lines = []
+    chosen = sorted((a for a in arms if a.chosen), key=lambda a: _sort_key(row_label(a)))
+    for arm in chosen:
+        for (run, group, task), cell in sorted(cells.items()):
+            if run != arm.run or group != arm.group or task == arm.task:
+                continue
+            ci = cell.interval
+            interval = f"[{ci.low:.4f}, {ci.high:.4f}]" if ci else ""
+            versus = cell.versus.get("Full FT")
+            diff = (
+                f"{versus.difference.estimate:+.4f} [{versus.difference.low:+.4f}, "
+                f"{versus.difference.high:+.4f}] | {versus.p_value:.3f}"
+                if versus
+                else " | "
+            )
+            lines.append(
+                f"| {row_label(arm)} | {arm.task} | {task} | {cell.mean:.4f} ± {cell.sd:.4f} "
+                f"(n={cell.n}) | {interval} | {diff} |"
+            )
+    if not lines:
+        return ""
+    header = [
+        "| arm | trained on | tested on | test macro-F1 | 95% CI | vs Full FT [95% CI] | p |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    return "\n".join(header + lines) + "\n"
+
+
 def _latex_escape(text: str) -> str:
     for a, b in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("&", r"\&"), ("%", r"\%"),
                  ("#", r"\#"), ("->", r"$\rightarrow$"), ("λ", r"$\lambda$"),

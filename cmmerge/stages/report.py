@@ -70,6 +70,7 @@ def run(cfg: DictConfig) -> dict:
             + paper.markdown(arms, cells)
             + "\n## Against Full FT and CPT->FT\n\n"
             + paper.comparisons_markdown(arms, cells)
+            + _section("Cross-pair transfer", paper.transfer_markdown(arms, cells))
             + no_labels.markdown(arms, cells, n_resamples=n_resamples)
             + "\n## Every fine-tune\n\nMacro-F1 (the paper's metric); the validation score "
             "picks the epoch (and λ), the test score is only reported.\n\n"
@@ -95,6 +96,10 @@ def run(cfg: DictConfig) -> dict:
     manifest = run_stage(cfg, "report", out, config_view, inputs, work)
     print((out / "report.md").read_text(encoding="utf-8"))
     return manifest
+
+
+def _section(title: str, body: str) -> str:
+    return f"\n## {title}\n\n{body}" if body else ""
 
 
 def _with_run(rows: list[dict], root: Path, roots: list[Path]) -> list[dict]:

@@ -36,6 +36,10 @@ from cmmerge.io.manifest import (
 REQUIRED_FIELDS = ("stage", "status", "fingerprint", "files")
 _FINGERPRINT_FILE = ".fingerprint"
 PRUNED = "pruned.json"  # beside the manifest: outputs deleted on purpose after use
+# Stages whose outputs are a pure function of their fingerprint (merges: tensor arithmetic in
+# float32 on the CPU): made again after pruning with the same fingerprint, they are the same
+# version, and the manifest lists the hashes of the versions it stands for (``same_as``).
+DETERMINISTIC = frozenset({"merge"})
 
 
 def lock_path(stage_dir: Path) -> Path:
@@ -103,7 +107,11 @@ def stale_inputs(manifest: dict) -> list[str]:
     out = []
     for item in manifest.get("inputs") or []:
         recorded = item.get("manifest_sha256") if isinstance(item, dict) else None
-        if recorded and manifest_hash(Path(item["path"])) != recorded:
+        if not recorded or manifest_hash(Path(item["path"])) == recorded:
+            continue
+        upstream = read_manifest(Path(item["path"]))
+        same_as = upstream.get("same_as") if isinstance(upstream, dict) else None
+        if not (isinstance(same_as, list) and recorded in same_as):
             out.append(str(item["path"]))
     return out
 

@@ -110,8 +110,7 @@ class _Executor:
         for need in step.needs:
             self.ensure(need)
         log.info(
-            "%s was pruned after use and %s needs it: making it again (stages made from the "
-            "old one are redone too)",
+            "%s was pruned after use and %s needs it: making it again",
             folder,
             waiting[0].folder,
         )

@@ -302,11 +302,13 @@ def is_done(folder: Path) -> bool:
 
 def pending(steps: list[Step]) -> list[Step]:
     """The steps still to do: those not done, those pruned after use that a step to do needs
-    (made again first), and everything made from a step that is redone (then stale)."""
+    (made again first), and everything made from a step that is redone (then stale), except
+    from a pruned merge made again (deterministic: the same version as before)."""
     from cmmerge.io import transaction
 
     todo = {s.folder for s in steps if not is_done(s.folder)}
     pruned = {s.folder for s in steps if transaction.pruned(s.folder)}
+    remade: set[Path] = set()  # pruned merges made again: the same version (see runner)
     size = -1
     while size != len(todo):
         size = len(todo)
@@ -314,9 +316,11 @@ def pending(steps: list[Step]) -> list[Step]:
             if step.folder in pruned and any(
                 step.folder in s.needs for s in steps if s.folder in todo
             ):
+                if step.stage in transaction.DETERMINISTIC and step.folder not in todo:
+                    remade.add(step.folder)
                 todo.add(step.folder)
         for step in steps:  # downstream of steps to do
-            if any(n in todo for n in step.needs):
+            if any(n in todo and n not in remade for n in step.needs):
                 todo.add(step.folder)
     if todo:
         todo |= {s.folder for s in steps if s.stage == "report"}

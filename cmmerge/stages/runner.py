@@ -139,6 +139,7 @@ def run_stage(
                 log.info("%s: up to date in %s, skipped (force=true redoes it)", stage, stage_dir)
                 previous["skipped"] = True
                 return previous
+        same_as = _same_version(stage, stage_dir, previous, reason, digest)
         if previous is not None:
             why = reason or ("force=true" if cfg.get("force") else "config or inputs changed")
             log.info("%s: redoing %s (%s)", stage, stage_dir, why)
@@ -162,6 +163,8 @@ def run_stage(
         if dist.is_main():
             transaction.seal(partial)
             manifest["files"] = transaction.file_sizes(partial)
+            if same_as:
+                manifest["same_as"] = same_as
             write_json_atomic(partial / MANIFEST, manifest)
             transaction.commit(stage_dir, partial)
             _clear_failure(stage_dir)
@@ -170,6 +173,24 @@ def run_stage(
         manifest = read_manifest(stage_dir) or {}
     manifest["skipped"] = False
     return manifest
+
+
+def _same_version(
+    stage: str, stage_dir: Path, previous: dict | None, reason: str | None, digest: str
+) -> list[str]:
+    """For a deterministic stage pruned after use and made again with the same fingerprint:
+    the manifest hashes of the versions the new one stands for, so that stages made from them
+    stay fresh; else ``[]``."""
+    if (
+        stage not in transaction.DETERMINISTIC
+        or previous is None
+        or reason is not None
+        or not transaction.pruned(stage_dir)
+        or not _same_stage(previous, digest)
+    ):
+        return []
+    earlier = previous.get("same_as")
+    return [*(earlier if isinstance(earlier, list) else []), manifest_hash(stage_dir)]
 
 
 def failure_file(stage_dir: Path) -> Path:

@@ -62,7 +62,7 @@ def _weighted_loss(weights: torch.Tensor):
     return loss
 
 
-class _EvaluationRecorder(TrainerCallback):
+class EvaluationRecorder(TrainerCallback):
     """``compute_metrics`` that keeps the full validation metrics of every epoch's evaluation,
     so the kept (best) epoch's metrics need no second pass over the validation set."""
 
@@ -137,7 +137,7 @@ def train_classifier(
         train_sampling_strategy="group_by_length",
     )
     timer = StepTimer()
-    evaluations = _EvaluationRecorder(labels)
+    evaluations = EvaluationRecorder(labels)
     callbacks: list = [LogCallback(), FiniteLossCallback(), timer, evaluations]
     patience = params.get("early_stopping_patience")
     if patience:

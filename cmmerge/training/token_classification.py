@@ -26,7 +26,6 @@ from transformers import (
     DataCollatorForTokenClassification,
     EarlyStoppingCallback,
     Trainer,
-    TrainerCallback,
 )
 
 from cmmerge.data.stats import tokenizer_fingerprint
@@ -45,6 +44,7 @@ from cmmerge.training.arguments import (
     seed_everything,
     training_arguments,
 )
+from cmmerge.training.finetune import EvaluationRecorder
 
 IGNORE = -100
 _MODEL_COLUMNS = ("input_ids", "attention_mask")
@@ -211,14 +211,13 @@ def _weighted_loss(weights: torch.Tensor):
     return loss
 
 
-class _WordEvaluations(TrainerCallback):
-    """``compute_metrics`` over words that keeps each evaluation's full metrics, so the kept
-    (best) epoch's validation metrics need no second pass."""
+class _WordEvaluations(EvaluationRecorder):
+    """:class:`EvaluationRecorder` over words: the kept epoch's metrics carry the sentence
+    count and ``unit: word``."""
 
     def __init__(self, labels: list[str], n_sentences: int) -> None:
-        self.labels, self.n_sentences = labels, n_sentences
-        self.by_step: dict[int, dict[str, Any]] = {}
-        self._last: dict[str, Any] = {}
+        super().__init__(labels)
+        self.n_sentences = n_sentences
 
     def compute(self, eval_pred) -> dict[str, float]:
         scalars, gold, pred = trainer_token_metrics(eval_pred)
@@ -232,17 +231,6 @@ class _WordEvaluations(TrainerCallback):
             "confusion_matrix": matrix,
         }
         return scalars
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        self.by_step[state.global_step] = {
-            **self._last,
-            "loss": float((metrics or {}).get("eval_loss", float("nan"))),
-        }
-
-    def of_best(self, state) -> dict[str, Any]:
-        best = state.best_model_checkpoint
-        step = int(str(best).rsplit("-", 1)[-1]) if best else max(self.by_step)
-        return self.by_step[step]
 
 
 def train_token_classifier(

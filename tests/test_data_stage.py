@@ -25,6 +25,7 @@ BENCHMARKS = [
     "sentiment-en-ml",
     "lid-en-hi",
     "lid-en-es",
+    "lid-en-hi-l3cube",
 ]
 
 
@@ -77,7 +78,7 @@ def test_leakage_tasks_missing_under_data_root_are_skipped_and_reported(tmp_path
         os.symlink(REPO / "cmmerge" / "samples" / sub, root / sub)
     cfg = compose("data", [f"run.root={tmp_path}", f"data.root={root}"])
     _, stats = cpt_corpus(cfg)
-    hinglish = ["sentiment-en-hi", "lid-en-hi"]  # the tasks on SentiMix Hinglish
+    hinglish = ["sentiment-en-hi", "lid-en-hi", "lid-en-hi-l3cube"]  # SentiMix Hinglish, L3Cube
     assert stats["leakage_tasks"] == hinglish
     assert set(stats["leakage_tasks_skipped"]) == set(BENCHMARKS) - set(hinglish)
     bad = compose(

@@ -22,7 +22,7 @@ from cmmerge.reporting.stats import macro_f1
 from cmmerge.reporting.study import _evaluation
 from cmmerge.stages import cpt, evaluate, extract, finetune, merge
 from cmmerge.stages.ids import stage_dirs
-from cmmerge.stages.inputs import evaluation_texts, task_splits_with_info
+from cmmerge.stages.inputs import cpt_corpus, evaluation_texts, task_splits_with_info
 from cmmerge.training.token_classification import (
     IGNORE,
     aligned_labels,
@@ -263,3 +263,23 @@ def test_lid_splits_are_the_sentiment_splits_and_kept_out_of_cpt_corpora():
     sentiment = task_splits_with_info(compose("data", ["task=sentiment-en-es"]))[0]
     for split in ("train", "validation", "test"):
         assert lid[split]["text"] == sentiment[split]["text"]
+
+
+def test_l3cube_lid_evaluation_tweets_leave_the_cpt_corpus_and_its_train_tweets_stay():
+    cfg = compose("data", ["task=sentiment-en-hi"])
+    assert "lid-en-hi-l3cube" in cfg.data.leakage_tasks
+    splits, info = task_splits_with_info(compose("data", ["task=lid-en-hi-l3cube"]))
+    # The sample's 3,000 L3Cube test tweets, 80 / 10 / 10, seeded by data.split_seed.
+    assert {s: len(d) for s, d in splits.items()} == {"train": 2400, "validation": 300, "test": 300}
+    assert splits["train"].features["word_labels"].feature.names == ["en", "hi"]
+    words = [w for ws in splits["test"]["words"] for w in ws]
+    labels = [i for ids in splits["test"]["word_labels"] for i in ids]
+    assert len(words) == len(labels) > 3000 and set(labels) == {0, 1}
+    again = task_splits_with_info(compose("data", ["task=lid-en-hi-l3cube"]))[0]
+    assert again["test"]["text"] == splits["test"]["text"]
+    corpus, stats = cpt_corpus(cfg)
+    held_out = {normalize_text(t) for s in ("validation", "test") for t in splits[s]["text"]}
+    kept = set(corpus)
+    assert not held_out & kept and stats["leakage_removed"] >= len(held_out) - 10
+    train = {normalize_text(t) for t in splits["train"]["text"]}
+    assert len(train & kept) > 0.95 * len(train)  # unlabelled use of training tweets

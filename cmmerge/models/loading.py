@@ -181,64 +181,54 @@ def load_lm(model_dir: Path, kind: ModelKind):
     return model
 
 
-def load_classifier(model_dir: Path, labels: list[str], pad_token_id: int | None):
-    """Sequence classifier over ``labels``, with finite weights; a head of another size is an
-    error. A new head is initialised from the global RNG: seed it first."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+def _load_labelled(model_dir: Path, labels: list[str], pad_token_id: int | None, token: bool):
+    """A sequence (``token=False``) or token classifier over ``labels`` with finite weights; a
+    head of the same kind but another size is an error. A new head is initialised from the global
+    RNG: seed it first."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+    )
 
+    kind = "ForTokenClassification" if token else "ForSequenceClassification"
     config = AutoConfig.from_pretrained(model_dir)
-    archs = config.architectures or []
-    has_head = any(a.endswith("ForSequenceClassification") for a in archs)
+    has_head = any(a.endswith(kind) for a in config.architectures or [])
     if has_head and config.num_labels != len(labels):
         raise CmmergeError(
-            f"{model_dir} has a classification head for {config.num_labels} labels, the task has "
-            f"{len(labels)} ({', '.join(labels)})"
+            f"{model_dir} has a {'token ' if token else ''}classification head for "
+            f"{config.num_labels} labels, the task has {len(labels)} ({', '.join(labels)})"
         )
     id2label = dict(enumerate(labels))
-    model, info = AutoModelForSequenceClassification.from_pretrained(
+    auto = AutoModelForTokenClassification if token else AutoModelForSequenceClassification
+    model, info = auto.from_pretrained(
         model_dir,
         num_labels=len(labels),
         id2label=id2label,
         label2id={v: k for k, v in id2label.items()},
         dtype="float32",
         output_loading_info=True,
+        # a token classifier from, e.g., a sentence classifier: its head has the same name
+        ignore_mismatched_sizes=token and not has_head,
     )
     _log_new_weights(model_dir, info)
     check_finite(model, model_dir)
     if model.config.pad_token_id is None and pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     return model
+
+
+def load_classifier(model_dir: Path, labels: list[str], pad_token_id: int | None):
+    """Sequence classifier over ``labels``, with finite weights; a head of another size is an
+    error. A new head is initialised from the global RNG: seed it first."""
+    return _load_labelled(model_dir, labels, pad_token_id, token=False)
 
 
 def load_token_classifier(model_dir: Path, labels: list[str], pad_token_id: int | None):
     """Token classifier (one label per token) over ``labels``, with finite weights; a token
     head of another size is an error, any other head is left out. A new head is initialised from
     the global RNG: seed it first."""
-    from transformers import AutoConfig, AutoModelForTokenClassification
-
-    config = AutoConfig.from_pretrained(model_dir)
-    archs = config.architectures or []
-    has_head = any(a.endswith("ForTokenClassification") for a in archs)
-    if has_head and config.num_labels != len(labels):
-        raise CmmergeError(
-            f"{model_dir} has a token classification head for {config.num_labels} labels, the "
-            f"task has {len(labels)} ({', '.join(labels)})"
-        )
-    id2label = dict(enumerate(labels))
-    model, info = AutoModelForTokenClassification.from_pretrained(
-        model_dir,
-        num_labels=len(labels),
-        id2label=id2label,
-        label2id={v: k for k, v in id2label.items()},
-        dtype="float32",
-        output_loading_info=True,
-        ignore_mismatched_sizes=not has_head,  # e.g. a sentence classifier's head, same name
-    )
-    _log_new_weights(model_dir, info)
-    check_finite(model, model_dir)
-    if model.config.pad_token_id is None and pad_token_id is not None:
-        model.config.pad_token_id = pad_token_id
-    return model
+    return _load_labelled(model_dir, labels, pad_token_id, token=True)
 
 
 _OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert")

@@ -56,85 +56,49 @@ def evaluate_one(cfg: DictConfig, task_name: str) -> dict:
     def work(stage_dir):
         splits, info = task_splits_with_info(cfg, task_name)
         test = splits["test"]
-        if token:
-            return token_work(stage_dir, test)
-        texts, gold = list(test["text"]), list(test["label"])
-        probs, metrics = predict(
-            ft_dir / "model",
-            texts,
-            labels,
-            int(cfg.evaluate.batch_size),
-            int(cfg.evaluate.max_length),
-            gold,
-            stage_dir / ".predict",
-        )
+        sizes = int(cfg.evaluate.batch_size), int(cfg.evaluate.max_length)
+        if token:  # word-level metrics; a predictions line per sentence with a tag per word
+            words, gold = list(test["words"]), list(test["word_labels"])
+            preds, _, metrics = predict_tokens(
+                ft_dir / "model", words, labels, *sizes, gold, stage_dir / ".predict"
+            )
+            rows = (
+                {
+                    "text": text,
+                    "words": w,
+                    "gold": [labels[i] for i in g],
+                    "pred": [labels[i] for i in p],
+                }
+                for text, w, g, p in zip(test["text"], words, gold, preds, strict=True)
+            )
+            scores = f"word macro-F1 {metrics['macro_f1']:.4f}"
+            scores += f", accuracy {metrics['accuracy']:.4f} ({metrics['n']} words)"
+        else:
+            texts, gold = list(test["text"]), list(test["label"])
+            probs, metrics = predict(
+                ft_dir / "model", texts, labels, *sizes, gold, stage_dir / ".predict"
+            )
+            rows = (
+                {
+                    "text": text,
+                    "gold": labels[g],
+                    "pred": labels[int(p.argmax())],
+                    "probs": {lab: round(float(v), 6) for lab, v in zip(labels, p, strict=True)},
+                }
+                for text, g, p in zip(texts, gold, probs, strict=True)
+            )
+            scores = f"macro-F1 {metrics['macro_f1']:.4f}, accuracy {metrics['accuracy']:.4f}"
         if not dist.is_main():
             return {"metrics": metrics}
         write_json_atomic(stage_dir / "metrics.json", {"split": "test", **metrics})
-        rows = (
-            {
-                "text": text,
-                "gold": labels[g],
-                "pred": labels[int(p.argmax())],
-                "probs": {lab: round(float(v), 6) for lab, v in zip(labels, p, strict=True)},
-            }
-            for text, g, p in zip(texts, gold, probs, strict=True)
-        )
         write_jsonl_atomic(stage_dir / "predictions.jsonl", rows)
-        log.info(
-            "evaluate %s on %s: macro-F1 %.4f, accuracy %.4f",
-            ft_id,
-            task_name,
-            metrics["macro_f1"],
-            metrics["accuracy"],
-        )
+        log.info("evaluate %s on %s: %s", ft_id, task_name, scores)
         return {
             "metrics": metrics,
             "outputs": ["metrics.json", "predictions.jsonl"],
             "finetune_id": ft_id,
             "task": task_name,
             "test_blank_dropped": info["test"].get("blank_dropped", 0),
-        }
-
-    def token_work(stage_dir, test):
-        """Word-level metrics; one predictions line per sentence with a tag per word."""
-        words, gold = list(test["words"]), list(test["word_labels"])
-        preds, _, metrics = predict_tokens(
-            ft_dir / "model",
-            words,
-            labels,
-            int(cfg.evaluate.batch_size),
-            int(cfg.evaluate.max_length),
-            gold,
-            stage_dir / ".predict",
-        )
-        if not dist.is_main():
-            return {"metrics": metrics}
-        write_json_atomic(stage_dir / "metrics.json", {"split": "test", **metrics})
-        rows = (
-            {
-                "text": text,
-                "words": w,
-                "gold": [labels[i] for i in g],
-                "pred": [labels[i] for i in p],
-            }
-            for text, w, g, p in zip(test["text"], words, gold, preds, strict=True)
-        )
-        write_jsonl_atomic(stage_dir / "predictions.jsonl", rows)
-        log.info(
-            "evaluate %s on %s: word macro-F1 %.4f, accuracy %.4f (%d words)",
-            ft_id,
-            task_name,
-            metrics["macro_f1"],
-            metrics["accuracy"],
-            metrics["n"],
-        )
-        return {
-            "metrics": metrics,
-            "outputs": ["metrics.json", "predictions.jsonl"],
-            "finetune_id": ft_id,
-            "task": task_name,
-            "test_blank_dropped": 0,
         }
 
     return run_stage(cfg, "evaluate", spec.folder, config_view, inputs, work, all_ranks=True)

@@ -123,9 +123,41 @@ def train_classifier(
         int(params["max_length"]),
         cache_dir,
     )
-    ckpt_dir = out_dir / "checkpoints"
+    weights = class_weights(list(data["train"]["labels"]), len(labels), params.get("class_weights"))
+    return run_trainer(
+        model,
+        tokenizer,
+        data["train"],
+        data["validation"],
+        DataCollatorWithPadding(tokenizer),
+        EvaluationRecorder(labels),
+        _weighted_loss(weights) if weights is not None else None,
+        params,
+        out_dir,
+        seed,
+        peft_cfg,
+    )
+
+
+def run_trainer(
+    model,
+    tokenizer,
+    train,
+    validation,
+    collator,
+    evaluations: EvaluationRecorder,
+    loss_func,
+    params: Mapping[str, Any],
+    out_dir: Path,
+    seed: int,
+    peft_cfg: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """Train with a transformers Trainer that evaluates every epoch and keeps the epoch best on
+    validation macro-F1 (``evaluations`` computes it), with ``loss_func`` (None: the model's
+    loss); save it (:func:`lora.save_trained`) and
+    return its validation metrics, the per-epoch history and training facts."""
     args = training_arguments(
-        ckpt_dir,
+        out_dir / "checkpoints",
         params,
         seed,
         eval_strategy="epoch",
@@ -137,22 +169,20 @@ def train_classifier(
         train_sampling_strategy="group_by_length",
     )
     timer = StepTimer()
-    evaluations = EvaluationRecorder(labels)
     callbacks: list = [LogCallback(), FiniteLossCallback(), timer, evaluations]
     patience = params.get("early_stopping_patience")
     if patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=int(patience)))
-    weights = class_weights(list(data["train"]["labels"]), len(labels), params.get("class_weights"))
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=data["train"],
-        eval_dataset=data["validation"],
+        train_dataset=train,
+        eval_dataset=validation,
         processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
+        data_collator=collator,
         compute_metrics=evaluations.compute,
         callbacks=callbacks,
-        compute_loss_func=_weighted_loss(weights) if weights is not None else None,
+        compute_loss_func=loss_func,
     )
     readable_output(trainer)  # one line per logged step, no raw dicts
     result = trainer.train()
@@ -163,7 +193,7 @@ def train_classifier(
         if "eval_macro_f1" in h
     ]
     lora.save_trained(trainer, tokenizer, out_dir, peft_cfg)
-    useful_tokens = sum(len(x) for x in data["train"]["input_ids"]) * float(
+    useful_tokens = sum(len(x) for x in train["input_ids"]) * float(
         result.metrics.get("epoch", 1.0)
     )
     return {

@@ -24,7 +24,6 @@ import torch
 from datasets import DatasetDict
 from transformers import (
     DataCollatorForTokenClassification,
-    EarlyStoppingCallback,
     Trainer,
 )
 
@@ -36,15 +35,10 @@ from cmmerge.models.loading import check_max_length, load_token_classifier, load
 from cmmerge.stages import dist
 from cmmerge.training import lora
 from cmmerge.training.arguments import (
-    FiniteLossCallback,
-    LogCallback,
-    StepTimer,
-    precision_name,
-    readable_output,
     seed_everything,
     training_arguments,
 )
-from cmmerge.training.finetune import EvaluationRecorder
+from cmmerge.training.finetune import EvaluationRecorder, run_trainer
 
 IGNORE = -100
 _MODEL_COLUMNS = ("input_ids", "attention_mask")
@@ -260,59 +254,23 @@ def train_token_classifier(
         model = lora.wrap(model, peft_cfg, "token_cls")
     train = training_split(splits["train"], tokenizer, max_length, cache_dir)
     validation = training_split(splits["validation"], tokenizer, max_length, cache_dir)
-    args = training_arguments(
-        out_dir / "checkpoints",
-        params,
-        seed,
-        eval_strategy="epoch",
-        save_strategy="epoch",
-        save_total_limit=1,
-        load_best_model_at_end=True,
-        metric_for_best_model="macro_f1",
-        greater_is_better=True,
-        train_sampling_strategy="group_by_length",
-    )
-    timer = StepTimer()
-    evaluations = _WordEvaluations(labels, len(splits["validation"]))
-    callbacks: list = [LogCallback(), FiniteLossCallback(), timer, evaluations]
-    patience = params.get("early_stopping_patience")
-    if patience:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=int(patience)))
     weights = class_weights(
         splits["train"]["word_labels"], len(labels), params.get("class_weights")
     )
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=train,
-        eval_dataset=validation,
-        processing_class=tokenizer,
-        data_collator=DataCollatorForTokenClassification(tokenizer),
-        compute_metrics=evaluations.compute,
-        callbacks=callbacks,
-        compute_loss_func=_weighted_loss(weights) if weights is not None else None,
+    facts = run_trainer(
+        model,
+        tokenizer,
+        train,
+        validation,
+        DataCollatorForTokenClassification(tokenizer),
+        _WordEvaluations(labels, len(splits["validation"])),
+        _weighted_loss(weights) if weights is not None else None,
+        params,
+        out_dir,
+        seed,
+        peft_cfg,
     )
-    readable_output(trainer)
-    result = trainer.train()
-    metrics = evaluations.of_best(trainer.state)
-    history = [
-        {"epoch": h["epoch"], "macro_f1": h["eval_macro_f1"], "loss": h["eval_loss"]}
-        for h in trainer.state.log_history
-        if "eval_macro_f1" in h
-    ]
-    lora.save_trained(trainer, tokenizer, out_dir, peft_cfg)
-    useful = sum(len(x) for x in train["input_ids"]) * float(result.metrics.get("epoch", 1.0))
-    return {
-        "metrics": metrics,
-        "history": history,
-        "best_checkpoint": trainer.state.best_model_checkpoint,
-        "steps": int(result.global_step),
-        "train_runtime_s": float(result.metrics.get("train_runtime", 0.0)),
-        "precision": precision_name(args),
-        "train_step_time_s": timer.seconds,
-        "train_tokens_per_s": useful / max(timer.seconds, 1e-9),
-        "chunks": {"train": len(train), "validation": len(validation)},
-    }
+    return {**facts, "chunks": {"train": len(train), "validation": len(validation)}}
 
 
 def predict_tokens(

@@ -176,3 +176,43 @@ def test_a_graft_names_what_it_needs(tmp_path):
     wrong = compose("graft", [f"run.root={tmp_path}", "onto=hate-en-hi", *FAST])
     with pytest.raises(CmmergeError, match="labels"):
         graft.run(wrong)
+
+
+@pytest.mark.parametrize("layout", ["Llama-3.2-1B", "Llama-3.1-8B"])
+def test_graft_onto_a_decoder_classifier_moves_the_backbone_only(tmp_path, layout):
+    """A decoder's tau_cpt (tied bfloat16 without lm_head.weight, or untied and sharded) added
+    to a LlamaForSequenceClassification: its backbone moves by lambda * tau, its score head and
+    dtype stay, and no LM head leaks into the classifier."""
+    import zoo
+    from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification
+
+    base = zoo.make(layout, tmp_path)
+    tuned = zoo.perturbed(base, tmp_path / "cpt", seed=3)
+    tau_file = tmp_path / "tau.safetensors"
+    extract_task_vector(base, tuned, tau_file)
+    torch.manual_seed(1)
+    model = LlamaForSequenceClassification.from_pretrained(base, num_labels=3, dtype=torch.float32)
+    model.config.pad_token_id = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape))
+    model.save_pretrained(tmp_path / "ft")
+    stats = graft.graft_weights(tmp_path / "ft", tau_file, 0.5, tmp_path / "out")
+    tau = load_file(tau_file)
+    before = load_file(tmp_path / "ft" / "model.safetensors")
+    after = load_file(tmp_path / "out" / "model.safetensors")
+    assert set(after) == set(before) and not any(k.startswith("lm_head") for k in after)
+    moved = 0
+    for key, value in before.items():
+        name = key.removeprefix("model.")
+        assert after[key].dtype == torch.float32
+        if name in tau:
+            moved += 1
+            torch.testing.assert_close(after[key], value + 0.5 * tau[name], rtol=0, atol=1e-6)
+        else:
+            assert key == "score.weight", key
+            assert torch.equal(after[key], value)
+    assert moved == stats["n_merged"] == len(before) - 1 > 10
+    (tmp_path / "ft" / "config.json").replace(tmp_path / "out" / "config.json")
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    assert loaded.config.num_labels == 3

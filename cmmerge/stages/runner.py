@@ -133,7 +133,7 @@ def run_stage(
         dist.barrier()
         previous = read_manifest(stage_dir)
         reason = None if previous is None else transaction.problem(stage_dir, previous)
-        if previous is not None and reason is None and _same_stage(previous, digest):
+        if previous is not None and reason is None and _same_stage(previous, digest, inputs):
             just_made = (stage_dir / MANIFEST).stat().st_mtime >= asked  # by another process
             if not cfg.get("force") or just_made:
                 log.info("%s: up to date in %s, skipped (force=true redoes it)", stage, stage_dir)
@@ -336,15 +336,33 @@ def _gpu_peak() -> dict[str, float]:
     return {"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
 
 
-def _same_stage(previous: dict, digest: str) -> bool:
+def _same_stage(previous: dict, digest: str, inputs: list[dict] | None = None) -> bool:
     """Whether a finished manifest is the stage ``digest`` names: by its fingerprint, or by its
     recorded config and inputs hashed the way fingerprints are now (a manifest written before
-    :data:`~cmmerge.io.manifest.NOT_OUTPUT_SETTINGS` left the fingerprint stays valid)."""
+    :data:`~cmmerge.io.manifest.NOT_OUTPUT_SETTINGS` left the fingerprint stays valid), with each
+    upstream stage re-made as the same version (its ``same_as`` lists the recorded hash: a
+    pruned merge made again) standing for the version recorded."""
     if previous.get("fingerprint") == digest:
         return True
-    if "config" not in previous or not isinstance(previous.get("inputs"), list):
+    recorded = previous.get("inputs")
+    if "config" not in previous or not isinstance(recorded, list):
         return False
-    return fingerprint(previous["config"], previous["inputs"]) == digest
+    if fingerprint(previous["config"], recorded) == digest:
+        return True
+    current = {str(i.get("path")): i for i in inputs or []}
+    now = [_standing_for(r, current.get(str(r.get("path")))) for r in recorded]
+    return now != recorded and fingerprint(previous["config"], now) == digest
+
+
+def _standing_for(recorded: dict, current: dict | None) -> dict:
+    """``current`` (an upstream stage's input entry now) when that stage's manifest says it is
+    the same version as the one ``recorded``; else ``recorded``."""
+    old = recorded.get("manifest_sha256") if isinstance(recorded, dict) else None
+    if not old or not current or current.get("manifest_sha256") in (None, old):
+        return recorded
+    manifest = read_manifest(Path(current["path"])) or {}
+    same_as = manifest.get("same_as")
+    return current if isinstance(same_as, list) and old in same_as else recorded
 
 
 def view(cfg: DictConfig, *keys: str, **extra: Any) -> dict[str, Any]:

@@ -225,18 +225,24 @@ def predict(
     check_max_length(model.config, max_length, "evaluate.max_length", model_dir)
     ds = Dataset.from_dict({"text": texts, "label": gold})
     data = tokenize_splits(DatasetDict(train=ds), tokenizer, max_length)["train"]
-    args = training_arguments(work_dir, {"batch_size": batch_size, "lr": 0.0}, seed=0)
-    trainer = Trainer(
-        model=model,
-        args=args,
-        processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
+    logits, loss = predict_logits(
+        model, tokenizer, data, DataCollatorWithPadding(tokenizer), batch_size, work_dir
     )
+    probs = torch.softmax(torch.as_tensor(logits), dim=-1).numpy()
+    metrics = classification_metrics(gold, probs.argmax(-1).tolist(), labels)
+    metrics["loss"] = loss
+    return probs, metrics
+
+
+def predict_logits(
+    model, tokenizer, data, collator, batch_size: int, work_dir: Path
+) -> tuple[np.ndarray, float]:
+    """Float32 logits of ``model`` over ``data`` (a Trainer's ``predict``, batched, on every
+    process of a launch) and the mean loss where ``data`` has labels; ``work_dir`` is removed."""
+    args = training_arguments(work_dir, {"batch_size": batch_size, "lr": 0.0}, seed=0)
+    trainer = Trainer(model=model, args=args, processing_class=tokenizer, data_collator=collator)
     out = trainer.predict(data)
     if dist.is_main():
         shutil.rmtree(work_dir, ignore_errors=True)
     logits = out.predictions[0] if isinstance(out.predictions, tuple) else out.predictions
-    probs = torch.softmax(torch.as_tensor(np.asarray(logits, dtype=np.float32)), dim=-1).numpy()
-    metrics = classification_metrics(gold, probs.argmax(-1).tolist(), labels)
-    metrics["loss"] = float(out.metrics.get("test_loss", float("nan")))
-    return probs, metrics
+    return np.asarray(logits, dtype=np.float32), float(out.metrics.get("test_loss", float("nan")))

@@ -13,7 +13,6 @@ keyed by the words, the tokenizer and ``max_length``; labels are attached afterw
 from __future__ import annotations
 
 import hashlib
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ import torch
 from datasets import DatasetDict
 from transformers import (
     DataCollatorForTokenClassification,
-    Trainer,
 )
 
 from cmmerge.data.stats import tokenizer_fingerprint
@@ -32,13 +30,11 @@ from cmmerge.errors import CmmergeError
 from cmmerge.evaluation.metrics import classification_metrics
 from cmmerge.evaluation.token_metrics import token_metrics, trainer_token_metrics
 from cmmerge.models.loading import check_max_length, load_token_classifier, load_tokenizer
-from cmmerge.stages import dist
 from cmmerge.training import lora
 from cmmerge.training.arguments import (
     seed_everything,
-    training_arguments,
 )
-from cmmerge.training.finetune import EvaluationRecorder, run_trainer
+from cmmerge.training.finetune import EvaluationRecorder, predict_logits, run_trainer
 
 IGNORE = -100
 _MODEL_COLUMNS = ("input_ids", "attention_mask")
@@ -294,20 +290,11 @@ def predict_tokens(
     data = chunks.select_columns(list(_MODEL_COLUMNS)).add_column(
         "labels", aligned_labels(chunks, gold)
     )
-    args = training_arguments(work_dir, {"batch_size": batch_size, "lr": 0.0}, seed=0)
-    trainer = Trainer(
-        model=model,
-        args=args,
-        processing_class=tokenizer,
-        data_collator=DataCollatorForTokenClassification(tokenizer),
+    logits, loss = predict_logits(
+        model, tokenizer, data, DataCollatorForTokenClassification(tokenizer), batch_size, work_dir
     )
-    out = trainer.predict(data)
-    if dist.is_main():
-        shutil.rmtree(work_dir, ignore_errors=True)
-    logits = out.predictions[0] if isinstance(out.predictions, tuple) else out.predictions
-    logits = np.asarray(logits, dtype=np.float32)
     preds, probs, missing = word_predictions(chunks, logits, [len(w) for w in words])
     metrics = token_metrics(gold, preds, labels)
-    metrics["loss"] = float(out.metrics.get("test_loss", float("nan")))
+    metrics["loss"] = loss
     metrics["words_without_tokens"] = missing
     return preds, probs, metrics

@@ -93,6 +93,27 @@ def test_the_plan_has_every_arm_of_the_comparison():
         assert {p.parent.name for p in g.needs} == {"finetune", "extract"}
 
 
+def test_finetune_overrides_of_an_entry_reach_the_labelled_fine_tunes_and_grafts_only():
+    spec = "pipeline.no_labels=[{onto:english-sentiment-en-hi,lambda:[0.5],finetune:{epochs:7}}]"
+    base = compose("pipeline", ["experiment=no-labels", "run.root=/nonexistent"])
+    cfg = compose("pipeline", ["experiment=no-labels", "run.root=/nonexistent", spec])
+    steps = plan.expand(cfg)
+    for s in steps:
+        if s.stage in ("finetune", "graft"):
+            english = s.stage == "graft" or str(s.cfg.task.name) == ENGLISH
+            assert s.cfg.finetune.epochs == (7 if english else base.finetune.epochs), s.folder
+    graft = next(s for s in steps if s.stage == "graft")
+    source = next(p for p in graft.needs if p.parent.name == "finetune")
+    made = {s.folder for s in steps if s.stage == "finetune"}
+    assert source in made and source not in {s.folder for s in plan.expand(base)}
+    ceiling = {s.folder for s in steps if s.stage == "finetune" and s.cfg.task.name == TASK}
+    assert ceiling <= {s.folder for s in plan.expand(base)}  # the ceiling arms are unchanged
+    typo = spec.replace("epochs", "epoch")
+    bad = compose("pipeline", ["experiment=no-labels", "run.root=/nonexistent", typo])
+    with pytest.raises(CmmergeError, match="finetune.epoch is not a finetune setting"):
+        plan.expand(bad)
+
+
 def test_a_task_with_other_labels_is_refused_in_the_plan():
     spec = "pipeline.no_labels=[{onto:english-sentiment-en-hi,lambda:[0.5]}]"
     cfg = compose("pipeline", ["experiment=paper-xlmr", "run.root=/nonexistent", spec])

@@ -7,10 +7,12 @@ run, each with its folder (from :mod:`cmmerge.stages.ids`) and the upstream fold
 be lists: a grid), ``sequential``, ``joint``, ``no_labels`` and ``prompts``.
 
 ``no_labels`` (no code-mixed labels): per entry ``{onto: TASK, lambda: [...], method,
-density, baselines}``, the base fine-tuned on ``onto`` (per seed), a graft per lambda (tau_cpt
-added to it, scored on the code-mixed task's validation split) evaluated on the task's
+density, baselines, finetune}``, the base fine-tuned on ``onto`` (per seed), a graft per lambda
+(tau_cpt added to it, scored on the code-mixed task's validation split) evaluated on the task's
 evaluation tasks, and the ``onto`` baselines (default Full FT and CPT->FT on ``onto``)
 evaluated there too, beside the task's own arms (the ceiling, with code-mixed labels).
+``finetune`` (e.g. ``{epochs: 3}``) overrides ``finetune.*`` for the fine-tunes on ``onto`` and
+the grafts made from them (a labelled set in one language is often smaller), not the ceiling.
 """
 
 from __future__ import annotations
@@ -210,6 +212,8 @@ def _no_labels(plan: _Plan, vcfg: DictConfig, spec: dict, seeds: list[int], cpt_
             f"pipeline.no_labels: onto={onto} has labels {list(theirs)}, {vcfg.task.name} has "
             f"{list(mine)}: give that task's entry in pipeline.tasks no_labels: []"
         )
+    tuned = _finetune_overrides(vcfg, spec)
+    source = _with_finetune(source, tuned)
     for init in spec.get("baselines", ["base", "cpt"]):
         needs = (cpt_dir,) if str(init) == "cpt" else ()
         for seed in seeds:
@@ -217,11 +221,36 @@ def _no_labels(plan: _Plan, vcfg: DictConfig, spec: dict, seeds: list[int], cpt_
     method = str(spec.get("method", "task_arithmetic"))
     for values in _merge_settings({**spec, "method": method}):
         values = {k: v for k, v in values.items() if k not in ("sources", "weights")}
-        arm = with_values(vcfg, **{**values, "init": "graft", "onto": onto})
+        arm = _with_finetune(with_values(vcfg, **{**values, "init": "graft", "onto": onto}), tuned)
         for seed in seeds:
             src = with_values(source, init="base", seed=seed)
             ft = plan.add(Step("finetune", src, stage_dirs(src)["finetune"]))
             _finetune_and_evaluate(plan, arm, (ext_dir, ft), seed, stage="graft")
+
+
+def _finetune_overrides(vcfg: DictConfig, spec: dict) -> dict:
+    """A ``pipeline.no_labels`` entry's ``finetune`` overrides, checked against ``finetune.*``."""
+    tuned = plain(spec.get("finetune")) or {}
+    if not isinstance(tuned, dict):
+        raise CmmergeError(f"pipeline.no_labels entry {spec}: finetune must be a mapping")
+    unknown = sorted(set(tuned) - set(vcfg.finetune))
+    if unknown:
+        raise CmmergeError(
+            f"pipeline.no_labels entry for onto={spec['onto']}: finetune.{unknown[0]} is not a "
+            f"finetune setting (known: {', '.join(sorted(vcfg.finetune))})"
+        )
+    return tuned
+
+
+def _with_finetune(cfg: DictConfig, values: dict) -> DictConfig:
+    """A copy of ``cfg`` with ``finetune.*`` keys replaced (``cfg`` itself when none)."""
+    if not values:
+        return cfg
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        for key, value in values.items():
+            out.finetune[key] = value
+    return out
 
 
 def _merged_arm(

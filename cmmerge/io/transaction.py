@@ -109,11 +109,17 @@ def stale_inputs(manifest: dict) -> list[str]:
         recorded = item.get("manifest_sha256") if isinstance(item, dict) else None
         if not recorded or manifest_hash(Path(item["path"])) == recorded:
             continue
-        upstream = read_manifest(Path(item["path"]))
-        same_as = upstream.get("same_as") if isinstance(upstream, dict) else None
-        if not (isinstance(same_as, list) and recorded in same_as):
+        if not stands_for(Path(item["path"]), recorded):
             out.append(str(item["path"]))
     return out
+
+
+def stands_for(stage_dir: Path, recorded: str) -> bool:
+    """Whether the stage in ``stage_dir`` was made again as the same version as the one whose
+    manifest hash is ``recorded`` (its manifest's ``same_as`` lists it)."""
+    manifest = read_manifest(Path(stage_dir))
+    same_as = manifest.get("same_as") if isinstance(manifest, dict) else None
+    return isinstance(same_as, list) and recorded in same_as
 
 
 def finished_manifest(stage_dir: Path) -> dict | None:

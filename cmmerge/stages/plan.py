@@ -244,13 +244,7 @@ def _finetune_overrides(vcfg: DictConfig, spec: dict) -> dict:
 
 def _with_finetune(cfg: DictConfig, values: dict) -> DictConfig:
     """A copy of ``cfg`` with ``finetune.*`` keys replaced (``cfg`` itself when none)."""
-    if not values:
-        return cfg
-    out = copy.deepcopy(cfg)
-    with open_dict(out):
-        for key, value in values.items():
-            out.finetune[key] = value
-    return out
+    return with_values(cfg, finetune={**plain(cfg.finetune), **values}) if values else cfg
 
 
 def _merged_arm(

@@ -360,9 +360,7 @@ def _standing_for(recorded: dict, current: dict | None) -> dict:
     old = recorded.get("manifest_sha256") if isinstance(recorded, dict) else None
     if not old or not current or current.get("manifest_sha256") in (None, old):
         return recorded
-    manifest = read_manifest(Path(current["path"])) or {}
-    same_as = manifest.get("same_as")
-    return current if isinstance(same_as, list) and old in same_as else recorded
+    return current if transaction.stands_for(Path(current["path"]), old) else recorded
 
 
 def view(cfg: DictConfig, *keys: str, **extra: Any) -> dict[str, Any]:

@@ -52,11 +52,17 @@ def class_weights(train_labels: list[int], n_labels: int, mode: str | None) -> t
     return len(train_labels) / (n_labels * counts.clamp(min=1))
 
 
-def _weighted_loss(weights: torch.Tensor):
+def weighted_loss(weights: torch.Tensor):
+    """Class-weighted cross-entropy over the last axis of the logits (one label per text, or
+    per token with -100 for the positions that carry none), for ``Trainer.compute_loss_func``."""
+
     def loss(outputs, labels, num_items_in_batch=None):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         return torch.nn.functional.cross_entropy(
-            logits.float(), labels, weight=weights.to(logits.device)
+            logits.float().reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            weight=weights.to(logits.device),
+            ignore_index=-100,
         )
 
     return loss
@@ -131,7 +137,7 @@ def train_classifier(
         data["validation"],
         DataCollatorWithPadding(tokenizer),
         EvaluationRecorder(labels),
-        _weighted_loss(weights) if weights is not None else None,
+        weighted_loss(weights) if weights is not None else None,
         params,
         out_dir,
         seed,

@@ -34,7 +34,13 @@ from cmmerge.training import lora
 from cmmerge.training.arguments import (
     seed_everything,
 )
-from cmmerge.training.finetune import EvaluationRecorder, predict_logits, run_trainer
+from cmmerge.training.finetune import (
+    EvaluationRecorder,
+    class_weights,
+    predict_logits,
+    run_trainer,
+    weighted_loss,
+)
 
 IGNORE = -100
 _MODEL_COLUMNS = ("input_ids", "attention_mask")
@@ -177,30 +183,6 @@ def word_predictions(
     return preds, filled, missing
 
 
-def class_weights(word_labels: Sequence[Sequence[int]], n_labels: int, mode: str | None):
-    """``balanced`` weights over words (n / (k * count_c)), else None."""
-    if not mode or mode == "none":
-        return None
-    if mode != "balanced":
-        raise CmmergeError(f"finetune.class_weights={mode}: use balanced or none")
-    flat = torch.as_tensor([x for row in word_labels for x in row])
-    counts = torch.bincount(flat, minlength=n_labels).float()
-    return len(flat) / (n_labels * counts.clamp(min=1))
-
-
-def _weighted_loss(weights: torch.Tensor):
-    def loss(outputs, labels, num_items_in_batch=None):
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        return torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]),
-            labels.reshape(-1),
-            weight=weights.to(logits.device),
-            ignore_index=IGNORE,
-        )
-
-    return loss
-
-
 class _WordEvaluations(EvaluationRecorder):
     """:class:`EvaluationRecorder` over words: the kept epoch's metrics carry the sentence
     count and ``unit: word``."""
@@ -250,9 +232,8 @@ def train_token_classifier(
         model = lora.wrap(model, peft_cfg, "token_cls")
     train = training_split(splits["train"], tokenizer, max_length, cache_dir)
     validation = training_split(splits["validation"], tokenizer, max_length, cache_dir)
-    weights = class_weights(
-        splits["train"]["word_labels"], len(labels), params.get("class_weights")
-    )
+    words = [i for ids in splits["train"]["word_labels"] for i in ids]  # balanced over words
+    weights = class_weights(words, len(labels), params.get("class_weights"))
     facts = run_trainer(
         model,
         tokenizer,
@@ -260,7 +241,7 @@ def train_token_classifier(
         validation,
         DataCollatorForTokenClassification(tokenizer),
         _WordEvaluations(labels, len(splits["validation"])),
-        _weighted_loss(weights) if weights is not None else None,
+        weighted_loss(weights) if weights is not None else None,
         params,
         out_dir,
         seed,

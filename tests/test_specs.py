@@ -90,8 +90,7 @@ def _legacy_view(stage: str, cfg) -> dict:
     if stage == "cpt":
         return {
             **{k: plain(cfg.get(k)) for k in ("model", "corpus", "cpt")},
-            "data_root": root,
-            "leakage_tasks": leakage_tasks(cfg),
+            "data_root": root,  # the leakage list left the view for the corpus's hash (an input)
             "split_seed": split_seed(cfg),
             "seed": int(cfg.cpt.seed),
             "peft": plain(cfg.get("peft")),

@@ -7,12 +7,12 @@ import logging
 from omegaconf import DictConfig
 
 from cmmerge.errors import CmmergeError
-from cmmerge.io.manifest import write_json_atomic
+from cmmerge.io.manifest import fingerprint, write_json_atomic
 from cmmerge.io.model_card import write_model_card
 from cmmerge.models.loading import model_kind, resolve_model
 from cmmerge.settings import cache_dir, data_root
 from cmmerge.stages import dist
-from cmmerge.stages.inputs import cpt_corpus, data_inputs
+from cmmerge.stages.inputs import corpus_input, cpt_corpus, data_inputs
 from cmmerge.stages.runner import folder_input, run_stage
 from cmmerge.stages.spec import CptSpec
 from cmmerge.training.cpt import train_lm
@@ -37,9 +37,9 @@ def run(cfg: DictConfig) -> dict:
     kind = model_kind(base, str(cfg.model.kind))
     data_root(cfg)  # a missing data.root is named before anything is locked
     config_view = spec.config_view()
+    texts, corpus_stats = cpt_corpus(cfg)
 
     def work(stage_dir):
-        texts, corpus_stats = cpt_corpus(cfg)
         _check_corpus(str(cfg.corpus.name), texts, corpus_stats)
         peft_cfg = config_view["peft"]
         metrics = train_lm(
@@ -83,7 +83,37 @@ def run(cfg: DictConfig) -> dict:
             "kind": kind,
         }
 
-    inputs = [folder_input(base), *data_inputs(cfg, [], corpus=True)]
+    files = [folder_input(base), *data_inputs(cfg, [], corpus=True)]
+    inputs = [*files, corpus_input(cfg, texts)]
     return run_stage(
-        cfg, "cpt", spec.folder, config_view, inputs, work, all_ranks=True, resumable=True
+        cfg,
+        "cpt",
+        spec.folder,
+        config_view,
+        inputs,
+        work,
+        all_ranks=True,
+        resumable=True,
+        same_as_recorded=lambda previous: _same_corpus_as_listed(cfg, previous, files, inputs[-1]),
     )
+
+
+def _same_corpus_as_listed(cfg: DictConfig, previous: dict, files: list[dict], now: dict) -> bool:
+    """Whether a CPT manifest from before the corpus identified the stage (its config held the
+    leakage list, its inputs every guarded task's files) is this stage: the same settings but
+    that list, the same base model and corpus files, and the list it recorded leaves the same
+    texts as now."""
+    config, recorded = previous.get("config"), previous.get("inputs")
+    if not isinstance(config, dict) or not isinstance(recorded, list):
+        return False
+    listed = config.get("leakage_tasks")
+    if not isinstance(listed, list) or any(item not in recorded for item in files):
+        return False
+    rest = {k: v for k, v in config.items() if k != "leakage_tasks"}
+    if fingerprint(rest, files) != fingerprint(CptSpec.from_config(cfg).config_view(), files):
+        return False
+    texts, _ = cpt_corpus(cfg, [str(name) for name in listed])
+    same = corpus_input(cfg, texts) == now
+    if same:
+        log.info("cpt: made with data.leakage_tasks=%s, the same corpus as now", listed)
+    return same

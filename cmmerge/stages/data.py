@@ -163,7 +163,7 @@ def run(cfg: DictConfig) -> dict:
         )
         return {"metrics": metrics, "outputs": ["stats.json"]}
 
-    inputs = data_inputs(cfg, [str(cfg.task.name)], corpus=True)
+    inputs = data_inputs(cfg, [str(cfg.task.name)], corpus=True, guard=True)
     manifest = run_stage(cfg, "data", dirs["data"], config_view, inputs, work)
     stats = json.loads((Path(dirs["data"]) / "stats.json").read_text(encoding="utf-8"))
     print(summary(stats), flush=True)

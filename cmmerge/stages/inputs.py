@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from omegaconf import DictConfig
 
 from cmmerge.data import build_corpus, load_corpus, load_task, load_task_with_info, normalize_text
 from cmmerge.data.tasks import SPLITS, resolve_labels, split_file
+from cmmerge.io.manifest import sha256_bytes
 from cmmerge.settings import data_root, plain, task_config
 
 log = logging.getLogger("cmmerge")
@@ -65,8 +67,11 @@ def missing_task_files(cfg: DictConfig, name: str) -> list[str]:
     return [f for f, path in _task_paths(cfg, name) if not path.is_file()]
 
 
-def evaluation_texts_with_info(cfg: DictConfig) -> tuple[set[str], dict]:
-    """Normalised validation and test texts of every leakage task, and what was read.
+def evaluation_texts_with_info(
+    cfg: DictConfig, names: list[str] | None = None
+) -> tuple[set[str], dict]:
+    """Normalised validation and test texts of every leakage task (``names``, default
+    :func:`leakage_tasks`), and what was read.
 
     A task of ``data.leakage_tasks`` whose files are missing under ``data.root`` is skipped (and
     listed); the configured task and ``eval_tasks`` must load.
@@ -74,7 +79,7 @@ def evaluation_texts_with_info(cfg: DictConfig) -> tuple[set[str], dict]:
     required = {str(cfg.task.name), *[str(t) for t in cfg.get("eval_tasks") or []]}
     texts: set[str] = set()
     info: dict = {"tasks": {}, "skipped": {}}
-    for name in leakage_tasks(cfg):
+    for name in leakage_tasks(cfg) if names is None else names:
         missing = [] if name in required else missing_task_files(cfg, name)
         if missing:
             log.warning(
@@ -97,10 +102,12 @@ def evaluation_texts(cfg: DictConfig) -> set[str]:
     return evaluation_texts_with_info(cfg)[0]
 
 
-def cpt_corpus_with_info(cfg: DictConfig) -> tuple[list[str], dict, dict]:
+def cpt_corpus_with_info(
+    cfg: DictConfig, leakage: list[str] | None = None
+) -> tuple[list[str], dict, dict]:
     """:func:`cpt_corpus` plus the corpus sources read (with their word-tag counts)."""
     raw, sources = load_corpus(plain(cfg.corpus), data_root(cfg), seed=split_seed(cfg))
-    banned, guard = evaluation_texts_with_info(cfg)
+    banned, guard = evaluation_texts_with_info(cfg, leakage)
     texts, stats = build_corpus(raw, banned)
     stats["leakage_tasks"] = list(guard["tasks"])
     if guard["skipped"]:
@@ -110,10 +117,21 @@ def cpt_corpus_with_info(cfg: DictConfig) -> tuple[list[str], dict, dict]:
     return texts, stats, sources
 
 
-def cpt_corpus(cfg: DictConfig) -> tuple[list[str], dict]:
-    """The CPT corpus (normalised, de-duplicated, evaluation texts removed) and its counts."""
-    texts, stats, _ = cpt_corpus_with_info(cfg)
+def cpt_corpus(cfg: DictConfig, leakage: list[str] | None = None) -> tuple[list[str], dict]:
+    """The CPT corpus (normalised, de-duplicated, the evaluation texts of the ``leakage`` tasks,
+    default :func:`leakage_tasks`, removed) and its counts."""
+    texts, stats, _ = cpt_corpus_with_info(cfg, leakage)
     return texts, stats
+
+
+def corpus_input(cfg: DictConfig, texts: list[str]) -> dict:
+    """The manifest input that stands for a CPT corpus: the SHA-256 of its texts in order.
+
+    The corpus, not the settings that shaped it, identifies a CPT: adding a task whose texts
+    are already excluded to ``data.leakage_tasks`` (as training that task does) leaves it the
+    same stage."""
+    blob = json.dumps(texts, ensure_ascii=False).encode()
+    return {"corpus": str(cfg.corpus.name), "texts": len(texts), "sha256": sha256_bytes(blob)}
 
 
 def _task_files(cfg: DictConfig, name: str) -> list[Path]:
@@ -128,9 +146,14 @@ def _corpus_files(cfg: DictConfig) -> list[Path]:
     return [p for p in paths if p.is_file()]
 
 
-def data_inputs(cfg: DictConfig, tasks: list[str], corpus: bool = False) -> list[dict]:
+def data_inputs(
+    cfg: DictConfig, tasks: list[str], corpus: bool = False, guard: bool = False
+) -> list[dict]:
     """Manifest inputs for the data files a stage reads, identified by content (SHA-256,
-    remembered by path, size and modification time): editing a file redoes the stage."""
+    remembered by path, size and modification time): editing a file redoes the stage.
+
+    ``corpus`` adds the corpus sources and the task train sets it takes in, and with ``guard``
+    the files of every leakage task (whose evaluation texts it leaves out)."""
     from cmmerge.io.hashes import content_digest
     from cmmerge.settings import cache_dir
 
@@ -139,8 +162,9 @@ def data_inputs(cfg: DictConfig, tasks: list[str], corpus: bool = False) -> list
         files += _task_files(cfg, name)
     if corpus:
         files += _corpus_files(cfg)
-        for name in [*leakage_tasks(cfg), *(cfg.corpus.get("task_train_sets") or [])]:
-            files += [f for f in _task_files(cfg, str(name)) if f not in files]
+        guarded = leakage_tasks(cfg) if guard else []
+        for name in [*guarded, *(cfg.corpus.get("task_train_sets") or [])]:
+            files += _task_files(cfg, str(name))
     cache = cache_dir(cfg)
     unique = list(dict.fromkeys(files))
     return [{"path": str(f), "sha256": content_digest(f, cache)} for f in unique]

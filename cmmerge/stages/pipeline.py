@@ -103,7 +103,7 @@ class _Executor:
             return
         self.checked.add(folder)
         gone = transaction.pruned(folder)
-        waiting = [c for c in self.consumers.get(folder, []) if not plan.is_done(c.folder)]
+        waiting = [c for c in self.consumers.get(folder, []) if not plan.is_current(c)]
         if not gone or not waiting:
             return
         step = self.producer[folder]

@@ -323,13 +323,39 @@ def is_done(folder: Path) -> bool:
     return manifest is not None and not transaction.stale_inputs(manifest)
 
 
+def settings_changed(step: Step) -> bool:
+    """Whether the finished stage in ``step``'s folder recorded other settings than ``step``
+    has (one changed under the same folder name: running the step redoes it). Entries the
+    stage fills in when it runs, and data files, are checked by the runner alone."""
+    from cmmerge.io import transaction
+    from cmmerge.io.manifest import fingerprint
+    from cmmerge.stages.spec import spec_for
+
+    manifest = transaction.finished_manifest(step.folder)
+    recorded = manifest.get("config") if manifest else None
+    if step.stage in ("report",) or not isinstance(recorded, dict):
+        return False
+    stage = "finetune" if step.stage == "graft" else step.stage
+    options = {"task_name": step.eval_task} if step.stage == "evaluate" else {}
+    view = spec_for(step.cfg, stage, **options).settings_view()
+    if any(key not in recorded for key in view):
+        return True
+    return fingerprint(view, []) != fingerprint({k: recorded[k] for k in view}, [])
+
+
+def is_current(step: Step) -> bool:
+    """:func:`is_done` for ``step``'s folder, with the settings ``step`` has."""
+    return is_done(step.folder) and not settings_changed(step)
+
+
 def pending(steps: list[Step]) -> list[Step]:
-    """The steps still to do: those not done, those pruned after use that a step to do needs
+    """The steps still to do: those not done (or done with other settings), those pruned after
+    use that a step to do needs
     (made again first), and everything made from a step that is redone (then stale), except
     from a pruned merge made again (deterministic: the same version as before)."""
     from cmmerge.io import transaction
 
-    todo = {s.folder for s in steps if not is_done(s.folder)}
+    todo = {s.folder for s in steps if not is_current(s)}
     pruned = {s.folder for s in steps if transaction.pruned(s.folder)}
     remade: set[Path] = set()  # pruned merges made again: the same version (see runner)
     size = -1

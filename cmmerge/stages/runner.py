@@ -100,6 +100,7 @@ def run_stage(
     work: Callable[[Path], dict[str, Any]],
     all_ranks: bool = False,
     resumable: bool = False,
+    same_as_recorded: Callable[[dict], bool] | None = None,
 ) -> dict:
     """Do ``work(folder)`` as a transaction unless an identical finished stage is there; return
     the manifest.
@@ -122,6 +123,8 @@ def run_stage(
             the manifest either way.
         resumable: a partial folder left by an interrupted run of the same attempt is kept for
             ``work`` to resume from (CPT checkpoints); otherwise every attempt starts empty.
+        same_as_recorded: for a finished manifest whose fingerprint differs, whether it is
+            still this stage (one recorded in an older form); it is then kept as it is.
     """
     stage_dir = Path(stage_dir)
     digest = fingerprint(config_view, inputs)
@@ -133,7 +136,14 @@ def run_stage(
         dist.barrier()
         previous = read_manifest(stage_dir)
         reason = None if previous is None else transaction.problem(stage_dir, previous)
-        if previous is not None and reason is None and _same_stage(previous, digest, inputs):
+        if (
+            previous is not None
+            and reason is None
+            and (
+                _same_stage(previous, digest, inputs)
+                or (same_as_recorded is not None and same_as_recorded(previous))
+            )
+        ):
             just_made = (stage_dir / MANIFEST).stat().st_mtime >= asked  # by another process
             if not cfg.get("force") or just_made:
                 log.info("%s: up to date in %s, skipped (force=true redoes it)", stage, stage_dir)

@@ -229,6 +229,8 @@ def onto_task(cfg: DictConfig) -> str:
 
 # --- the specs ----------------------------------------------------------------------------------
 
+_UNRESOLVED = "<filled in when the stage runs>"
+
 
 @dataclass(frozen=True)
 class StageSpec:
@@ -270,6 +272,13 @@ class StageSpec:
         if unknown:
             raise TypeError(f"{type(self).__name__} resolves {self.RESOLVED}, not {unknown}")
         return dataclasses.replace(self, **{k: freeze(v) for k, v in values.items()})
+
+    def settings_view(self) -> dict[str, Any]:
+        """The config view less the entries the stage fills in when it runs (:attr:`RESOLVED`):
+        what a plan can compare with a finished stage's recorded config before running it."""
+        unset = {k: _UNRESOLVED for k in self.RESOLVED if getattr(self, k) is None}
+        view = self.resolve(**unset).config_view() if unset else self.config_view()
+        return {k: v for k, v in view.items() if v != _UNRESOLVED}
 
     def _resolved(self, name: str) -> Any:
         value = getattr(self, name)
@@ -341,14 +350,16 @@ class DataSpec(StageSpec):
 
 @dataclass(frozen=True)
 class CptSpec(StageSpec):
-    """``cmmerge cpt``: continued pre-training -> ``cpt/<corpus>[-lora][-<hash>]/``."""
+    """``cmmerge cpt``: continued pre-training -> ``cpt/<corpus>[-lora][-<hash>]/``.
+
+    The texts the leakage guard leaves are an input of the stage (their hash), not the list of
+    tasks guarded: another task's pipeline that excludes no further text shares the CPT."""
 
     model: FrozenMap | None = None
     corpus: FrozenMap | None = None
     cpt: FrozenMap | None = None
     peft: FrozenMap | None = None
     data_root: str = ""
-    leakage_tasks: tuple[str, ...] = ()
     split_seed: int = 0
 
     STAGE: ClassVar[str] = "cpt"
@@ -362,7 +373,6 @@ class CptSpec(StageSpec):
             cpt=_section(cfg, "cpt"),
             peft=_section(cfg, "peft"),
             data_root=_data_root(cfg),
-            leakage_tasks=_leakage_tasks(cfg),
             split_seed=_split_seed(cfg),
         )
 
@@ -384,7 +394,6 @@ class CptSpec(StageSpec):
             "corpus": thaw(self.corpus),
             "cpt": thaw(self.cpt),
             "data_root": self.data_root,
-            "leakage_tasks": list(self.leakage_tasks),
             "split_seed": self.split_seed,
             "seed": self.seed,
             "peft": thaw(self.peft),

@@ -66,6 +66,25 @@ def test_pruned_weights_leave_a_finished_stage_and_fresh_downstream_records(tmp_
     assert transaction.prune(stage, ["model/"]) == 0  # nothing left to delete
 
 
+def test_a_pruned_merge_of_a_pruned_merge_made_again_keeps_its_users_fresh(tmp_path):
+    """Two deterministic stages in a chain, both pruned and made again (the pipeline forces
+    them): each stands for the version it replaces, so a stage made from the second stays
+    fresh."""
+    _, work = _model_stage(tmp_path, "unused")
+    forced = OmegaConf.merge(_cfg(tmp_path), {"force": True})
+    up, down, user = (tmp_path / "r" / name for name in ("up", "down", "user"))
+    run_stage(_cfg(tmp_path), "merge", up, {"a": 1}, [], work)
+    run_stage(_cfg(tmp_path), "merge", down, {"b": 1}, [stage_input(up, "h")], work)
+    first = stage_input(down, "h")["manifest_sha256"]
+    run_stage(_cfg(tmp_path), "s", user, {"c": 1}, [stage_input(down, "h")], work)
+    for stage in (up, down):
+        transaction.prune(stage, ["model/"])
+    run_stage(forced, "merge", up, {"a": 1}, [], work)
+    again = run_stage(forced, "merge", down, {"b": 1}, [stage_input(up, "h")], work)
+    assert again["same_as"] == [first]
+    assert transaction.stale_inputs(read_manifest(user)) == []
+
+
 def test_a_missing_file_that_was_not_pruned_is_still_a_damaged_stage(tmp_path):
     stage, _ = _model_stage(tmp_path)
     transaction.prune(stage, ["model/"])

@@ -149,7 +149,7 @@ def run_stage(
                 log.info("%s: up to date in %s, skipped (force=true redoes it)", stage, stage_dir)
                 previous["skipped"] = True
                 return previous
-        same_as = _same_version(stage, stage_dir, previous, reason, digest)
+        same_as = _same_version(stage, stage_dir, previous, reason, digest, inputs)
         if previous is not None:
             why = reason or ("force=true" if cfg.get("force") else "config or inputs changed")
             log.info("%s: redoing %s (%s)", stage, stage_dir, why)
@@ -186,7 +186,12 @@ def run_stage(
 
 
 def _same_version(
-    stage: str, stage_dir: Path, previous: dict | None, reason: str | None, digest: str
+    stage: str,
+    stage_dir: Path,
+    previous: dict | None,
+    reason: str | None,
+    digest: str,
+    inputs: list[dict],
 ) -> list[str]:
     """For a deterministic stage pruned after use and made again with the same fingerprint:
     the manifest hashes of the versions the new one stands for, so that stages made from them
@@ -196,7 +201,7 @@ def _same_version(
         or previous is None
         or reason is not None
         or not transaction.pruned(stage_dir)
-        or not _same_stage(previous, digest)
+        or not _same_stage(previous, digest, inputs)
     ):
         return []
     earlier = previous.get("same_as")

@@ -100,17 +100,25 @@ def folder_fingerprint(folder: Path) -> str:
 # often neither renames nor redoes a finished stage.
 NOT_OUTPUT_SETTINGS = frozenset({"logging_steps", "report_to", "save_steps"})
 TRAINING_SECTIONS = ("cpt", "finetune")
+# Settings added after stages were made, at the value that does what those stages did: left out
+# of the fingerprints at that value, so a finished stage is not redone for a setting it followed.
+NEUTRAL_SETTINGS = {"head_warmup_steps": 0, "head_warmup_lr": None}
 
 
 def output_view(config_view: Any) -> Any:
-    """``config_view`` without the :data:`NOT_OUTPUT_SETTINGS` of its training sections: what
-    the fingerprint hashes."""
+    """``config_view`` without the :data:`NOT_OUTPUT_SETTINGS` of its training sections, nor
+    their :data:`NEUTRAL_SETTINGS` at the neutral value: what the fingerprint hashes."""
     if not isinstance(config_view, dict):
         return config_view
     out = dict(config_view)
     for section in TRAINING_SECTIONS:
         if isinstance(out.get(section), dict):
-            out[section] = {k: v for k, v in out[section].items() if k not in NOT_OUTPUT_SETTINGS}
+            out[section] = {
+                k: v
+                for k, v in out[section].items()
+                if k not in NOT_OUTPUT_SETTINGS
+                and not (k in NEUTRAL_SETTINGS and v == NEUTRAL_SETTINGS[k])
+            }
     return out
 
 

@@ -183,6 +183,60 @@ def _perplexity_before(
     return before
 
 
+def check_head_warmup(params: Mapping[str, Any], kind: ModelKind, peft_cfg) -> int:
+    """``cpt.head_warmup_steps``, refused in one line where it does not apply."""
+    steps = int(params.get("head_warmup_steps") or 0)
+    if steps < 0:
+        raise CmmergeError(f"cpt.head_warmup_steps={steps}: give 0 (none) or a number of steps")
+    if steps and (kind != "encoder" or lora.enabled(peft_cfg)):
+        raise CmmergeError(
+            "cpt.head_warmup_steps applies to full-parameter masked-LM CPT of an encoder "
+            "(a checkpoint saved without its MLM head); set it to 0 for this model or peft=none"
+        )
+    return steps
+
+
+def _warm_up_head(trainer: CptTrainer, steps: int, params: Mapping[str, Any], seed: int) -> dict:
+    """Train the MLM head alone for ``steps`` (the encoder and the tied embeddings frozen), on
+    the same batches and masks the CPT then starts from: a head initialised at random (a model
+    saved without one, as multilingual-e5) otherwise sends its first, largest gradients through
+    the encoder. Returns the warm-up's mean loss."""
+    model = trainer.model
+    tied = {id(p) for p in model.get_input_embeddings().parameters()}
+    head = {id(p) for p in mlm_head(model).parameters() if id(p) not in tied}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in head]
+    args = training_arguments(
+        Path(trainer.args.output_dir) / "head_warmup",
+        {**params, "max_steps": steps, "lr": params.get("head_warmup_lr") or params["lr"]},
+        seed,
+        eval_strategy="no",
+        save_strategy="no",
+        prediction_loss_only=True,
+        remove_unused_columns=True,
+    )
+    warm = CptTrainer(
+        model=model,
+        args=args,
+        train_dataset=trainer.train_dataset,
+        data_collator=trainer.data_collator,
+        processing_class=trainer.processing_class,
+        kind=trainer.kind,
+        fast_loss=trainer.fast_loss,
+        chunk_size=trainer.chunk_size,
+        callbacks=[LogCallback(), FiniteLossCallback()],
+    )
+    readable_output(warm)
+    log.info("warming up the MLM head alone for %d steps (%d tensors frozen)", steps, len(frozen))
+    for param in frozen:
+        param.requires_grad_(False)
+    try:
+        result = warm.train()
+    finally:
+        for param in frozen:
+            param.requires_grad_(True)
+    return {"head_warmup_steps": steps, "head_warmup_loss": float(result.training_loss)}
+
+
 def train_lm(
     model_dir: Path,
     kind: ModelKind,
@@ -200,6 +254,7 @@ def train_lm(
     resume where it stopped. Returns held-out loss and perplexity before and after, and the
     number of training steps and tokens. ``cache_dir`` keeps the tokenised corpus.
     """
+    warmup_steps = check_head_warmup(params, kind, peft_cfg)
     tokenizer = load_tokenizer(model_dir)
     if kind == "encoder" and tokenizer.mask_token is None:
         raise CmmergeError(
@@ -276,6 +331,10 @@ def train_lm(
     )
     readable_output(trainer)  # one line per logged step, no raw dicts
     before = _perplexity_before(trainer, make_collator, split["test"], ckpt_dir, resume)
+    warmed: dict[str, Any] = {}
+    if warmup_steps and not resume:  # a checkpoint holds the warmed head already
+        trainer.data_collator = make_collator()  # the main run's masks start from the same seed
+        warmed = _warm_up_head(trainer, warmup_steps, params, seed)
     trainer.data_collator = train_collator
     if resume:
         log.info("resuming CPT from the last checkpoint, %s", resume)
@@ -301,4 +360,5 @@ def train_lm(
         "packing": packed,
         "resumed": resume is not None,
         "lora": lora.enabled(peft_cfg),
+        **warmed,
     }

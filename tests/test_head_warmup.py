@@ -35,7 +35,8 @@ def test_the_new_head_is_trained_alone_before_the_cpt(tmp_path, monkeypatch):
 
     monkeypatch.setattr(training_cpt, "_warm_up_head", spy)
     overrides = [f"run.root={tmp_path}", f"model.name_or_path={e5}", "model.kind=encoder"]
-    cfg = compose("cpt", [*overrides, *TINY, "cpt.head_warmup_steps=4", "cpt.head_warmup_lr=0.01", "data.token_lengths=false"])
+    warmup = ["cpt.head_warmup_steps=4", "cpt.head_warmup_lr=0.01", "data.token_lengths=false"]
+    cfg = compose("cpt", [*overrides, *TINY, *warmup])
     metrics = cpt.run(cfg)["metrics"]
     assert metrics["head_warmup_steps"] == 4 and math.isfinite(metrics["head_warmup_loss"])
     assert metrics["steps"] == 3  # the CPT's own steps, after the warm-up

@@ -137,11 +137,11 @@ def train_classifier(
         data["validation"],
         DataCollatorWithPadding(tokenizer),
         EvaluationRecorder(labels),
-        weighted_loss(weights) if weights is not None else None,
-        params,
-        out_dir,
-        seed,
-        peft_cfg,
+        loss_func=weighted_loss(weights) if weights is not None else None,
+        params=params,
+        out_dir=out_dir,
+        seed=seed,
+        peft_cfg=peft_cfg,
     )
 
 
@@ -152,6 +152,7 @@ def run_trainer(
     validation,
     collator,
     evaluations: EvaluationRecorder,
+    *,
     loss_func,
     params: Mapping[str, Any],
     out_dir: Path,

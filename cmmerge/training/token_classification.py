@@ -241,11 +241,11 @@ def train_token_classifier(
         validation,
         DataCollatorForTokenClassification(tokenizer),
         _WordEvaluations(labels, len(splits["validation"])),
-        weighted_loss(weights) if weights is not None else None,
-        params,
-        out_dir,
-        seed,
-        peft_cfg,
+        loss_func=weighted_loss(weights) if weights is not None else None,
+        params=params,
+        out_dir=out_dir,
+        seed=seed,
+        peft_cfg=peft_cfg,
     )
     return {**facts, "chunks": {"train": len(train), "validation": len(validation)}}
 

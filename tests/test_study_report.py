@@ -123,3 +123,30 @@ def test_one_report_over_several_run_directories(tmp_path):
     assert sorted({r["run"] for r in rows}) == ["a", "b"] and len(rows) == 4
     study = list(csv.DictReader(open(tmp_path / "both" / "report" / "study.csv")))
     assert sorted(r["run"] for r in study) == ["a", "b"]
+
+
+def test_an_arm_of_two_runs_is_shown_per_run_and_compared_with_the_other_runs_full_ft(tmp_path):
+    """A variant study in a run directory of its own (no Full FT there) is reported beside the
+    main run's: its arms named per run, and tested against the main run's Full FT on the same
+    test examples and seeds."""
+    for seed in range(3):
+        _finetune(tmp_path / "main", "base-t", "Full FT", seed, 0.60, 0.60)
+        _finetune(tmp_path / "main", "cpt@c-t", "CPT->FT", seed, 0.55, 0.55)
+        _finetune(tmp_path / "variant", "cpt@d-t", "CPT->FT", seed, 0.70, 0.75)
+    cfg = compose(
+        "report",
+        [f"run.root={tmp_path}", "run.name=both", "runs=[main,variant]", "report.n_resamples=200"],
+    )
+    (tmp_path / "both").mkdir()
+    report.run(cfg)
+    text = (tmp_path / "both" / "report" / "report.md").read_text()
+    table = text.split("## Against")[0]
+    assert "| CPT->FT [main] |" in table and "| CPT->FT [variant] |" in table
+    assert "| Full FT |" in table and "| CPT->FT |" not in table
+    variant_row = next(line for line in table.splitlines() if "[variant]" in line)
+    assert "**" in variant_row and "†" in variant_row  # best, and better than main's Full FT
+    study = list(csv.DictReader(open(tmp_path / "both" / "report" / "study.csv")))
+    variant = next(r for r in study if r["run"].endswith("variant"))
+    main = next(r for r in study if r["run"].endswith("main") and r["arm"] == "CPT->FT")
+    assert 0.10 < float(variant["diff_vs_full_ft"]) < 0.20 and float(variant["p_vs_full_ft"]) < 0.01
+    assert float(main["diff_vs_full_ft"]) < 0

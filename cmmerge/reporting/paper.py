@@ -32,14 +32,21 @@ def _sort_key(label: str) -> tuple:
 
 def paper_rows(arms: list[Arm], cells: dict[tuple, Cell]) -> tuple[list[str], list[str], dict]:
     """(row labels, training tasks, {(label, task): (arm, cell)}) of the chosen arms, each on
-    its own task's test set."""
+    its own task's test set; an arm that several run directories hold is shown once per run
+    (``CPT->FT [run]``)."""
+    shown = [(a, cells.get((a.run, a.group, a.task))) for a in arms if a.chosen]
+    shown = [(a, c) for a, c in shown if c is not None]
+    runs: dict[tuple[str, str], set[str]] = {}
+    for arm, _ in shown:
+        runs.setdefault((row_label(arm), arm.task), set()).add(arm.run)
     table: dict[tuple[str, str], tuple[Arm, Cell]] = {}
-    for arm in arms:
-        cell = cells.get((arm.run, arm.group, arm.task))
-        if arm.chosen and cell is not None:
-            key = (row_label(arm), arm.task)
-            if key not in table or cell.n > table[key][1].n:
-                table[key] = (arm, cell)
+    for arm, cell in shown:
+        label = row_label(arm)
+        if len(runs[(label, arm.task)]) > 1:  # the same arm in several run directories
+            label = f"{label} [{Path(arm.run).name}]"
+        key = (label, arm.task)
+        if key not in table or cell.n > table[key][1].n:
+            table[key] = (arm, cell)
     labels = sorted({k[0] for k in table}, key=_sort_key)
     tasks = sorted({k[1] for k in table})
     return labels, tasks, table

@@ -293,8 +293,12 @@ class Cell:
 
 def _reference(arms: list[Arm], arm: Arm, name: str) -> Arm | None:
     """The Full FT / CPT->FT arm an arm is compared with: same run and training task (and,
-    for CPT->FT, the same CPT variant where the arm has one), most seeds."""
+    for CPT->FT, the same CPT variant where the arm has one), most seeds. A run without that
+    arm is compared with another run's of the report (paired on the same test examples and
+    seeds, or not at all)."""
     found = [a for a in arms if a.kind == name and a.run == arm.run and a.task == arm.task]
+    if not found:
+        found = [a for a in arms if a.kind == name and a.task == arm.task]
     if arm.cpt and any(a.cpt == arm.cpt for a in found):
         found = [a for a in found if a.cpt == arm.cpt]
     return max(found, key=lambda a: (len(a.members), a.group)) if found else None

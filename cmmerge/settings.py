@@ -110,3 +110,18 @@ def task_config(cfg: DictConfig, name: str) -> DictConfig:
     if cfg.task.name == name:
         return cfg.task
     return load_group_config("task", name)
+
+
+def split_seed(cfg: DictConfig) -> int:
+    """Seed of carved-out validation splits: fixed across training seeds (``data.split_seed``)."""
+    return int(cfg.data.get("split_seed", 0))
+
+
+def leakage_tasks(cfg: DictConfig) -> list[str]:
+    """Tasks whose validation and test texts must never be in a CPT corpus: ``data.leakage_tasks``
+    plus the configured task and ``eval_tasks``."""
+    names = [str(n) for n in cfg.data.get("leakage_tasks") or []]
+    for name in [str(cfg.task.name), *[str(t) for t in cfg.get("eval_tasks") or []]]:
+        if name not in names:
+            names.append(name)
+    return names

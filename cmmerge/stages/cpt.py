@@ -94,11 +94,15 @@ def run(cfg: DictConfig) -> dict:
         work,
         all_ranks=True,
         resumable=True,
-        same_as_recorded=lambda previous: _same_corpus_as_listed(cfg, previous, files, inputs[-1]),
+        same_as_recorded=lambda previous: _same_corpus_as_listed(
+            cfg, previous, config_view, files, inputs[-1]
+        ),
     )
 
 
-def _same_corpus_as_listed(cfg: DictConfig, previous: dict, files: list[dict], now: dict) -> bool:
+def _same_corpus_as_listed(
+    cfg: DictConfig, previous: dict, config_view: dict, files: list[dict], now: dict
+) -> bool:
     """Whether a CPT manifest from before the corpus identified the stage (its config held the
     leakage list, its inputs every guarded task's files) is this stage: the same settings but
     that list, the same base model and corpus files, and the list it recorded leaves the same
@@ -110,7 +114,7 @@ def _same_corpus_as_listed(cfg: DictConfig, previous: dict, files: list[dict], n
     if not isinstance(listed, list) or any(item not in recorded for item in files):
         return False
     rest = {k: v for k, v in config.items() if k != "leakage_tasks"}
-    if fingerprint(rest, files) != fingerprint(CptSpec.from_config(cfg).config_view(), files):
+    if fingerprint(rest, files) != fingerprint(config_view, files):
         return False
     texts, _ = cpt_corpus(cfg, [str(name) for name in listed])
     same = corpus_input(cfg, texts) == now

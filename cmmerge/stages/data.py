@@ -19,9 +19,9 @@ from cmmerge.data.stats import code_mixing, split_overlap, token_lengths
 from cmmerge.data.tasks import dataset_labels
 from cmmerge.errors import CmmergeError
 from cmmerge.io.manifest import write_json_atomic
-from cmmerge.settings import cache_dir, data_root, plain
+from cmmerge.settings import cache_dir, data_root, plain, split_seed
 from cmmerge.stages.ids import stage_dirs
-from cmmerge.stages.inputs import cpt_corpus_with_info, data_inputs, split_seed
+from cmmerge.stages.inputs import cpt_corpus_with_info, data_inputs
 from cmmerge.stages.runner import run_stage
 from cmmerge.stages.spec import DataSpec
 

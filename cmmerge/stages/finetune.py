@@ -21,11 +21,11 @@ from cmmerge.evaluation.baseline import majority_baseline_warning
 from cmmerge.io.manifest import write_json_atomic
 from cmmerge.io.model_card import write_model_card
 from cmmerge.models.loading import local_model_dir, resolve_model
-from cmmerge.settings import cache_dir, plain, task_config
+from cmmerge.settings import cache_dir, plain, split_seed, task_config
 from cmmerge.stages import dist
 from cmmerge.stages.chain import require_upstream
 from cmmerge.stages.ids import arm_name
-from cmmerge.stages.inputs import data_inputs, split_seed, task_labels, task_splits_with_info
+from cmmerge.stages.inputs import data_inputs, task_labels, task_splits_with_info
 from cmmerge.stages.runner import folder_input, run_stage, stage_input
 from cmmerge.stages.spec import FinetuneSpec, init_spec
 from cmmerge.training.finetune import train_classifier

@@ -12,14 +12,9 @@ from omegaconf import DictConfig
 from cmmerge.data import build_corpus, load_corpus, load_task, load_task_with_info, normalize_text
 from cmmerge.data.tasks import SPLITS, resolve_labels, split_file
 from cmmerge.io.manifest import sha256_bytes
-from cmmerge.settings import data_root, plain, task_config
+from cmmerge.settings import data_root, leakage_tasks, plain, split_seed, task_config
 
 log = logging.getLogger("cmmerge")
-
-
-def split_seed(cfg: DictConfig) -> int:
-    """Seed of carved-out validation splits: fixed across training seeds (``data.split_seed``)."""
-    return int(cfg.data.get("split_seed", 0))
 
 
 def task_splits(cfg: DictConfig, name: str | None = None) -> DatasetDict:
@@ -40,16 +35,6 @@ def task_labels(cfg: DictConfig, name: str | None = None) -> list[str]:
     labels of its train file when that is null."""
     task = task_config(cfg, name or str(cfg.task.name))
     return resolve_labels(plain(task), data_root(cfg))
-
-
-def leakage_tasks(cfg: DictConfig) -> list[str]:
-    """Tasks whose validation and test texts must never be in a CPT corpus: ``data.leakage_tasks``
-    plus the configured task and ``eval_tasks``."""
-    names = [str(n) for n in cfg.data.get("leakage_tasks") or []]
-    for name in [str(cfg.task.name), *[str(t) for t in cfg.get("eval_tasks") or []]]:
-        if name not in names:
-            names.append(name)
-    return names
 
 
 def _task_paths(cfg: DictConfig, name: str) -> list[tuple[str, Path]]:

@@ -46,8 +46,10 @@ from cmmerge.settings import (
     SAMPLES_DIR,
     config_bool,
     config_int,
+    leakage_tasks,
     merge_scale,
     plain,
+    split_seed,
     task_config,
 )
 
@@ -192,18 +194,6 @@ def _data_root(cfg: DictConfig) -> str:
     return str(Path(root).expanduser() if root else SAMPLES_DIR)
 
 
-def _split_seed(cfg: DictConfig) -> int:
-    return int(cfg.data.get("split_seed", 0))
-
-
-def _leakage_tasks(cfg: DictConfig) -> tuple[str, ...]:
-    names = [str(n) for n in cfg.data.get("leakage_tasks") or []]
-    for name in [str(cfg.task.name), *[str(t) for t in cfg.get("eval_tasks") or []]]:
-        if name not in names:
-            names.append(name)
-    return tuple(names)
-
-
 def _hint(run_root: str, run_name: str, stage: str, *extra: str) -> str:
     return " ".join(["cmmerge", stage, f"run.root={run_root}", f"run.name={run_name}", *extra])
 
@@ -324,7 +314,7 @@ class DataSpec(StageSpec):
             seed=int(cfg.seed),
             cpt_seed=cfg.cpt.seed,
             model=_section(cfg, "model") if cfg.data.get("token_lengths", True) else None,
-            leakage_tasks=_leakage_tasks(cfg),
+            leakage_tasks=tuple(leakage_tasks(cfg)),
         )
 
     @property
@@ -373,7 +363,7 @@ class CptSpec(StageSpec):
             cpt=_section(cfg, "cpt"),
             peft=_section(cfg, "peft"),
             data_root=_data_root(cfg),
-            split_seed=_split_seed(cfg),
+            split_seed=split_seed(cfg),
         )
 
     @property
@@ -647,7 +637,7 @@ class FinetuneSpec(StageSpec):
             peft=_section(cfg, "peft"),
             seed=int(cfg.seed),
             data_root=_data_root(cfg),
-            split_seed=_split_seed(cfg),
+            split_seed=split_seed(cfg),
         )
 
     @property
@@ -740,7 +730,7 @@ class GraftSpec(StageSpec):
             task=_section(cfg, "task"),
             evaluate=_section(cfg, "evaluate"),
             data_root=_data_root(cfg),
-            split_seed=_split_seed(cfg),
+            split_seed=split_seed(cfg),
             seed=int(cfg.seed),
         )
 
@@ -813,7 +803,7 @@ class EvaluateSpec(StageSpec):
             task=freeze(task_config(cfg, name)),
             evaluate=_section(cfg, "evaluate"),
             data_root=_data_root(cfg),
-            split_seed=_split_seed(cfg),
+            split_seed=split_seed(cfg),
             seed=int(cfg.seed),
         )
 
@@ -887,7 +877,7 @@ class PromptSpec(StageSpec):
             shots=config_int(cfg, "shots"),
             seed=config_int(cfg, "seed"),
             data_root=_data_root(cfg),
-            split_seed=_split_seed(cfg),
+            split_seed=split_seed(cfg),
         )
 
     @property

@@ -196,11 +196,14 @@ def check_head_warmup(params: Mapping[str, Any], kind: ModelKind, peft_cfg) -> i
     return steps
 
 
-def _warm_up_head(trainer: CptTrainer, steps: int, params: Mapping[str, Any], seed: int) -> dict:
-    """Train the MLM head alone for ``steps`` (the encoder and the tied embeddings frozen), on
-    the same batches and masks the CPT then starts from: a head initialised at random (a model
-    saved without one, as multilingual-e5) otherwise sends its first, largest gradients through
-    the encoder. Returns the warm-up's mean loss."""
+def _warm_up_head(
+    trainer: CptTrainer, collator, steps: int, params: Mapping[str, Any], seed: int
+) -> dict:
+    """Train the MLM head of ``trainer``'s model alone for ``steps`` (the encoder and the tied
+    embeddings frozen), on the same batches the CPT then starts from (``collator``: a fresh one
+    with the CPT's seed, so the CPT's own masks are unchanged). A head initialised at random (a
+    model saved without one, as multilingual-e5) otherwise sends its first, largest gradients
+    through the encoder. Returns the warm-up's steps and mean loss."""
     model = trainer.model
     tied = {id(p) for p in model.get_input_embeddings().parameters()}
     head = {id(p) for p in mlm_head(model).parameters() if id(p) not in tied}
@@ -218,7 +221,7 @@ def _warm_up_head(trainer: CptTrainer, steps: int, params: Mapping[str, Any], se
         model=model,
         args=args,
         train_dataset=trainer.train_dataset,
-        data_collator=trainer.data_collator,
+        data_collator=collator,
         processing_class=trainer.processing_class,
         kind=trainer.kind,
         fast_loss=trainer.fast_loss,
@@ -333,8 +336,7 @@ def train_lm(
     before = _perplexity_before(trainer, make_collator, split["test"], ckpt_dir, resume)
     warmed: dict[str, Any] = {}
     if warmup_steps and not resume:  # a checkpoint holds the warmed head already
-        trainer.data_collator = make_collator()  # the main run's masks start from the same seed
-        warmed = _warm_up_head(trainer, warmup_steps, params, seed)
+        warmed = _warm_up_head(trainer, make_collator(), warmup_steps, params, seed)
     trainer.data_collator = train_collator
     if resume:
         log.info("resuming CPT from the last checkpoint, %s", resume)

@@ -62,9 +62,10 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def _task(stage: str, started: list[bool]):
+def _task(stage: str, started: list[bool], cpt_choice: tuple = (None, None)):
     def task_function(cfg) -> None:
         from cmmerge.errors import CmmergeError
+        from cmmerge.stages.cpt_variants import resolve
 
         started.append(True)
         _quiet_libraries()
@@ -77,6 +78,8 @@ def _task(stage: str, started: list[bool]):
         gc.enable()
         dist.init()
         try:
+            strict = stage not in ("report", "status")
+            note = resolve(stage, cfg, *cpt_choice, strict=strict)
             result = module.run(cfg)
         except CmmergeError as err:
             if cfg.get("debug"):
@@ -84,7 +87,7 @@ def _task(stage: str, started: list[bool]):
             _fail(stage, err)
         line = closing_line(stage, cfg, result) if dist.is_main() else None
         if line:
-            print(line, flush=True)
+            print(f"{line} [{note}]" if note else line, flush=True)
 
     task_function.__name__ = stage
     return task_function
@@ -131,11 +134,15 @@ def main(argv: list[str] | None = None) -> None:
     from cmmerge.config_errors import check_overrides, override_args
     from cmmerge.errors import CmmergeError
 
+    from cmmerge.stages.cpt_variants import given_cpt_keys, take_id
+
+    args, cpt_id = take_id(args)
     overrides = override_args(args)
     try:
         check_overrides(
             stage, overrides, multirun=stage == "sweep" or bool({"-m", "--multirun"} & set(args))
         )
+        cpt_choice = (cpt_id, given_cpt_keys(overrides))
     except CmmergeError as err:
         if debug:
             raise
@@ -152,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors: reported below, one line
     try:
         hydra.main(config_path="configs", config_name=stage, version_base="1.3")(
-            _task(stage, started)
+            _task(stage, started, cpt_choice)
         )()
     except Exception as err:  # noqa: BLE001 - a config error Hydra found before the stage ran
         if started or debug:

@@ -91,7 +91,19 @@ def require_upstream(cfg: DictConfig, stage: str) -> None:
         return
     names = ", ".join(name for name, _ in missing)
     commands = " && ".join(f"`{hint}`" for _, hint in missing)
-    raise CmmergeError(f"{stage} needs {names}, not made yet in {dirs['run']}: run {commands}")
+    others = ""
+    if any(name == "cpt" for name, _ in missing):
+        from cmmerge.stages.cpt_variants import finished_variants
+
+        made = [v.folder_id for v in finished_variants(dirs["run"])]
+        if made:
+            others = (
+                f" (the CPTs made there, {', '.join(made)}, were made for another model, corpus, "
+                "peft or data: `cmmerge status` compares them)"
+            )
+    raise CmmergeError(
+        f"{stage} needs {names}, not made yet in {dirs['run']}{others}: run {commands}"
+    )
 
 
 def _unfinished(stage_dir) -> bool:

@@ -15,9 +15,11 @@ from cmmerge.io.manifest import MANIFEST, read_json, read_manifest
 from cmmerge.reporting.tables import markdown_table
 from cmmerge.settings import run_dir
 from cmmerge.stages.chain import chain as upstream_chain
+from cmmerge.stages.cpt_variants import differing, finished_variants, matching
 from cmmerge.stages.chain import command_for
 from cmmerge.stages.ids import GRAFT, is_graft_id, stage_dirs
 from cmmerge.stages.runner import failure_file, hydra_overrides
+from cmmerge.stages.spec import CptSpec
 
 _SKIP_TOP = {"logs", "sweep"}
 
@@ -129,11 +131,37 @@ def run(cfg: DictConfig) -> dict:
                     }
                 )
     table = markdown_table(rows, ["stage", "state", "detail", "command"]) if rows else "empty\n"
-    print(f"# cmmerge status: {root}\n\n{table}")
+    print(f"# cmmerge status: {root}\n\n{table}{cpt_variants_section(cfg)}")
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["state"]] = counts.get(row["state"], 0) + 1
     return {"stage": "status", "rows": rows, "counts": counts, "skipped": False}
+
+
+def cpt_variants_section(cfg: DictConfig) -> str:
+    """The run's CPT variants for this config's model and corpus, and the one it resolves to."""
+    variants = matching(cfg, finished_variants(run_dir(cfg)))
+    if not variants:
+        return ""
+    configured = CptSpec.from_config(cfg).folder_id
+    rows = [
+        {
+            "CPT variant": f"cpt/{folder_id}",
+            "settings that differ": ", ".join(f"{k}={v}" for k, v in diff.items()) or "-",
+            "pick with": f"cpt.id={folder_id}",
+            "this config": "uses it" if folder_id == configured else "",
+        }
+        for folder_id, diff in differing(variants).items()
+    ]
+    if any(row["this config"] for row in rows):
+        verdict = f"this config resolves to cpt/{configured}"
+    else:
+        verdict = (
+            f"this config names cpt/{configured}, which is not made: pick a variant with "
+            "cpt.id=<id>"
+        )
+    columns = ["CPT variant", "settings that differ", "pick with", "this config"]
+    return f"\n## CPT variants\n\n{markdown_table(rows, columns)}\n{verdict}\n"
 
 
 def _eval_tasks(cfg: DictConfig) -> list[str]:

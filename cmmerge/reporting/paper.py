@@ -26,15 +26,17 @@ def row_label(arm: Arm) -> str:
     )
 
 
-def _sort_key(label: str) -> tuple:
-    return (_ORDER.get(re.split(r" [(\[]", label)[0], 4), label)
+def _sort_key(label: str, configured: bool = True) -> tuple:
+    """Rows in the paper's order, the configuration's variant of an arm first."""
+    return (_ORDER.get(re.split(r" [(\[]", label)[0], 4), re.split(r" \[", label)[0],
+            not configured, label)  # fmt: skip
 
 
 def paper_rows(arms: list[Arm], cells: dict[tuple, Cell]) -> tuple[list[str], list[str], dict]:
     """(row labels, training tasks, {(label, task): (arm, cell)}) of the chosen arms, each on
     its own task's test set; an arm that several run directories hold is shown once per run
-    (``CPT->FT [run]``)."""
-    shown = [(a, cells.get((a.run, a.group, a.task))) for a in arms if a.chosen]
+    (``CPT->FT [run]``); arms hidden as other variants (:attr:`Arm.shown`) are left out."""
+    shown = [(a, cells.get((a.run, a.group, a.task))) for a in arms if a.chosen and a.shown]
     shown = [(a, c) for a, c in shown if c is not None]
     runs: dict[tuple[str, str], set[str]] = {}
     for arm, _ in shown:
@@ -47,7 +49,8 @@ def paper_rows(arms: list[Arm], cells: dict[tuple, Cell]) -> tuple[list[str], li
         key = (label, arm.task)
         if key not in table or cell.n > table[key][1].n:
             table[key] = (arm, cell)
-    labels = sorted({k[0] for k in table}, key=_sort_key)
+    configured = {k[0]: v[0].configured for k, v in table.items()}
+    labels = sorted(configured, key=lambda lab: _sort_key(lab, configured[lab]))
     tasks = sorted({k[1] for k in table})
     return labels, tasks, table
 
@@ -91,7 +94,24 @@ def markdown(arms: list[Arm], cells: dict[tuple, Cell]) -> str:
         f"† / ‡: better than Full FT / CPT->FT with p < {ALPHA} (paired permutation test on "
         "the same test examples and seeds); λ and density chosen on mean validation macro-F1.\n"
     )
-    return "\n".join(lines) + "\n" + note
+    return "\n".join(lines) + "\n" + note + variants_note(arms)
+
+
+def variants_note(arms: list[Arm]) -> str:
+    """What the ``[...]`` tags mean, and the variants left out of the tables."""
+    out = ""
+    if any(a.tag for a in arms if a.shown):
+        out += (
+            "\n[...]: the settings in which fine-tunes of the study differ (variants); "
+            "comparisons pair only fine-tunes with the same settings apart from the arm itself.\n"
+        )
+    hidden = sorted({row_label(a) for a in arms if not a.shown and a.chosen}, key=_sort_key)
+    if hidden:
+        out += (
+            f"\nMade with other settings than this configuration's, not shown: "
+            f"{', '.join(hidden)} (report.all_variants=true shows them).\n"
+        )
+    return out
 
 
 def _scale(arm: Arm) -> str:
@@ -115,14 +135,22 @@ def comparisons_markdown(arms: list[Arm], cells: dict[tuple, Cell]) -> str:
             _, cell = table[(label, task)]
             ci = cell.interval
             score = f"{cell.mean:.4f} [{ci.low:.4f}, {ci.high:.4f}]" if ci else f"{cell.mean:.4f}"
-            if not cell.versus:
+            if not cell.versus and not cell.notes:
                 lines.append(f"| {label} | {task} | {score} | | | | {cell.n} |")
-            for name, c in cell.versus.items():
-                d = c.difference
-                lines.append(
-                    f"| {label} | {task} | {score} | {name} | {d.estimate:+.4f} "
-                    f"[{d.low:+.4f}, {d.high:+.4f}] | {c.p_value:.3f} | {c.n_seeds} |"
-                )
+            for name in REFERENCES:
+                c = cell.versus.get(name)
+                if c is not None:
+                    d = c.difference
+                    lines.append(
+                        f"| {label} | {task} | {score} | {cell.partners[name]} | "
+                        f"{d.estimate:+.4f} [{d.low:+.4f}, {d.high:+.4f}] | {c.p_value:.3f} | "
+                        f"{c.n_seeds} |"
+                    )
+                elif name in cell.notes:
+                    lines.append(
+                        f"| {label} | {task} | {score} | {name} | left out: {cell.notes[name]} "
+                        f"| | {cell.n} |"
+                    )
     return "\n".join(lines) + "\n"
 
 
@@ -130,7 +158,9 @@ def transfer_markdown(arms: list[Arm], cells: dict[tuple, Cell]) -> str:
     """Chosen arms on the test sets of other tasks (cross-pair transfer, ``eval_tasks``): mean
     ± sd over seeds, the 95% bootstrap interval and the paired difference to Full FT."""
     lines = []
-    chosen = sorted((a for a in arms if a.chosen), key=lambda a: _sort_key(row_label(a)))
+    chosen = sorted(
+        (a for a in arms if a.chosen and a.shown), key=lambda a: _sort_key(row_label(a))
+    )
     for arm in chosen:
         for (run, group, task), cell in sorted(cells.items()):
             if run != arm.run or group != arm.group or task == arm.task:
@@ -201,6 +231,8 @@ def long_rows(arms: list[Arm], cells: dict[tuple, Cell]) -> list[dict]:
             row = {
                 "run": Path(run).name,
                 "arm": arm.arm,
+                "variant": arm.tag,
+                "configured": arm.configured,
                 "group": group,
                 "train_task": arm.task,
                 "test_task": task,
@@ -220,6 +252,8 @@ def long_rows(arms: list[Arm], cells: dict[tuple, Cell]) -> list[dict]:
                 key = name.replace("->", "_").replace(" ", "_").lower()
                 row[f"diff_vs_{key}"] = c.difference.estimate if c else None
                 row[f"p_vs_{key}"] = c.p_value if c else None
+                row[f"partner_vs_{key}"] = cell.partners.get(name)
+                row[f"note_vs_{key}"] = cell.notes.get(name)
             rows.append(row)
     return rows
 
@@ -246,7 +280,7 @@ def plot_lambda(arms: list[Arm], cells: dict[tuple, Cell], out_dir: Path) -> lis
     for task in sorted({a.task for a in arms}):
         families: dict[str, list[Arm]] = {}
         for arm in arms:
-            if arm.task == task and arm.merge is not None:
+            if arm.task == task and arm.merge is not None and arm.shown:
                 families.setdefault(row_label(arm), []).append(arm)
         if not any(len(v) > 1 for v in families.values()):
             continue
@@ -272,7 +306,9 @@ def plot_lambda(arms: list[Arm], cells: dict[tuple, Cell], out_dir: Path) -> lis
                 ax.errorbar([p[0] for p in pts], [p[1].mean for p in pts],
                             yerr=[p[1].sd for p in pts], color=color, marker="s", capsize=3,
                             label=f"{label} (test)")  # fmt: skip
-        refs = [a for name in REFERENCES for a in arms if a.kind == name and a.task == task]
+        refs = [
+            a for name in REFERENCES for a in arms if a.kind == name and a.task == task and a.shown
+        ]
         several_runs = len({a.run for a in refs}) > 1
         for j, ref in enumerate(sorted(refs, key=lambda a: (_sort_key(a.arm), a.run))):
             cell = cells.get((ref.run, ref.group, task))
@@ -294,7 +330,7 @@ def plot_lambda(arms: list[Arm], cells: dict[tuple, Cell], out_dir: Path) -> lis
 
 def plot_transfer(arms: list[Arm], cells: dict[tuple, Cell], out_dir: Path) -> Path | None:
     """Heatmap per arm: training task x evaluation task, mean test macro-F1 over seeds."""
-    chosen = [a for a in arms if a.chosen]
+    chosen = [a for a in arms if a.chosen and a.shown]
     by_label: dict[str, dict[tuple[str, str], float]] = {}
     for arm in chosen:
         for (run, group, task), cell in cells.items():

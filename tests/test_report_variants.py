@@ -78,8 +78,8 @@ def _finetune(cfg, accuracy: float, seeds=(0, 1)) -> str:
             gold, pred = _predictions(accuracy, seed)
             hits = np.array(pred) == np.array(gold)
             f1 = float(np.mean([hits[np.array(gold) == k].mean() for k in (0, 1, 2)]))
-            write_json_atomic(d / "metrics.json", {"macro_f1": f1, "accuracy": accuracy,
-                                                   "confusion_matrix": {"labels": LABELS}})  # fmt: skip
+            metrics = {"macro_f1": f1, "accuracy": accuracy, "confusion_matrix": {"labels": LABELS}}
+            write_json_atomic(d / "metrics.json", metrics)
             write_jsonl_atomic(
                 d / "predictions.jsonl",
                 ({"gold": LABELS[g], "pred": LABELS[p]} for g, p in zip(gold, pred, strict=True)),

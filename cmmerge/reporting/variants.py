@@ -141,15 +141,25 @@ def differing(settings: Iterable[dict[str, str]], shared_only: bool = False) -> 
     return out
 
 
+def _short(key: str, keys: list[str]) -> str:
+    """The shortest dotted tail of ``key`` no other of ``keys`` ends with (``epochs``;
+    ``peft.name`` rather than a bare ``name``)."""
+    parts = key.split(".")
+    for n in range(1, len(parts) + 1):
+        tail = ".".join(parts[-n:])
+        if n == 1 and tail == "name" and len(parts) > 1:
+            continue
+        if not any(k != key and (k == tail or k.endswith("." + tail)) for k in keys):
+            return tail
+    return key
+
+
 def tag(settings: dict[str, str], keys: set[str]) -> str:
-    """``cpt en-hi-3f2a1b, epochs=2``: the CPT first, then each key by its last part (the whole
-    key where two keys share it)."""
+    """``cpt en-hi-3f2a1b, max_steps=300, epochs=2``: the CPT first, then each key by its
+    shortest unambiguous tail, in key order (the CPT's settings before the fine-tune's)."""
     present = sorted(k for k in keys if k in settings and k != "cpt")
-    leaves = [_leaf(k) for k in present]
     parts = [f"cpt {settings['cpt']}"] if "cpt" in keys and "cpt" in settings else []
-    for key in present:
-        name = _leaf(key) if leaves.count(_leaf(key)) == 1 else key
-        parts.append(f"{name}={settings[key]}")
+    parts += [f"{_short(key, present)}={settings[key]}" for key in present]
     return ", ".join(parts)
 
 

@@ -9,6 +9,7 @@ numbers, the tables and plots are written by :mod:`cmmerge.reporting.paper`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import numpy as np
 from cmmerge.io import transaction
 from cmmerge.io.manifest import read_json, read_manifest
 from cmmerge.reporting import variants
+from cmmerge.reporting.seed_stats import compare_seeds
 from cmmerge.reporting.stats import Comparison, Interval, compare, mean_sd, score_interval
 
 _SEED = re.compile(r"-s(\d+)$")
@@ -374,8 +376,10 @@ def _versus(
     ref_gold, preds_b, _ = ref.predictions(task, paired)
     if not np.array_equal(gold, ref_gold):
         return None, f"other test examples than {partner_label(ref, arm)}"
-    units = arm.units(task)
-    return compare(gold, preds_a, preds_b, k, n_resamples=n_resamples, seed=seed, units=units), ""
+    options = {"n_resamples": n_resamples, "seed": seed, "units": arm.units(task)}
+    example = compare(gold, preds_a, preds_b, k, **options)
+    seeds = compare_seeds(gold, preds_a, preds_b, k, **options)
+    return dataclasses.replace(example, seeds=seeds), ""
 
 
 def cells(arms: list[Arm], n_resamples: int = 1000, seed: int = 0) -> dict[tuple, Cell]:

@@ -217,51 +217,8 @@ def group_arms(seeded: list[Seeded]) -> list[Arm]:
         arm.members.sort(key=lambda m: m.seed)
         arm.family = _SCALE.sub(lambda m: m.group("method"), arm.group) if arm.merge else arm.group
     out = list(arms.values())
-    tag_variants(out)
+    variants.tag_variants(out)
     return out
-
-
-def _label_keys(arms: list[Arm]) -> dict[tuple[str, str], set[str]]:
-    """``{(run, group): keys}``: the settings an arm is labelled with: those in which it differs
-    from other arms of its name on its task, and the settings every arm of the task has that do
-    not agree across the task (so rows compared like for like can be told apart)."""
-    out = {}
-    for task in {a.task for a in arms}:
-        mine = [a for a in arms if a.task == task]
-        across = variants.differing([a.settings for a in mine], shared_only=True)
-        for name in {variants.base_name(a.kind) for a in mine}:
-            same = [a for a in mine if variants.base_name(a.kind) == name]
-            keys = variants.differing([a.settings for a in same]) | across
-            for arm in same:
-                out[(arm.run, arm.group)] = keys
-    return out
-
-
-def tag_variants(arms: list[Arm]) -> None:
-    """Sets each arm's ``tag`` and names it with it (``CPT->FT [cpt en-hi-3f2a1b, epochs=2]``)."""
-    for (run, group), keys in _label_keys(arms).items():
-        arm = next(a for a in arms if (a.run, a.group) == (run, group))
-        arm.tag = variants.tag(arm.settings, keys)
-        arm.arm = f"{arm.kind} [{arm.tag}]" if arm.tag else arm.kind
-        for member in arm.members:
-            member.arm = arm.arm
-
-
-def mark_configured(arms: list[Arm], cfg, hide: bool) -> None:
-    """Marks the arms made with ``cfg``'s settings (on the settings their variants differ in);
-    with ``hide``, an arm whose configured variant the study holds shows only that one."""
-    made = variants.configured(cfg)
-    keys = _label_keys(arms)
-    for arm in arms:
-        arm.configured = variants.matches(
-            arm.settings, keys[(arm.run, arm.group)], arm.task, cfg, made
-        )
-    if not hide:
-        return
-    for arm in arms:
-        name = variants.base_name(arm.kind)
-        siblings = [a for a in arms if a.task == arm.task and variants.base_name(a.kind) == name]
-        arm.shown = arm.configured or not any(a.configured for a in siblings)
 
 
 def select_scales(arms: list[Arm]) -> None:
@@ -423,5 +380,5 @@ def study(
     arms = group_arms([s for d in run_dirs for s in collect(Path(d))])
     select_scales(arms)
     if cfg is not None:
-        mark_configured(arms, cfg, hide=not all_variants)
+        variants.mark_configured(arms, cfg, hide=not all_variants)
     return arms, cells(arms, n_resamples=n_resamples, seed=seed)

@@ -19,13 +19,16 @@ import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
 from cmmerge.io.manifest import NOT_OUTPUT_SETTINGS, output_view, read_manifest
 from cmmerge.settings import plain
 from cmmerge.stages.spec import NOT_IN_ID, CptSpec, finetune_spec
+
+if TYPE_CHECKING:
+    from cmmerge.reporting.study import Arm
 
 # Recorded view entries that are no setting of the result: where files are (the upstream stages
 # are followed through their manifests instead), how merged weights are sharded, and the seed of
@@ -196,3 +199,47 @@ def matches(settings: dict[str, str], keys: set[str], task: str, cfg: DictConfig
                 return False
     cpt_keys = [k for k in keys if any(k in c for c in cpts)]
     return not cpt_keys or any(all(settings.get(k) == c.get(k) for k in cpt_keys) for c in cpts)
+
+
+# --- arms --------------------------------------------------------------------------------------
+
+
+def _label_keys(arms: list[Arm]) -> dict[tuple[str, str], set[str]]:
+    """``{(run, group): keys}``: the settings an arm is labelled with: those in which it differs
+    from other arms of its name on its task, and the settings every arm of the task has that do
+    not agree across the task (so rows compared like for like can be told apart)."""
+    out = {}
+    for task in {a.task for a in arms}:
+        mine = [a for a in arms if a.task == task]
+        across = differing([a.settings for a in mine], shared_only=True)
+        for name in {base_name(a.kind) for a in mine}:
+            same = [a for a in mine if base_name(a.kind) == name]
+            keys = differing([a.settings for a in same]) | across
+            for arm in same:
+                out[(arm.run, arm.group)] = keys
+    return out
+
+
+def tag_variants(arms: list[Arm]) -> None:
+    """Sets each arm's ``tag`` and names it with it (``CPT->FT [cpt en-hi-3f2a1b, epochs=2]``)."""
+    for (run, group), keys in _label_keys(arms).items():
+        arm = next(a for a in arms if (a.run, a.group) == (run, group))
+        arm.tag = tag(arm.settings, keys)
+        arm.arm = f"{arm.kind} [{arm.tag}]" if arm.tag else arm.kind
+        for member in arm.members:
+            member.arm = arm.arm
+
+
+def mark_configured(arms: list[Arm], cfg: DictConfig, hide: bool) -> None:
+    """Marks the arms made with ``cfg``'s settings (on the settings their variants differ in);
+    with ``hide``, an arm whose configured variant the study holds shows only that one."""
+    made = configured(cfg)
+    keys = _label_keys(arms)
+    for arm in arms:
+        arm.configured = matches(arm.settings, keys[(arm.run, arm.group)], arm.task, cfg, made)
+    if not hide:
+        return
+    for arm in arms:
+        name = base_name(arm.kind)
+        siblings = [a for a in arms if a.task == arm.task and base_name(a.kind) == name]
+        arm.shown = arm.configured or not any(a.configured for a in siblings)

@@ -155,7 +155,8 @@ def run(cfg: DictConfig) -> dict:
 def variant_rows(root: Path, cfg: DictConfig) -> list[dict]:
     """One row per finished arm of the run that has variants (``Full FT [epochs=2]``): its
     name with the settings it differs in, task, seeds, and whether ``cfg`` makes it."""
-    from cmmerge.reporting.study import collect, group_arms, mark_configured
+    from cmmerge.reporting.study import collect, group_arms
+    from cmmerge.reporting.variants import mark_configured
 
     arms = group_arms(collect(root, predictions=False))
     if not any(a.tag for a in arms):

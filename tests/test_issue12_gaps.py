@@ -45,7 +45,7 @@ def _finetune(root, ft_id, arm, seed, val, accuracy, merge_id="", config=None, t
     def ft_work(d):
         return {"metrics": {"macro_f1": val}, "arm": arm, "task": task, "merge_id": merge_id}
 
-    run_stage(cfg, "finetune", ft_dir, {"seed": seed, "id": ft_id, **(config or {})}, [], ft_work)
+    run_stage(cfg, "finetune", ft_dir, {"seed": seed, **(config or {})}, [], ft_work)
 
     def ev_work(d):
         gold, pred = _predictions(accuracy, seed)
@@ -171,7 +171,8 @@ def test_arms_of_different_cpt_variants_are_reported_apart(tmp_path):
             assert versus["CPT->FT"].difference.estimate == 0.0
             assert versus["Full FT"].difference.estimate > 0
 
-    report.run(compose("report", _report_args(tmp_path, "dur")))
+    # the default config's CPT is variant a: report.all_variants=true shows b too
+    report.run(compose("report", [*_report_args(tmp_path, "dur"), "report.all_variants=true"]))
     table = (root / "report" / "report.md").read_text().split("## Against")[0]
     assert "| CPT->FT [cpt en-hi-aaaaaa, epochs=1] |" in table
     assert "| TIES->FT [cpt en-hi-bbbbbb, epochs=2] |" in table

@@ -33,7 +33,7 @@ def _finetune(root, ft_id, arm, seed, val, accuracy, merge_id="", task="t", eval
     def ft_work(d):
         return {"metrics": {"macro_f1": val}, "arm": arm, "task": task, "merge_id": merge_id}
 
-    run_stage(cfg, "finetune", ft_dir, {"seed": seed, "id": ft_id}, [], ft_work)
+    run_stage(cfg, "finetune", ft_dir, {"seed": seed}, [], ft_work)
     for eval_task in evals:
         acc = accuracy if eval_task == task else accuracy - 0.1
 

@@ -9,11 +9,13 @@ import math
 import re
 from pathlib import Path
 
+from cmmerge.reporting.seed_stats import WILCOXON_FROM, significant
 from cmmerge.reporting.study import REFERENCES, Arm, Cell
 
 MARKS = {"Full FT": "†", "CPT->FT": "‡"}
 LATEX_MARKS = {"Full FT": r"$^\dagger$", "CPT->FT": r"$^\ddagger$"}
 ALPHA = 0.05
+MIN_SEEDS = 5  # fewer seeds per comparison: the report warns
 _ORDER = {"Full FT": 0, "CPT->FT": 1, "TV->FT": 2, "TIES->FT": 3}
 
 
@@ -26,15 +28,17 @@ def row_label(arm: Arm) -> str:
     )
 
 
-def _sort_key(label: str) -> tuple:
-    return (_ORDER.get(re.split(r" [(\[]", label)[0], 4), label)
+def _sort_key(label: str, configured: bool = True) -> tuple:
+    """Rows in the paper's order, the configuration's variant of an arm first."""
+    return (_ORDER.get(re.split(r" [(\[]", label)[0], 4), re.split(r" \[", label)[0],
+            not configured, label)  # fmt: skip
 
 
 def paper_rows(arms: list[Arm], cells: dict[tuple, Cell]) -> tuple[list[str], list[str], dict]:
     """(row labels, training tasks, {(label, task): (arm, cell)}) of the chosen arms, each on
     its own task's test set; an arm that several run directories hold is shown once per run
-    (``CPT->FT [run]``)."""
-    shown = [(a, cells.get((a.run, a.group, a.task))) for a in arms if a.chosen]
+    (``CPT->FT [run]``); arms hidden as other variants (:attr:`Arm.shown`) are left out."""
+    shown = [(a, cells.get((a.run, a.group, a.task))) for a in arms if a.chosen and a.shown]
     shown = [(a, c) for a, c in shown if c is not None]
     runs: dict[tuple[str, str], set[str]] = {}
     for arm, _ in shown:
@@ -47,7 +51,8 @@ def paper_rows(arms: list[Arm], cells: dict[tuple, Cell]) -> tuple[list[str], li
         key = (label, arm.task)
         if key not in table or cell.n > table[key][1].n:
             table[key] = (arm, cell)
-    labels = sorted({k[0] for k in table}, key=_sort_key)
+    configured = {k[0]: v[0].configured for k, v in table.items()}
+    labels = sorted(configured, key=lambda lab: _sort_key(lab, configured[lab]))
     tasks = sorted({k[1] for k in table})
     return labels, tasks, table
 
@@ -58,12 +63,26 @@ def _best(table: dict, labels: list[str], task: str) -> str | None:
 
 
 def _marks(cell: Cell, marks: dict[str, str]) -> str:
+    """The marks of the references ``cell`` beats over seeds (:func:`.seed_stats.significant`)."""
     return "".join(
         marks[name]
         for name in REFERENCES
-        if name in cell.versus
-        and cell.versus[name].p_value < ALPHA
-        and cell.versus[name].difference.estimate > 0
+        if name in cell.versus and significant(cell.versus[name].seeds, ALPHA)
+    )
+
+
+def few_seeds_warning(arms: list[Arm], cells: dict[tuple, Cell]) -> str:
+    """A warning when comparisons of the table rest on fewer than :data:`MIN_SEEDS` seeds."""
+    _, _, table = paper_rows(arms, cells)
+    counts = [c.n_seeds for _, cell in table.values() for c in cell.versus.values()]
+    few = [n for n in counts if n < MIN_SEEDS]
+    if not few:
+        return ""
+    return (
+        f"\n**Warning:** {len(few)} of {len(counts)} comparisons rest on fewer than {MIN_SEEDS} "
+        f"seeds (fewest: {min(few)}): over so few seeds the seed-level tests have little power "
+        "and their p-values are rough; run more seeds (pipeline.seeds) before claiming a "
+        "difference.\n"
     )
 
 
@@ -88,10 +107,29 @@ def markdown(arms: list[Arm], cells: dict[tuple, Cell]) -> str:
         lines.append(f"| {label} | " + " | ".join(row) + " |")
     note = (
         "\nTest macro-F1, mean ± sd over seeds (n); best per task in bold; "
-        f"† / ‡: better than Full FT / CPT->FT with p < {ALPHA} (paired permutation test on "
-        "the same test examples and seeds); λ and density chosen on mean validation macro-F1.\n"
+        f"† / ‡: better than Full FT / CPT->FT with p < {ALPHA} over seeds (the paired test "
+        "over per-seed differences, and the two-level bootstrap over seeds and test examples; "
+        "the example-level permutation test is a column of the comparisons); λ and density "
+        "chosen on mean validation macro-F1.\n"
     )
-    return "\n".join(lines) + "\n" + note
+    return "\n".join(lines) + "\n" + note + few_seeds_warning(arms, cells) + variants_note(arms)
+
+
+def variants_note(arms: list[Arm]) -> str:
+    """What the ``[...]`` tags mean, and the variants left out of the tables."""
+    out = ""
+    if any(a.tag for a in arms if a.shown):
+        out += (
+            "\n[...]: the settings in which fine-tunes of the study differ (variants); "
+            "comparisons pair only fine-tunes with the same settings apart from the arm itself.\n"
+        )
+    hidden = sorted({row_label(a) for a in arms if not a.shown and a.chosen}, key=_sort_key)
+    if hidden:
+        out += (
+            f"\nMade with other settings than this configuration's, not shown: "
+            f"{', '.join(hidden)} (report.all_variants=true shows them).\n"
+        )
+    return out
 
 
 def _scale(arm: Arm) -> str:
@@ -102,10 +140,13 @@ def _scale(arm: Arm) -> str:
 
 
 def comparisons_markdown(arms: list[Arm], cells: dict[tuple, Cell]) -> str:
-    """Every chosen arm against Full FT and CPT->FT: difference, 95% interval, p-value."""
+    """Every chosen arm against Full FT and CPT->FT: difference with its interval over seeds
+    and test examples (two-level bootstrap), the paired test over seeds, the bootstrap's and
+    the example-level permutation test's p-values, and the seeds the comparison rests on."""
     lines = [
-        "| arm | task | test macro-F1 [95% CI] | vs | difference [95% CI] | p | seeds |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | task | test macro-F1 [95% CI] | vs | difference [95% CI, seeds × examples] "
+        "| p seeds (test) | p seeds × examples | p examples | seeds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     labels, tasks, table = paper_rows(arms, cells)
     for label in labels:
@@ -115,22 +156,48 @@ def comparisons_markdown(arms: list[Arm], cells: dict[tuple, Cell]) -> str:
             _, cell = table[(label, task)]
             ci = cell.interval
             score = f"{cell.mean:.4f} [{ci.low:.4f}, {ci.high:.4f}]" if ci else f"{cell.mean:.4f}"
-            if not cell.versus:
-                lines.append(f"| {label} | {task} | {score} | | | | {cell.n} |")
-            for name, c in cell.versus.items():
-                d = c.difference
-                lines.append(
-                    f"| {label} | {task} | {score} | {name} | {d.estimate:+.4f} "
-                    f"[{d.low:+.4f}, {d.high:+.4f}] | {c.p_value:.3f} | {c.n_seeds} |"
-                )
-    return "\n".join(lines) + "\n"
+            first = f"| {label} | {task} | {score} |"
+            if not cell.versus and not cell.notes:
+                lines.append(f"{first} | | | | | {cell.n} |")
+            for name in REFERENCES:
+                c = cell.versus.get(name)
+                if c is not None:
+                    lines.append(f"{first} {cell.partners[name]} | {_versus_cells(c)} |")
+                elif name in cell.notes:
+                    why = f"left out: {cell.notes[name]}"
+                    lines.append(f"{first} {name} | {why} | | | | {cell.n} |")
+    note = (
+        "\np seeds: the paired test over per-seed differences (t-test below "
+        f"{WILCOXON_FROM} seeds, Wilcoxon signed-rank from {WILCOXON_FROM}); p seeds × examples: "
+        "the two-level bootstrap (seeds, then test examples, drawn with replacement); p examples: "
+        "the paired permutation test on the test examples, seeds held (no seed variance).\n"
+    )
+    return "\n".join(lines) + "\n" + note
+
+
+def _versus_cells(c) -> str:
+    seeds = c.seeds
+    if seeds is None:
+        d = c.difference
+        return (
+            f"{d.estimate:+.4f} [{d.low:+.4f}, {d.high:+.4f}] (examples) | | | "
+            f"{c.p_value:.3f} | {c.n_seeds}"
+        )
+    d = seeds.interval
+    p = "" if math.isnan(seeds.p_value) else f"{seeds.p_value:.3f} ({seeds.test})"
+    return (
+        f"{d.estimate:+.4f} [{d.low:+.4f}, {d.high:+.4f}] | {p} | {seeds.p_bootstrap:.3f} | "
+        f"{c.p_value:.3f} | {c.n_seeds}"
+    )
 
 
 def transfer_markdown(arms: list[Arm], cells: dict[tuple, Cell]) -> str:
     """Chosen arms on the test sets of other tasks (cross-pair transfer, ``eval_tasks``): mean
     ± sd over seeds, the 95% bootstrap interval and the paired difference to Full FT."""
     lines = []
-    chosen = sorted((a for a in arms if a.chosen), key=lambda a: _sort_key(row_label(a)))
+    chosen = sorted(
+        (a for a in arms if a.chosen and a.shown), key=lambda a: _sort_key(row_label(a))
+    )
     for arm in chosen:
         for (run, group, task), cell in sorted(cells.items()):
             if run != arm.run or group != arm.group or task == arm.task:
@@ -201,6 +268,8 @@ def long_rows(arms: list[Arm], cells: dict[tuple, Cell]) -> list[dict]:
             row = {
                 "run": Path(run).name,
                 "arm": arm.arm,
+                "variant": arm.tag,
+                "configured": arm.configured,
                 "group": group,
                 "train_task": arm.task,
                 "test_task": task,
@@ -219,9 +288,29 @@ def long_rows(arms: list[Arm], cells: dict[tuple, Cell]) -> list[dict]:
                 c = cell.versus.get(name)
                 key = name.replace("->", "_").replace(" ", "_").lower()
                 row[f"diff_vs_{key}"] = c.difference.estimate if c else None
-                row[f"p_vs_{key}"] = c.p_value if c else None
+                row[f"p_vs_{key}"] = c.p_value if c else None  # examples (permutation)
+                row.update(_seed_columns(key, c.seeds if c else None))
+                row[f"partner_vs_{key}"] = cell.partners.get(name)
+                row[f"note_vs_{key}"] = cell.notes.get(name)
             rows.append(row)
     return rows
+
+
+def _seed_columns(key: str, level) -> dict:
+    """The seed-level statistics of one comparison as CSV columns (empty when none)."""
+    values = {
+        "n_seeds": level.n_seeds if level else None,
+        "seed_test": level.test if level else None,
+        "seed_p": level.p_value if level else None,
+        "seed_p_ttest": level.p_ttest if level else None,
+        "seed_p_wilcoxon": level.p_wilcoxon if level else None,
+        "seed_diffs": " ".join(f"{d:.6f}" for d in level.differences) if level else None,
+        "seed_boot_low": level.interval.low if level else None,
+        "seed_boot_high": level.interval.high if level else None,
+        "seed_boot_p": level.p_bootstrap if level else None,
+        "seed_significant": significant(level, ALPHA) if level else None,
+    }
+    return {f"{name}_vs_{key}": value for name, value in values.items()}
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -246,7 +335,7 @@ def plot_lambda(arms: list[Arm], cells: dict[tuple, Cell], out_dir: Path) -> lis
     for task in sorted({a.task for a in arms}):
         families: dict[str, list[Arm]] = {}
         for arm in arms:
-            if arm.task == task and arm.merge is not None:
+            if arm.task == task and arm.merge is not None and arm.shown:
                 families.setdefault(row_label(arm), []).append(arm)
         if not any(len(v) > 1 for v in families.values()):
             continue
@@ -272,7 +361,9 @@ def plot_lambda(arms: list[Arm], cells: dict[tuple, Cell], out_dir: Path) -> lis
                 ax.errorbar([p[0] for p in pts], [p[1].mean for p in pts],
                             yerr=[p[1].sd for p in pts], color=color, marker="s", capsize=3,
                             label=f"{label} (test)")  # fmt: skip
-        refs = [a for name in REFERENCES for a in arms if a.kind == name and a.task == task]
+        refs = [
+            a for name in REFERENCES for a in arms if a.kind == name and a.task == task and a.shown
+        ]
         several_runs = len({a.run for a in refs}) > 1
         for j, ref in enumerate(sorted(refs, key=lambda a: (_sort_key(a.arm), a.run))):
             cell = cells.get((ref.run, ref.group, task))
@@ -294,7 +385,7 @@ def plot_lambda(arms: list[Arm], cells: dict[tuple, Cell], out_dir: Path) -> lis
 
 def plot_transfer(arms: list[Arm], cells: dict[tuple, Cell], out_dir: Path) -> Path | None:
     """Heatmap per arm: training task x evaluation task, mean test macro-F1 over seeds."""
-    chosen = [a for a in arms if a.chosen]
+    chosen = [a for a in arms if a.chosen and a.shown]
     by_label: dict[str, dict[tuple[str, str], float]] = {}
     for arm in chosen:
         for (run, group, task), cell in cells.items():

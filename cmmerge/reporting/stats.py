@@ -10,6 +10,7 @@ sampling and the seeds given.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -86,11 +87,14 @@ class Interval:
 
 @dataclass(frozen=True)
 class Comparison:
-    """The difference of two arms' mean test macro-F1 on the same examples and seeds."""
+    """The difference of two arms' mean test macro-F1 on the same examples and seeds: the
+    example-level interval and permutation p-value, and (``seeds``) the statistics that include
+    seed variance (:class:`cmmerge.reporting.seed_stats.SeedLevel`), where computed."""
 
     difference: Interval
     p_value: float
     n_seeds: int
+    seeds: Any = None  # SeedLevel | None
 
 
 def score_interval(

@@ -9,6 +9,7 @@ numbers, the tables and plots are written by :mod:`cmmerge.reporting.paper`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ import numpy as np
 
 from cmmerge.io import transaction
 from cmmerge.io.manifest import read_json, read_manifest
+from cmmerge.reporting import variants
+from cmmerge.reporting.seed_stats import compare_seeds
 from cmmerge.reporting.stats import Comparison, Interval, compare, mean_sd, score_interval
 
 _SEED = re.compile(r"-s(\d+)$")
@@ -52,8 +55,10 @@ class Seeded:
     val_f1: float
     merge: dict | None
     tests: dict[str, Evaluation] = field(default_factory=dict)
-    kind: str = ""  # the arm's name in its manifest (``CPT->FT``), without the CPT tag
+    kind: str = ""  # the arm's name in its manifest (``CPT->FT``), without a variant tag
     cpt: str | None = None  # the CPT it was made from (init=cpt or a merge), else None
+    settings: dict[str, str] = field(default_factory=dict)  # see :mod:`.variants`
+    folder: str = ""  # the fine-tune's folder name
 
 
 @dataclass
@@ -71,6 +76,10 @@ class Arm:
     selection: dict | None = None
     kind: str = ""
     cpt: str | None = None
+    settings: dict[str, str] = field(default_factory=dict)
+    tag: str = ""  # the settings it differs in from the other variants (``epochs=2``)
+    configured: bool = True  # made with the report's configuration's settings
+    shown: bool = True  # in the report's tables (other variants: report.all_variants=true)
 
     @property
     def seeds(self) -> list[int]:
@@ -156,31 +165,12 @@ def _cpt_of(manifest: dict) -> str | None:
     return None
 
 
-def _cpt_labels(run_dir: Path, ids: set[str]) -> dict[str, str]:
-    """``{cpt id: label}`` for the CPT variants of a run: the id and the CPT settings in which
-    the variants differ (``en-hi-3f2a1b, epochs=2``), read from their manifests."""
-    settings = {}
-    for cpt in ids:
-        manifest = read_manifest(run_dir / "cpt" / cpt) or {}
-        section = (manifest.get("config") or {}).get("cpt")
-        settings[cpt] = section if isinstance(section, dict) else {}
-    keys = sorted({k for v in settings.values() for k in v})
-    differing = [
-        k for k in keys if len({json.dumps(v.get(k), default=str) for v in settings.values()}) > 1
-    ]
-    out = {}
-    for cpt, values in settings.items():
-        shown = ", ".join(f"{k}={values.get(k)}" for k in differing if k in values)
-        out[cpt] = f"{cpt}, {shown}" if shown else cpt
-    return out
-
-
 def collect(run_dir: Path, predictions: bool = True) -> list[Seeded]:
     """Every finished, fresh fine-tune of a run directory with its fresh evaluations
-    (``predictions=False``: their scores only). Where the run holds fine-tunes of more than
-    one CPT variant (``pipeline.cpt_variants``), the arms made from a CPT carry it in their
-    name (``CPT->FT [cpt en-hi-3f2a1b, epochs=2]``), so variants are reported apart."""
+    (``predictions=False``: their scores only) and the settings it was made with
+    (:func:`.variants.finetune_settings`)."""
     out = []
+    cache: dict = {}
     for ft_dir in sorted((run_dir / "finetune").glob("*/")):
         manifest = transaction.finished_manifest(ft_dir)
         if manifest is None or transaction.stale_inputs(manifest):
@@ -197,33 +187,38 @@ def collect(run_dir: Path, predictions: bool = True) -> list[Seeded]:
             merge=_merge_settings(manifest),
             kind=kind,
             cpt=_cpt_of(manifest),
+            folder=ft_dir.name,
         )
         for eval_dir in sorted((run_dir / "evaluate" / ft_dir.name).glob("*/")):
             evaluation = _evaluation(eval_dir, predictions)
             if evaluation is not None:
                 item.tests[eval_dir.name] = evaluation
+        own = read_manifest(run_dir / "evaluate" / ft_dir.name / item.task)
+        item.settings = variants.finetune_settings(manifest, own, cache)
+        if item.cpt and "cpt" not in item.settings:  # a manifest that names its CPT only
+            cpt = read_manifest(run_dir / "cpt" / item.cpt) or {}
+            item.settings.update(variants.view_settings(cpt.get("config") or {}, "cpt", "cpt"))
+            item.settings["cpt"] = item.cpt
         out.append(item)
-    variants = {s.cpt for s in out if s.cpt}
-    if len(variants) > 1:
-        labels = _cpt_labels(run_dir, variants)
-        for s in out:
-            if s.cpt:
-                s.arm = f"{s.kind} [cpt {labels[s.cpt]}]"
     return out
 
 
 def group_arms(seeded: list[Seeded]) -> list[Arm]:
-    """One arm per (run directory, fine-tune id without its seed)."""
+    """One arm per (run directory, fine-tune id without its seed); arms of one name that
+    differ in their settings are tagged with them (``Full FT [epochs=2]``)."""
     arms: dict[tuple[str, str], Arm] = {}
     for s in seeded:
         key = (s.run, s.group)
         if key not in arms:
-            arms[key] = Arm(s.run, s.group, s.arm, s.task, s.merge, [], kind=s.kind, cpt=s.cpt)
+            arms[key] = Arm(s.run, s.group, s.arm, s.task, s.merge, [], kind=s.kind, cpt=s.cpt,
+                            settings=s.settings)  # fmt: skip
         arms[key].members.append(s)
     for arm in arms.values():
         arm.members.sort(key=lambda m: m.seed)
         arm.family = _SCALE.sub(lambda m: m.group("method"), arm.group) if arm.merge else arm.group
-    return list(arms.values())
+    out = list(arms.values())
+    variants.tag_variants(out)
+    return out
 
 
 def select_scales(arms: list[Arm]) -> None:
@@ -282,26 +277,66 @@ def chosen_scales(run_dir: Path) -> list[dict]:
 
 @dataclass
 class Cell:
-    """One arm on one test task: mean +- sd over seeds, interval, and comparisons."""
+    """One arm on one test task: mean +- sd over seeds, interval, and comparisons (keyed by
+    reference name, with the label of the arm compared with in ``partners``, and why a
+    comparison was left out in ``notes``)."""
 
     mean: float
     sd: float
     n: int
     interval: Interval | None  # None for a lambda not chosen (only its mean is plotted)
     versus: dict[str, Comparison]
+    partners: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
 
 
-def _reference(arms: list[Arm], arm: Arm, name: str) -> Arm | None:
-    """The Full FT / CPT->FT arm an arm is compared with: same run and training task (and,
-    for CPT->FT, the same CPT variant where the arm has one), most seeds. A run without that
-    arm is compared with another run's of the report (paired on the same test examples and
-    seeds, or not at all)."""
-    found = [a for a in arms if a.kind == name and a.run == arm.run and a.task == arm.task]
+def partner_label(ref: Arm, arm: Arm) -> str:
+    """The reference's row name as seen from ``arm`` (its run named when another's)."""
+    from cmmerge.reporting.paper import row_label
+
+    label = row_label(ref)
+    return label if ref.run == arm.run else f"{label} [{Path(ref.run).name}]"
+
+
+def _reference(arms: list[Arm], arm: Arm, name: str) -> tuple[Arm | None, str]:
+    """(the Full FT / CPT->FT arm ``arm`` is compared with, or None and why not). The
+    reference is trained on the same task with the same settings apart from the arm itself
+    (:func:`.variants.like_for_like`; a CPT both have is the same CPT), in the same run where
+    it has one, else in another run of the report; an arm is not compared with its own kind."""
+    if variants.base_name(arm.kind) == name:
+        return None, ""
+    found = [a for a in arms if variants.base_name(a.kind) == name and a.task == arm.task]
     if not found:
-        found = [a for a in arms if a.kind == name and a.task == arm.task]
-    if arm.cpt and any(a.cpt == arm.cpt for a in found):
-        found = [a for a in found if a.cpt == arm.cpt]
-    return max(found, key=lambda a: (len(a.members), a.group)) if found else None
+        return None, ""
+    like = [a for a in found if not variants.like_for_like(a.settings, arm.settings)]
+    if not like:
+        keys = sorted({k for a in found for k in variants.like_for_like(a.settings, arm.settings)})
+        shown = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
+        return None, f"no {name} with the same settings (they differ in {shown})"
+    like = [a for a in like if a.run == arm.run] or like
+    distinct = {json.dumps(a.settings, sort_keys=True) for a in like}
+    if len(distinct) > 1:
+        names = ", ".join(sorted(partner_label(a, arm) for a in like))
+        return None, f"several {name} variants fit ({names}): see their rows"
+    return max(like, key=lambda a: (len(a.members), a.group)), ""
+
+
+def _versus(
+    arm: Arm, ref: Arm, task: str, n_resamples: int, seed: int
+) -> tuple[Comparison | None, str]:
+    """``arm`` minus ``ref`` on ``task``'s test examples, seeds paired (or None and why not)."""
+    seeds = [m.seed for m in arm.members if task in m.tests]
+    paired = [s for s in seeds if any(m.seed == s and task in m.tests for m in ref.members)]
+    if not paired:
+        return None, f"no seed in common with {partner_label(ref, arm)}"
+    gold, preds_a, k = arm.predictions(task, paired)
+    ref_gold, preds_b, _ = ref.predictions(task, paired)
+    if not np.array_equal(gold, ref_gold):
+        return None, f"other test examples than {partner_label(ref, arm)}"
+    options = {"n_resamples": n_resamples, "seed": seed, "units": arm.units(task)}
+    example = compare(gold, preds_a, preds_b, k, **options)
+    seeds = compare_seeds(gold, preds_a, preds_b, k, **options)
+    return dataclasses.replace(example, seeds=seeds), ""
 
 
 def cells(arms: list[Arm], n_resamples: int = 1000, seed: int = 0) -> dict[tuple, Cell]:
@@ -316,33 +351,34 @@ def cells(arms: list[Arm], n_resamples: int = 1000, seed: int = 0) -> dict[tuple
             if not arm.chosen:
                 out[(arm.run, arm.group, task)] = Cell(mean, sd, n, None, {})
                 continue
-            versus = {}
-            units = arm.units(task)
+            cell = Cell(mean, sd, n, None, {})
             for name in REFERENCES:
-                ref = _reference(arms, arm, name)
-                if ref is None or ref is arm:
-                    continue
-                paired = [
-                    s for s in seeds if any(m.seed == s and task in m.tests for m in ref.members)
-                ]
-                if not paired:
-                    continue
-                _, preds_a, _ = arm.predictions(task, paired)
-                ref_gold, preds_b, _ = ref.predictions(task, paired)
-                if not np.array_equal(gold, ref_gold):
-                    continue  # another test set: nothing to pair
-                versus[name] = compare(
-                    gold, preds_a, preds_b, k, n_resamples=n_resamples, seed=seed, units=units
-                )
-            interval = score_interval(
-                gold, preds, k, n_resamples=n_resamples, seed=seed, units=units
+                ref, why = _reference(arms, arm, name)
+                if ref is not None:
+                    comparison, why = _versus(arm, ref, task, n_resamples, seed)
+                    if comparison is not None:
+                        cell.versus[name] = comparison
+                        cell.partners[name] = partner_label(ref, arm)
+                if why:
+                    cell.notes[name] = why
+            cell.interval = score_interval(
+                gold, preds, k, n_resamples=n_resamples, seed=seed, units=arm.units(task)
             )
-            out[(arm.run, arm.group, task)] = Cell(mean, sd, n, interval, versus)
+            out[(arm.run, arm.group, task)] = cell
     return out
 
 
-def study(run_dirs: list[Path], n_resamples: int = 1000, seed: int = 0) -> tuple[list[Arm], dict]:
-    """Arms of the run directories (lambda chosen) and their cells."""
+def study(
+    run_dirs: list[Path],
+    n_resamples: int = 1000,
+    seed: int = 0,
+    cfg=None,
+    all_variants: bool = True,
+) -> tuple[list[Arm], dict]:
+    """Arms of the run directories (lambda chosen) and their cells; with ``cfg``, the arms
+    made with its settings marked (and, unless ``all_variants``, only those shown)."""
     arms = group_arms([s for d in run_dirs for s in collect(Path(d))])
     select_scales(arms)
+    if cfg is not None:
+        variants.mark_configured(arms, cfg, hide=not all_variants)
     return arms, cells(arms, n_resamples=n_resamples, seed=seed)

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cmmerge.errors import CmmergeError
 from cmmerge.io import transaction
 from cmmerge.io.manifest import manifest_hash
-from cmmerge.reporting import no_labels, paper
+from cmmerge.reporting import no_labels, paper, variants
 from cmmerge.reporting.study import study
 from cmmerge.reporting.tables import columns, finetune_rows, markdown_table, write_csv
-from cmmerge.settings import run_dir
+from cmmerge.settings import config_bool, run_dir
 from cmmerge.stages.runner import run_stage
 
 _PATTERNS = ("finetune/*/", "evaluate/*/*/", "prompt/*/")
@@ -53,14 +53,28 @@ def run(cfg: DictConfig) -> dict:
     if not inputs:
         where = ", ".join(map(str, roots))
         raise CmmergeError(f"nothing to report in {where}: no finished finetune or prompt stage")
-    n_resamples = int(cfg.get("report", {}).get("n_resamples", 1000))
+    options = cfg.get("report") or {}
+    n_resamples = int(options.get("n_resamples", 1000))
+    # a report over several runs shows all their variants (the runs named are the selection)
+    all_variants = len(roots) > 1 or (
+        OmegaConf.select(cfg, "report.all_variants") is not None
+        and config_bool(cfg, "report.all_variants")
+    )
+    own, cpts = variants.configured(cfg)
     config_view = {"runs": [str(r) for r in roots], "n_resamples": n_resamples}
+    # the variants the configuration makes first (or only): part of what the report shows
+    config_view["variants"] = {"all": all_variants, "finetune": own, "cpt": cpts}
 
     def work(stage_dir):
-        rows = [row for root in roots for row in _with_run(finetune_rows(root), root, roots)]
+        arms, cells = study(roots, n_resamples=n_resamples, cfg=cfg, all_variants=all_variants)
+        tags = {(a.run, m.folder): a.tag for a in arms for m in a.members}
+        rows = [
+            _with_variant(row, tags.get((str(root), row["finetune_id"])))
+            for root in roots
+            for row in _with_run(finetune_rows(root), root, roots)
+        ]
         cols = columns(rows)
         table = markdown_table(rows, cols)
-        arms, cells = study(roots, n_resamples=n_resamples)
         plots = paper.plot_lambda(arms, cells, stage_dir)
         transfer = paper.plot_transfer(arms, cells, stage_dir)
         plots += [transfer] if transfer else []
@@ -85,7 +99,11 @@ def run(cfg: DictConfig) -> dict:
             f"{Path(a.run).name}/{a.family}": a.selection for a in arms if a.chosen and a.selection
         }
         return {
-            "metrics": {"n_rows": len(rows), "n_arms": sum(a.chosen for a in arms)},
+            "metrics": {
+                "n_rows": len(rows),
+                "n_arms": sum(a.chosen for a in arms),
+                "n_arms_shown": sum(a.chosen and a.shown for a in arms),
+            },
             "outputs": ["report.md", "report.csv", "study.csv", "study.tex"]
             + [p.name for p in plots],
             "lambda_selection": selections,
@@ -106,3 +124,10 @@ def _with_run(rows: list[dict], root: Path, roots: list[Path]) -> list[dict]:
     if len(roots) == 1:
         return rows
     return [{"run": root.name, **row} for row in rows]
+
+
+def _with_variant(row: dict, tag: str | None) -> dict:
+    """The row with its arm's variant tag after the arm (``Full FT [epochs=2]``)."""
+    if not tag:
+        return row
+    return {k: (f"{v} [{tag}]" if k == "arm" else v) for k, v in row.items()}

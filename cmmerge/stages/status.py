@@ -131,11 +131,47 @@ def run(cfg: DictConfig) -> dict:
                     }
                 )
     table = markdown_table(rows, ["stage", "state", "detail", "command"]) if rows else "empty\n"
-    print(f"# cmmerge status: {root}\n\n{table}{cpt_variants_section(cfg)}")
+    found = variant_rows(root, cfg)
+    listed = ""
+    if found:
+        listed = (
+            "\n## Fine-tune variants\n\nFine-tunes of one arm made with different settings (the "
+            "ones in which they differ); `this config`: made with the given configuration's.\n\n"
+            + markdown_table(found, ["arm", "task", "seeds", "this config"])
+        )
+    print(f"# cmmerge status: {root}\n\n{table}{cpt_variants_section(cfg)}{listed}")
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["state"]] = counts.get(row["state"], 0) + 1
-    return {"stage": "status", "rows": rows, "counts": counts, "skipped": False}
+    return {
+        "stage": "status",
+        "rows": rows,
+        "counts": counts,
+        "variants": found,
+        "skipped": False,
+    }
+
+
+def variant_rows(root: Path, cfg: DictConfig) -> list[dict]:
+    """One row per finished arm of the run that has variants (``Full FT [epochs=2]``): its
+    name with the settings it differs in, task, seeds, and whether ``cfg`` makes it."""
+    from cmmerge.reporting.study import collect, group_arms
+    from cmmerge.reporting.variants import mark_configured
+
+    arms = group_arms(collect(root, predictions=False))
+    if not any(a.tag for a in arms):
+        return []
+    mark_configured(arms, cfg, hide=False)
+    return [
+        {
+            "arm": a.arm,
+            "task": a.task,
+            "seeds": " ".join(map(str, a.seeds)),
+            "this config": "yes" if a.configured else "",
+        }
+        for a in sorted(arms, key=lambda a: (a.task, a.arm))
+        if a.tag
+    ]
 
 
 def cpt_variants_section(cfg: DictConfig) -> str:

@@ -1,0 +1,245 @@
+"""Variants of an arm: the settings each fine-tune was made with, read from the config views
+its stage and every stage upstream of it recorded in their manifests (``spec.config_view()`` of
+:mod:`cmmerge.stages.spec`, less what :func:`~cmmerge.io.manifest.output_view` leaves out of the
+fingerprints), so no list of settings is kept by hand.
+
+A fine-tune's settings are flat ``{dotted key: JSON value}``: its own view (``finetune.epochs``,
+``peft.name``, ``task.train``, ``labels``), its evaluation's (``evaluate.max_length``), the base
+model it descends from (``model``) and, per upstream stage, that stage's view under the stage's
+name (``cpt.max_steps``, ``cpt.corpus.name``, ``merge.method``, ``merge.lambda``) with the CPT's
+folder id as ``cpt`` (it also names the corpus the leakage guard left). Two fine-tunes are
+*like for like* when every setting both have is the same: what only one has (the CPT and merge
+an arm starts from) is the arm itself. Two arms of one name that differ are *variants*, labelled
+with the settings they differ in (``Full FT [epochs=2]``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig
+
+from cmmerge.io.manifest import NOT_OUTPUT_SETTINGS, output_view, read_manifest
+from cmmerge.settings import plain
+from cmmerge.stages.spec import NOT_IN_ID, CptSpec, finetune_spec
+
+if TYPE_CHECKING:
+    from cmmerge.reporting.study import Arm
+
+# Recorded view entries that are no setting of the result: where files are (the upstream stages
+# are followed through their manifests instead), how merged weights are sharded, and the seed of
+# the fine-tune (the unit comparisons pair on; a CPT's seed is ``cpt.seed``).
+_NOT_SETTINGS = frozenset(
+    {"seed", "init", "init_dir", "data_root", "sources", "compare_with", "max_shard_size",
+     "labels_inferred"}
+)  # fmt: skip
+# Settings a training section records that the arm's own name carries (``Sequential FT (x
+# first)``): the folder id names them too (:data:`~cmmerge.stages.spec.NOT_IN_ID`).
+_NAMED_BY_ARM = NOT_IN_ID - NOT_OUTPUT_SETTINGS
+# Chosen per merge family on validation (the row shows the choice), never a variant.
+_SELECTED = frozenset({"lambda", "density"})
+# An upstream fine-tune (the task a multi-source merge or a graft takes tau from).
+_PREFIX = {"finetune": "source", "graft": "source"}
+
+
+def dump(value: Any) -> str:
+    """A setting's value as compared and shown (JSON, strings bare)."""
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+
+
+def _flatten(value: Any, key: str, out: dict[str, str]) -> None:
+    if isinstance(value, dict) and value:
+        for k, v in value.items():
+            if k not in _NAMED_BY_ARM:
+                _flatten(v, f"{key}.{k}" if key else str(k), out)
+    else:
+        out[key] = dump(value)
+
+
+def view_settings(view: dict, prefix: str = "", stage: str = "") -> dict[str, str]:
+    """The flat settings of one recorded config view; the stage's own section (``cpt`` of a CPT)
+    is flattened straight under ``prefix``."""
+    out: dict[str, str] = {}
+    for key, value in output_view(dict(view or {})).items():
+        if key in _NOT_SETTINGS:
+            continue
+        name = prefix if prefix and key == stage else f"{prefix}.{key}" if prefix else key
+        _flatten(value, name, out)
+    return out
+
+
+def _upstream(manifest: dict, out: dict[str, str], cache: dict) -> str | None:
+    """Adds the settings of the stages ``manifest`` was made from (depth first) and returns the
+    folder name of the base model they descend from (the first file input of the chain)."""
+    model = None
+    for item in manifest.get("inputs") or []:
+        if not isinstance(item, dict) or "path" not in item:
+            continue
+        path = Path(str(item["path"]))
+        if "manifest_sha256" not in item:
+            model = model or path.name
+            continue
+        if path not in cache:
+            cache[path] = read_manifest(path) or {}
+        upstream = cache[path]
+        stage = str(upstream.get("stage", ""))
+        if not stage:
+            continue
+        prefix = _PREFIX.get(stage, stage)
+        for key, value in view_settings(upstream.get("config") or {}, prefix, stage).items():
+            out.setdefault(key, value)
+        if stage == "cpt":
+            out.setdefault("cpt", path.name)
+        found = _upstream(upstream, out, cache)
+        model = model or found
+    return model
+
+
+def finetune_settings(manifest: dict, evaluation: dict | None, cache: dict) -> dict[str, str]:
+    """The settings a finished fine-tune (or graft) was made with and evaluated under."""
+    out = view_settings(manifest.get("config") or {})
+    if evaluation:
+        section = (evaluation.get("config") or {}).get("evaluate")
+        if isinstance(section, dict):
+            _flatten(section, "evaluate", out)
+    model = _upstream(manifest, out, cache)
+    if model:
+        out.setdefault("model", model)
+    return out
+
+
+def like_for_like(a: dict[str, str], b: dict[str, str]) -> list[str]:
+    """The settings both have with different values ([] when the two are like for like)."""
+    return sorted(k for k in a.keys() & b.keys() if a[k] != b[k])
+
+
+def base_name(kind: str) -> str:
+    """An arm's name without its parentheses and tags (``TV->FT (lambda=0.5)`` -> ``TV->FT``)."""
+    return re.split(r" [(\[]", kind)[0]
+
+
+def _leaf(key: str) -> str:
+    return key.rpartition(".")[2]
+
+
+def differing(settings: Iterable[dict[str, str]], shared_only: bool = False) -> set[str]:
+    """Keys whose value differs between some of ``settings`` (``shared_only``: among keys every
+    one has), less the lambda and density a merge family chooses on validation."""
+    settings = list(settings)
+    if len(settings) < 2:
+        return set()
+    keys = set().union(*settings)
+    if shared_only:
+        keys = set.intersection(*(set(s) for s in settings))
+    out = set()
+    for key in keys:
+        if _leaf(key) in _SELECTED:
+            continue
+        if len({s.get(key) for s in settings}) > 1:
+            out.add(key)
+    return out
+
+
+def _short(key: str, keys: list[str]) -> str:
+    """The shortest dotted tail of ``key`` no other of ``keys`` ends with (``epochs``;
+    ``peft.name`` rather than a bare ``name``)."""
+    parts = key.split(".")
+    for n in range(1, len(parts) + 1):
+        tail = ".".join(parts[-n:])
+        if n == 1 and tail == "name" and len(parts) > 1:
+            continue
+        if not any(k != key and (k == tail or k.endswith("." + tail)) for k in keys):
+            return tail
+    return key
+
+
+def tag(settings: dict[str, str], keys: set[str]) -> str:
+    """``cpt en-hi-3f2a1b, max_steps=300, epochs=2``: the CPT first, then each key by its
+    shortest unambiguous tail, in key order (the CPT's settings before the fine-tune's)."""
+    present = sorted(k for k in keys if k in settings and k != "cpt")
+    parts = [f"cpt {settings['cpt']}"] if "cpt" in keys and "cpt" in settings else []
+    parts += [f"{_short(key, present)}={settings[key]}" for key in present]
+    return ", ".join(parts)
+
+
+def configured(cfg: DictConfig) -> tuple[dict[str, str], list[dict[str, str]]]:
+    """The fine-tune settings a configuration makes (its own view, its evaluation's), and the
+    settings of each CPT variant it makes (``cpt.*``; ``pipeline.cpt_variants`` give several)."""
+    from omegaconf import OmegaConf, open_dict
+
+    spec = finetune_spec(cfg)
+    own = view_settings(spec.settings_view())
+    if cfg.get("evaluate") is not None:
+        _flatten(plain(cfg.evaluate), "evaluate", own)
+    variants = plain((cfg.get("pipeline") or {}).get("cpt_variants")) or [None]
+    cpts = []
+    for variant in variants:
+        vcfg = cfg.copy()
+        if variant:
+            with open_dict(vcfg):
+                vcfg.cpt = OmegaConf.merge(vcfg.cpt, variant)
+        settings = view_settings(CptSpec.from_config(vcfg).config_view(), "cpt", "cpt")
+        cpts.append({k: v for k, v in settings.items() if k.split(".")[0] == "cpt"})
+    return own, cpts
+
+
+def matches(settings: dict[str, str], keys: set[str], task: str, cfg: DictConfig,
+            made: tuple[dict[str, str], list[dict[str, str]]]) -> bool:  # fmt: skip
+    """Whether a fine-tune of ``task`` with ``settings`` is the configuration's variant on the
+    ``keys`` its variants differ in (keys the configuration does not set are not checked)."""
+    own, cpts = made
+    same_task = task == str(cfg.task.name)
+    for key in keys:
+        if key in own and (same_task or not key.startswith("task.")):
+            if settings.get(key) != own[key]:
+                return False
+    cpt_keys = [k for k in keys if any(k in c for c in cpts)]
+    return not cpt_keys or any(all(settings.get(k) == c.get(k) for k in cpt_keys) for c in cpts)
+
+
+# --- arms --------------------------------------------------------------------------------------
+
+
+def _label_keys(arms: list[Arm]) -> dict[tuple[str, str], set[str]]:
+    """``{(run, group): keys}``: the settings an arm is labelled with: those in which it differs
+    from other arms of its name on its task, and the settings every arm of the task has that do
+    not agree across the task (so rows compared like for like can be told apart)."""
+    out = {}
+    for task in {a.task for a in arms}:
+        mine = [a for a in arms if a.task == task]
+        across = differing([a.settings for a in mine], shared_only=True)
+        for name in {base_name(a.kind) for a in mine}:
+            same = [a for a in mine if base_name(a.kind) == name]
+            keys = differing([a.settings for a in same]) | across
+            for arm in same:
+                out[(arm.run, arm.group)] = keys
+    return out
+
+
+def tag_variants(arms: list[Arm]) -> None:
+    """Sets each arm's ``tag`` and names it with it (``CPT->FT [cpt en-hi-3f2a1b, epochs=2]``)."""
+    for (run, group), keys in _label_keys(arms).items():
+        arm = next(a for a in arms if (a.run, a.group) == (run, group))
+        arm.tag = tag(arm.settings, keys)
+        arm.arm = f"{arm.kind} [{arm.tag}]" if arm.tag else arm.kind
+        for member in arm.members:
+            member.arm = arm.arm
+
+
+def mark_configured(arms: list[Arm], cfg: DictConfig, hide: bool) -> None:
+    """Marks the arms made with ``cfg``'s settings (on the settings their variants differ in);
+    with ``hide``, an arm whose configured variant the study holds shows only that one."""
+    made = configured(cfg)
+    keys = _label_keys(arms)
+    for arm in arms:
+        arm.configured = matches(arm.settings, keys[(arm.run, arm.group)], arm.task, cfg, made)
+    if not hide:
+        return
+    for arm in arms:
+        name = base_name(arm.kind)
+        siblings = [a for a in arms if a.task == arm.task and base_name(a.kind) == name]
+        arm.shown = arm.configured or not any(a.configured for a in siblings)

@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import resource
+import shlex
 import shutil
 import sys
 import time
@@ -21,7 +22,7 @@ from omegaconf import DictConfig
 
 from cmmerge import __version__
 from cmmerge.errors import CmmergeError
-from cmmerge.io import transaction
+from cmmerge.io import ownership, transaction
 from cmmerge.io.hashes import content_digest
 from cmmerge.io.manifest import (
     MANIFEST,
@@ -87,6 +88,21 @@ def hydra_overrides() -> list[str]:
         return []
 
 
+STARTED = ".started.json"  # in a partial folder: the command that is making it
+
+
+def resume_command(cfg: DictConfig, stage: str) -> str:
+    """The command that makes this stage again, from the configuration it was started with:
+    the command typed (a pipeline's or a sweep's own, when one runs it) and its overrides."""
+    try:
+        hydra = HydraConfig.get()
+        job, overrides = str(hydra.job.name), list(hydra.overrides.task)
+    except ValueError:  # not under Hydra: the run directory at least
+        job, overrides = stage, [f"run.root={cfg.run.root}", f"run.name={cfg.run.name}"]
+    kept = [o for o in overrides if not o.startswith(("force=", "debug="))]
+    return " ".join(["cmmerge", job, *map(shlex.quote, kept)])
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -101,6 +117,7 @@ def run_stage(
     all_ranks: bool = False,
     resumable: bool = False,
     same_as_recorded: Callable[[dict], bool] | None = None,
+    place: str = ownership.RUN,
 ) -> dict:
     """Do ``work(folder)`` as a transaction unless an identical finished stage is there; return
     the manifest.
@@ -125,6 +142,8 @@ def run_stage(
             ``work`` to resume from (CPT checkpoints); otherwise every attempt starts empty.
         same_as_recorded: for a finished manifest whose fingerprint differs, whether it is
             still this stage (one recorded in an older form); it is then kept as it is.
+        place: where ``stage_dir`` is, for the rule of what cmmerge may replace
+            (:mod:`cmmerge.io.ownership`): a run directory's stage folder, or ``output=``.
     """
     stage_dir = Path(stage_dir)
     digest = fingerprint(config_view, inputs)
@@ -149,6 +168,9 @@ def run_stage(
                 log.info("%s: up to date in %s, skipped (force=true redoes it)", stage, stage_dir)
                 previous["skipped"] = True
                 return previous
+        if dist.is_main():  # before anything in it is touched: may cmmerge replace it?
+            key = "output" if place == ownership.OUTPUT else None
+            ownership.claim(stage_dir, stage, place, bool(cfg.get("force")), key)
         same_as = _same_version(stage, stage_dir, previous, reason, digest, inputs)
         if previous is not None:
             why = reason or ("force=true" if cfg.get("force") else "config or inputs changed")
@@ -157,6 +179,8 @@ def run_stage(
         if dist.is_main():
             transaction.invalidate(stage_dir)
             transaction.prepare(stage_dir, digest, resumable)
+            command = resume_command(cfg, stage)
+            write_json_atomic(transaction.partial_dir(stage_dir) / STARTED, {"command": command})
         dist.barrier()
         partial = transaction.partial_dir(stage_dir)
         manifest: dict = {}
@@ -165,18 +189,25 @@ def run_stage(
                 manifest = _do(cfg, stage, stage_dir, partial, config_view, inputs, work, digest)
         except BaseException as err:
             if dist.is_main():
-                _record_failure(stage_dir, partial, err)
+                _record_failure(stage_dir, partial, err, resume_command(cfg, stage))
                 if not resumable:
                     transaction.discard(stage_dir)
             raise
         dist.barrier()
         if dist.is_main():
             transaction.seal(partial)
+            (partial / STARTED).unlink(missing_ok=True)
             manifest["files"] = transaction.file_sizes(partial)
+            manifest["digests"] = transaction.file_digests(partial, list(manifest["files"]))
             if same_as:
                 manifest["same_as"] = same_as
             write_json_atomic(partial / MANIFEST, manifest)
-            transaction.commit(stage_dir, partial)
+            ownership.write_marker(partial, stage, place)
+            try:
+                transaction.commit(stage_dir, partial, bool(cfg.get("force")))
+            except CmmergeError:
+                transaction.discard(stage_dir)
+                raise
             _clear_failure(stage_dir)
         dist.barrier()
     if not dist.is_main():
@@ -213,18 +244,26 @@ def failure_file(stage_dir: Path) -> Path:
     return stage_dir.parent / f".{stage_dir.name}.failed.json"
 
 
-def _record_failure(stage_dir: Path, partial: Path, err: BaseException) -> None:
-    """Keep the error and the stage's log beside the folder; the partial folder may go."""
+def _record_failure(stage_dir: Path, partial: Path, err: BaseException, command: str) -> None:
+    """Keep the error and the stage's log beside the folder, where space allows (on a full
+    disk the copy of the log is the first to go, and nothing here raises); the partial folder
+    may go."""
     logfile = next(iter(partial.glob("*.log")), None)
     kept = None
     if logfile is not None and logfile.is_file():
         kept = stage_dir.parent / f".{stage_dir.name}.failed.log"
-        shutil.copyfile(logfile, kept)
+        try:
+            shutil.copyfile(logfile, kept)
+        except OSError:
+            with contextlib.suppress(OSError):
+                kept.unlink(missing_ok=True)
+            kept = None
     record = {
         "error": f"{type(err).__name__}: {err}",
         "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "log": str(kept) if kept else None,
         "overrides": hydra_overrides(),
+        "command": command,
     }
     with contextlib.suppress(OSError):
         write_json_atomic(failure_file(stage_dir), record)

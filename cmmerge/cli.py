@@ -64,8 +64,6 @@ def _quiet_libraries() -> None:
 
 def _task(stage: str, started: list[bool]):
     def task_function(cfg) -> None:
-        from cmmerge.errors import CmmergeError
-
         started.append(True)
         _quiet_libraries()
         logging.getLogger("cmmerge").setLevel(logging.INFO)
@@ -78,10 +76,16 @@ def _task(stage: str, started: list[bool]):
         dist.init()
         try:
             result = module.run(cfg)
-        except CmmergeError as err:
+        except Exception as err:  # noqa: BLE001 - the one error boundary: a user's error or a bug
             if cfg.get("debug"):
                 raise
-            _fail(stage, err)
+            from cmmerge.stages.runner import as_user_error, config_folders
+
+            where = cfg.get("output") or f"{cfg.run.root}/{cfg.run.name}"
+            user = as_user_error(err, where, config_folders(cfg))
+            if user is None:
+                raise  # a bug of ours: the traceback stays
+            _fail(stage, user)
         line = closing_line(stage, cfg, result) if dist.is_main() else None
         if line:
             print(line, flush=True)

@@ -117,7 +117,10 @@ def foreign(folder: Path) -> list[str]:
     """The files (relative paths) in ``folder`` that cmmerge did not write there."""
     made = owner(folder)
     files = _files(folder)
-    return sorted(files - made.files if made is not None else files)
+    if made is None:
+        return sorted(files)
+    parents = {p.as_posix() for f in made.files for p in Path(f).parents}
+    return sorted(files - made.files - parents)  # an emptied folder of its own is its own
 
 
 def carry_foreign(folder: Path, new: Path, force: bool) -> None:
@@ -127,7 +130,7 @@ def carry_foreign(folder: Path, new: Path, force: bool) -> None:
     folder, new = Path(folder), Path(new)
     if not folder.is_dir():
         return
-    keep = foreign(folder)
+    keep = [n for n in foreign(folder) if not (_empty_dir(folder / n) and (new / n).is_dir())]
     taken = [name for name in keep if _taken(new, name) and not _same(folder, new, name)]
     if taken and not force:
         raise CmmergeError(
@@ -141,6 +144,9 @@ def carry_foreign(folder: Path, new: Path, force: bool) -> None:
         if dst.exists() or dst.is_symlink():
             continue  # carried already (a swap that a kill cut short, done again)
         dst.parent.mkdir(parents=True, exist_ok=True)
+        if _empty_dir(src):
+            dst.mkdir()
+            continue
         try:
             os.link(src, dst, follow_symlinks=False)
         except OSError:
@@ -148,6 +154,10 @@ def carry_foreign(folder: Path, new: Path, force: bool) -> None:
                 os.symlink(os.readlink(src), dst)
             else:
                 shutil.copy2(src, dst)
+
+
+def _empty_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
 
 def _taken(new: Path, name: str) -> bool:

@@ -323,11 +323,14 @@ _DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACC
 
 
 def as_user_error(
-    err: BaseException, stage_dir: Path, inputs: list[dict] | None = None
+    err: BaseException, stage_dir: Path | str, inputs: list[dict] | None = None
 ) -> CmmergeError | None:
-    """The one-line error for a failure the user's machine or files cause (disk full, a file
-    size limit, no permission, out of memory, a model folder among ``inputs`` whose weights
-    are missing or damaged), or None for anything else (a bug)."""
+    """The error boundary: the one-line error for a failure the user's machine or files cause
+    (disk full, a file size limit, no permission, out of memory, a model folder among
+    ``inputs`` that a library failed to load: config, model type, weights or their shapes), or
+    None for anything else (a bug, whose traceback is kept)."""
+    if isinstance(err, CmmergeError):
+        return err
     if isinstance(err, OSError) and err.errno in _DISK_ERRNOS:
         where = f" ({err.filename})" if err.filename else ""
         return CmmergeError(
@@ -345,17 +348,43 @@ def as_user_error(
             f"out of memory in {stage_dir}: lower the batch size or max_length, use peft=lora, "
             "or a machine with more memory"
         )
-    loading = type(err).__name__ == "SafetensorError" or (
-        isinstance(err, OSError) and err.errno is None  # transformers: "no file named ..."
+    loading = (
+        type(err).__name__ == "SafetensorError"
+        or (isinstance(err, OSError) and err.errno is None)  # transformers: "no file named ..."
+        or _while_loading(err)
     )
     return _unreadable_model(inputs or []) if loading else None
 
 
+# where a library loads a model folder: a failure raised through one of these is looked into
+_LOADERS = frozenset(
+    {"from_pretrained", "from_config", "get_config_dict", "load_state_dict", "load", "safe_open"}
+)
+_LIBRARIES = ("transformers", "torch", "safetensors", "peft", "cmmerge")
+
+
+def _while_loading(err: BaseException) -> bool:
+    """Whether ``err`` (or the error it was raised from) came through a library's loader."""
+    seen = 0
+    while err is not None and seen < 5:
+        tb = err.__traceback__
+        while tb is not None:
+            code = tb.tb_frame.f_code
+            if code.co_name in _LOADERS and any(
+                f"{os.sep}{lib}{os.sep}" in code.co_filename for lib in _LIBRARIES
+            ):
+                return True
+            tb = tb.tb_next
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
 def _unreadable_model(inputs: list[dict]) -> CmmergeError | None:
-    """When a library failed to load weights: the model folder among ``inputs`` (an
-    ``init=DIR``, a base model, a stage's ``model/``) whose weights are missing, truncated or
-    damaged, as one line naming the file; None when they all read (then it was not them)."""
-    from cmmerge.io.checkpoint import CheckpointReader
+    """When a library failed to load a model: the model folder among ``inputs`` (an
+    ``init=DIR``, a base model, a stage's ``model/``) that is at fault (its config, model type,
+    weights, or the two disagreeing), as one line naming it; None when they all look whole
+    (then it was not them)."""
+    from cmmerge.models.check import model_folder_problem
 
     for item in inputs:
         folder = Path(str(item.get("path", ""))) if isinstance(item, dict) else None
@@ -364,14 +393,23 @@ def _unreadable_model(inputs: list[dict]) -> CmmergeError | None:
         for model_dir in (folder, folder / "model"):
             if not (model_dir / "config.json").is_file():
                 continue
-            try:
-                CheckpointReader(model_dir, allow_pickle=True).close()
-            except CmmergeError as bad:
+            problem = model_folder_problem(model_dir)
+            if problem is not None:
                 return CmmergeError(
-                    f"cannot load the model in {model_dir}: {bad}; "
-                    "replace its weights (or choose another model), then run the same command"
+                    f"cannot load the model in {model_dir}: {problem}; "
+                    "replace it (or choose another model), then run the same command"
                 )
     return None
+
+
+def config_folders(cfg: DictConfig) -> list[dict]:
+    """The model folders a config names (``init=DIR``, ``base=``, ``models=``,
+    ``model.name_or_path``), as inputs for :func:`as_user_error`."""
+    named = [cfg.get("init"), cfg.get("base"), *(cfg.get("models") or [])]
+    model = cfg.get("model")
+    if model is not None and hasattr(model, "get"):
+        named.append(model.get("name_or_path"))
+    return [{"path": str(p)} for p in named if p and Path(str(p)).expanduser().is_dir()]
 
 
 def _reset_gpu_peak() -> None:

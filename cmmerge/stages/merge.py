@@ -173,6 +173,7 @@ def run(cfg: DictConfig) -> dict:
             max_shard_size=shard_size,
             allow_nonfinite=bool(cfg.get("allow_nonfinite")),
             allow_pickle=bool(cfg.get("allow_pickle")),
+            grow_vocab=bool(cfg.get("grow_vocab")),
             **params,
         )
         copy_model_files(base, model_dir)
@@ -227,6 +228,7 @@ def run(cfg: DictConfig) -> dict:
             "metrics": {k: stats[k] for k in ("n_merged", "n_copied") if k in stats},
             "outputs": ["model/" if final_model_dir != stage_dir else "."],
             "merge": stats,
+            **({"vocab_grown": stats["grown"]} if stats["grown"] else {}),
         }
 
     place = ownership.OUTPUT if cfg.get("output") else ownership.RUN

@@ -66,6 +66,9 @@ def _task(stage: str, started: list[bool]):
     def task_function(cfg) -> None:
         started.append(True)
         _quiet_libraries()
+        # a log handler that cannot write (a full disk) stays silent instead of printing a
+        # "--- Logging error ---" traceback per message: the stage's own error says what failed
+        logging.raiseExceptions = False
         logging.getLogger("cmmerge").setLevel(logging.INFO)
         module = importlib.import_module(f"cmmerge.stages.{stage}")
         from cmmerge.stages import dist

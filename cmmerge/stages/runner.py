@@ -187,33 +187,47 @@ def run_stage(
         try:
             if dist.is_main() or all_ranks:
                 manifest = _do(cfg, stage, stage_dir, partial, config_view, inputs, work, digest)
-        except BaseException as err:
+            dist.barrier()
             if dist.is_main():
-                _record_failure(stage_dir, partial, err, resume_command(cfg, stage))
-                if not resumable:
+                _finish(cfg, stage, stage_dir, partial, manifest, same_as, place)
+        except BaseException as err:
+            user = as_user_error(err, stage_dir) if isinstance(err, Exception) else None
+            if dist.is_main():
+                _record_failure(stage_dir, partial, user or err, resume_command(cfg, stage))
+                finished = transaction.problem(partial) is None  # only its swap failed
+                if not (resumable or finished):
                     transaction.discard(stage_dir)
+            if user is not None and user is not err:
+                raise user from err
             raise
-        dist.barrier()
-        if dist.is_main():
-            transaction.seal(partial)
-            (partial / STARTED).unlink(missing_ok=True)
-            manifest["files"] = transaction.file_sizes(partial)
-            manifest["digests"] = transaction.file_digests(partial, list(manifest["files"]))
-            if same_as:
-                manifest["same_as"] = same_as
-            write_json_atomic(partial / MANIFEST, manifest)
-            ownership.write_marker(partial, stage, place)
-            try:
-                transaction.commit(stage_dir, partial, bool(cfg.get("force")))
-            except CmmergeError:
-                transaction.discard(stage_dir)
-                raise
-            _clear_failure(stage_dir)
         dist.barrier()
     if not dist.is_main():
         manifest = read_manifest(stage_dir) or {}
     manifest["skipped"] = False
     return manifest
+
+
+def _finish(
+    cfg: DictConfig,
+    stage: str,
+    stage_dir: Path,
+    partial: Path,
+    manifest: dict,
+    same_as: list[str],
+    place: str,
+) -> None:
+    """Seal the finished partial folder, write its manifest (sizes and contents of its files)
+    and ownership record, and put it in place of ``stage_dir``."""
+    transaction.seal(partial)
+    (partial / STARTED).unlink(missing_ok=True)
+    manifest["files"] = transaction.file_sizes(partial)
+    manifest["digests"] = transaction.file_digests(partial, list(manifest["files"]))
+    if same_as:
+        manifest["same_as"] = same_as
+    write_json_atomic(partial / MANIFEST, manifest)
+    ownership.write_marker(partial, stage, place)
+    transaction.commit(stage_dir, partial, bool(cfg.get("force")))
+    _clear_failure(stage_dir)
 
 
 def _same_version(

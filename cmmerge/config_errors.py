@@ -189,6 +189,39 @@ def _has_key(cfg: DictConfig, key: str) -> bool:
     return True
 
 
+# Hydra launchers that are plugins: (module, the package that installs it); cmmerge's
+# ``launchers`` extra installs joblib and submitit.
+_LAUNCHERS = {
+    "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "ray": ("hydra_plugins.hydra_ray_launcher", "hydra-ray-launcher"),
+    "rq": ("hydra_plugins.hydra_rq_launcher", "hydra-rq-launcher"),
+}
+_EXTRA = ("hydra-joblib-launcher", "hydra-submitit-launcher")
+
+
+def _check_launcher(override) -> None:
+    """A ``hydra/launcher=NAME`` whose plugin is not installed: one line naming it and what
+    installs it (instead of Hydra's "Ambiguous value" for a sweep)."""
+    import importlib
+
+    for value in _values(override):
+        known = _LAUNCHERS.get(str(value))
+        if known is None:
+            continue
+        module, package = known
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            extra = package in _EXTRA
+            how = "pip install 'cmmerge[launchers]'" if extra else f"pip install {package}"
+            raise CmmergeError(
+                f"hydra/launcher={value}: the {value} launcher is not installed; {how} installs "
+                f"it ({package}), or leave hydra/launcher out to run the jobs one after another"
+            ) from None
+
+
 _SEED_MAX = 2**32 - 1  # numpy's and torch's seeding take 0 .. 2**32 - 1
 
 
@@ -219,6 +252,8 @@ def check_overrides(stage: str, overrides: list[str], multirun: bool = False) ->
     for o in parsed:
         name = o.key_or_group
         _check_limits(name, o)
+        if name == "hydra/launcher":
+            _check_launcher(o)
         if name.startswith("hydra") or o.is_delete() or o.is_add() or o.is_force_add():
             continue
         if o.is_sweep_override() and not multirun:

@@ -32,7 +32,9 @@ KIND = "cmmerge-folder"
 SCHEMA = 1
 RUN, OUTPUT = "run", "output"  # a run directory's stage folder; a merge's output=DIR
 _LEGACY_FIELDS = ("stage", "status", "fingerprint", "files")
-_BOOKKEEPING = (MANIFEST, MARKER, "pruned.json")  # cmmerge's own, whatever a record lists
+REPLACED = ".replaced-manifest.json"  # a manifest set aside while its stage is redone
+# cmmerge's own files in a folder it made, whatever its record lists
+_BOOKKEEPING = (MANIFEST, MARKER, "pruned.json", REPLACED)
 _SHOWN = 4
 
 
@@ -70,6 +72,8 @@ def owner(folder: Path) -> Owner | None:
         files = frozenset(str(f) for f in record["files"])
         return Owner(record["stage"], record["place"], files | frozenset(_BOOKKEEPING))
     manifest = _read(folder / MANIFEST)
+    if manifest is None:
+        manifest = _read(folder / REPLACED)  # set aside while it is redone
     if not _legacy_manifest(manifest):
         return None
     place = OUTPUT if manifest["stage"] == "merge" and manifest.get("outputs") == ["."] else RUN

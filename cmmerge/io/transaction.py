@@ -237,10 +237,21 @@ def discard(stage_dir: Path) -> None:
     shutil.rmtree(partial_dir(stage_dir), ignore_errors=True)
 
 
+REPLACED = ownership.REPLACED  # an invalidated manifest, kept until the swap
+
+
 def invalidate(stage_dir: Path) -> None:
-    """Make ``stage_dir`` unfinished (its manifest removed) before it is redone in place of
+    """Make ``stage_dir`` unfinished (its manifest set aside) before it is redone in place of
     itself: a consumer never pairs the old outputs with a newer upstream."""
-    (stage_dir / MANIFEST).unlink(missing_ok=True)
+    if (stage_dir / MANIFEST).is_file():
+        os.replace(stage_dir / MANIFEST, stage_dir / REPLACED)
+
+
+def restore(stage_dir: Path) -> None:
+    """Make the version :func:`invalidate` set aside finished again (its redo was never put in
+    place: a user's file was in the way)."""
+    if (stage_dir / REPLACED).is_file() and not (stage_dir / MANIFEST).exists():
+        os.replace(stage_dir / REPLACED, stage_dir / MANIFEST)
 
 
 def _covered(name: str, outputs: Sequence[str]) -> bool:

@@ -165,6 +165,8 @@ def run_stage(
         ):
             just_made = (stage_dir / MANIFEST).stat().st_mtime >= asked  # by another process
             if not cfg.get("force") or just_made:
+                if dist.is_main():
+                    _clear_failure(stage_dir)  # an earlier failure of it no longer stands
                 log.info("%s: up to date in %s, skipped (force=true redoes it)", stage, stage_dir)
                 previous["skipped"] = True
                 return previous
@@ -226,7 +228,12 @@ def _finish(
         manifest["same_as"] = same_as
     write_json_atomic(partial / MANIFEST, manifest)
     ownership.write_marker(partial, stage, place)
-    transaction.commit(stage_dir, partial, bool(cfg.get("force")))
+    try:
+        transaction.commit(stage_dir, partial, bool(cfg.get("force")))
+    except CmmergeError:  # a user's file in the way: the earlier version stands, untouched
+        transaction.restore(stage_dir)
+        transaction.discard(stage_dir)
+        raise
     _clear_failure(stage_dir)
 
 

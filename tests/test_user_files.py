@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from small_task import small_task
 
 from cmmerge.cli import main
-from cmmerge.io import ownership, transaction
+from cmmerge.io import transaction
 from cmmerge.io.manifest import read_manifest
 from cmmerge.stages import status
 from cmmerge.stages.runner import failure_file, run_stage, stage_input
@@ -161,7 +161,9 @@ def test_files_added_to_an_earlier_output_are_kept_when_it_is_redone(pair, tmp_p
     assert (out / "eval" / "scores.csv").read_text() == "a,b\n"
     second = load_file(str(out / "model.safetensors"))
     assert any(not torch.equal(first[k], second[k]) for k in first)
-    assert ownership.foreign(out) == ["NOTES.md", "eval/scores.csv"]
+    from cmmerge.io.ownership import foreign
+
+    assert foreign(out) == ["NOTES.md", "eval/scores.csv"]
     assert transaction.problem(out) is None
 
 
@@ -554,7 +556,7 @@ def test_files_cmmerge_did_not_write_are_unchanged_whatever_the_output_and_run_n
         root = tmp_path / f"case{case}"
         _world(rng, root, pair, capsys)
         ours = set()  # what earlier cmmerge commands wrote (their records list it)
-        for marker in root.rglob(ownership.MARKER):
+        for marker in root.rglob(".cmmerge.json"):
             record = json.loads(marker.read_text())
             ours |= {marker, *(marker.parent / f for f in record["files"])}
         mine = {

@@ -235,8 +235,10 @@ def _check_limits(key: str, override) -> None:
     for value in _values(override):
         if key == "run.name":
             check_run_name(value)
-        elif (leaf == "seed" or leaf.endswith("_seed")) and isinstance(value, int) and not (
-            0 <= value <= _SEED_MAX and not isinstance(value, bool)
+        elif (
+            (leaf == "seed" or leaf.endswith("_seed"))
+            and isinstance(value, int)
+            and not (0 <= value <= _SEED_MAX and not isinstance(value, bool))
         ):
             raise CmmergeError(
                 f"{key}={value}: a seed is a whole number from 0 to {_SEED_MAX}, e.g. {key}=0"

@@ -88,8 +88,11 @@ def check_run_name(name: object) -> str:
     empty, and not leaving ``run.root`` once normalised (``a/../..``); else one line."""
     text = str(name)
     normal = os.path.normpath(text) if text.strip() else ""
-    if os.path.isabs(text) or text.startswith("~") or normal in ("", ".") or (
-        normal == ".." or normal.startswith(".." + os.sep)
+    if (
+        os.path.isabs(text)
+        or text.startswith("~")
+        or normal in ("", ".")
+        or (normal == ".." or normal.startswith(".." + os.sep))
     ):
         raise CmmergeError(
             f"run.name={text}: a run name must name a folder inside run.root (no absolute "

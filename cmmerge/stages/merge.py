@@ -20,8 +20,8 @@ import yaml
 from omegaconf import DictConfig
 
 from cmmerge.errors import CmmergeError
-from cmmerge.io.hashes import describe
 from cmmerge.io import ownership
+from cmmerge.io.hashes import describe
 from cmmerge.io.model_card import copy_model_files, write_model_card
 from cmmerge.merging.engine import (
     TASK_VECTOR_FILE,

@@ -64,11 +64,13 @@ def _quiet_libraries() -> None:
 
 def _task(stage: str, started: list[bool], cpt_choice: tuple = (None, None)):
     def task_function(cfg) -> None:
-        from cmmerge.errors import CmmergeError
         from cmmerge.stages.cpt_variants import resolve
 
         started.append(True)
         _quiet_libraries()
+        # a log handler that cannot write (a full disk) stays silent instead of printing a
+        # "--- Logging error ---" traceback per message: the stage's own error says what failed
+        logging.raiseExceptions = False
         logging.getLogger("cmmerge").setLevel(logging.INFO)
         module = importlib.import_module(f"cmmerge.stages.{stage}")
         from cmmerge.stages import dist
@@ -81,10 +83,16 @@ def _task(stage: str, started: list[bool], cpt_choice: tuple = (None, None)):
             strict = stage not in ("report", "status")
             note = resolve(stage, cfg, *cpt_choice, strict=strict)
             result = module.run(cfg)
-        except CmmergeError as err:
+        except Exception as err:  # noqa: BLE001 - the one error boundary: a user's error or a bug
             if cfg.get("debug"):
                 raise
-            _fail(stage, err)
+            from cmmerge.stages.runner import as_user_error, config_folders
+
+            where = cfg.get("output") or f"{cfg.run.root}/{cfg.run.name}"
+            user = as_user_error(err, where, config_folders(cfg))
+            if user is None:
+                raise  # a bug of ours: the traceback stays
+            _fail(stage, user)
         line = closing_line(stage, cfg, result) if dist.is_main() else None
         if line:
             print(f"{line} [{note}]" if note else line, flush=True)
@@ -133,7 +141,6 @@ def main(argv: list[str] | None = None) -> None:
 
     from cmmerge.config_errors import check_overrides, override_args
     from cmmerge.errors import CmmergeError
-
     from cmmerge.stages.cpt_variants import given_cpt_keys, take_id
 
     args, cpt_id = take_id(args)

@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cmmerge.errors import CmmergeError
-from cmmerge.settings import CONFIG_DIR, group_options
+from cmmerge.settings import CONFIG_DIR, check_run_name, group_options
 
 # Hydra's own command-line options that take a value (``--cfg job``, ``-p PACKAGE``...).
 _OPTIONS_WITH_VALUE = {
@@ -189,6 +189,62 @@ def _has_key(cfg: DictConfig, key: str) -> bool:
     return True
 
 
+# Hydra launchers that are plugins: (module, the package that installs it); cmmerge's
+# ``launchers`` extra installs joblib and submitit.
+_LAUNCHERS = {
+    "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "ray": ("hydra_plugins.hydra_ray_launcher", "hydra-ray-launcher"),
+    "rq": ("hydra_plugins.hydra_rq_launcher", "hydra-rq-launcher"),
+}
+_EXTRA = ("hydra-joblib-launcher", "hydra-submitit-launcher")
+
+
+def _check_launcher(override) -> None:
+    """A ``hydra/launcher=NAME`` whose plugin is not installed: one line naming it and what
+    installs it (instead of Hydra's "Ambiguous value" for a sweep)."""
+    import importlib
+
+    for value in _values(override):
+        known = _LAUNCHERS.get(str(value))
+        if known is None:
+            continue
+        module, package = known
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            extra = package in _EXTRA
+            how = "pip install 'cmmerge[launchers]'" if extra else f"pip install {package}"
+            raise CmmergeError(
+                f"hydra/launcher={value}: the {value} launcher is not installed; {how} installs "
+                f"it ({package}), or leave hydra/launcher out to run the jobs one after another"
+            ) from None
+
+
+_SEED_MAX = 2**32 - 1  # numpy's and torch's seeding take 0 .. 2**32 - 1
+
+
+def _check_limits(key: str, override) -> None:
+    """Values no stage can use, refused before Hydra makes anything: a run name leaving
+    ``run.root`` (:func:`~cmmerge.settings.check_run_name`), a seed outside what the random
+    number generators take."""
+    if override.is_delete():
+        return
+    leaf = key.rsplit(".", 1)[-1]
+    for value in _values(override):
+        if key == "run.name":
+            check_run_name(value)
+        elif (
+            (leaf == "seed" or leaf.endswith("_seed"))
+            and isinstance(value, int)
+            and not (0 <= value <= _SEED_MAX and not isinstance(value, bool))
+        ):
+            raise CmmergeError(
+                f"{key}={value}: a seed is a whole number from 0 to {_SEED_MAX}, e.g. {key}=0"
+            )
+
+
 def check_overrides(stage: str, overrides: list[str], multirun: bool = False) -> None:
     """Refuse unknown keys, unknown group options, values of the wrong type and malformed
     overrides of ``cmmerge <stage> ...`` with one line; anything else is left to Hydra."""
@@ -197,6 +253,9 @@ def check_overrides(stage: str, overrides: list[str], multirun: bool = False) ->
     chosen, keys = [], []
     for o in parsed:
         name = o.key_or_group
+        _check_limits(name, o)
+        if name == "hydra/launcher":
+            _check_launcher(o)
         if name.startswith("hydra") or o.is_delete() or o.is_add() or o.is_force_add():
             continue
         if o.is_sweep_override() and not multirun:

@@ -83,8 +83,27 @@ def cache_dir(cfg: DictConfig) -> Path:
     return path
 
 
+def check_run_name(name: object) -> str:
+    """``run.name`` as given, when it names a folder inside ``run.root``: not absolute, not
+    empty, and not leaving ``run.root`` once normalised (``a/../..``); else one line."""
+    text = str(name)
+    normal = os.path.normpath(text) if text.strip() else ""
+    if (
+        os.path.isabs(text)
+        or text.startswith("~")
+        or normal in ("", ".")
+        or (normal == ".." or normal.startswith(".." + os.sep))
+    ):
+        raise CmmergeError(
+            f"run.name={text}: a run name must name a folder inside run.root (no absolute "
+            "path, no '..' leading out of it); set run.root to choose where runs go"
+        )
+    return text
+
+
 def run_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.run.root).expanduser() / str(cfg.run.name)
+    """The run directory ``${run.root}/${run.name}`` (its name checked: :func:`check_run_name`)."""
+    return Path(cfg.run.root).expanduser() / check_run_name(cfg.run.name)
 
 
 def group_options(group: str) -> list[str]:

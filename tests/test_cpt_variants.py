@@ -94,7 +94,8 @@ def test_the_one_cpt_variant_is_used_downstream(kind, tmp_path, data, capsys):
     code, out, err = cli(capsys, "evaluate", *common, *tv, "init=merged")
     assert code == 0, err
     assert note in closing(out, "evaluate")
-    metrics = json.loads((run / "evaluate" / finetuned.name / "custom" / "metrics.json").read_text())
+    scored = run / "evaluate" / finetuned.name / "custom"
+    metrics = json.loads((scored / "metrics.json").read_text())
     assert 0.0 <= metrics["macro_f1"] <= 1.0 and metrics["n"] == 24
 
     code, out, err = cli(capsys, "status", *common, *tv, "init=merged")

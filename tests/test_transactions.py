@@ -301,7 +301,7 @@ def test_a_redo_killed_between_its_manifest_and_the_swap_is_completed(tmp_path, 
     stage = tmp_path / "r" / "s"
     run_stage(_cfg(tmp_path), "s", stage, {"a": 1}, [], _writes("old"))
 
-    def killed(stage_dir, partial):
+    def killed(stage_dir, partial, *rest):
         raise KeyboardInterrupt  # SIGKILL stand-in: nothing after this point runs
 
     monkeypatch.setattr(transaction, "commit", killed)

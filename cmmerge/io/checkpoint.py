@@ -14,6 +14,7 @@ import errno
 import json
 import math
 import os
+import re
 import struct
 import threading
 from pathlib import Path
@@ -120,6 +121,18 @@ class _SafetensorsFile:
         os.close(self.fd)
 
 
+def _pickle_fault(exc: Exception) -> str:
+    """What is wrong with a pickle torch refused to load, without torch's advice to load it
+    with ``weights_only=False`` (which would run its code: cmmerge never does)."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    if found:
+        return (
+            f"it holds objects other than tensors ({found.group(1)}), which cmmerge never "
+            "unpickles; re-save its tensors as safetensors"
+        )
+    return f"not a readable PyTorch state dict ({type(exc).__name__})"
+
+
 class _PickleFile:
     """A pickle ``.bin`` state dict, loaded (``weights_only``, mmapped) only when allowed."""
 
@@ -128,7 +141,10 @@ class _PickleFile:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:
-            raise CmmergeError(f"cannot read pickle checkpoint {path}: {exc}") from None
+            fault = _pickle_fault(exc)
+            raise CmmergeError(f"cannot read pickle checkpoint {path}: {fault}") from None
+        if not isinstance(state, dict):
+            raise CmmergeError(f"cannot read pickle checkpoint {path}: not a state dict of tensors")
         self.tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
         self.entries = {k: (v.dtype, tuple(v.shape), 0, 0) for k, v in self.tensors.items()}
         self.metadata: dict[str, str] = {}

@@ -15,6 +15,7 @@ from cmmerge.io.manifest import file_sha256, read_json, write_json_atomic
 from cmmerge.io.model_card import WEIGHT_SUFFIXES
 
 _CACHE_NAME = "sha256.json"
+_SEEN: dict[tuple[str, int, int], str] = {}  # this process's digests, by path, size and mtime
 
 
 def file_digest(path: Path, cache: Path | None = None) -> str:
@@ -25,6 +26,17 @@ def file_digest(path: Path, cache: Path | None = None) -> str:
         return file_sha256(path)
     stat = path.stat()
     key, stamp = str(path), [stat.st_size, stat.st_mtime_ns]
+    seen = _SEEN.get((key, *stamp))
+    if seen is not None:
+        return seen
+    digest = _cached_digest(path, key, stamp, Path(cache))
+    _SEEN[(key, *stamp)] = digest
+    return digest
+
+
+def _cached_digest(path: Path, key: str, stamp: list[int], cache: Path) -> str:
+    """The digest of ``path`` from the cache file in ``cache``, computed and added there when
+    its size and time are not the ones recorded."""
     cache_file = Path(cache) / _CACHE_NAME
     try:
         cache = read_json(cache_file) if cache_file.exists() else {}

@@ -25,8 +25,12 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from cmmerge.errors import CmmergeError
+from cmmerge.io import ownership
+from cmmerge.io.hashes import content_digest, default_cache, file_digest
 from cmmerge.io.manifest import (
     MANIFEST,
+    file_sha256,
     manifest_hash,
     read_json,
     read_manifest,
@@ -75,14 +79,45 @@ def file_sizes(folder: Path) -> dict[str, int]:
     """``{relative path: size}`` of every file under ``folder`` but its manifest."""
     out = {}
     for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.name != MANIFEST:
+        if path.is_file() and path.name not in (MANIFEST, ownership.MARKER):
             out[path.relative_to(folder).as_posix()] = path.stat().st_size
     return out
 
 
-def problem(stage_dir: Path, manifest: dict | None = None) -> str | None:
+def file_digests(folder: Path, names: Sequence[str]) -> dict[str, list]:
+    """``{relative path: [mtime_ns, sha256]}`` of the files ``names`` under ``folder``: what
+    :func:`changed` compares against (the time as the fast path, the content when it differs)."""
+    out = {}
+    for name in names:
+        path = Path(folder) / name
+        out[name] = [path.stat().st_mtime_ns, file_sha256(path)]
+    return out
+
+
+def changed(stage_dir: Path, manifest: dict) -> str | None:
+    """The first output of a finished stage rewritten in place since its manifest was written
+    (same size, other content), or None. A file whose modification time is the recorded one is
+    taken as unchanged; another time costs a content hash (remembered by size and time in the
+    hash cache), as git does."""
+    digests = manifest.get("digests")
+    if not isinstance(digests, dict):
+        return None  # written before contents were recorded: sizes only
+    for name, (mtime, digest) in digests.items():
+        path = Path(stage_dir) / name
+        try:
+            if path.stat().st_mtime_ns == mtime:
+                continue
+            if file_digest(path, default_cache()) != digest:
+                return f"{name} changed since it was written (same size, other content)"
+        except OSError:
+            continue  # missing: reported by problem()
+    return None
+
+
+def problem(stage_dir: Path, manifest: dict | None = None, content: bool = True) -> str | None:
     """Why ``stage_dir`` is not a finished stage, or None when it is: its manifest must parse,
-    carry its fields and say finished, and every file it lists must be there with its size."""
+    carry its fields and say finished, and every file it lists must be there with its size
+    (and, with ``content``, its content: :func:`changed`)."""
     manifest = read_manifest(stage_dir) if manifest is None else manifest
     if manifest is None:
         return f"no readable {MANIFEST}"
@@ -99,19 +134,40 @@ def problem(stage_dir: Path, manifest: dict | None = None) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes, {size} when it was written"
-    return None
+    return changed(stage_dir, manifest) if content else None
 
 
-def stale_inputs(manifest: dict) -> list[str]:
-    """The upstream stages ``manifest`` recorded that are no longer the version it used."""
+def stale_inputs(manifest: dict, _seen: frozenset[str] = frozenset()) -> list[str]:
+    """The inputs ``manifest`` recorded that are no longer the version it used: an upstream
+    stage redone, or whose outputs were rewritten in place, or itself stale; an external folder
+    or file (a base model, a data file) whose content changed."""
     out = []
     for item in manifest.get("inputs") or []:
-        recorded = item.get("manifest_sha256") if isinstance(item, dict) else None
-        if not recorded or manifest_hash(Path(item["path"])) == recorded:
+        if not isinstance(item, dict) or "path" not in item:
             continue
-        if not stands_for(Path(item["path"]), recorded):
-            out.append(str(item["path"]))
+        path = Path(str(item["path"]))
+        recorded = item.get("manifest_sha256")
+        if recorded:
+            if manifest_hash(path) != recorded and not stands_for(path, recorded):
+                out.append(str(path))
+            elif str(path) not in _seen and _upstream_changed(path, _seen | {str(path)}):
+                out.append(str(path))
+        elif isinstance(item.get("sha256"), str) and path.exists():
+            try:
+                if content_digest(path) != item["sha256"]:
+                    out.append(str(path))
+            except OSError:
+                continue
     return out
+
+
+def _upstream_changed(stage_dir: Path, seen: frozenset[str]) -> bool:
+    """Whether the finished upstream ``stage_dir`` had its outputs rewritten in place or is
+    stale itself."""
+    upstream = read_manifest(stage_dir)
+    if not isinstance(upstream, dict):
+        return False
+    return changed(stage_dir, upstream) is not None or bool(stale_inputs(upstream, seen))
 
 
 def stands_for(stage_dir: Path, recorded: str) -> bool:
@@ -137,7 +193,8 @@ def recover(stage_dir: Path) -> None:
         if not stage_dir.exists():
             os.replace(partial, stage_dir)
         elif read_manifest(stage_dir) is None:  # invalidated before the redo: replace it
-            commit(stage_dir, partial)
+            with contextlib.suppress(CmmergeError):  # a user's file in the way: redone, asked
+                commit(stage_dir, partial)
     for old in stage_dir.parent.glob(f".old-{stage_dir.name}-*"):
         shutil.rmtree(old, ignore_errors=True)
 
@@ -161,10 +218,13 @@ def seal(partial: Path) -> None:
     (partial / _FINGERPRINT_FILE).unlink(missing_ok=True)
 
 
-def commit(stage_dir: Path, partial: Path) -> None:
-    """Put the finished ``partial`` folder (manifest inside) in the place of ``stage_dir``."""
+def commit(stage_dir: Path, partial: Path, force: bool = False) -> None:
+    """Put the finished ``partial`` folder (manifest inside) in the place of ``stage_dir``; the
+    files in ``stage_dir`` that cmmerge did not write are kept
+    (:func:`cmmerge.io.ownership.carry_foreign`)."""
     old = None
     if stage_dir.exists():
+        ownership.carry_foreign(stage_dir, partial, force)
         old = stage_dir.parent / f".old-{stage_dir.name}-{uuid.uuid4().hex[:8]}"
         os.replace(stage_dir, old)
     os.replace(partial, stage_dir)
@@ -177,10 +237,21 @@ def discard(stage_dir: Path) -> None:
     shutil.rmtree(partial_dir(stage_dir), ignore_errors=True)
 
 
+REPLACED = ownership.REPLACED  # an invalidated manifest, kept until the swap
+
+
 def invalidate(stage_dir: Path) -> None:
-    """Make ``stage_dir`` unfinished (its manifest removed) before it is redone in place of
+    """Make ``stage_dir`` unfinished (its manifest set aside) before it is redone in place of
     itself: a consumer never pairs the old outputs with a newer upstream."""
-    (stage_dir / MANIFEST).unlink(missing_ok=True)
+    if (stage_dir / MANIFEST).is_file():
+        os.replace(stage_dir / MANIFEST, stage_dir / REPLACED)
+
+
+def restore(stage_dir: Path) -> None:
+    """Make the version :func:`invalidate` set aside finished again (its redo was never put in
+    place: a user's file was in the way)."""
+    if (stage_dir / REPLACED).is_file() and not (stage_dir / MANIFEST).exists():
+        os.replace(stage_dir / REPLACED, stage_dir / MANIFEST)
 
 
 def _covered(name: str, outputs: Sequence[str]) -> bool:

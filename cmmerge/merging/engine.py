@@ -260,7 +260,27 @@ class _Merger:
             and not bool(torch.isfinite(out).all())
         ):
             self._blame(item, start, stop)
-        self.writer.write(item.key, out.to(item.dtype), start)
+        self._write(item, out, start)
+
+    def _write(self, item: Item, values: Tensor, start: int) -> None:
+        """Write ``values`` in the output dtype, checked after the cast: a value beyond what
+        that dtype holds (float16: 65504) becomes Inf there."""
+        written = values.to(item.dtype)
+        if (
+            written.dtype != values.dtype
+            and written.is_floating_point()
+            and not self.allow_nonfinite
+            and not bool(torch.isfinite(written).all())
+            and bool(torch.isfinite(values).all())
+        ):
+            limit = torch.finfo(written.dtype).max
+            raise CmmergeError(
+                f"tensor {item.key!r} holds values beyond the range of "
+                f"{str(written.dtype).removeprefix('torch.')} (|x| > {limit:g}), which become "
+                "Inf when written: lower lambda or write float32 (dtype=float32); "
+                "allow_nonfinite=true writes them anyway"
+            )
+        self.writer.write(item.key, written, start)
 
     def _blame(self, item: Item, start: int, stop: int) -> None:
         readers = [(self.base, item.key, "the base")] + [
@@ -280,7 +300,7 @@ class _Merger:
         self, reader: CheckpointReader, key: str, item: Item, start: int, stop: int, offset: int
     ) -> None:
         """Copy flat elements ``[start, stop)`` of ``reader[key]`` to ``item`` at ``offset``."""
-        self.writer.write(item.key, reader.read(key, start, stop).to(item.dtype), offset)
+        self._write(item, reader.read(key, start, stop), offset)
 
     def run(self, items: list[Item], threads: int) -> None:
         sched = _Scheduler(threads)
@@ -382,6 +402,7 @@ def _merge(
     allow_nonfinite: bool = False,
     allow_pickle: bool = False,
     threads: int | None = None,
+    grow_vocab: bool = True,
     **params: object,
 ) -> dict:
     merge_method = get_method(method)
@@ -398,6 +419,8 @@ def _merge(
         for s in sources:
             stack.enter_context(s.reader)
         items, info = plan_merge(base, base_dir, sources, dtype)
+        if info["grown"] and not grow_vocab:
+            raise _grown_refused(items, info["grown"], sources, base, str(base_dir))
         layout = {it.key: (it.dtype, it.shape) for it in items}
         writer = stack.enter_context(ShardedWriter(out_dir, layout, max_shard_size))
         merger = _Merger(
@@ -416,6 +439,20 @@ def _merge(
         "params": resolved,
         "files": [str(f) for f in files],
     }
+
+
+def _grown_refused(
+    items: list, grown: dict, sources: list, base: CheckpointReader, base_dir: str
+) -> CmmergeError:
+    """The one line refusing a source with more vocabulary rows than the base."""
+    key, rows = next(iter(grown.items()))
+    item = next(it for it in items if it.key == key)
+    label = sources[item.grown_from].label if item.grown_from is not None else "a source"
+    return CmmergeError(
+        f"{label} has a larger vocabulary than the base ({rows} rows of {key!r}, "
+        f"{base.shape(key)[0]} in {base_dir}): its extra tokens have no rows in the base; "
+        "grow_vocab=true merges anyway (the extra rows and the tokenizer come from that source)"
+    )
 
 
 def merge_into_base(

@@ -59,6 +59,9 @@ def local_model_dir(name_or_path: str, allow_pickle: bool = True) -> Path:
             raise CmmergeError(f"model folder {path} has no config.json (not a Hugging Face model)")
         if not allow_pickle:
             refuse_pickle_only(path)
+        from cmmerge.models.check import check_model_folder
+
+        check_model_folder(path)  # its config, model type and weights agree, or one line
         return path
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise CmmergeError(f"model path {name_or_path} does not exist")

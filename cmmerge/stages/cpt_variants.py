@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cmmerge.errors import CmmergeError

@@ -20,8 +20,8 @@ import yaml
 from omegaconf import DictConfig
 
 from cmmerge.errors import CmmergeError
+from cmmerge.io import ownership
 from cmmerge.io.hashes import describe
-from cmmerge.io.manifest import read_manifest
 from cmmerge.io.model_card import copy_model_files, write_model_card
 from cmmerge.merging.engine import (
     TASK_VECTOR_FILE,
@@ -127,15 +127,12 @@ def _weights(cfg: DictConfig, n: int) -> list[float]:
 
 
 def _output_dirs(cfg: DictConfig, dirs: dict) -> tuple[Path, Path]:
-    """(stage folder holding the manifest, model folder)."""
+    """(stage folder holding the manifest, model folder); an ``output=`` folder is checked
+    against the rule of what cmmerge may replace (:mod:`cmmerge.io.ownership`) first."""
     if not cfg.get("output"):
         return dirs["merge"], dirs["merge"] / "model"
     out = Path(str(cfg.output)).expanduser()
-    if out.exists() and any(out.iterdir()) and read_manifest(out) is None:
-        raise CmmergeError(
-            f"output={out} exists and is not a cmmerge merge: choose a new folder "
-            "(cmmerge never overwrites other files)"
-        )
+    ownership.claim(out, "merge", ownership.OUTPUT, bool(cfg.get("force")), "output")
     return out, out
 
 
@@ -176,6 +173,7 @@ def run(cfg: DictConfig) -> dict:
             max_shard_size=shard_size,
             allow_nonfinite=bool(cfg.get("allow_nonfinite")),
             allow_pickle=bool(cfg.get("allow_pickle")),
+            grow_vocab=bool(cfg.get("grow_vocab")),
             **params,
         )
         copy_model_files(base, model_dir)
@@ -230,11 +228,12 @@ def run(cfg: DictConfig) -> dict:
             "metrics": {k: stats[k] for k in ("n_merged", "n_copied") if k in stats},
             "outputs": ["model/" if final_model_dir != stage_dir else "."],
             "merge": stats,
+            **({"vocab_grown": stats["grown"]} if stats["grown"] else {}),
         }
 
-    return run_stage(
-        cfg, "merge", stage_dir, config_view, [folder_input(base), *source_inputs], work
-    )
+    place = ownership.OUTPUT if cfg.get("output") else ownership.RUN
+    inputs = [folder_input(base), *source_inputs]
+    return run_stage(cfg, "merge", stage_dir, config_view, inputs, work, place=place)
 
 
 _LISTS = ("sources", "base_only", "heads_copied", "not_in_every_source", "dropped_tied")

@@ -36,6 +36,7 @@ from cmmerge.stages import (
     report,
 )
 from cmmerge.stages.plan import Step, with_values
+from cmmerge.stages.runner import as_user_error
 
 __all__ = ["run", "with_values"]
 
@@ -129,6 +130,7 @@ class _Executor:
         except Exception as err:  # noqa: BLE001 - one stage's failure must not end the study
             if self.cfg.get("debug"):
                 raise
+            err = as_user_error(err, step.folder) or err  # a full disk: one line, no traceback
             if not isinstance(err, CmmergeError):
                 log.exception("pipeline: %s failed", step.folder)
             log.error("pipeline: %s failed: %s", step.folder, err)

@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import resource
+import shlex
 import shutil
 import sys
 import time
@@ -21,7 +22,7 @@ from omegaconf import DictConfig
 
 from cmmerge import __version__
 from cmmerge.errors import CmmergeError
-from cmmerge.io import transaction
+from cmmerge.io import ownership, transaction
 from cmmerge.io.hashes import content_digest
 from cmmerge.io.manifest import (
     MANIFEST,
@@ -87,6 +88,21 @@ def hydra_overrides() -> list[str]:
         return []
 
 
+STARTED = ".started.json"  # in a partial folder: the command that is making it
+
+
+def resume_command(cfg: DictConfig, stage: str) -> str:
+    """The command that makes this stage again, from the configuration it was started with:
+    the command typed (a pipeline's or a sweep's own, when one runs it) and its overrides."""
+    try:
+        hydra = HydraConfig.get()
+        job, overrides = str(hydra.job.name), list(hydra.overrides.task)
+    except ValueError:  # not under Hydra: the run directory at least
+        job, overrides = stage, [f"run.root={cfg.run.root}", f"run.name={cfg.run.name}"]
+    kept = [o for o in overrides if not o.startswith(("force=", "debug="))]
+    return " ".join(["cmmerge", job, *map(shlex.quote, kept)])
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -101,6 +117,7 @@ def run_stage(
     all_ranks: bool = False,
     resumable: bool = False,
     same_as_recorded: Callable[[dict], bool] | None = None,
+    place: str = ownership.RUN,
 ) -> dict:
     """Do ``work(folder)`` as a transaction unless an identical finished stage is there; return
     the manifest.
@@ -125,6 +142,8 @@ def run_stage(
             ``work`` to resume from (CPT checkpoints); otherwise every attempt starts empty.
         same_as_recorded: for a finished manifest whose fingerprint differs, whether it is
             still this stage (one recorded in an older form); it is then kept as it is.
+        place: where ``stage_dir`` is, for the rule of what cmmerge may replace
+            (:mod:`cmmerge.io.ownership`): a run directory's stage folder, or ``output=``.
     """
     stage_dir = Path(stage_dir)
     digest = fingerprint(config_view, inputs)
@@ -146,9 +165,14 @@ def run_stage(
         ):
             just_made = (stage_dir / MANIFEST).stat().st_mtime >= asked  # by another process
             if not cfg.get("force") or just_made:
+                if dist.is_main():
+                    _clear_failure(stage_dir)  # an earlier failure of it no longer stands
                 log.info("%s: up to date in %s, skipped (force=true redoes it)", stage, stage_dir)
                 previous["skipped"] = True
                 return previous
+        if dist.is_main():  # before anything in it is touched: may cmmerge replace it?
+            key = "output" if place == ownership.OUTPUT else None
+            ownership.claim(stage_dir, stage, place, bool(cfg.get("force")), key)
         same_as = _same_version(stage, stage_dir, previous, reason, digest, inputs)
         if previous is not None:
             why = reason or ("force=true" if cfg.get("force") else "config or inputs changed")
@@ -157,32 +181,60 @@ def run_stage(
         if dist.is_main():
             transaction.invalidate(stage_dir)
             transaction.prepare(stage_dir, digest, resumable)
+            command = resume_command(cfg, stage)
+            write_json_atomic(transaction.partial_dir(stage_dir) / STARTED, {"command": command})
         dist.barrier()
         partial = transaction.partial_dir(stage_dir)
         manifest: dict = {}
         try:
             if dist.is_main() or all_ranks:
                 manifest = _do(cfg, stage, stage_dir, partial, config_view, inputs, work, digest)
-        except BaseException as err:
+            dist.barrier()
             if dist.is_main():
-                _record_failure(stage_dir, partial, err)
-                if not resumable:
+                _finish(cfg, stage, stage_dir, partial, manifest, same_as, place)
+        except BaseException as err:
+            user = as_user_error(err, stage_dir) if isinstance(err, Exception) else None
+            if dist.is_main():
+                _record_failure(stage_dir, partial, user or err, resume_command(cfg, stage))
+                finished = transaction.problem(partial) is None  # only its swap failed
+                if not (resumable or finished):
                     transaction.discard(stage_dir)
+            if user is not None and user is not err:
+                raise user from err
             raise
-        dist.barrier()
-        if dist.is_main():
-            transaction.seal(partial)
-            manifest["files"] = transaction.file_sizes(partial)
-            if same_as:
-                manifest["same_as"] = same_as
-            write_json_atomic(partial / MANIFEST, manifest)
-            transaction.commit(stage_dir, partial)
-            _clear_failure(stage_dir)
         dist.barrier()
     if not dist.is_main():
         manifest = read_manifest(stage_dir) or {}
     manifest["skipped"] = False
     return manifest
+
+
+def _finish(
+    cfg: DictConfig,
+    stage: str,
+    stage_dir: Path,
+    partial: Path,
+    manifest: dict,
+    same_as: list[str],
+    place: str,
+) -> None:
+    """Seal the finished partial folder, write its manifest (sizes and contents of its files)
+    and ownership record, and put it in place of ``stage_dir``."""
+    transaction.seal(partial)
+    (partial / STARTED).unlink(missing_ok=True)
+    manifest["files"] = transaction.file_sizes(partial)
+    manifest["digests"] = transaction.file_digests(partial, list(manifest["files"]))
+    if same_as:
+        manifest["same_as"] = same_as
+    write_json_atomic(partial / MANIFEST, manifest)
+    ownership.write_marker(partial, stage, place)
+    try:
+        transaction.commit(stage_dir, partial, bool(cfg.get("force")))
+    except CmmergeError:  # a user's file in the way: the earlier version stands, untouched
+        transaction.restore(stage_dir)
+        transaction.discard(stage_dir)
+        raise
+    _clear_failure(stage_dir)
 
 
 def _same_version(
@@ -213,18 +265,26 @@ def failure_file(stage_dir: Path) -> Path:
     return stage_dir.parent / f".{stage_dir.name}.failed.json"
 
 
-def _record_failure(stage_dir: Path, partial: Path, err: BaseException) -> None:
-    """Keep the error and the stage's log beside the folder; the partial folder may go."""
+def _record_failure(stage_dir: Path, partial: Path, err: BaseException, command: str) -> None:
+    """Keep the error and the stage's log beside the folder, where space allows (on a full
+    disk the copy of the log is the first to go, and nothing here raises); the partial folder
+    may go."""
     logfile = next(iter(partial.glob("*.log")), None)
     kept = None
     if logfile is not None and logfile.is_file():
         kept = stage_dir.parent / f".{stage_dir.name}.failed.log"
-        shutil.copyfile(logfile, kept)
+        try:
+            shutil.copyfile(logfile, kept)
+        except OSError:
+            with contextlib.suppress(OSError):
+                kept.unlink(missing_ok=True)
+            kept = None
     record = {
         "error": f"{type(err).__name__}: {err}",
         "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "log": str(kept) if kept else None,
         "overrides": hydra_overrides(),
+        "command": command,
     }
     with contextlib.suppress(OSError):
         write_json_atomic(failure_file(stage_dir), record)
@@ -284,11 +344,14 @@ _DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACC
 
 
 def as_user_error(
-    err: BaseException, stage_dir: Path, inputs: list[dict] | None = None
+    err: BaseException, stage_dir: Path | str, inputs: list[dict] | None = None
 ) -> CmmergeError | None:
-    """The one-line error for a failure the user's machine or files cause (disk full, a file
-    size limit, no permission, out of memory, a model folder among ``inputs`` whose weights
-    are missing or damaged), or None for anything else (a bug)."""
+    """The error boundary: the one-line error for a failure the user's machine or files cause
+    (disk full, a file size limit, no permission, out of memory, a model folder among
+    ``inputs`` that a library failed to load: config, model type, weights or their shapes), or
+    None for anything else (a bug, whose traceback is kept)."""
+    if isinstance(err, CmmergeError):
+        return err
     if isinstance(err, OSError) and err.errno in _DISK_ERRNOS:
         where = f" ({err.filename})" if err.filename else ""
         return CmmergeError(
@@ -306,17 +369,43 @@ def as_user_error(
             f"out of memory in {stage_dir}: lower the batch size or max_length, use peft=lora, "
             "or a machine with more memory"
         )
-    loading = type(err).__name__ == "SafetensorError" or (
-        isinstance(err, OSError) and err.errno is None  # transformers: "no file named ..."
+    loading = (
+        type(err).__name__ == "SafetensorError"
+        or (isinstance(err, OSError) and err.errno is None)  # transformers: "no file named ..."
+        or _while_loading(err)
     )
     return _unreadable_model(inputs or []) if loading else None
 
 
+# where a library loads a model folder: a failure raised through one of these is looked into
+_LOADERS = frozenset(
+    {"from_pretrained", "from_config", "get_config_dict", "load_state_dict", "load", "safe_open"}
+)
+_LIBRARIES = ("transformers", "torch", "safetensors", "peft", "cmmerge")
+
+
+def _while_loading(err: BaseException) -> bool:
+    """Whether ``err`` (or the error it was raised from) came through a library's loader."""
+    seen = 0
+    while err is not None and seen < 5:
+        tb = err.__traceback__
+        while tb is not None:
+            code = tb.tb_frame.f_code
+            if code.co_name in _LOADERS and any(
+                f"{os.sep}{lib}{os.sep}" in code.co_filename for lib in _LIBRARIES
+            ):
+                return True
+            tb = tb.tb_next
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
 def _unreadable_model(inputs: list[dict]) -> CmmergeError | None:
-    """When a library failed to load weights: the model folder among ``inputs`` (an
-    ``init=DIR``, a base model, a stage's ``model/``) whose weights are missing, truncated or
-    damaged, as one line naming the file; None when they all read (then it was not them)."""
-    from cmmerge.io.checkpoint import CheckpointReader
+    """When a library failed to load a model: the model folder among ``inputs`` (an
+    ``init=DIR``, a base model, a stage's ``model/``) that is at fault (its config, model type,
+    weights, or the two disagreeing), as one line naming it; None when they all look whole
+    (then it was not them)."""
+    from cmmerge.models.check import model_folder_problem
 
     for item in inputs:
         folder = Path(str(item.get("path", ""))) if isinstance(item, dict) else None
@@ -325,14 +414,23 @@ def _unreadable_model(inputs: list[dict]) -> CmmergeError | None:
         for model_dir in (folder, folder / "model"):
             if not (model_dir / "config.json").is_file():
                 continue
-            try:
-                CheckpointReader(model_dir, allow_pickle=True).close()
-            except CmmergeError as bad:
+            problem = model_folder_problem(model_dir)
+            if problem is not None:
                 return CmmergeError(
-                    f"cannot load the model in {model_dir}: {bad}; "
-                    "replace its weights (or choose another model), then run the same command"
+                    f"cannot load the model in {model_dir}: {problem}; "
+                    "replace it (or choose another model), then run the same command"
                 )
     return None
+
+
+def config_folders(cfg: DictConfig) -> list[dict]:
+    """The model folders a config names (``init=DIR``, ``base=``, ``models=``,
+    ``model.name_or_path``), as inputs for :func:`as_user_error`."""
+    named = [cfg.get("init"), cfg.get("base"), *(cfg.get("models") or [])]
+    model = cfg.get("model")
+    if model is not None and hasattr(model, "get"):
+        named.append(model.get("name_or_path"))
+    return [{"path": str(p)} for p in named if p and Path(str(p)).expanduser().is_dir()]
 
 
 def _reset_gpu_peak() -> None:

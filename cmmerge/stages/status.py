@@ -15,10 +15,10 @@ from cmmerge.io.manifest import MANIFEST, read_json, read_manifest
 from cmmerge.reporting.tables import markdown_table
 from cmmerge.settings import run_dir
 from cmmerge.stages.chain import chain as upstream_chain
-from cmmerge.stages.cpt_variants import differing, finished_variants, matching
 from cmmerge.stages.chain import command_for
+from cmmerge.stages.cpt_variants import differing, finished_variants, matching
 from cmmerge.stages.ids import GRAFT, is_graft_id, stage_dirs
-from cmmerge.stages.runner import failure_file, hydra_overrides
+from cmmerge.stages.runner import STARTED, failure_file, hydra_overrides
 from cmmerge.stages.spec import CptSpec
 
 _SKIP_TOP = {"logs", "sweep"}
@@ -52,9 +52,12 @@ def stage_state(stage_dir: Path) -> tuple[str, str]:
         return "running", "a process holds its lock"
     manifest = read_manifest(stage_dir)
     if manifest is not None:
-        problem = transaction.problem(stage_dir, manifest)
+        problem = transaction.problem(stage_dir, manifest, content=False)
         if problem is not None:
             return "incomplete", problem
+        changed = transaction.changed(stage_dir, manifest)
+        if changed is not None:
+            return "stale", changed
         stale = transaction.stale_inputs(manifest)
         if stale:
             return "stale", f"{Path(stale[0]).name} changed since it was made"
@@ -70,6 +73,13 @@ def stage_state(stage_dir: Path) -> tuple[str, str]:
 
 
 def _command(stage_dir: Path, root: Path, fallback: list[str]) -> str:
+    for record in (failure_file(stage_dir), transaction.partial_dir(stage_dir) / STARTED):
+        try:  # the command recorded when it failed, or when the interrupted run started
+            command = read_json(record).get("command") if record.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            command = None
+        if isinstance(command, str) and command:
+            return command
     manifest = read_manifest(stage_dir)
     stage = (manifest or {}).get("stage") or stage_dir.relative_to(root).parts[0]
     if stage == "finetune" and is_graft_id(stage_dir.name):  # a failed or interrupted graft

@@ -66,10 +66,12 @@ def _merge(cfg: DictConfig, m: dict) -> str:
     )
     copied = f", {x['n_copied']} copied" if x.get("n_copied") else ""
     where = Path(str(cfg.output)) if cfg.get("output") else _dirs(cfg)["merge"] / "model"
+    grown = m.get("vocab_grown") or {}
+    rows = f", vocabulary grown to {max(grown.values())} rows (grow_vocab=true)" if grown else ""
     return (
         f"{c.get('method', cfg.method.name)} lambda={float(c.get('lambda', 0)):g}{params}: "
-        f"{x.get('n_merged', '?')} tensors merged{copied} in {m.get('wall_time_s', 0):.1f} s "
-        f"-> {where}"
+        f"{x.get('n_merged', '?')} tensors merged{copied}{rows} in "
+        f"{m.get('wall_time_s', 0):.1f} s -> {where}"
     )
 
 

@@ -103,26 +103,31 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{args.model}: {type(model).__name__}, {n_params / 1e6:.1f}M parameters, "
-          f"vocabulary {model.config.vocab_size}, loaded in {time.time() - started:.0f} s")
-    print(f"BOS {tokenizer.bos_token!r} ({tokenizer.bos_token_id}), padding "
-          f"{tokenizer.padding_side}, chat template: {tokenizer.chat_template is not None}")
+    print(
+        f"{args.model}: {type(model).__name__}, {n_params / 1e6:.1f}M parameters, "
+        f"vocabulary {model.config.vocab_size}, loaded in {time.time() - started:.0f} s"
+    )
+    print(
+        f"BOS {tokenizer.bos_token!r} ({tokenizer.bos_token_id}), padding "
+        f"{tokenizer.padding_side}, chat template: {tokenizer.chat_template is not None}"
+    )
     sets = {
         "Hinglish (sentiment-en-hi test)": texts_of("sentiment-en-hi", args.data_root, args.n),
         "English (english-sentiment-en-hi test)": texts_of(
             "english-sentiment-en-hi", args.data_root, args.n
         ),
     }
-    print(f"\n{'texts':40} {'n':>4} {'tokens':>7} {'ppl+BOS':>9} {'ppl-BOS':>9} "
-          f"{'packed':>9}")
+    print(f"\n{'texts':40} {'n':>4} {'tokens':>7} {'ppl+BOS':>9} {'ppl-BOS':>9} {'packed':>9}")
     for name, texts in sets.items():
         t0 = time.time()
         nll, count = per_text_nll(model, tokenizer, texts, True, args.max_length)
         nll_nobos, count_nobos = per_text_nll(model, tokenizer, texts, False, args.max_length)
         packed = packed_loss(model, tokenizer, texts, args.block)
-        print(f"{name:40} {len(texts):4d} {count:7d} {math.exp(nll / count):9.1f} "
-              f"{math.exp(nll_nobos / count_nobos):9.1f} {math.exp(packed):9.1f}"
-              f"   ({time.time() - t0:.0f} s)")
+        print(
+            f"{name:40} {len(texts):4d} {count:7d} {math.exp(nll / count):9.1f} "
+            f"{math.exp(nll_nobos / count_nobos):9.1f} {math.exp(packed):9.1f}"
+            f"   ({time.time() - t0:.0f} s)"
+        )
     print("\ngreedy continuations (20 new tokens):")
     for prompt in PROMPTS:
         enc = tokenizer(prompt, return_tensors="pt")

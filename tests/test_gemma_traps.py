@@ -18,8 +18,8 @@ from cmmerge.evaluation.prompting import check_verbalizers, encode_rows
 from cmmerge.io.checkpoint import CheckpointReader
 from cmmerge.merging.engine import merge_into_base
 from cmmerge.merging.extract import extract_task_vector, task_vector_cosines
-from cmmerge.stages.spec import CptSpec, FinetuneSpec
 from cmmerge.stages.prompt import majority_baseline
+from cmmerge.stages.spec import CptSpec, FinetuneSpec
 
 LABELS = ["negative", "neutral", "positive"]
 ADAPTED = ("q_proj", "v_proj")  # what a LoRA on attention changes; the rest stays the base's
@@ -64,9 +64,7 @@ def _with_zeros_stored(sparse, base_dir, out):
     return out
 
 
-def test_a_lora_task_vector_leaves_its_zero_tensors_out_and_merges_the_same(
-    lora_like, tmp_path
-):
+def test_a_lora_task_vector_leaves_its_zero_tensors_out_and_merges_the_same(lora_like, tmp_path):
     base = lora_like / "base"
     stats = extract_task_vector(base, lora_like / "lora", tmp_path / "tau.safetensors")
     stored = _tensors(tmp_path / "tau.safetensors")
@@ -122,6 +120,7 @@ def test_extract_records_the_final_file_not_the_partial_folder(tmp_path):
 def test_cpt_has_its_own_peft_and_old_runs_keep_their_folders():
     """``cpt_peft=none peft=lora``: full CPT, LoRA fine-tuning of the merged model; unset, CPT
     follows ``peft`` as before, with the same folders."""
+
     def ids(*overrides):
         cfg = compose("finetune", ["model=tiny-llama", "run.root=/runs", *overrides])
         return CptSpec.from_config(cfg), FinetuneSpec.from_config(cfg)

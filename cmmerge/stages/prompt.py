@@ -35,9 +35,7 @@ def prompt_id(cfg: DictConfig) -> str:
     return PromptSpec.from_config(cfg).folder_id
 
 
-def majority_baseline(
-    gold: list[int], pred: list[int], labels: list[str], macro_f1: float
-) -> dict:
+def majority_baseline(gold: list[int], pred: list[int], labels: list[str], macro_f1: float) -> dict:
     """The majority-class baseline of the test set beside a prompting score: its macro-F1,
     whether the prompt beats it, and how many texts went to each label (a prompt that puts
     almost everything in one class shows here)."""

@@ -102,8 +102,7 @@ def _prompt(cfg: DictConfig, m: dict) -> str:
             f"{_f(m['majority_macro_f1'])})"
         )
     return (
-        f"{m.get('arm', 'prompting')}: test macro-F1 {_f(x.get('macro_f1'))}{how}{base} "
-        f"-> {where}"
+        f"{m.get('arm', 'prompting')}: test macro-F1 {_f(x.get('macro_f1'))}{how}{base} -> {where}"
     )
 
 

@@ -81,9 +81,7 @@ def _cut_blocks(docs: list[list[int]], block_size: int) -> dict[str, list]:
     }
 
 
-def _bos_pieces(
-    doc: list[int], block_size: int, bos_id: int
-) -> list[tuple[list[int], list[int]]]:
+def _bos_pieces(doc: list[int], block_size: int, bos_id: int) -> list[tuple[list[int], list[int]]]:
     """``doc`` with BOS in front, as (tokens, labels) pieces of at most ``block_size`` tokens
     that each start with BOS; BOS is never scored, nor the first token of a continuation piece
     (it does not follow its real context). Empty for a document of BOS alone."""

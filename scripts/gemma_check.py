@@ -4,8 +4,9 @@ Prints, for ~200 SentiMix Hinglish test tweets and ~200 (mostly) English tweets 
 ``english-sentiment-en-hi`` test split: SentiMix tweets whose tagged words are >= 80% English):
 
 - per-text perplexity with BOS (as the model was trained), and without it;
-- the loss of the same texts packed into blocks as ``cmmerge cpt`` packs them (``--block``),
-  so the cost of cutting documents at block boundaries shows;
+- the loss of the same texts packed into blocks of ``--block`` tokens as ``cmmerge cpt`` packs
+  them (whole documents after BOS), and as it packed them before (concatenated and cut, blocks
+  starting mid-text without BOS), so the cost of cutting shows;
 - a greedy continuation of an English and a Hinglish prompt.
 
 A random-initialised model of the same vocabulary would score a perplexity near the vocabulary
@@ -28,11 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from cmmerge.data.tasks import load_task
+from cmmerge.evaluation.prompting import check_verbalizers, verbalizer_list
 from cmmerge.settings import load_group_config, plain
 from cmmerge.training.losses import IGNORE_INDEX, causal_lm_loss
 from cmmerge.training.packing import pack_examples
 
 PROMPTS = ["The capital of France is", "yaar aaj ka match"]
+PROMPT_TEMPLATE = "Tweet: {text}\nSentiment:"  # cmmerge prompt's default prompt.template
 
 
 def texts_of(task: str, data_root: Path, n: int, seed: int = 0) -> list[str]:
@@ -67,10 +70,12 @@ def per_text_nll(model, tokenizer, texts: list[str], bos: bool, max_length: int)
     return total, count
 
 
-def packed_loss(model, tokenizer, texts: list[str], block: int) -> float:
-    """Mean next-token loss of ``texts`` packed as ``cmmerge cpt`` packs them."""
+def packed_loss(model, tokenizer, texts: list[str], block: int, cut: bool = False) -> float:
+    """Mean next-token loss of ``texts`` packed as ``cmmerge cpt`` packs them, or (``cut``) as
+    it did before it packed after BOS: concatenated and cut into blocks."""
     ids = tokenizer(texts, truncation=True, max_length=block)["input_ids"]
-    packed = pack_examples({"input_ids": ids}, block, **pack_options(model, tokenizer))
+    options = {} if cut else pack_options(model, tokenizer)
+    packed = pack_examples({"input_ids": ids}, block, **options)
     total, count = 0.0, 0
     for i in range(0, len(packed["input_ids"]), 4):
         batch = {k: torch.tensor(v[i : i + 4]) for k, v in packed.items()}
@@ -117,17 +122,29 @@ def main() -> None:
             "english-sentiment-en-hi", args.data_root, args.n
         ),
     }
-    print(f"\n{'texts':40} {'n':>4} {'tokens':>7} {'ppl+BOS':>9} {'ppl-BOS':>9} {'packed':>9}")
-    for name, texts in sets.items():
+    print(
+        f"\n{'texts':40} {'n':>4} {'tokens':>7} {'ppl+BOS':>9} {'ppl-BOS':>9} "
+        f"{'packed':>9} {'cut':>9}"
+    )
+    for name, texts in sets.items():  # perplexities: exp(mean NLL per predicted token)
         t0 = time.time()
         nll, count = per_text_nll(model, tokenizer, texts, True, args.max_length)
         nll_nobos, count_nobos = per_text_nll(model, tokenizer, texts, False, args.max_length)
         packed = packed_loss(model, tokenizer, texts, args.block)
+        cut = packed_loss(model, tokenizer, texts, args.block, cut=True)
         print(
             f"{name:40} {len(texts):4d} {count:7d} {math.exp(nll / count):9.1f} "
-            f"{math.exp(nll_nobos / count_nobos):9.1f} {math.exp(packed):9.1f}"
+            f"{math.exp(nll_nobos / count_nobos):9.1f} {math.exp(packed):9.1f} "
+            f"{math.exp(cut):9.1f}"
             f"   ({time.time() - t0:.0f} s)"
         )
+    prompt = PROMPT_TEMPLATE.format(text=sets["Hinglish (sentiment-en-hi test)"][0])
+    verbalizers = verbalizer_list(["negative", "neutral", "positive"], None)
+    verb_ids = [tokenizer(v, add_special_tokens=False)["input_ids"] for v in verbalizers]
+    odd = check_verbalizers(tokenizer, prompt, verbalizers, verb_ids)
+    pairs = zip(verbalizers, verb_ids, strict=True)
+    shown = {v: tokenizer.convert_ids_to_tokens(ids) for v, ids in pairs}
+    print(f"\nprompt verbalisers {shown}: {'as in running text' if not odd else 'MISMATCH'}")
     print("\ngreedy continuations (20 new tokens):")
     for prompt in PROMPTS:
         enc = tokenizer(prompt, return_tensors="pt")

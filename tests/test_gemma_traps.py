@@ -214,3 +214,22 @@ def test_prompting_reports_the_majority_class_beside_its_score():
     assert b["majority_macro_f1"] == pytest.approx(m["macro_f1"])
     better = majority_baseline(gold, gold[:250] + [0] * 50, LABELS, 0.8)
     assert better["beats_majority"] is True
+
+
+def test_the_prompt_stage_says_whether_it_beats_the_majority_class(tmp_path):
+    from cmmerge.stages import prompt
+    from cmmerge.stages.summary import closing_line
+
+    cfg = compose("prompt", ["model=tiny-llama", f"run.root={tmp_path}", "run.name=p"])
+    manifest = prompt.run(cfg)
+    out = tmp_path / "p" / "prompt" / prompt.prompt_id(cfg)
+    metrics = json.loads((out / "metrics.json").read_text())
+    counts = [c["support"] for c in metrics["per_class"].values()]
+    assert metrics["majority_macro_f1"] == pytest.approx(2 * max(counts) / (300 + max(counts)) / 3)
+    assert sum(metrics["predicted_counts"].values()) == 300
+    assert metrics["beats_majority"] == (metrics["macro_f1"] > metrics["majority_macro_f1"])
+    top = max(metrics["per_class"], key=lambda k: metrics["per_class"][k]["support"])
+    assert manifest["majority_label"] == metrics["majority_label"] == top
+    line = closing_line("prompt", cfg, manifest)
+    verdict = "beats" if metrics["beats_majority"] else "does NOT beat"
+    assert f"{verdict} the majority class ('{top}': " in line

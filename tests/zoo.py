@@ -18,6 +18,12 @@ today's ``save_pretrained``. Layouts, from transformers' classes and the hub's l
   (``torch_dtype``, llama3 ``rope_scaling``), generation_config.json.
 - ``Llama-3.1-8B``: untied (``lm_head.weight`` stored), bfloat16, sharded: 3 shards and
   ``model.safetensors.index.json`` (``metadata.total_size``, ``weight_map``).
+- ``gemma-3-270m``: ``Gemma3ForCausalLM`` (``gemma3_text``) as google/gemma-3-270m ships it: tied
+  (no ``lm_head.weight``), bfloat16, a 4.55-era config (``torch_dtype``, ``rope_theta`` and
+  ``rope_local_base_freq``, ``layer_types`` mixing sliding-window and global attention,
+  ``sliding_window``, ``query_pre_attn_scalar``), embeddings scaled by sqrt(hidden) in the
+  forward pass (a non-persistent buffer: not in the file), ``q_norm``/``k_norm`` and four norms
+  per layer; its tokenizer pads on the left, as Gemma's does.
 - ``legacy-bin``: an XLM-R saved by transformers 4.x as ``pytorch_model.bin`` only (with the
   int64 ``roberta.embeddings.position_ids`` buffer and ``lm_head.decoder.bias``).
 """
@@ -35,6 +41,8 @@ from safetensors.torch import save_file
 
 HIDDEN, LAYERS, HEADS, FFN = 32, 2, 4, 64
 DECODERS = ("Llama-3.2-1B", "Llama-3.1-8B")
+GEMMA_LAYER_TYPES = ["sliding_attention", "full_attention"]
+GEMMA_WINDOW = 4  # shorter than the texts, so the sliding layers really slide
 
 
 def tokenizer_dir(family: str) -> Path:
@@ -255,6 +263,62 @@ def llama_3_1_8b(out: Path, shards: int = 3) -> Path:
     return out
 
 
+def gemma_3_270m(out: Path) -> Path:
+    vocab = _copy_tokenizer("llama", out)
+    tok_config = json.loads((out / "tokenizer_config.json").read_text())
+    _write_json(out / "tokenizer_config.json", {**tok_config, "padding_side": "left"})
+    ids = json.loads((tokenizer_dir("llama") / "config.json").read_text())
+    head_dim = HIDDEN // HEADS
+    config = {
+        "_sliding_window_pattern": 2,
+        "architectures": ["Gemma3ForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "attn_logit_softcapping": None,
+        "bos_token_id": ids["bos_token_id"],
+        "eos_token_id": ids["eos_token_id"],
+        "final_logit_softcapping": None,
+        "head_dim": head_dim,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_size": HIDDEN,
+        "initializer_range": 0.02,
+        "intermediate_size": FFN,
+        "layer_types": GEMMA_LAYER_TYPES,
+        "max_position_embeddings": 512,
+        "model_type": "gemma3_text",
+        "num_attention_heads": HEADS,
+        "num_hidden_layers": LAYERS,
+        "num_key_value_heads": 1,
+        "pad_token_id": ids["pad_token_id"],
+        "query_pre_attn_scalar": head_dim,
+        "rms_norm_eps": 1e-06,
+        "rope_local_base_freq": 10000.0,
+        "rope_scaling": None,
+        "rope_theta": 1000000.0,
+        "sliding_window": GEMMA_WINDOW,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.55.0.dev0",
+        "use_bidirectional_attention": False,
+        "use_cache": True,
+        "vocab_size": vocab,
+    }
+    _write_json(out / "config.json", config)
+    gen = {"cache_implementation": "hybrid", "do_sample": True, "top_k": 64, "top_p": 0.95}
+    _write_json(
+        out / "generation_config.json",
+        {"bos_token_id": config["bos_token_id"], "eos_token_id": [config["eos_token_id"], 106],
+         "pad_token_id": config["pad_token_id"], **gen, "transformers_version": "4.55.0.dev0"},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.from_pretrained(out)
+    )
+    state = model.state_dict()
+    state.pop("lm_head.weight")  # tied: the hub file has no lm_head.weight
+    save_file(_plain(state, torch.bfloat16), str(out / "model.safetensors"), {"format": "pt"})
+    return out
+
+
 def legacy_bin(out: Path) -> Path:
     vocab = _copy_tokenizer("xlmr", out)
     config = _encoder_config(
@@ -290,6 +354,8 @@ MEMBERS: dict[str, Callable[[Path], Path]] = {
     "Llama-3.1-8B": llama_3_1_8b,
     "legacy-bin": legacy_bin,
 }
+# Layouts with their own tests (tests/test_gemma_zoo.py), outside test_zoo.py's parametrisation.
+REPLICAS: dict[str, Callable[[Path], Path]] = {"gemma-3-270m": gemma_3_270m}
 
 
 def make(name: str, root: Path) -> Path:
@@ -297,7 +363,7 @@ def make(name: str, root: Path) -> Path:
     out = Path(root) / name
     if not (out / "config.json").exists():
         out.mkdir(parents=True, exist_ok=True)
-        MEMBERS[name](out)
+        (MEMBERS | REPLICAS)[name](out)
     return out
 
 

@@ -74,11 +74,15 @@ def encode_rows(
 ) -> tuple[list[tuple[list[int], int]], int]:
     """One row ``(prompt ids + verbaliser ids, verbaliser length)`` per (prompt, verbaliser),
     prompt-major, each at most ``max_length`` tokens; and how many prompts were truncated."""
+    special = set(tokenizer.all_special_ids)
     verb_ids = [tokenizer(v, add_special_tokens=False)["input_ids"] for v in verbalizers]
+    # a tokenizer that adds BOS even without special tokens would score BOS inside the answer
+    verb_ids = [ids[_leading_specials(ids, special) :] for ids in verb_ids]
     for text, ids in zip(verbalizers, verb_ids, strict=True):
         if not ids:
             raise CmmergeError(f"verbaliser {text!r} has no tokens: give it a word to score")
-    special = set(tokenizer.all_special_ids)
+    if prompts:
+        check_verbalizers(tokenizer, prompts[0], verbalizers, verb_ids)
     rows: list[tuple[list[int], int]] = []
     truncated = 0
     for prompt in prompts:
@@ -91,6 +95,37 @@ def encode_rows(
             rows.append((kept + v, len(v)))
         truncated += cut
     return rows, truncated
+
+
+def check_verbalizers(
+    tokenizer, prompt: str, verbalizers: Sequence[str], verb_ids: Sequence[list[int]]
+) -> list[str]:
+    """Warn (and return the verbalisers) whose tokens after ``prompt`` are not the ones the
+    tokenizer gives the joined text ``prompt + verbaliser``: a scored answer the model would
+    never see in running text (a missing leading space, a word split differently at the
+    join). Scores of such verbalisers mislead; fix them with prompt.verbalizers."""
+    p_ids = tokenizer(prompt)["input_ids"]
+    odd = []
+    for text, ids in zip(verbalizers, verb_ids, strict=True):
+        joined = tokenizer(prompt + text)["input_ids"]
+        if joined != p_ids + list(ids):
+            odd.append(text)
+            log.warning(
+                "prompt: verbaliser %r is scored as tokens %s, but after the prompt the "
+                "tokenizer reads it as %s: set prompt.verbalizers (e.g. with a leading space) "
+                "so that they agree",
+                text,
+                tokenizer.convert_ids_to_tokens(list(ids)),
+                tokenizer.convert_ids_to_tokens(joined[_common_prefix(joined, p_ids) :]),
+            )
+    return odd
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def _forward_kwargs(model) -> set[str]:

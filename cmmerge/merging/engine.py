@@ -152,6 +152,9 @@ class _Merger:
         base = self.base.read(item.key, start, stop).to(torch.float32)
         deltas = []
         for i, (s, key) in enumerate(zip(self.sources, item.src_keys, strict=True)):
+            if key is None:  # all zero in this task vector (not stored)
+                deltas.append(out[i].zero_() if out is not None else torch.zeros_like(base))
+                continue
             x = s.reader.read(key, start, stop)
             if out is not None:
                 deltas.append(torch.sub(x, base, out=out[i]) if s.is_model else out[i].copy_(x))
@@ -284,7 +287,9 @@ class _Merger:
 
     def _blame(self, item: Item, start: int, stop: int) -> None:
         readers = [(self.base, item.key, "the base")] + [
-            (s.reader, k, s.label) for s, k in zip(self.sources, item.src_keys, strict=True)
+            (s.reader, k, s.label)
+            for s, k in zip(self.sources, item.src_keys, strict=True)
+            if k is not None
         ]
         where = "the merge (overflow)"
         for reader, key, label in readers:

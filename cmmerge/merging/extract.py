@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import threading
@@ -13,9 +14,10 @@ import torch
 from cmmerge.errors import CmmergeError
 from cmmerge.io.checkpoint import CheckpointReader, StreamingFileWriter
 from cmmerge.merging.keys import backbone_map, backbone_prefix, tied_copy, ties_embeddings
-from cmmerge.merging.plan import PathLike, check_shape, read_config
+from cmmerge.merging.plan import ZERO_TENSORS, PathLike, check_shape, read_config
 
 TASK_VECTOR_FILE = "task_vector.safetensors"
+
 _LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|blocks|block)\.(\d+)\.")
 
 
@@ -54,7 +56,10 @@ def extract_task_vector(
     """Write ``tau = tuned - base`` (float32 math) over the shared floating backbone tensors.
 
     Rows a CPT run added to the vocabulary are stored as the tuned values (base taken as 0),
-    so merging takes the new rows from the source.
+    so merging takes the new rows from the source. Tensors the tuning left unchanged (all
+    of tau zero: most of them after a LoRA CPT, the 168M-parameter embedding of Gemma-3-270M
+    among them) are not stored; the file's metadata lists them (:data:`ZERO_TENSORS`) and the
+    merge reads them as zeros.
 
     Args:
         base_dir: HF model folder of the base model.
@@ -65,7 +70,8 @@ def extract_task_vector(
         threads: Worker threads (default: all CPUs).
 
     Returns:
-        Stats: ``file``, ``n_tensors``, ``n_params``, ``l2_norm``, ``per_tensor`` (``l2``,
+        Stats: ``file``, ``n_tensors`` (stored), ``zero_tensors`` (not stored: all zero),
+        ``n_params`` (of every tensor compared), ``l2_norm``, ``per_tensor`` (``l2``,
         ``n_params``, ``frac_changed``), ``per_layer``, ``grown``, ``skipped_head_keys``
         (``base_only``, ``tuned_only``, ``both``), ``skipped_non_float`` and ``base_only``
         (floating tensors of the base the tuned model lacks, e.g. a pooler: every merge copies
@@ -125,6 +131,12 @@ def extract_task_vector(
             "tuned": str(tuned_dir),
             "model_type": str(base_type or ""),
         }
+        zero = _unchanged(base, base_names, tuned, tuned_names, layout, grown, threads)
+        if zero and len(zero) < len(layout):
+            metadata[ZERO_TENSORS] = json.dumps(zero)
+            stored = {n: v for n, v in layout.items() if n not in set(zero)}
+        else:  # nothing changed at all: keep the zeros, a task vector is never empty
+            zero, stored = [], layout
         sums: dict[str, list[float]] = {n: [0.0, 0.0] for n in layout}  # squares, nonzeros
         lock = threading.Lock()
 
@@ -143,13 +155,13 @@ def extract_task_vector(
                 sums[name][1] += nz
 
         with (
-            StreamingFileWriter(out, layout, metadata) as writer,
+            StreamingFileWriter(out, stored, metadata) as writer,
             torch_threads(1),
             ThreadPoolExecutor(threads or default_threads()) as pool,
         ):
             futures = [
                 pool.submit(work, name, s, e)
-                for name, (_, shape) in layout.items()
+                for name, (_, shape) in stored.items()
                 for s, e in chunk_ranges(math.prod(shape))
             ]
             for future in futures:
@@ -164,7 +176,8 @@ def extract_task_vector(
     }
     return {
         "file": str(out),
-        "n_tensors": len(layout),
+        "n_tensors": len(stored),
+        "zero_tensors": zero,
         "n_params": sum(p["n_params"] for p in per_tensor.values()),
         "l2_norm": sum(p["l2"] ** 2 for p in per_tensor.values()) ** 0.5,
         "per_tensor": per_tensor,
@@ -174,6 +187,34 @@ def extract_task_vector(
         "base_only": base_only,
         "skipped_non_float": non_float,
     }
+
+
+def _unchanged(
+    base: CheckpointReader,
+    base_names: dict[str, str],
+    tuned: CheckpointReader,
+    tuned_names: dict[str, str],
+    layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    grown: dict[str, int],
+    threads: int | None,
+) -> list[str]:
+    """The tensors of ``layout`` whose tau is zero everywhere (equal in float32), in order. A
+    tensor that changed usually differs in its first chunk, so this costs little beyond reading
+    the unchanged ones."""
+    from cmmerge.merging.engine import chunk_ranges, default_threads, torch_threads
+
+    def same(name: str) -> bool:
+        bkey, tkey = base_names[name], tuned_names[name]
+        for start, stop in chunk_ranges(math.prod(layout[name][1])):
+            a = tuned.read(tkey, start, stop).to(torch.float32)
+            if not torch.equal(a, base.read(bkey, start, stop).to(torch.float32)):
+                return False
+        return True
+
+    names = [n for n in layout if n not in grown]
+    with torch_threads(1), ThreadPoolExecutor(threads or default_threads()) as pool:
+        flags = list(pool.map(same, names))
+    return [n for n, flag in zip(names, flags, strict=True) if flag]
 
 
 def _base_only(
@@ -195,22 +236,26 @@ def _base_only(
 
 
 def task_vector_cosines(files: list[PathLike]) -> list[list[float]]:
-    """Pairwise cosine similarities of task-vector files over their shared tensors (streamed)."""
+    """Pairwise cosine similarities of task-vector files (streamed). A tensor one file holds and
+    another does not (left out as all zero, or never there) counts as zero in the other, so the
+    norms cover each whole vector; a tensor stored with different shapes (a grown vocabulary)
+    is left out of every pair."""
     from cmmerge.merging.engine import chunk_ranges
 
     readers = [CheckpointReader(f) for f in files]
     try:
-        shared = [
-            k
-            for k in readers[0].keys()
-            if all(k in r and r.shape(k) == readers[0].shape(k) for r in readers[1:])
-        ]
         n = len(readers)
         dots = torch.zeros(n, n, dtype=torch.float64)
-        for key in shared:
-            for s, e in chunk_ranges(readers[0].numel(key)):
-                x = torch.stack([r.read(key, s, e).to(torch.float64) for r in readers])
-                dots += x @ x.T
+        keys = list(dict.fromkeys(k for r in readers for k in r.keys()))
+        for key in keys:
+            holders = [i for i, r in enumerate(readers) if key in r]
+            if len({tuple(readers[i].shape(key)) for i in holders}) > 1:
+                continue
+            first = readers[holders[0]]
+            index = torch.tensor(holders)
+            for s, e in chunk_ranges(first.numel(key)):
+                x = torch.stack([readers[i].read(key, s, e).to(torch.float64) for i in holders])
+                dots[index[:, None], index[None, :]] += x @ x.T
     finally:
         for r in readers:
             r.close()

@@ -25,6 +25,9 @@ from cmmerge.merging.keys import (
 )
 
 PathLike = str | os.PathLike
+# metadata key of a task-vector file: the JSON list of the tensors left out because they are all
+# zero (a LoRA CPT leaves most tensors untouched); a merge reads them as zeros
+ZERO_TENSORS = "zero_tensors"
 
 
 @dataclass
@@ -35,10 +38,17 @@ class Source:
     reader: CheckpointReader
     names: dict[str, str]  # name (backbone name, or a head's own key) -> key in ``reader``
     is_model: bool
-    templates: set[str] = field(default_factory=set)  # layer templates of ``names``
+    templates: set[str] = field(default_factory=set)  # layer templates of ``names`` and zeros
+    zeros: set[str] = field(default_factory=set)  # names a task vector left out as all zero
 
     def __post_init__(self) -> None:
-        self.templates = {t for t in map(layer_template, self.names) if t is not None}
+        self.templates = {
+            t for t in map(layer_template, [*self.names, *self.zeros]) if t is not None
+        }
+
+    def has(self, name: str) -> bool:
+        """Whether the source holds ``name``, stored or as a left-out zero tensor."""
+        return name in self.names or name in self.zeros
 
 
 @dataclass
@@ -49,7 +59,8 @@ class Item:
         key: Its name (the base's key).
         shape: Output shape (more rows than the base when CPT grew the vocabulary).
         dtype: Output dtype.
-        src_keys: Key in each source; empty for a tensor copied from the base.
+        src_keys: Key in each source (None: all zero in that task vector, not stored); empty
+            for a tensor copied from the base.
         shared: Flat elements merged, or copied from the base for a head (the base's numel);
             the rest come from ``grown_from``.
         grown_from: Index of the source whose new rows are taken, or None.
@@ -59,7 +70,7 @@ class Item:
     key: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    src_keys: list[str] = field(default_factory=list)
+    src_keys: list[str | None] = field(default_factory=list)
     shared: int = 0
     grown_from: int | None = None
     grown_key: str | None = None
@@ -103,7 +114,8 @@ def open_sources(
             if is_model
             else {canonical(k): k for k in keys}
         )
-        sources.append(Source(str(path), reader, names, is_model))
+        zeros = set() if is_model else set(json.loads(reader.metadata.get(ZERO_TENSORS) or "[]"))
+        sources.append(Source(str(path), reader, names, is_model, zeros=zeros - set(names)))
     return sources
 
 
@@ -154,14 +166,17 @@ def plan_merge(
     copied from the base and listed (a pooler or NSP head the CPT model does not save: in
     ``base_only``; the heads task vectors leave out: in ``heads_copied``). A source that lacks
     a tensor of a numbered layer while it has the same tensor in other layers is refused
-    (another depth, or a damaged checkpoint).
+    (another depth, or a damaged checkpoint). A tensor a task vector left out as all zero
+    (:data:`ZERO_TENSORS`) merges as zeros; one that is zero in every source is copied from the
+    base (``zero_in_every_source``): the merge of zeros is the base.
     Non-float tensors are copied. With tied embeddings, an output-embedding copy stored in the
     base (``lm_head.weight``, ``lm_head.decoder.weight``...) is left out: transformers re-ties
     it on load. Floating tensors are written in ``dtype``, float32 by default.
 
     Returns:
         (items in base order, info with ``base_only``, ``heads_copied``, ``not_in_every_source``,
-        ``tau_keys_missing_in_base``, ``dropped_tied``, ``grown`` and ``dtype``).
+        ``zero_in_every_source``, ``tau_keys_missing_in_base``, ``dropped_tied``, ``grown`` and
+        ``dtype``).
     """
     prefix = backbone_prefix(base_dir)
     tied = ties_embeddings(read_config(base_dir))
@@ -173,6 +188,7 @@ def plan_merge(
     base_only: list[str] = []
     partial: list[str] = []
     heads: list[str] = []
+    unchanged: list[str] = []
     grown: dict[str, int] = {}
     vectors: list[tuple[Item, str, tuple, str]] = []  # grown 1-D tensors, checked below
     aligned = backbone_map(base.keys(), prefix, str(base_dir), heads=True)
@@ -187,7 +203,12 @@ def plan_merge(
         if tied and tied_copy(key, name, keyset):
             dropped.append(key)  # transformers re-ties it on load
             continue
-        absent = [s for s in sources if name not in s.names]
+        absent = [s for s in sources if not s.has(name)]
+        if not absent and not any(name in s.names for s in sources):
+            unchanged.append(key)  # zero in every source: the base's tensor is the result
+            items.append(Item(key, shape, out_float))
+            used.add(name)
+            continue
         if absent:
             template = layer_template(name)
             missing += [(name, s.label) for s in absent if template in s.templates]
@@ -199,8 +220,10 @@ def plan_merge(
                 base_only.append(key)
             items.append(Item(key, shape, out_float))
             continue
-        item = Item(key, shape, out_float, [s.names[name] for s in sources], math.prod(shape))
+        item = Item(key, shape, out_float, [s.names.get(name) for s in sources], math.prod(shape))
         for i, s in enumerate(sources):
+            if name not in s.names:
+                continue  # all zero in this task vector: merged as zeros of the base's shape
             other = tuple(s.reader.shape(s.names[name]))
             if not s.reader.dtype(s.names[name]).is_floating_point:
                 raise CmmergeError(
@@ -230,11 +253,12 @@ def plan_merge(
         _grow_heads(items, grown, base, sources)
     if not any(item.src_keys for item in items):
         raise CmmergeError(f"no tensor of {base_dir} matches the sources to merge")
-    unused = sorted({n for s in sources for n in s.names} - used)
+    unused = sorted({n for s in sources for n in [*s.names, *s.zeros]} - used)
     return items, {
         "base_only": base_only,
         "heads_copied": heads,
         "not_in_every_source": partial,
+        "zero_in_every_source": unchanged,
         "tau_keys_missing_in_base": unused,
         "dropped_tied": dropped,
         "grown": grown,

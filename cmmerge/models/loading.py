@@ -50,6 +50,11 @@ def resolve_model(cfg: DictConfig) -> Path:
     return out
 
 
+def is_tiny(cfg: DictConfig) -> bool:
+    """Whether ``cfg.model`` is one of the tiny random-initialised models cmmerge builds."""
+    return bool(cfg.model.get("tiny")) and not cfg.model.get("name_or_path")
+
+
 def local_model_dir(name_or_path: str, allow_pickle: bool = True) -> Path:
     """A local model folder for a path or hub id; one clear error when neither works, or (with
     ``allow_pickle=False``) when its weights are only pickle files (``pytorch_model.bin``)."""

@@ -55,9 +55,11 @@ def run(cfg: DictConfig) -> dict:
             dtype=dtype,
             allow_pickle=bool(cfg.get("allow_pickle")),
         )
+        final = spec.folder / TASK_VECTOR_FILE  # where the file is once the stage finished
+        stats["file"] = str(final)
         if others:
             cos = task_vector_cosines([out, *others])
-            stats["cosine"] = {"files": [str(out), *map(str, others)], "matrix": cos}
+            stats["cosine"] = {"files": [str(final), *map(str, others)], "matrix": cos}
         write_json_atomic(stage_dir / "stats.json", stats)
         plot_norm_by_layer(stats["per_layer"], stage_dir / PLOT_FILE)
         metrics = {k: stats[k] for k in ("n_tensors", "n_params", "l2_norm") if k in stats}

@@ -20,7 +20,7 @@ from cmmerge.errors import CmmergeError
 from cmmerge.evaluation.baseline import majority_baseline_warning
 from cmmerge.io.manifest import write_json_atomic
 from cmmerge.io.model_card import write_model_card
-from cmmerge.models.loading import local_model_dir, resolve_model
+from cmmerge.models.loading import is_tiny, local_model_dir, resolve_model
 from cmmerge.settings import cache_dir, plain, split_seed, task_config
 from cmmerge.stages import dist
 from cmmerge.stages.chain import require_upstream
@@ -182,7 +182,9 @@ def run(cfg: DictConfig) -> dict:
                 "epochs": cfg.finetune.epochs,
             },
         )
-        warning = majority_baseline_warning(metrics, labels, config_view["finetune"])
+        warning = majority_baseline_warning(
+            metrics, labels, config_view["finetune"], pretrained=not is_tiny(cfg)
+        )
         return {
             "metrics": metrics,
             "outputs": ["model/", "metrics.json"],

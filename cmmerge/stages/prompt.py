@@ -8,6 +8,7 @@ import logging
 from omegaconf import DictConfig, open_dict
 
 from cmmerge.errors import CmmergeError
+from cmmerge.evaluation.baseline import majority_macro_f1
 from cmmerge.evaluation.metrics import classification_metrics
 from cmmerge.evaluation.prompting import (
     draw_shots,
@@ -32,6 +33,21 @@ def prompt_id(cfg: DictConfig) -> str:
     """``<model>-<init>-<task>-k<shots>-s<seed>[-norm][-<hash>]``: the folder of this prompting
     run (:attr:`PromptSpec.folder_id`)."""
     return PromptSpec.from_config(cfg).folder_id
+
+
+def majority_baseline(gold: list[int], pred: list[int], labels: list[str], macro_f1: float) -> dict:
+    """The majority-class baseline of the test set beside a prompting score: its macro-F1,
+    whether the prompt beats it, and how many texts went to each label (a prompt that puts
+    almost everything in one class shows here)."""
+    counts = [gold.count(i) for i in range(len(labels))]
+    top = max(range(len(labels)), key=counts.__getitem__)
+    baseline = majority_macro_f1(counts)
+    return {
+        "majority_label": labels[top],
+        "majority_macro_f1": baseline,
+        "beats_majority": bool(macro_f1 > baseline + 1e-9),
+        "predicted_counts": {label: pred.count(i) for i, label in enumerate(labels)},
+    }
 
 
 def run(cfg: DictConfig) -> dict:
@@ -66,6 +82,12 @@ def run(cfg: DictConfig) -> dict:
         test = splits["test"]
         prompts = [prefix + template.format(text=t) for t in test["text"]]
         tokenizer = load_tokenizer(model_dir)
+        if getattr(tokenizer, "chat_template", None):
+            log.info(
+                "prompt: %s has a chat template (an instruction-tuned model?); prompt.template "
+                "is scored as plain text after BOS, as for a pretrained model",
+                model_dir,
+            )
         model = load_lm(model_dir, "decoder").to(device=device, dtype=dtype)
         log.info("prompt: scoring %d prompts x %d labels on %s", len(prompts), len(labels), device)
         scores, truncated = score_prompts(
@@ -73,7 +95,8 @@ def run(cfg: DictConfig) -> dict:
         )
         pred = scores.argmax(-1).tolist()
         metrics = classification_metrics(list(test["label"]), pred, labels)
-        write_json_atomic(out_dir / "metrics.json", {"split": "test", **metrics})
+        baseline = majority_baseline(list(test["label"]), pred, labels, metrics["macro_f1"])
+        write_json_atomic(out_dir / "metrics.json", {"split": "test", **metrics, **baseline})
         rows = (
             {
                 "text": text,
@@ -84,7 +107,18 @@ def run(cfg: DictConfig) -> dict:
             for text, gold, p, s in zip(test["text"], test["label"], pred, scores, strict=True)
         )
         write_jsonl_atomic(out_dir / "predictions.jsonl", rows)
-        log.info("prompt %s k=%d: macro-F1 %.4f", cfg.task.name, shots, metrics["macro_f1"])
+        log.log(
+            logging.INFO if baseline["beats_majority"] else logging.WARNING,
+            "prompt %s k=%d: macro-F1 %.4f, %s the majority class (always '%s': %.4f); "
+            "predicted %s",
+            cfg.task.name,
+            shots,
+            metrics["macro_f1"],
+            "above" if baseline["beats_majority"] else "NOT above",
+            baseline["majority_label"],
+            baseline["majority_macro_f1"],
+            ", ".join(f"{k} {v}" for k, v in baseline["predicted_counts"].items()),
+        )
         scoring = "mean log-prob per verbaliser token" if normalize else "summed log-prob"
         return {
             "metrics": metrics,
@@ -93,6 +127,7 @@ def run(cfg: DictConfig) -> dict:
             "verbalizers": dict(zip(labels, verbalizers, strict=True)),
             "scoring": scoring,
             "prompts_truncated": truncated,
+            **baseline,
             "device": str(device),
             "dtype": str(dtype).removeprefix("torch."),
             "arm": f"Prompting ({shots}-shot{', normalised' if normalize else ''})",

@@ -47,6 +47,7 @@ from cmmerge.settings import (
     config_bool,
     config_int,
     leakage_tasks,
+    load_group_config,
     merge_scale,
     plain,
     split_seed,
@@ -177,6 +178,33 @@ def _default_lora() -> dict:
 
 def _peft_name(peft: FrozenMap | None) -> str:
     return str((peft or {}).get("name", "none"))
+
+
+def _cpt_peft(value: Any) -> dict:
+    """The peft section ``cpt_peft`` names: a preset of the ``peft`` group (``none``, ``lora``),
+    or a mapping with its ``name`` and the settings that replace the preset's."""
+    if isinstance(value, str):
+        name, settings = value, {}
+    elif isinstance(value, Mapping) and value.get("name"):
+        settings = dict(value)
+        name = str(settings["name"])
+    else:
+        raise CmmergeError(
+            f"cpt_peft={value!r}: give null (CPT follows peft), none, lora, or a mapping "
+            "such as 'cpt_peft={name: lora, r: 16}'"
+        )
+    return {**plain(load_group_config("peft", name)), **settings}
+
+
+def cpt_peft_section(cfg: DictConfig) -> FrozenMap | None:
+    """The peft section CPT trains with: ``cpt_peft`` when set, else the top-level ``peft``.
+
+    ``peft`` alone drives CPT and fine-tuning alike (``peft=lora``: LoRA for both);
+    ``cpt_peft=none peft=lora`` is full CPT, then LoRA fine-tuning of the CPT or merged model
+    (and ``cpt_peft=lora peft=none`` the reverse). A run that does not set it keeps its
+    folder names and fingerprints."""
+    own = plain(cfg.get("cpt_peft"))
+    return _section(cfg, "peft") if own is None else freeze(_cpt_peft(own))
 
 
 def _peft_differences(peft: FrozenMap | None) -> dict:
@@ -361,7 +389,7 @@ class CptSpec(StageSpec):
             model=_section(cfg, "model"),
             corpus=_section(cfg, "corpus"),
             cpt=_section(cfg, "cpt"),
-            peft=_section(cfg, "peft"),
+            peft=cpt_peft_section(cfg),
             data_root=_data_root(cfg),
             split_seed=split_seed(cfg),
         )

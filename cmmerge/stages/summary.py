@@ -96,7 +96,16 @@ def _prompt(cfg: DictConfig, m: dict) -> str:
     x = m.get("metrics", {})
     where = run_dir(cfg) / "prompt" / prompt_id(cfg)
     how = f" ({m['scoring']})" if m.get("scoring") else ""
-    return f"{m.get('arm', 'prompting')}: test macro-F1 {_f(x.get('macro_f1'))}{how} -> {where}"
+    base = ""
+    if m.get("majority_macro_f1") is not None:
+        verdict = "beats" if m.get("beats_majority") else "does NOT beat"
+        base = (
+            f", {verdict} the majority class ('{m.get('majority_label')}': "
+            f"{_f(m['majority_macro_f1'])})"
+        )
+    return (
+        f"{m.get('arm', 'prompting')}: test macro-F1 {_f(x.get('macro_f1'))}{how}{base} -> {where}"
+    )
 
 
 def best_lambdas(run: Path) -> str:

@@ -44,7 +44,13 @@ from cmmerge.training.losses import (
     mlm_head,
 )
 from cmmerge.training.masking import MaskEpochCallback, ResumableMLMCollator
-from cmmerge.training.packing import pack_dataset, packing_collator, packing_keeps_documents_apart
+from cmmerge.training.packing import (
+    add_bos,
+    pack_dataset,
+    packing_collator,
+    packing_keeps_documents_apart,
+    packing_options,
+)
 
 log = logging.getLogger("cmmerge")
 
@@ -282,12 +288,21 @@ def train_lm(
     fast_loss = bool(params.get("fast_loss", True))
     n_tokens = sum(len(ids) for ids in split["train"]["input_ids"])
     n_texts = {name: len(split[name]) for name in ("train", "test")}
+    # BOS at every document start where the model expects it (Gemma: 7.43 held-out loss with
+    # it vs 9.53 on blocks cut mid-text without it)
+    options = packing_options(tokenizer, model.config) if kind == "decoder" else {}
+    block = int(params["max_length"])
     if packed:
-        block = int(params["max_length"])
-        split = {name: pack_dataset(split[name], block) for name in ("train", "test")}
+        split = {name: pack_dataset(split[name], block, **options) for name in ("train", "test")}
         log.info(
-            "packed %d training tokens into %d blocks of %d", n_tokens, len(split["train"]), block
+            "packed %d training tokens into %d blocks of %d%s",
+            n_tokens,
+            len(split["train"]),
+            block,
+            " (whole documents, each after BOS)" if options else "",
         )
+    elif options:
+        split = {name: add_bos(split[name], options["bos_id"], block) for name in split}
 
     def make_collator():
         if packed:

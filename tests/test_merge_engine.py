@@ -88,14 +88,18 @@ def test_chunks_shards_threads_change_nothing(dirs, tmp_path, monkeypatch):
     assert set(index["weight_map"]) == set(ref)
 
 
-# one task per tensor keeping its deltas / chunk-parallel keeping them / chunk-parallel re-reading
-@pytest.mark.parametrize("cached_trim,cached_bytes", [(10**9, 0), (0, 10**12), (0, 0)])
+# one task per tensor keeping its deltas / chunk-parallel re-reading, with the two-pass or the
+# sampled selection (its sample read from the files block by block)
+@pytest.mark.parametrize("cached_trim,min_sampled", [(10**9, 10**9), (0, 10**9), (0, 1000)])
 def test_streamed_ties_equals_whole_tensor_math(
-    dirs, tmp_path, monkeypatch, cached_trim, cached_bytes
+    dirs, tmp_path, monkeypatch, cached_trim, min_sampled
 ):
     monkeypatch.setattr(engine, "CHUNK", 500)
     monkeypatch.setattr(engine, "CACHED_TRIM", cached_trim)
-    monkeypatch.setattr(engine, "CACHED_TRIM_BYTES", cached_bytes)
+    monkeypatch.setattr(select, "MIN_SAMPLED", min_sampled)
+    monkeypatch.setattr(select, "SAMPLE_SIZE", 1000)
+    monkeypatch.setattr(select, "SAMPLE_BLOCK", 16)
+    monkeypatch.setattr(engine, "SAMPLE_BLOCK", 16)
     base, a, b = (_tensors(dirs / n) for n in ("base", "a", "b"))
     merge_models(
         dirs / "base",

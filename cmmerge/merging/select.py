@@ -267,8 +267,8 @@ def thresholds_over(
         map_fn: ``map`` or an executor's ``map``: chunks are independent within a pass.
         total: Entries per source in the domain. Given (and at least ``MIN_SAMPLED``), a
             sample estimates the threshold first and one counting pass usually settles it:
-            worth it when ``chunks`` returns data held in memory; the two-pass route serves
-            the sources the sample misses.
+            worth it when ``chunks`` returns data held in memory, or when ``sample`` reads
+            the sample alone; the two-pass route serves the sources the sample misses.
         sample: ``sample(c, every)``: the magnitude bit patterns of chunk ``c``'s sample,
             one tensor per source, the blocks ``_sample`` takes; by default taken from
             ``chunks(c)``.

@@ -50,3 +50,57 @@ def test_folder_digest_single_file_and_shards(tmp_path):
         "path": str(one),
         "sha256": hashlib.sha256(b"w").hexdigest(),
     }
+
+
+def _hash_slowly(path, cache, barrier, locked):
+    """In a child process: hash ``path`` into ``cache`` once both children are ready, with the
+    cache write held back 0.3 s (inside the lock), so two unguarded writers would overlap."""
+    import contextlib
+    import time
+
+    real = hashes.write_json_atomic
+
+    def slow_write(*args):
+        time.sleep(0.3)
+        real(*args)
+
+    hashes.write_json_atomic = slow_write
+    if not locked:  # the race the lock prevents, for the test below
+        hashes.FileLock = lambda *a, **k: contextlib.nullcontext()
+    barrier.wait()
+    hashes.file_digest(path, cache)
+
+
+def _hash_in_two_processes(tmp_path, locked):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    files = []
+    for name in ("a", "b"):
+        files.append(tmp_path / f"{name}.safetensors")
+        files[-1].write_bytes(name.encode() * 1000)
+    barrier = ctx.Barrier(2)
+    procs = [
+        ctx.Process(target=_hash_slowly, args=(f, cache, barrier, locked)) for f in files
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    return files, json.loads((cache / "sha256.json").read_text())
+
+
+def test_two_processes_hashing_at_once_keep_both_entries(tmp_path):
+    files, stored = _hash_in_two_processes(tmp_path, locked=True)
+    for f in files:
+        assert stored[str(f.resolve())][2] == hashlib.sha256(f.read_bytes()).hexdigest()
+    assert not list((tmp_path / "cache").glob(".sha256.json.*"))  # no temp file left
+
+
+def test_the_race_is_real_without_the_lock(tmp_path):
+    """The test above forces the overlap: without the lock one entry is lost."""
+    files, stored = _hash_in_two_processes(tmp_path, locked=False)
+    assert len([f for f in files if str(f.resolve()) in stored]) == 1

@@ -88,14 +88,18 @@ def test_chunks_shards_threads_change_nothing(dirs, tmp_path, monkeypatch):
     assert set(index["weight_map"]) == set(ref)
 
 
-# one task per tensor keeping its deltas / chunk-parallel keeping them / chunk-parallel re-reading
-@pytest.mark.parametrize("cached_trim,cached_bytes", [(10**9, 0), (0, 10**12), (0, 0)])
+# one task per tensor keeping its deltas / chunk-parallel re-reading, with the two-pass or the
+# sampled selection (its sample read from the files block by block)
+@pytest.mark.parametrize("cached_trim,min_sampled", [(10**9, 10**9), (0, 10**9), (0, 1000)])
 def test_streamed_ties_equals_whole_tensor_math(
-    dirs, tmp_path, monkeypatch, cached_trim, cached_bytes
+    dirs, tmp_path, monkeypatch, cached_trim, min_sampled
 ):
     monkeypatch.setattr(engine, "CHUNK", 500)
     monkeypatch.setattr(engine, "CACHED_TRIM", cached_trim)
-    monkeypatch.setattr(engine, "CACHED_TRIM_BYTES", cached_bytes)
+    monkeypatch.setattr(select, "MIN_SAMPLED", min_sampled)
+    monkeypatch.setattr(select, "SAMPLE_SIZE", 1000)
+    monkeypatch.setattr(select, "SAMPLE_BLOCK", 16)
+    monkeypatch.setattr(engine, "SAMPLE_BLOCK", 16)
     base, a, b = (_tensors(dirs / n) for n in ("base", "a", "b"))
     merge_models(
         dirs / "base",
@@ -113,6 +117,33 @@ def test_streamed_ties_equals_whole_tensor_math(
         deltas = [magnitude_trim(x[key] - base[key], 0.2) for x in (a, b)]
         expected = base[key] + -0.7 * disjoint_merge(deltas, [1.0, -0.5], False, "count")
         assert torch.allclose(got[key], expected, atol=1e-6), key
+
+
+def test_sample_read_from_the_files_is_the_sample_of_the_deltas(dirs):
+    """The large-tensor route reads its selection sample block by block from the files: the
+    same entries ``select`` would take from the computed deltas (bf16 base, f32 sources)."""
+    from cmmerge.merging.methods import get_method, resolve_params
+    from cmmerge.merging.plan import open_sources, plan_merge
+
+    with CheckpointReader(dirs / "b16") as base:
+        sources = open_sources([dirs / "a", dirs / "b"], True, dirs / "b16", False)
+        try:
+            items, _ = plan_merge(base, dirs / "b16", sources, None)
+            merger = engine._Merger(
+                base, sources, get_method("ties"), resolve_params("ties", density=0.2),
+                [1.0, 1.0], 1.0, None, False,
+            )  # fmt: skip
+            item = max((it for it in items if it.src_keys), key=lambda it: it.shared)
+            assert base.dtype(item.key) == torch.bfloat16
+            for start, stop, every in ((0, item.shared, 4), (300, 2000, 5), (7, 7 + 255, 4)):
+                want = [select._sample(d, every) for d in merger.deltas(item, start, stop)[1]]
+                got = merger.sample(item, start, stop, every)
+                assert [g.numel() for g in got] == [w.numel() for w in want]
+                assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+                assert want[0].numel() > 0 or stop - start < 256
+        finally:
+            for src in sources:
+                src.reader.close()
 
 
 def test_trim_scope_model_uses_one_threshold(dirs, tmp_path, monkeypatch):

@@ -104,18 +104,37 @@ class _SafetensorsFile:
         entries = dict(sorted(entries.items(), key=lambda kv: kv[1][2]))
         return entries, metadata, 8 + n
 
-    def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Flat elements ``[start, stop)`` of ``key`` as a new 1-D tensor of its dtype."""
+    def read(
+        self, key: str, start: int = 0, stop: int | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Flat elements ``[start, stop)`` of ``key`` as a 1-D tensor of its dtype: a new one,
+        or ``out`` (contiguous, of that dtype and length) filled."""
         dtype, shape, begin, _ = self.entries[key]
         stop = math.prod(shape) if stop is None else stop
-        out = torch.empty(max(stop - start, 0), dtype=dtype)
-        view, offset, done = _bytes_view(out), self.data_start + begin + start * dtype.itemsize, 0
+        if out is None:
+            out = torch.empty(max(stop - start, 0), dtype=dtype)
+        self._pread(key, _bytes_view(out), self.data_start + begin + start * dtype.itemsize)
+        return out
+
+    def read_blocks(
+        self, key: str, start: int, block: int, every: int, count: int, out: torch.Tensor
+    ) -> torch.Tensor:
+        """Blocks of ``block`` flat elements of ``key`` at ``start``, ``start + every * block``,
+        ... (``count`` of them), one after another into ``out`` (contiguous, its dtype)."""
+        dtype, _, begin, _ = self.entries[key]
+        view, size = _bytes_view(out), block * dtype.itemsize
+        first = self.data_start + begin + start * dtype.itemsize
+        for b in range(count):
+            self._pread(key, view[b * size : (b + 1) * size], first + b * every * size)
+        return out
+
+    def _pread(self, key: str, view, offset: int) -> None:
+        done = 0
         while done < len(view):
             got = os.preadv(self.fd, [view[done:]], offset + done)
             if got <= 0:
                 raise CmmergeError(f"cannot read tensor {key!r} from {self.path}: file shrank")
             done += got
-        return out
 
     def close(self) -> None:
         os.close(self.fd)
@@ -149,8 +168,18 @@ class _PickleFile:
         self.entries = {k: (v.dtype, tuple(v.shape), 0, 0) for k, v in self.tensors.items()}
         self.metadata: dict[str, str] = {}
 
-    def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        return self.tensors[key].reshape(-1)[start:stop].clone()
+    def read(
+        self, key: str, start: int = 0, stop: int | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        part = self.tensors[key].reshape(-1)[start:stop]
+        return part.clone() if out is None else out.copy_(part)
+
+    def read_blocks(
+        self, key: str, start: int, block: int, every: int, count: int, out: torch.Tensor
+    ) -> torch.Tensor:
+        flat = self.tensors[key].reshape(-1)[start : start + count * every * block]
+        rows = flat[: (flat.numel() // block) * block].view(-1, block)[::every][:count]
+        return out.view(-1, block).copy_(rows).view(-1)
 
     def close(self) -> None:
         self.tensors = {}
@@ -233,10 +262,22 @@ class CheckpointReader:
         """Load one tensor (CPU, stored dtype, shaped)."""
         return self.read(key).view(self.shape(key))
 
-    def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Flat elements ``[start, stop)`` of ``key`` (a new 1-D tensor); thread-safe."""
+    def read(
+        self, key: str, start: int = 0, stop: int | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Flat elements ``[start, stop)`` of ``key`` (a new 1-D tensor, or ``out``: contiguous,
+        of the stored dtype, filled); thread-safe."""
         self._entry(key)
-        return self._file_of[key].read(key, start, stop)
+        return self._file_of[key].read(key, start, stop, out)
+
+    def read_blocks(
+        self, key: str, start: int, block: int, every: int, count: int, out: torch.Tensor
+    ) -> torch.Tensor:
+        """``count`` blocks of ``block`` flat elements of ``key``, one every ``every`` blocks
+        from element ``start``, packed into ``out`` (of the stored dtype): a sample read
+        without reading what lies between."""
+        self._entry(key)
+        return self._file_of[key].read_blocks(key, start, block, every, count, out)
 
     def shape(self, key: str) -> tuple[int, ...]:
         """Shape of a tensor, from the header."""

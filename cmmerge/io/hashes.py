@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
+
+from filelock import FileLock
 
 from cmmerge.io.manifest import file_sha256, read_json, write_json_atomic
 from cmmerge.io.model_card import WEIGHT_SUFFIXES
@@ -18,44 +21,58 @@ _CACHE_NAME = "sha256.json"
 _SEEN: dict[tuple[str, int, int], str] = {}  # this process's digests, by path, size and mtime
 
 
-def file_digest(path: Path, cache: Path | None = None) -> str:
-    """Hex SHA-256 of ``path``; with a ``cache`` folder, remembered there while the file's size
-    and modification time stay the same."""
-    path = Path(path).resolve()
-    if cache is None:
-        return file_sha256(path)
-    stat = path.stat()
-    key, stamp = str(path), [stat.st_size, stat.st_mtime_ns]
-    seen = _SEEN.get((key, *stamp))
-    if seen is not None:
-        return seen
-    digest = _cached_digest(path, key, stamp, Path(cache))
-    _SEEN[(key, *stamp)] = digest
-    return digest
-
-
-def _cached_digest(path: Path, key: str, stamp: list[int], cache: Path) -> str:
-    """The digest of ``path`` from the cache file in ``cache``, computed and added there when
-    its size and time are not the ones recorded."""
-    cache_file = Path(cache) / _CACHE_NAME
+def _read_cache(cache_file: Path) -> dict:
+    """The cache's entries ({} when it is missing or unreadable: it is then started again)."""
     try:
         cache = read_json(cache_file) if cache_file.exists() else {}
-    except (OSError, ValueError):  # unreadable cache: start a new one
-        cache = {}
-    hit = cache.get(key)
-    if isinstance(hit, list) and hit[:2] == stamp and len(hit) == 3:
-        return str(hit[2])
-    digest = file_sha256(path)
-    try:
-        cache = read_json(cache_file) if cache_file.exists() else {}  # others may have added
     except (OSError, ValueError):
-        cache = {}
-    cache[key] = [*stamp, digest]
-    try:
-        write_json_atomic(cache_file, cache)
-    except OSError:  # a read-only cache folder: the digest is still right
-        pass
-    return digest
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def file_digests(paths: Sequence[Path], cache: Path | None = None) -> list[str]:
+    """Hex SHA-256 of each of ``paths``; with a ``cache`` folder, remembered there while each
+    file's size and modification time stay the same.
+
+    The cache is read once. Files not in it are hashed without holding anything; their entries
+    are then added under the cache's lock (``sha256.json.lock``) to the cache as it is by then,
+    written to a temp file and renamed into place, so processes hashing at the same time (a
+    parallel sweep) keep each other's entries and a reader never sees half a file."""
+    paths = [Path(p).resolve() for p in paths]
+    if cache is None:
+        return [file_sha256(p) for p in paths]
+    cache_file = Path(cache) / _CACHE_NAME
+    known = _read_cache(cache_file)
+    out: list[str] = []
+    new: dict[str, list] = {}
+    for path in paths:
+        stat = path.stat()
+        key, stamp = str(path), [stat.st_size, stat.st_mtime_ns]
+        seen = _SEEN.get((key, *stamp))
+        if seen is not None:
+            out.append(seen)
+            continue
+        hit = known.get(key) or new.get(key)
+        if isinstance(hit, list) and len(hit) == 3 and hit[:2] == stamp:
+            out.append(str(hit[2]))
+            _SEEN[(key, *stamp)] = str(hit[2])
+            continue
+        digest = file_sha256(path)
+        new[key] = [*stamp, digest]
+        _SEEN[(key, *stamp)] = digest
+        out.append(digest)
+    if new:
+        try:
+            with FileLock(str(cache_file) + ".lock"):
+                write_json_atomic(cache_file, {**_read_cache(cache_file), **new})
+        except OSError:  # a read-only cache folder: the digests are still right
+            pass
+    return out
+
+
+def file_digest(path: Path, cache: Path | None = None) -> str:
+    """Hex SHA-256 of ``path``, cached as :func:`file_digests` says."""
+    return file_digests([path], cache)[0]
 
 
 def weights_digest(path: Path, cache: Path | None = None) -> str:
@@ -65,9 +82,10 @@ def weights_digest(path: Path, cache: Path | None = None) -> str:
     if path.is_file():
         return file_digest(path, cache)
     files = sorted(f for f in path.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+    digests = file_digests(files, cache)
     if len(files) == 1:
-        return file_digest(files[0], cache)
-    lines = "".join(f"{f.name} {file_digest(f, cache)}\n" for f in files)
+        return digests[0]
+    lines = "".join(f"{f.name} {d}\n" for f, d in zip(files, digests, strict=True))
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
@@ -94,5 +112,8 @@ def content_digest(path: Path, cache: Path | None = None) -> str:
         for f in path.rglob("*")
         if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts)
     )
-    lines = "".join(f"{f.relative_to(path).as_posix()} {file_digest(f, cache)}\n" for f in files)
+    digests = file_digests(files, cache)
+    lines = "".join(
+        f"{f.relative_to(path).as_posix()} {d}\n" for f, d in zip(files, digests, strict=True)
+    )
     return hashlib.sha256(lines.encode()).hexdigest()

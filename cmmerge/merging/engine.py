@@ -6,10 +6,12 @@ base and of every source with ``pread``, computes in float32 and writes the resu
 its place in the output shards; the main thread only schedules, keeping at most two chunks per
 worker in flight. Magnitude trimming finds its exact threshold with the counting selection of
 ``select`` over the chunks of a tensor (``trim_scope=tensor``, mergekit's rule) or of the whole
-model (``trim_scope=model``, the original TIES code's rule). A trimmed tensor's float32 deltas
-are computed once and kept between the selection passes and the merge (up to ``CACHED_TRIM_BYTES``
-for one tensor; larger ones are recomputed per pass), so memory stays near the largest such
-tensor's deltas plus ``threads * 2 * (sources + 4) * CHUNK * 4`` bytes and the interpreter,
+model (``trim_scope=model``, the original TIES code's rule). A trimmed tensor of up to
+``CACHED_TRIM`` elements is read once, its float32 deltas serving the selection and the merge;
+a larger one (an embedding) is recomputed chunk by chunk for the counting pass and the merge,
+its sample read block by block. Every thread reads, computes and converts in buffers of its own
+that it reuses from chunk to chunk (no fresh pages per chunk), so memory stays near
+``threads * (sources + 2)`` times the largest such tensor in float32 plus the interpreter,
 whatever the model size.
 
 What merges is planned in ``plan``: a standalone merge of models merges the whole model (every
@@ -41,18 +43,24 @@ from cmmerge.io.checkpoint import DEFAULT_MAX_SHARD_SIZE, CheckpointReader, Shar
 from cmmerge.merging.extract import TASK_VECTOR_FILE, extract_task_vector  # noqa: F401
 from cmmerge.merging.methods import MergeMethod, apply_delta, get_method, resolve_params
 from cmmerge.merging.plan import Item, PathLike, Source, open_sources, plan_merge
-from cmmerge.merging.select import Threshold, keep_count, thresholds_over, trim_
+from cmmerge.merging.select import (
+    SAMPLE_BLOCK,
+    Threshold,
+    keep_count,
+    magnitude_bits,
+    sample_blocks,
+    thresholds_over,
+    trim_,
+)
 
 log = logging.getLogger("cmmerge")
 
 CHUNK = 1 << 20  # elements per chunk (4 MiB in float32): fits the caches, amortises Python
 # Per-tensor trims of tensors up to this many elements run as one task that keeps its float32
-# base and deltas between the selection passes and the merge (128 MiB each per worker).
+# base and deltas between the selection passes and the merge (128 MiB each per worker). Larger
+# ones (an embedding) are trimmed chunk-parallel, their deltas recomputed chunk by chunk for
+# the counting pass and the merge (the selection's sample reads only the blocks it takes).
 CACHED_TRIM = 32 * 1024 * 1024
-# Larger tensors are trimmed chunk-parallel; their float32 deltas are kept between the passes
-# when they take at most this many bytes (Llama-3.2-1B's 262M-entry embedding: 1.05 GB), else
-# they are recomputed for each pass.
-CACHED_TRIM_BYTES = 1280 * 1024 * 1024
 
 
 def default_threads() -> int:
@@ -122,6 +130,23 @@ class _Scheduler:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+class _Workspace(threading.local):
+    """Each thread's buffers, reused from chunk to chunk and tensor to tensor (each grows to the
+    largest size asked): the merge reads, computes and converts into memory it already has,
+    instead of asking for (and having the kernel zero and map) fresh pages for every chunk."""
+
+    def __init__(self) -> None:
+        self.bufs: dict[tuple[str, torch.dtype], Tensor] = {}
+
+    def get(self, name: str, n: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``n`` elements of this thread's buffer ``name`` (contents left over)."""
+        buf = self.bufs.get((name, dtype))
+        if buf is None or buf.numel() < n:
+            self.bufs.pop((name, dtype), None)  # freed before the larger one is made
+            buf = self.bufs[(name, dtype)] = torch.empty(n, dtype=dtype)
+        return buf[:n]
+
+
 class _Merger:
     """Runs one planned merge (see the module docstring)."""
 
@@ -143,25 +168,69 @@ class _Merger:
         self.seed, self.scope = int(params.get("seed", 0)), str(params.get("trim_scope", "tensor"))
         self.allow_nonfinite = allow_nonfinite
         self.trims = method.trim is not None and self.density < 1
+        self.ws = _Workspace()  # freed with the merger
+
+    def _read_f32(
+        self, reader: CheckpointReader, key: str, start: int, stop: int, out: Tensor
+    ) -> Tensor:
+        """Flat elements ``[start, stop)`` of ``reader[key]`` in float32, into ``out``."""
+        dtype = reader.dtype(key)
+        if dtype == torch.float32:
+            return reader.read(key, start, stop, out)
+        return out.copy_(reader.read(key, start, stop, self.ws.get("raw", stop - start, dtype)))
 
     def deltas(
-        self, item: Item, start: int, stop: int, out: list[Tensor] | None = None
+        self,
+        item: Item,
+        start: int,
+        stop: int,
+        base: Tensor | None = None,
+        out: list[Tensor] | None = None,
     ) -> tuple[Tensor, list[Tensor]]:
-        """(base chunk in float32, one float32 delta chunk per source): fresh tensors, or the
-        deltas written into ``out`` (one float32 buffer per source) when given."""
-        base = self.base.read(item.key, start, stop).to(torch.float32)
-        deltas = []
+        """(base chunk in float32, one float32 delta chunk per source), written into ``base``
+        and ``out`` when given, else into this thread's chunk buffers (valid until its next
+        chunk)."""
+        n = stop - start
+        base = self.ws.get("base", n) if base is None else base
+        if out is None:
+            out = [self.ws.get(f"delta{i}", n) for i in range(len(self.sources))]
+        self._read_f32(self.base, item.key, start, stop, base)
+        for s, key, d in zip(self.sources, item.src_keys, out, strict=True):
+            if key is None:  # all zero in this task vector (not stored)
+                d.zero_()
+                continue
+            dtype = s.reader.dtype(key)
+            if s.is_model and dtype != torch.float32:  # converted and subtracted in one pass
+                x = s.reader.read(key, start, stop, self.ws.get("raw", n, dtype))
+                torch.sub(x, base, out=d)
+                continue
+            self._read_f32(s.reader, key, start, stop, d)
+            if s.is_model:
+                d.sub_(base)
+        return base, out
+
+    def sample(self, item: Item, start: int, stop: int, every: int) -> list[Tensor]:
+        """The blocks ``select`` samples from the deltas of chunk ``[start, stop)`` (one block of
+        ``SAMPLE_BLOCK`` in ``every``), read and subtracted alone: the rest is not read."""
+        count = sample_blocks(stop - start, every)
+        n = count * SAMPLE_BLOCK
+
+        def blocks(reader: CheckpointReader, key: str, name: str) -> Tensor:
+            dtype = reader.dtype(key)
+            raw = reader.read_blocks(
+                key, start, SAMPLE_BLOCK, every, count, self.ws.get(f"s{name}", n, dtype)
+            )
+            return raw if dtype == torch.float32 else raw.to(torch.float32)
+
+        base = blocks(self.base, item.key, "base")
+        out = []
         for i, (s, key) in enumerate(zip(self.sources, item.src_keys, strict=True)):
             if key is None:  # all zero in this task vector (not stored)
-                deltas.append(out[i].zero_() if out is not None else torch.zeros_like(base))
+                out.append(magnitude_bits(torch.zeros_like(base)))
                 continue
-            x = s.reader.read(key, start, stop)
-            if out is not None:
-                deltas.append(torch.sub(x, base, out=out[i]) if s.is_model else out[i].copy_(x))
-            else:
-                x = x.to(torch.float32)
-                deltas.append(x.sub_(base) if s.is_model else x)
-        return base, deltas
+            x = blocks(s.reader, key, str(i))
+            out.append(magnitude_bits(x - base if s.is_model else x))
+        return out
 
     def _trim(
         self,
@@ -188,56 +257,32 @@ class _Merger:
         map_fn: Callable = map,
         cached: list[Tensor] | None = None,
     ) -> list[Threshold | None]:
-        """Per-source magnitude thresholds over a domain of chunks."""
+        """Per-source magnitude thresholds over a domain of chunks: over ``cached`` deltas (one
+        chunk), or recomputing each chunk's deltas per pass (a chunk's sample read alone)."""
         total = sum(stop - start for _, start, stop in pieces)
         ks = [keep_count(self.density, total)] * len(self.sources)
         if cached is not None:
             return thresholds_over(lambda c: cached, 1, ks)
-        return thresholds_over(lambda c: self.deltas(*pieces[c])[1], len(pieces), ks, map_fn)
+        return thresholds_over(
+            lambda c: self.deltas(*pieces[c])[1],
+            len(pieces),
+            ks,
+            map_fn,
+            total=total,
+            sample=lambda c, every: self.sample(*pieces[c], every),
+        )
 
     def apply_tensor(self, item: Item, ranges: list[tuple[int, int]]) -> None:
-        """Trim and merge a whole tensor in one task: each chunk's deltas are computed once and
-        serve both the threshold passes and the merge (instead of being re-read per pass)."""
-        cached = [self.deltas(item, s, e) for s, e in ranges]
-        ks = [keep_count(self.density, item.shared)] * len(self.sources)
-        thr = thresholds_over(lambda c: cached[c][1], len(ranges), ks, total=item.shared)
+        """Trim and merge a whole tensor in one task: its float32 base and deltas are read once
+        into this thread's tensor buffers and serve both the selection and the merge."""
+        n = item.shared
+        base = self.ws.get("tensor_base", n)
+        deltas = [self.ws.get(f"tensor_delta{i}", n) for i in range(len(self.sources))]
+        cached = [self.deltas(item, s, e, base[s:e], [d[s:e] for d in deltas]) for s, e in ranges]
+        ks = [keep_count(self.density, n)] * len(self.sources)
+        thr = thresholds_over(lambda c: cached[c][1], len(ranges), ks, total=n)
         for c, (s, e) in enumerate(ranges):
             self.apply(item, s, e, thr, c, cached[c])
-            cached[c] = None  # free as we go
-
-    def _trim_cached(self, pieces: list[tuple[Item, int, int]], sched: _Scheduler) -> None:
-        """Trim and merge one large tensor chunk-parallel, computing each chunk's deltas once
-        into one buffer per source (a single allocation, released whole when the last chunk
-        is merged): the first selection pass fills it for the second and for the merge."""
-        total = sum(stop - start for _, start, stop in pieces)
-        offset = pieces[0][1]
-        buffers = [torch.empty(total, dtype=torch.float32) for _ in self.sources]
-        filled = [False] * len(pieces)
-        left = [len(pieces)]
-        lock = threading.Lock()
-
-        def chunk_deltas(c: int) -> list[Tensor]:
-            item, start, stop = pieces[c]
-            views = [b[start - offset : stop - offset] for b in buffers]
-            if not filled[c]:
-                self.deltas(item, start, stop, out=views)
-                filled[c] = True
-            return views
-
-        ks = [keep_count(self.density, total)] * len(self.sources)
-        thr = thresholds_over(chunk_deltas, len(pieces), ks, sched.map, total=total)
-
-        def merge_chunk(c: int) -> None:
-            item, start, stop = pieces[c]
-            base = self.base.read(item.key, start, stop).to(torch.float32)
-            self.apply(item, start, stop, thr, c, (base, chunk_deltas(c)))
-            with lock:
-                left[0] -= 1
-                if not left[0]:
-                    buffers.clear()  # the tensor is done: give its deltas back now
-
-        for c in range(len(pieces)):
-            sched.submit(merge_chunk, c)
 
     def apply(
         self,
@@ -268,11 +313,12 @@ class _Merger:
     def _write(self, item: Item, values: Tensor, start: int) -> None:
         """Write ``values`` in the output dtype, checked after the cast: a value beyond what
         that dtype holds (float16: 65504) becomes Inf there."""
-        written = values.to(item.dtype)
+        written = self._as(values, item.dtype)
         if (
             written.dtype != values.dtype
             and written.is_floating_point()
             and not self.allow_nonfinite
+            and not math.isfinite(float(written.sum(dtype=torch.float32)))  # cheap first look
             and not bool(torch.isfinite(written).all())
             and bool(torch.isfinite(values).all())
         ):
@@ -284,6 +330,10 @@ class _Merger:
                 "allow_nonfinite=true writes them anyway"
             )
         self.writer.write(item.key, written, start)
+
+    def _as(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """``x`` in ``dtype`` (converted into this thread's output buffer)."""
+        return x if x.dtype == dtype else self.ws.get("out", x.numel(), dtype).copy_(x)
 
     def _blame(self, item: Item, start: int, stop: int) -> None:
         readers = [(self.base, item.key, "the base")] + [
@@ -305,7 +355,8 @@ class _Merger:
         self, reader: CheckpointReader, key: str, item: Item, start: int, stop: int, offset: int
     ) -> None:
         """Copy flat elements ``[start, stop)`` of ``reader[key]`` to ``item`` at ``offset``."""
-        self._write(item, reader.read(key, start, stop), offset)
+        x = reader.read(key, start, stop, self.ws.get("raw", stop - start, reader.dtype(key)))
+        self._write(item, x, offset)
 
     def run(self, items: list[Item], threads: int) -> None:
         sched = _Scheduler(threads)
@@ -350,12 +401,7 @@ class _Merger:
             sched.submit(self.apply_tensor, item, ranges)
             ranges = []
         elif per_tensor_trim and len(ranges) > 1:
-            pieces = [(item, s, e) for s, e in ranges]
-            if item.shared * 4 * len(self.sources) <= CACHED_TRIM_BYTES:
-                self._trim_cached(pieces, sched)
-                ranges = []
-            else:
-                thr = self.thresholds(pieces, sched.map)
+            thr = self.thresholds([(item, s, e) for s, e in ranges], sched.map)
         for c, (s, e) in enumerate(ranges):
             sched.submit(self.apply, item, s, e, thr, first_chunk + c if thr else 0)
         self._copy_new_rows(item, sched)

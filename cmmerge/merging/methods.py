@@ -127,10 +127,11 @@ def disjoint_merge(
 
 
 def apply_delta(base: Tensor, combined: Tensor, scale: float) -> Tensor:
-    """``base + scale * combined`` as mergekit computes it (may modify ``combined``)."""
+    """``base + scale * combined`` as mergekit computes it, written into ``combined`` (returned;
+    float addition is commutative, so ``combined + base`` is the same sum bit for bit)."""
     if scale != 1:
         combined *= scale
-    return base + combined
+    return combined.add_(base)
 
 
 def task_arithmetic(

@@ -194,33 +194,42 @@ def _two_pass(
     ]
 
 
+def sample_blocks(n: int, every: int) -> int:
+    """How many blocks ``_sample`` takes from a chunk of ``n`` entries, one in ``every``."""
+    return -(-(n // SAMPLE_BLOCK) // every)
+
+
 def _sampled(
     chunks: Callable[[int], list[Tensor]],
     n_chunks: int,
     ks: list[int],
     map_fn: Callable,
     total: int,
+    sample: Callable[[int, int], list[Tensor]] | None = None,
 ) -> list[Threshold | None | bool]:
     """Pass 1: a sample of ~``SAMPLE_SIZE`` entries bounds the k-th largest (the sample's
     entries at its rank plus or minus four binomial standard deviations); pass 2 counts every
     entry between the bounds one by one, and those above. A source whose bounds are too far
     apart (more than ``MAX_WINDOW`` bit patterns) or miss the k-th largest gets False (to redo
-    in two passes)."""
+    in two passes). ``sample(c, every)``, when given, gives chunk ``c``'s sample of every
+    source as ``_sample`` takes it from the chunk (read without computing the whole chunk)."""
     every = max(4, -(-total // SAMPLE_SIZE))
-    per_chunk_samples = list(
-        map_fn(lambda c: [_sample(x, every) for x in chunks(c)], range(n_chunks))
-    )
+
+    def sample_of(c: int) -> list[Tensor]:
+        return sample(c, every) if sample else [_sample(x, every) for x in chunks(c)]
+
+    per_chunk_samples = list(map_fn(sample_of, range(n_chunks)))
     windows: list[tuple[int, int] | None] = []
     for i, k in enumerate(ks):
-        sample = torch.cat([cs[i] for cs in per_chunk_samples])
-        n = sample.numel()
+        drawn = torch.cat([cs[i] for cs in per_chunk_samples])
+        n = drawn.numel()
         share = k / total
         rank = round(share * n)
         spread = int(4 * math.sqrt(n * share * (1 - share))) + 2
         if rank - spread < 1 or rank + spread > n:  # no sample bound on one side
             windows.append(None)
             continue
-        high, low = _sample_bounds(sample, rank - spread, rank + spread)
+        high, low = _sample_bounds(drawn, rank - spread, rank + spread)
         width = high - low + 1
         windows.append((low, width) if width <= MAX_WINDOW else None)
 
@@ -246,6 +255,7 @@ def thresholds_over(
     ks: list[int],
     map_fn: Callable[..., Iterable] = map,
     total: int | None = None,
+    sample: Callable[[int, int], list[Tensor]] | None = None,
 ) -> list[Threshold | None]:
     """One ``Threshold`` per source over a domain of ``n_chunks`` chunks.
 
@@ -257,8 +267,11 @@ def thresholds_over(
         map_fn: ``map`` or an executor's ``map``: chunks are independent within a pass.
         total: Entries per source in the domain. Given (and at least ``MIN_SAMPLED``), a
             sample estimates the threshold first and one counting pass usually settles it:
-            worth it when ``chunks`` returns data held in memory; the two-pass route serves
-            the sources the sample misses.
+            worth it when ``chunks`` returns data held in memory, or when ``sample`` reads
+            the sample alone; the two-pass route serves the sources the sample misses.
+        sample: ``sample(c, every)``: the magnitude bit patterns of chunk ``c``'s sample,
+            one tensor per source, the blocks ``_sample`` takes; by default taken from
+            ``chunks(c)``.
     """
     if total is None or total < MIN_SAMPLED:
         return _two_pass(chunks, n_chunks, ks, map_fn)
@@ -266,18 +279,27 @@ def thresholds_over(
     out: list[Threshold | None | bool] = [None] * len(ks)
     if todo:
         found = _sampled(
-            lambda c: [chunks(c)[i] for i in todo], n_chunks, [ks[i] for i in todo], map_fn, total
+            lambda c: _pick(chunks(c), todo),
+            n_chunks,
+            [ks[i] for i in todo],
+            map_fn,
+            total,
+            None if sample is None else lambda c, every: _pick(sample(c, every), todo),
         )
         for i, f in zip(todo, found, strict=True):
             out[i] = f
     missed = [i for i, f in enumerate(out) if f is False]
     if missed:
         redo = _two_pass(
-            lambda c: [chunks(c)[i] for i in missed], n_chunks, [ks[i] for i in missed], map_fn
+            lambda c: _pick(chunks(c), missed), n_chunks, [ks[i] for i in missed], map_fn
         )
         for i, f in zip(missed, redo, strict=True):
             out[i] = f
     return out  # type: ignore[return-value]
+
+
+def _pick(xs: list[Tensor], which: list[int]) -> list[Tensor]:
+    return xs if len(which) == len(xs) else [xs[i] for i in which]
 
 
 def threshold_of(parts: list[Tensor], k: int) -> Threshold | None:
@@ -309,6 +331,7 @@ def trim_(x: Tensor, threshold: Threshold | None, chunk: int) -> Tensor:
     if bound is None:
         return x.mul_(trim_mask(x, threshold, chunk))
     # all ones where |x| >= bound, else zeros: (bound - 1 - bits) >> 31, no bool tensor
-    keep = magnitude_bits(x).neg_().add_(bound - 1).bitwise_right_shift_(31)
+    keep = magnitude_bits(x, out=_scratch(x.numel()).view_as(x))
+    keep.neg_().add_(bound - 1).bitwise_right_shift_(31)
     x.view(torch.int32).bitwise_and_(keep)
     return x

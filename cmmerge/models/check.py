@@ -9,6 +9,7 @@ boundary (:func:`cmmerge.stages.runner.as_user_error`) to name the folder a libr
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from cmmerge.errors import CmmergeError
@@ -17,9 +18,16 @@ from cmmerge.io.checkpoint import CheckpointReader
 _CONFIG_KEYS_SHOWN = 3
 
 
-def model_folder_problem(model_dir: Path, shapes: bool = True) -> str | None:
+def model_folder_problem(
+    model_dir: Path, shapes: bool = True, deep: bool = True
+) -> str | None:
     """Why the Hugging Face folder ``model_dir`` cannot be loaded, or None when no fault is
-    found (its config, model type, weights and, with ``shapes``, their agreement)."""
+    found (its config, model type, weights and, with ``shapes``, their agreement).
+
+    ``deep`` builds the architecture on the meta device to compare every shape (importing
+    transformers: seconds); without it the config's width and depth are compared with the
+    embedding and the layer numbers in the weights' names (what a merge needs, in
+    milliseconds), and the model type is not looked up."""
     model_dir = Path(model_dir)
     try:
         config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
@@ -27,7 +35,7 @@ def model_folder_problem(model_dir: Path, shapes: bool = True) -> str | None:
         return f"its config.json does not read as JSON ({type(err).__name__})"
     if not isinstance(config, dict):
         return "its config.json is not a JSON object"
-    unknown = _unknown_type(config)
+    unknown = _unknown_type(config) if deep else None
     if unknown:
         return unknown
     try:
@@ -38,13 +46,15 @@ def model_folder_problem(model_dir: Path, shapes: bool = True) -> str | None:
         entries = {key: tuple(reader.shape(key)) for key in reader.keys()}
     finally:
         reader.close()
-    return config_mismatch(model_dir, entries) if shapes else None
+    if not shapes:
+        return None
+    return config_mismatch(model_dir, entries) if deep else outline_mismatch(config, entries)
 
 
-def check_model_folder(model_dir: Path, what: str = "model") -> None:
+def check_model_folder(model_dir: Path, what: str = "model", deep: bool = True) -> None:
     """Raise one CmmergeError naming ``model_dir`` when :func:`model_folder_problem` finds a
     fault."""
-    problem = model_folder_problem(model_dir)
+    problem = model_folder_problem(model_dir, deep=deep)
     if problem is not None:
         raise CmmergeError(f"cannot use the {what} in {model_dir}: {problem}")
 
@@ -87,6 +97,46 @@ def config_mismatch(model_dir: Path, entries: dict[str, tuple[int, ...]]) -> str
                     )
                 break
     return None
+
+
+_WIDTH_KEYS = ("hidden_size", "d_model", "n_embd", "dim")
+_DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+_LAYER_INDEX = re.compile(r"\.(?:layers?|h|blocks?)\.(\d+)\.")
+
+
+def outline_mismatch(config: dict, entries: dict[str, tuple[int, ...]]) -> str | None:
+    """The config's width (hidden size) against the word embedding's columns and its depth
+    (number of layers) against the layer numbers in the tensor names; None when they agree or
+    cannot be told (no such keys, no embedding found)."""
+    text = _text_config(config)
+    embedding = [
+        (key, shape)
+        for key, shape in entries.items()
+        if len(shape) == 2 and re.search(r"(word_embeddings|embed_tokens|wte)\.weight$", key)
+    ]
+    width = next((text[k] for k in _WIDTH_KEYS if isinstance(text.get(k), int)), None)
+    if embedding and width is not None and embedding[0][1][1] != width:
+        key, shape = embedding[0]
+        return (
+            f"its config.json does not match its weights: {key} is {list(shape)} in the "
+            f"weights, hidden size {width} by config.json; fix config.json or use the folder "
+            "the weights came with"
+        )
+    depth = next((text[k] for k in _DEPTH_KEYS if isinstance(text.get(k), int)), None)
+    found = {int(m.group(1)) for key in entries for m in [_LAYER_INDEX.search(key)] if m}
+    if depth is not None and found and max(found) + 1 != depth:
+        return (
+            f"its config.json does not match its weights: the weights hold {max(found) + 1} "
+            f"layers, config.json says {depth}; fix config.json or use the folder the weights "
+            "came with"
+        )
+    return None
+
+
+def _text_config(config: dict) -> dict:
+    """The language model's part of a config (``text_config`` of a multimodal one)."""
+    inner = config.get("text_config")
+    return inner if isinstance(inner, dict) else config
 
 
 def _grown_rows(want: tuple[int, ...], shape: tuple[int, ...]) -> bool:

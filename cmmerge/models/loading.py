@@ -55,7 +55,7 @@ def is_tiny(cfg: DictConfig) -> bool:
     return bool(cfg.model.get("tiny")) and not cfg.model.get("name_or_path")
 
 
-def local_model_dir(name_or_path: str, allow_pickle: bool = True) -> Path:
+def local_model_dir(name_or_path: str, allow_pickle: bool = True, deep: bool = True) -> Path:
     """A local model folder for a path or hub id; one clear error when neither works, or (with
     ``allow_pickle=False``) when its weights are only pickle files (``pytorch_model.bin``)."""
     path = Path(name_or_path).expanduser()
@@ -66,7 +66,7 @@ def local_model_dir(name_or_path: str, allow_pickle: bool = True) -> Path:
             refuse_pickle_only(path)
         from cmmerge.models.check import check_model_folder
 
-        check_model_folder(path)  # its config, model type and weights agree, or one line
+        check_model_folder(path, deep=deep)  # config, model type and weights agree, or one line
         return path
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise CmmergeError(f"model path {name_or_path} does not exist")

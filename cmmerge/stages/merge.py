@@ -95,7 +95,9 @@ def _sources(cfg: DictConfig, dirs: dict) -> tuple[list[Path], bool, list[dict]]
     if cfg.get("task_vectors") is not None and len(cfg.task_vectors) == 0:
         raise CmmergeError("task_vectors=[] is empty: give at least one task-vector file")
     if cfg.get("models"):
-        paths = [local_model_dir(str(p), bool(cfg.get("allow_pickle"))) for p in cfg.models]
+        paths = [
+            local_model_dir(str(p), bool(cfg.get("allow_pickle")), deep=False) for p in cfg.models
+        ]
         return paths, True, [folder_input(p) for p in paths]
     names = source_names(cfg)
     if names != ["cpt"]:  # multi-source: task vectors computed from the models on the fly
@@ -144,7 +146,12 @@ def run(cfg: DictConfig) -> dict:
         raise CmmergeError(f"dtype={cfg.dtype}: choose one of {', '.join(_DTYPES)}")
     shard_size = spec.shard_bytes
     pickle_ok = bool(cfg.get("allow_pickle"))
-    base = local_model_dir(str(cfg.base), pickle_ok) if cfg.get("base") else resolve_model(cfg)
+    # a merge reads tensors only: the outline check (no transformers import) is enough here
+    base = (
+        local_model_dir(str(cfg.base), pickle_ok, deep=False)
+        if cfg.get("base")
+        else resolve_model(cfg)
+    )
     sources, are_models, source_inputs = _sources(cfg, dirs)
     weights = _weights(cfg, len(sources))
     check_output_dir(

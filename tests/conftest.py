@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
+import subprocess
+import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -82,3 +88,51 @@ def compose(stage: str, overrides: list[str] | None = None):
 
     with initialize_config_module(config_module="cmmerge.configs", version_base="1.3"):
         return hydra_compose(config_name=stage, overrides=list(overrides or []))
+
+
+def cmmerge(*args: str, cwd: Path | str | None = None) -> subprocess.CompletedProcess:
+    """``cmmerge *args`` run in this process by ``cmmerge.cli.main`` (no new interpreter to
+    start): its exit status, stdout and stderr as a finished subprocess would give them. An
+    exception that escapes is printed with its traceback and gives status 1, as Python does."""
+    from cmmerge import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    handlers, level, before = root.handlers[:], root.level, os.getcwd()
+    code: int | str | None = 0
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.main(list(args))
+            except SystemExit as done:
+                code = done.code
+            except Exception:  # noqa: BLE001 - as an uncaught exception ends a process
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(before)
+        for handler in root.handlers:  # Hydra's job logging: its file and stdout handlers
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:], root.level = handlers, level
+    if isinstance(code, str):  # sys.exit("message"): printed, status 1
+        print(code, file=err)
+        code = 1
+    return subprocess.CompletedProcess(
+        ["cmmerge", *args], code or 0, out.getvalue(), err.getvalue()
+    )
+
+
+def cmmerge_process(*args: str, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:
+    """``cmmerge *args`` in a new Python process, for tests where the separate process is the
+    point (a kill, a fresh interpreter, the installed entry point)."""
+    return subprocess.run(
+        [sys.executable, "-m", "cmmerge.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )

@@ -16,6 +16,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread per test process (and the processes tests start), set before torch is imported: the
+# tiny models gain nothing from more, and two threads on a shared or busy machine (or with
+# `pytest -n 2`) make every training step several times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 # Fast settings for the tiny models: a few CPT steps, one short fine-tuning epoch.
 FAST = [
@@ -90,7 +95,26 @@ def compose(stage: str, overrides: list[str] | None = None):
         return hydra_compose(config_name=stage, overrides=list(overrides or []))
 
 
-def cmmerge(*args: str, cwd: Path | str | None = None) -> subprocess.CompletedProcess:
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """``n`` torch threads in this process for the block (``None``: as they are); in-process
+    runs that are compared bit for bit with runs of processes under OMP_NUM_THREADS=1 use 1."""
+    if n is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def cmmerge(
+    *args: str, cwd: Path | str | None = None, threads: int | None = None
+) -> subprocess.CompletedProcess:
     """``cmmerge *args`` run in this process by ``cmmerge.cli.main`` (no new interpreter to
     start): its exit status, stdout and stderr as a finished subprocess would give them. An
     exception that escapes is printed with its traceback and gives status 1, as Python does."""
@@ -103,7 +127,9 @@ def cmmerge(*args: str, cwd: Path | str | None = None) -> subprocess.CompletedPr
     try:
         if cwd is not None:
             os.chdir(cwd)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), torch_threads(
+            threads
+        ):
             try:
                 cli.main(list(args))
             except SystemExit as done:

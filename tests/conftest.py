@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,16 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The library settings the command sets before it imports them when stderr is no terminal
+# (cli._quiet_libraries): commands run in this process print what they print in their own.
+for _key, _value in (
+    ("TRANSFORMERS_VERBOSITY", "error"),
+    ("DATASETS_VERBOSITY", "error"),
+    ("HF_HUB_DISABLE_TELEMETRY", "1"),
+    ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+    ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
+):
+    os.environ.setdefault(_key, _value)
 # One thread per test process (and the processes tests start), set before torch is imported: the
 # tiny models gain nothing from more, and two threads on a shared or busy machine (or with
 # `pytest -n 2`) make every training step several times slower.
@@ -112,6 +123,22 @@ def torch_threads(n: int | None):
         torch.set_num_threads(before)
 
 
+@contextlib.contextmanager
+def _process_warnings(err: io.StringIO):
+    """Warnings as a new Python process shows them (its default filters), printed to ``err``
+    (pytest would otherwise record them): a command's stderr is checked for stray lines."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning):
+            warnings.filterwarnings("ignore", category=category)
+        warnings.filterwarnings("ignore", category=ResourceWarning)
+        try:
+            yield
+        finally:
+            for w in caught:
+                err.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno))
+
+
 def cmmerge(
     *args: str, cwd: Path | str | None = None, threads: int | None = None
 ) -> subprocess.CompletedProcess:
@@ -129,7 +156,7 @@ def cmmerge(
             os.chdir(cwd)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), torch_threads(
             threads
-        ):
+        ), _process_warnings(err):
             try:
                 cli.main(list(args))
             except SystemExit as done:

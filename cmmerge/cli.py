@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import gc
 import importlib
+import itertools
 import logging
 import os
 import sys
@@ -47,6 +48,8 @@ examples:
 add debug=true to see full tracebacks.
 """
 )
+
+_CALLS = itertools.count(1)  # commands run by this process (tests call main more than once)
 
 
 def _quiet_libraries() -> None:
@@ -117,24 +120,38 @@ def _standalone_merge(stage: str, overrides: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the `cmmerge` command."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    """Entry point of the `cmmerge` command; ``argv`` (without the program name) is
+    ``sys.argv[1:]`` by default. It can be called again in the same process."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE)
         return
-    if argv[0] in ("-V", "--version"):
+    if args[0] in ("-V", "--version"):
         from cmmerge import __version__
 
         print(f"cmmerge {__version__}")
         return
-    stage = argv[0]
+    stage = args[0]
     if stage not in STAGES:
         close = difflib.get_close_matches(stage, list(STAGES), n=1, cutoff=0.6)
         hint = f": did you mean {close[0]}? (" if close else "; "
         choices = f"choose one of: {', '.join(STAGES)}" + (")" if close else "")
         print(f"cmmerge: unknown stage '{stage}'{hint}{choices}", file=sys.stderr)
         sys.exit(2)
-    args = argv[1:]
+    called_from_python = argv is not None
+    argv_before, gc_before = sys.argv, gc.isenabled()
+    try:
+        _run(stage, args[1:])
+    finally:  # as they were: main may be called again in this process (the tests do)
+        sys.argv = argv_before
+        if gc_before:
+            gc.enable()
+        if called_from_python:  # the command's process ends here: nothing to unfreeze
+            gc.unfreeze()
+
+
+def _run(stage: str, args: list[str]) -> None:
+    """Run ``stage`` with the command line's ``args`` through Hydra."""
     debug = "debug=true" in args
     gc.disable()  # importing torch and transformers makes collections that find no garbage
     import hydra
@@ -160,7 +177,13 @@ def main(argv: list[str] | None = None) -> None:
     # the log folder of each command: a timestamp and the process id, so two commands started
     # in the same second never share one (cached: jobs a launcher runs in other processes
     # resolve this command's id, so a multirun keeps one folder)
-    OmegaConf.register_new_resolver("cmmerge_pid", os.getpid, replace=True, use_cache=True)
+    call = next(_CALLS)  # a second command in one process gets its own folder too
+    tag = str(os.getpid()) if call == 1 else f"{os.getpid()}-{call}"
+    OmegaConf.register_new_resolver("cmmerge_pid", lambda: tag, replace=True, use_cache=True)
+    if stage == "sweep":
+        from cmmerge.stages.sweep import FAILED
+
+        FAILED.clear()  # an earlier sweep of this process (tests) is not this one's
     started: list[bool] = []
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors: reported below, one line

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
+import subprocess
+import sys
+import traceback
+import warnings
 from pathlib import Path
 
 import pytest
@@ -10,6 +17,21 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The library settings the command sets before it imports them when stderr is no terminal
+# (cli._quiet_libraries): commands run in this process print what they print in their own.
+for _key, _value in (
+    ("TRANSFORMERS_VERBOSITY", "error"),
+    ("DATASETS_VERBOSITY", "error"),
+    ("HF_HUB_DISABLE_TELEMETRY", "1"),
+    ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+    ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
+):
+    os.environ.setdefault(_key, _value)
+# One thread per test process (and the processes tests start), set before torch is imported: the
+# tiny models gain nothing from more, and two threads on a shared or busy machine (or with
+# `pytest -n 2`) make every training step several times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 # Fast settings for the tiny models: a few CPT steps, one short fine-tuning epoch.
 FAST = [
@@ -82,3 +104,88 @@ def compose(stage: str, overrides: list[str] | None = None):
 
     with initialize_config_module(config_module="cmmerge.configs", version_base="1.3"):
         return hydra_compose(config_name=stage, overrides=list(overrides or []))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """``n`` torch threads in this process for the block (``None``: as they are); in-process
+    runs that are compared bit for bit with runs of processes under OMP_NUM_THREADS=1 use 1."""
+    if n is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def _process_warnings(err: io.StringIO):
+    """Warnings as a new Python process shows them (its default filters), printed to ``err``
+    (pytest would otherwise record them): a command's stderr is checked for stray lines."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning):
+            warnings.filterwarnings("ignore", category=category)
+        warnings.filterwarnings("ignore", category=ResourceWarning)
+        try:
+            yield
+        finally:
+            for w in caught:
+                err.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno))
+
+
+def cmmerge(
+    *args: str, cwd: Path | str | None = None, threads: int | None = None
+) -> subprocess.CompletedProcess:
+    """``cmmerge *args`` run in this process by ``cmmerge.cli.main`` (no new interpreter to
+    start): its exit status, stdout and stderr as a finished subprocess would give them. An
+    exception that escapes is printed with its traceback and gives status 1, as Python does."""
+    from cmmerge import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    handlers, level, before = root.handlers[:], root.level, os.getcwd()
+    code: int | str | None = 0
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), torch_threads(
+            threads
+        ), _process_warnings(err):
+            try:
+                cli.main(list(args))
+            except SystemExit as done:
+                code = done.code
+            except Exception:  # noqa: BLE001 - as an uncaught exception ends a process
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(before)
+        for handler in root.handlers:  # Hydra's job logging: its file and stdout handlers
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:], root.level = handlers, level
+    if isinstance(code, str):  # sys.exit("message"): printed, status 1
+        print(code, file=err)
+        code = 1
+    return subprocess.CompletedProcess(
+        ["cmmerge", *args], code or 0, out.getvalue(), err.getvalue()
+    )
+
+
+def cmmerge_process(*args: str, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:
+    """``cmmerge *args`` in a new Python process, for tests where the separate process is the
+    point (a kill, a fresh interpreter, the installed entry point)."""
+    return subprocess.run(
+        [sys.executable, "-m", "cmmerge.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from conftest import FAST, compose
 from transformers import AutoModelForSequenceClassification
 
@@ -16,6 +17,7 @@ from cmmerge.io.manifest import read_manifest
 from cmmerge.stages.ids import stage_dirs
 
 
+@pytest.mark.slow  # three launches of two processes each: `pytest -m slow`
 def test_two_process_cpt_finetune_and_evaluate(tmp_path):
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     assert accelerate, "accelerate's launcher is installed with the package"

@@ -2,7 +2,11 @@
 fine-tune and an evaluation (by time, and the moment a given file appears in the partial
 folder), two merges of one folder at once, a write failure under `ulimit -f`, and damaged
 inputs. After each, nothing that looks finished is left, and the same command completes with
-the same result as an uninterrupted run."""
+the same result as an uninterrupted run.
+
+What is attacked runs in its own process; the references and the re-runs run in this one (one
+thread, as the attacked processes). One kill point per stage is in the default tier, the others
+are marked slow (`pytest -m slow`)."""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import sys
 import time
 
 import pytest
-from conftest import compose, xlmr_pair
+from conftest import cmmerge, compose, xlmr_pair
 from small_task import rows, small_task, write_csv
 
 from cmmerge.errors import CmmergeError
@@ -36,10 +40,8 @@ def models(tmp_path_factory):
 
 
 def _args(models, out, *extra):
+    """The arguments of the standalone merge into ``out``."""
     return [
-        sys.executable,
-        "-m",
-        "cmmerge.cli",
         "merge",
         f"base={models / 'base'}",
         f"models=[{models / 'tuned'}]",
@@ -53,6 +55,17 @@ def _args(models, out, *extra):
     ]
 
 
+def _process(args):
+    """The command line of ``cmmerge *args`` in a new Python process."""
+    return [sys.executable, "-m", "cmmerge.cli", *args]
+
+
+def _here(args):
+    """``cmmerge *args`` in this process with one thread, as the attacked processes have
+    (OMP_NUM_THREADS=1): re-runs give the bits of the reference."""
+    return cmmerge(*args, threads=1)
+
+
 def _weights_digest(folder):
     h = hashlib.sha256()
     for f in sorted(folder.glob("*.safetensors")):
@@ -63,7 +76,8 @@ def _weights_digest(folder):
 @pytest.fixture(scope="module")
 def reference(models, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "merged"
-    subprocess.run(_args(models, out), check=True, capture_output=True)
+    done = _here(_args(models, out))
+    assert done.returncode == 0, done.stderr
     return _weights_digest(out)
 
 
@@ -71,19 +85,23 @@ def _looks_finished_but_is_not(out) -> bool:
     return read_manifest(out) is not None and transaction.problem(out) is not None
 
 
-@pytest.mark.parametrize("delay", [0.5, 1.0, 1.5, 2.0, 2.5, 3.5])
-def test_killed_merge_then_the_same_command_completes(models, reference, tmp_path, delay):
+@pytest.mark.parametrize(
+    "when",
+    [
+        *(
+            pytest.param(f"after:{delay}", marks=pytest.mark.slow)
+            for delay in (0.5, 1.0, 1.5, 2.0, 2.5, 3.5)
+        ),
+        "*.safetensors",  # the first shard of the merged weights is being written
+    ],
+)
+def test_killed_merge_then_the_same_command_completes(models, reference, tmp_path, when):
     out = tmp_path / "merged"
-    proc = subprocess.Popen(
-        _args(models, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    time.sleep(delay)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    killed = _killed(_process(_args(models, out)), _trigger(when, transaction.partial_dir(out)))
     assert not _looks_finished_but_is_not(out)
     if read_manifest(out) is None:  # killed before the end: nothing in place
-        assert not out.exists()
-    done = subprocess.run(_args(models, out), capture_output=True, text=True)
+        assert killed and not out.exists()
+    done = _here(_args(models, out))
     assert done.returncode == 0, done.stderr
     assert transaction.problem(out) is None
     assert _weights_digest(out) == reference
@@ -96,7 +114,11 @@ def test_two_identical_merges_at_once_both_succeed_and_merge_once(models, refere
     out = tmp_path / "merged"
     procs = [
         subprocess.Popen(
-            _args(models, out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            _process(_args(models, out)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=_env(),
         )
         for _ in range(2)
     ]
@@ -108,7 +130,7 @@ def test_two_identical_merges_at_once_both_succeed_and_merge_once(models, refere
 
 def test_write_failure_is_one_line_and_leaves_nothing(models, reference, tmp_path):
     out = tmp_path / "merged"
-    command = " ".join(f"'{a}'" for a in _args(models, out))
+    command = " ".join(f"'{a}'" for a in _process(_args(models, out)))
     proc = subprocess.run(
         ["bash", "-c", f"ulimit -f 200; exec {command}"], capture_output=True, text=True
     )
@@ -117,16 +139,16 @@ def test_write_failure_is_one_line_and_leaves_nothing(models, reference, tmp_pat
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "File too large" in lines[0] or "file size" in lines[0], lines[0]
     assert not out.exists() and not transaction.partial_dir(out).exists()
-    done = subprocess.run(_args(models, out), capture_output=True, text=True)
+    done = _here(_args(models, out))
     assert done.returncode == 0 and _weights_digest(out) == reference
 
 
 def test_deleted_shard_is_redone_not_skipped(models, reference, tmp_path):
     out = tmp_path / "merged"
-    subprocess.run(_args(models, out), check=True, capture_output=True)
+    assert _here(_args(models, out)).returncode == 0
     shard = sorted(out.glob("*.safetensors"))[0]
     shard.unlink()
-    proc = subprocess.run(_args(models, out), capture_output=True, text=True)
+    proc = _here(_args(models, out))
     assert proc.returncode == 0, proc.stderr
     assert "up to date" not in proc.stdout + proc.stderr and shard.exists()
     assert _weights_digest(out) == reference
@@ -134,10 +156,10 @@ def test_deleted_shard_is_redone_not_skipped(models, reference, tmp_path):
 
 def test_source_rewritten_in_place_at_the_same_size_redoes_the_merge(models, tmp_path):
     src = tmp_path / "tuned"
-    subprocess.run(["cp", "-r", str(models / "tuned"), str(src)], check=True)
+    shutil.copytree(models / "tuned", src)
     out = tmp_path / "merged"
     args = [a if not a.startswith("models=") else f"models=[{src}]" for a in _args(models, out)]
-    subprocess.run(args, check=True, capture_output=True)
+    assert _here(args).returncode == 0
     first = _weights_digest(out)
     weights = src / "model.safetensors"
     data = bytearray(weights.read_bytes())
@@ -145,7 +167,7 @@ def test_source_rewritten_in_place_at_the_same_size_redoes_the_merge(models, tmp
     time.sleep(0.01)
     weights.write_bytes(bytes(data))
     os.utime(weights)
-    proc = subprocess.run(args, capture_output=True, text=True)
+    proc = _here(args)
     assert proc.returncode == 0, proc.stderr
     assert "up to date" not in proc.stdout + proc.stderr and _weights_digest(out) != first
 
@@ -175,10 +197,8 @@ def ft_task(tmp_path_factory):
 
 
 def _cli(stage, root, task, *extra):
+    """The arguments of ``stage`` in ``root``'s run ``r`` on the small task."""
     return [
-        sys.executable,
-        "-m",
-        "cmmerge.cli",
         stage,
         f"run.root={root}",
         "run.name=r",
@@ -214,7 +234,7 @@ def ft_reference(ft_task, tmp_path_factory):
     """An uninterrupted fine-tune and evaluation: the run ``r`` under the returned root."""
     root = tmp_path_factory.mktemp("ft-ref")
     for stage in ("finetune", "evaluate"):
-        out = subprocess.run(_cli(stage, root, ft_task), capture_output=True, text=True, env=_env())
+        out = _here(_cli(stage, root, ft_task))
         assert out.returncode == 0, out.stderr[-3000:]
     ft_dir, ev_dir = _dirs(root, ft_task)
     results = _results(ft_dir, ev_dir)
@@ -276,14 +296,19 @@ def _only_the_lock_beside(stage_dir):
 @pytest.mark.parametrize(
     "when",
     [
-        "after:2.5",  # starting up: loading the model and the data
-        "finetune.log",  # the stage's work has just begun
-        "checkpoints/checkpoint-*/model.safetensors",  # the first epoch's checkpoint
-        "checkpoints/checkpoint-*/model.safetensors+0.4",  # training on, checkpoints rotating
+        *(
+            pytest.param(when, marks=pytest.mark.slow)
+            for when in (
+                "after:2.5",  # starting up: loading the model and the data
+                "finetune.log",  # the stage's work has just begun
+                "checkpoints/checkpoint-*/model.safetensors",  # the first epoch's checkpoint
+                "checkpoints/checkpoint-*/model.safetensors+0.4",  # training on, rotating
+                "model/tokenizer.json",  # writing the tokenizer beside the weights
+                "metrics.json",  # the outputs written, the model card and the manifest next
+                "sealed",  # done and sealed: listing its files, the manifest, the swap next
+            )
+        ),
         "model/model.safetensors",  # writing the fine-tuned weights
-        "model/tokenizer.json",  # writing the tokenizer beside them
-        "metrics.json",  # the outputs written, the model card and the manifest next
-        "sealed",  # done and sealed: listing its files, writing the manifest, the swap next
     ],
 )
 def test_killed_finetune_then_the_same_command_gives_the_same_model(
@@ -291,7 +316,7 @@ def test_killed_finetune_then_the_same_command_gives_the_same_model(
 ):
     ft_dir, ev_dir = _dirs(tmp_path, ft_task)
     argv = _cli("finetune", tmp_path, ft_task)
-    killed = _killed(argv, _trigger(when, transaction.partial_dir(ft_dir)))
+    killed = _killed(_process(argv), _trigger(when, transaction.partial_dir(ft_dir)))
     if _not_finished_looking(ft_dir):
         assert killed
         # nothing downstream accepts it: evaluation refuses it before doing anything
@@ -299,19 +324,15 @@ def test_killed_finetune_then_the_same_command_gives_the_same_model(
             evaluate.run(_compose("evaluate", tmp_path, ft_task))
         assert not ev_dir.exists()
         if when == "model/model.safetensors":  # and on the command line, in one line
-            out = subprocess.run(
-                _cli("evaluate", tmp_path, ft_task), capture_output=True, text=True, env=_env()
-            )
+            out = _here(_cli("evaluate", tmp_path, ft_task))
             assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
             assert "Traceback" not in out.stderr and "finetune" in out.stderr
-            out = subprocess.run(
-                _cli("status", tmp_path, ft_task), capture_output=True, text=True, env=_env()
-            )
+            out = _here(_cli("status", tmp_path, ft_task))
             row = next(
                 line for line in out.stdout.splitlines() if f"| finetune/{ft_dir.name}" in line
             )
             assert row.split("|")[2].strip() == "interrupted", row  # the command redoes it
-    done = subprocess.run(argv, capture_output=True, text=True, env=_env())
+    done = _here(argv)
     assert done.returncode == 0, done.stderr[-3000:]
     assert transaction.problem(ft_dir) is None
     ours = _results(ft_dir, ev_dir)
@@ -324,12 +345,17 @@ def test_killed_finetune_then_the_same_command_gives_the_same_model(
 @pytest.mark.parametrize(
     "when",
     [
-        "after:2.0",  # starting up
-        "evaluate.log",  # the stage's work has just begun
+        *(
+            pytest.param(when, marks=pytest.mark.slow)
+            for when in (
+                "after:2.0",  # starting up
+                "evaluate.log",  # the stage's work has just begun
+                "metrics.json",  # the metrics written, the predictions next
+                ".predictions.jsonl.*",  # writing the predictions' temporary file
+                "predictions.jsonl",  # the outputs written, the manifest next
+            )
+        ),
         ".predict",  # predicting
-        "metrics.json",  # the metrics written, the predictions next
-        ".predictions.jsonl.*",  # writing the predictions' temporary file
-        "predictions.jsonl",  # the outputs written, the manifest next
     ],
 )
 def test_killed_evaluate_then_the_same_command_gives_the_same_predictions(
@@ -340,10 +366,10 @@ def test_killed_evaluate_then_the_same_command_gives_the_same_predictions(
     ft_dir, ev_dir = _dirs(tmp_path, ft_task)
     shutil.copytree(ref_ft.parent, ft_dir.parent)  # the finished fine-tune (and its lock file)
     argv = _cli("evaluate", tmp_path, ft_task)
-    killed = _killed(argv, _trigger(when, transaction.partial_dir(ev_dir)))
+    killed = _killed(_process(argv), _trigger(when, transaction.partial_dir(ev_dir)))
     if _not_finished_looking(ev_dir):
         assert killed
-    done = subprocess.run(argv, capture_output=True, text=True, env=_env())
+    done = _here(argv)
     assert done.returncode == 0, done.stderr[-3000:]
     assert transaction.problem(ev_dir) is None
     ours = _results(ft_dir, ev_dir)
@@ -357,7 +383,7 @@ def test_finetune_write_failure_is_one_line_and_a_rerun_completes(ft_task, ft_re
     ft_dir, _ = _dirs(tmp_path, ft_task)
     argv = _cli("finetune", tmp_path, ft_task)
     proc = subprocess.run(
-        ["bash", "-c", f"ulimit -f 200; exec {shlex.join(argv)}"],
+        ["bash", "-c", f"ulimit -f 200; exec {shlex.join(_process(argv))}"],
         capture_output=True,
         text=True,
         env=_env(),
@@ -369,7 +395,7 @@ def test_finetune_write_failure_is_one_line_and_a_rerun_completes(ft_task, ft_re
     assert not ft_dir.exists() and not transaction.partial_dir(ft_dir).exists()
     state, detail = status.stage_state(ft_dir)
     assert state == "failed" and "File too large" in detail
-    done = subprocess.run(argv, capture_output=True, text=True, env=_env())
+    done = _here(argv)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (ft_dir / "model" / "model.safetensors").read_bytes() == ft_reference[1]["weights"]
     _only_the_lock_beside(ft_dir)  # the failure record is gone with the failure

@@ -1,4 +1,5 @@
-"""The installed command: help, Hydra's --help / --cfg, a real multirun, bad input, the wheel."""
+"""The command: help, Hydra's --help / --cfg, a real multirun, bad input (run in this process
+by ``cli.main``), and the wheel, installed and run in a new process from another folder."""
 
 from __future__ import annotations
 
@@ -10,24 +11,13 @@ import sys
 import zipfile
 from pathlib import Path
 
-from conftest import FAST, compose
+from conftest import FAST, cmmerge, compose
 
 from cmmerge.cli import STAGES
 from cmmerge.io.manifest import read_manifest
 from cmmerge.stages.ids import stage_dirs
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cmmerge(*args: str, cwd: Path | None = None, env: dict | None = None):
-    return subprocess.run(
-        [sys.executable, "-m", "cmmerge.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env={**os.environ, **(env or {})},
-        timeout=600,
-    )
 
 
 def test_help_lists_every_stage():

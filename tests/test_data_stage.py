@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import compose
+from conftest import cmmerge, compose
 
 from cmmerge.stages import data as data_stage
 from cmmerge.stages.inputs import cpt_corpus, evaluation_texts, leakage_tasks
@@ -89,13 +88,7 @@ def test_leakage_tasks_missing_under_data_root_are_skipped_and_reported(tmp_path
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cmmerge.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return cmmerge(*args, cwd=cwd)
 
 
 def test_cli_bad_custom_file_exits_2_with_one_line(tmp_path: Path):

@@ -4,13 +4,12 @@ it promises (tasks x arms x lambdas x seeds, transfer evaluations, CPT variants,
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import compose
+from conftest import cmmerge, compose
 
 from cmmerge.errors import CmmergeError
 from cmmerge.settings import CONFIG_DIR
@@ -148,21 +147,12 @@ PAPER_ROWS = [
 ]
 
 
+@pytest.mark.slow  # 24 fine-tunes on the tiny encoder: `pytest -m slow`
 def test_paper_arms_draws_the_lambda_plot_and_the_latex_table(tmp_path):
     """The README's `cmmerge pipeline experiment=paper-arms` (listed offline there, run here):
     every arm over two seeds, lambda chosen on mean validation macro-F1, the lambda plot and
     the LaTeX table, and the report's statistics (mean ± sd, intervals, p-values)."""
-    import subprocess
-    import sys
-
-    proc = subprocess.run(
-        [sys.executable, "-m", "cmmerge.cli", "pipeline", "experiment=paper-arms"],
-        cwd=tmp_path,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
+    proc = cmmerge("pipeline", "experiment=paper-arms", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "runs" / "paper-arms" / "report"
     assert (out / "lambda_sentiment-en-hi.png").stat().st_size > 10_000

@@ -78,6 +78,7 @@ def serial(tmp_path_factory) -> tuple[Path, list[str]]:
     return root, task
 
 
+@pytest.mark.slow  # real multiruns of several processes: `pytest -m slow`
 def test_submitit_local_runs_two_processes_sharing_one_cpt(serial):
     root, task = serial
     out = _sweep(root, "par", task, "method=tv", "hydra/launcher=submitit_local")
@@ -106,6 +107,7 @@ def test_submitit_local_runs_two_processes_sharing_one_cpt(serial):
         assert json.loads((merge_dir / "pruned.json").read_text())["pruned"] == ["model/"]
 
 
+@pytest.mark.slow
 def test_joblib_failed_jobs_are_recorded_and_a_rerun_redoes_only_them(serial):
     root, task = serial
     # density=1.5 is refused by ties, ignored by task arithmetic: two jobs fail, two succeed

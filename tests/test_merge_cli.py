@@ -7,12 +7,11 @@ import hashlib
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
-from conftest import xlmr_pair
+from conftest import cmmerge, xlmr_pair
 from hydra import compose, initialize_config_module
 from safetensors.torch import save_file
 
@@ -28,12 +27,7 @@ def dirs(tmp_path_factory):
 
 
 def _cli(*args: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cmmerge.cli", "merge", *args, f"run.root={cwd}/runs"],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-    )
+    return cmmerge("merge", *args, f"run.root={cwd}/runs", cwd=cwd)
 
 
 def _assert_refused(proc: subprocess.CompletedProcess, out, pattern: str) -> None:

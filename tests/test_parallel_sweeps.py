@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import cmmerge
 from small_task import small_task
 
 from cmmerge.io import transaction
@@ -45,9 +46,6 @@ def _env() -> dict[str, str]:
 
 def _argv(root: Path, name: str, task: list[str], lambdas: str) -> list[str]:
     return [
-        sys.executable,
-        "-m",
-        "cmmerge.cli",
         "sweep",
         f"run.root={root}",
         f"run.name={name}",
@@ -86,24 +84,19 @@ def serial(tmp_path_factory) -> tuple[Path, list[str]]:
     """The reference: one sweep over the union of the lambdas, one job after the other."""
     root = tmp_path_factory.mktemp("sweeps")
     task = small_task(root / "task", n_train=48, n_eval=16)
-    out = subprocess.run(
-        _argv(root, "serial", task, "0.25,0.5,1.0"),
-        capture_output=True,
-        text=True,
-        cwd=root,
-        env=_env(),
-        timeout=600,
-    )
+    # in this process, one thread as the sweeps' processes have
+    out = cmmerge(*_argv(root, "serial", task, "0.25,0.5,1.0"), cwd=root, threads=1)
     assert out.returncode == 0, out.stderr[-3000:]
     return root, task
 
 
+@pytest.mark.slow  # three sweeps of tiny pipelines: `pytest -m slow`
 def test_two_sweeps_with_overlapping_lambdas_on_one_run_at_once(serial):
     root, task = serial
     # the second starts with the shared lambda, so both reach it while the other may hold it
     procs = [
         subprocess.Popen(
-            _argv(root, "par", task, lambdas),
+            [sys.executable, "-m", "cmmerge.cli", *_argv(root, "par", task, lambdas)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -4,16 +4,13 @@ in a `console` block is the one printed. Commands that cannot run offline are li
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import compose
+from conftest import cmmerge, compose
 
 from cmmerge.io import transaction
 from cmmerge.stages.ids import stage_dirs
@@ -125,21 +122,14 @@ def test_readme_lists_its_commands_and_offline_ones_by_name():
             "pipeline", "report", "status"} <= stages  # fmt: skip
 
 
+@pytest.mark.slow  # every command of the README, a few minutes: `pytest -m slow`
 def test_every_readme_command_runs_and_makes_what_it_promises(scratch):
     root, fill = scratch
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     for command, expected in readme_commands(README.read_text()):
         if command in OFFLINE:
             continue
         argv = _argv(command, fill)
-        proc = subprocess.run(
-            [sys.executable, "-m", "cmmerge.cli", *argv],
-            cwd=root,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
+        proc = cmmerge(*argv, cwd=root)  # as typed in root, run by cli.main in this process
         if expected is not None:  # a mistake shown with its message
             assert proc.returncode == 2, (command, proc.stderr[-2000:])
             assert proc.stderr.strip() == expected, command

@@ -208,3 +208,11 @@ def test_the_cpt_length_curve_compares_each_length_with_the_shortest_over_seeds(
     assert "lr=0.01" not in section
     assert "**Warning:** 4 of 4 comparisons rest on fewer than 5 seeds (fewest: 3)" in section
     assert (tmp_path / "len" / "report" / "cpt_length_sentiment-en-hi.png").stat().st_size > 5000
+
+
+def test_a_cpt_length_is_its_steps_or_else_its_epochs():
+    from cmmerge.reporting.cpt_length import length
+
+    assert length({"cpt.max_steps": "300", "cpt.epochs": "1"}) == ("steps", 300)
+    assert length({"cpt.max_steps": "-1", "cpt.epochs": "5"}) == ("epochs", 5)
+    assert length({"finetune.epochs": "3", "finetune.max_steps": "100"}) is None

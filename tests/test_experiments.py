@@ -103,6 +103,43 @@ def test_replicate_cpu_is_me5_small_on_a_cpu_budget():
     assert local.model.name_or_path == "/models/me5"
 
 
+def _folders(steps) -> set[str]:
+    return {str(s.folder) for s in steps}
+
+
+def test_the_broadened_replication_plans_what_each_config_promises():
+    """Issue 23's e5 study: each config composes and expands into its tasks, arms, lambdas,
+    seeds and CPTs; the grown main study keeps every folder of the three-seed one."""
+    main_cfg, main, _ = _expand("replicate-cpu")
+    cpt = next(s.folder.name for s in main if s.stage == "cpt")
+    five = [0, 1, 2, 3, 4]
+    for name, task, corpus in (
+        ("hate", "hate-en-hi", "en-hi"),
+        ("en-es", "sentiment-en-es", "en-es"),
+    ):
+        cfg, steps, count = _expand(f"replicate-cpu-{name}")
+        assert cfg.run.name == f"replicate-cpu-{name}" and cfg.task.name == task
+        assert count["finetune"] == count["evaluate"] == 4 * 5 and count["cpt"] == 1
+        assert sorted({int(s.cfg.seed) for s in _finetunes(steps)}) == five
+        assert {s.eval_task for s in steps if s.stage == "evaluate"} == {task}
+        folder = next(s.folder.name for s in steps if s.stage == "cpt")
+        assert folder.startswith(f"{corpus}-") and (folder == cpt) == (corpus == "en-hi")
+    _, seeds, count = _expand("replicate-cpu-seeds")
+    assert _folders(main) <= _folders(seeds) and count["finetune"] == 6 * 5
+    assert count["evaluate"] == 3 * 6 * 5  # En-Hi, and transfer to En-Ta and En-Ml
+    cfg, grid, count = _expand("replicate-cpu-lambda")
+    assert cfg.run.name == main_cfg.run.name and _folders(seeds) <= _folders(grid)
+    merges = [(str(s.cfg.method.name), float(s.cfg["lambda"])) for s in grid if s.stage == "merge"]
+    assert sorted(merges) == sorted((m, x) for m in ("task_arithmetic", "ties") for x in LAMBDAS)
+    assert count["finetune"] == (2 + 2 * len(LAMBDAS)) * 5 and count["evaluate"] == 3 * 60
+    cfg, steps, count = _expand("replicate-cpu-cpt-length")
+    cpts = [s for s in steps if s.stage == "cpt"]
+    assert [int(s.cfg.cpt.max_steps) for s in cpts] == [300, 1000, 3000]
+    assert cpts[0].folder.name == cpt  # the study's CPT, made again in a run of its own
+    assert cfg.run.name == "replicate-cpu-cpt-length" and count["merge"] == 3
+    assert count["finetune"] == count["evaluate"] == 3 + 3 * 2 * 3
+
+
 @pytest.mark.parametrize("experiment,finetunes", [("demo", 4), ("paper-arms", 24)])
 def test_the_tiny_experiments_keep_their_arms(experiment, finetunes):
     _, steps, count = _expand(experiment)
@@ -166,7 +203,8 @@ def test_paper_arms_draws_the_lambda_plot_and_the_latex_table(tmp_path):
     assert study.count("(n=2)") == len(PAPER_ROWS) and " ± " in study
     assert "| TV->FT | sentiment-en-hi | " in against and "| Full FT | " in against
     ci = re.compile(r"\| 0\.\d{4} \[0\.\d{4}, 0\.\d{4}\] \| (Full FT|CPT->FT) \| [+-]0\.\d{4} "
-                    r"\[[+-]0\.\d{4}, [+-]0\.\d{4}\] \| [01]\.\d{3} \| 2 \|")  # fmt: skip
+                    r"\[[+-]0\.\d{4}, [+-]0\.\d{4}\] \| [01]\.\d{3} \(t-test\) "
+                    r"\| [01]\.\d{3} \| [01]\.\d{3} \| 2 \|")  # fmt: skip
     assert len(ci.findall(against)) >= 2 * (len(PAPER_ROWS) - 2)
     manifest = json.loads((out / "manifest.json").read_text())
     chosen = manifest["lambda_selection"]

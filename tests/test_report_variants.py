@@ -9,85 +9,13 @@ from __future__ import annotations
 
 import csv
 
-import numpy as np
 from conftest import compose
+from run_dirs import BASE, TV
+from run_dirs import config as _cfg
+from run_dirs import finetune as _finetune
 
-from cmmerge.io.manifest import write_json_atomic, write_jsonl_atomic
 from cmmerge.stages import report, status
-from cmmerge.stages.ids import arm_name
-from cmmerge.stages.runner import run_stage, stage_input
-from cmmerge.stages.spec import CptSpec, EvaluateSpec, ExtractSpec, FinetuneSpec, MergeSpec
-
-LABELS = ["negative", "neutral", "positive"]
-N = 300
-MODEL = {"path": "/models/tiny-xlmr-749fc39921981bdf", "sha256": "ab" * 32}
-BASE = ["model=tiny-xlmr", "train=smoke", "finetune.train_size=300"]
-TV = ["init=merged", "method=task_arithmetic", "lambda=0.5"]
-
-
-def _cfg(tmp_path, run, *extra):
-    return compose("finetune", [f"run.root={tmp_path}", f"run.name={run}", *BASE, *extra])
-
-
-def _done(cfg, spec, inputs, result=None):
-    run_stage(cfg, spec.STAGE, spec.folder, spec.config_view(), inputs, lambda d: result or {})
-    return stage_input(spec.folder, "made by the test")
-
-
-def _start(cfg) -> tuple[list[dict], str]:
-    """The upstream stages of ``cfg``'s fine-tune (written when missing) and its init folder."""
-    if str(cfg.init) == "base":
-        return [MODEL], MODEL["path"]
-    cpt = CptSpec.from_config(cfg)
-    cpt_in = _done(cfg, cpt, [MODEL])
-    if str(cfg.init) == "cpt":
-        return [cpt_in], str(cpt.folder / "model")
-    extract = ExtractSpec.from_config(cfg)
-    extract_in = _done(cfg, extract, [MODEL, cpt_in])
-    merge = MergeSpec.from_config(cfg)
-    merge = merge.resolve(source_paths=[str(extract.folder / "tau.safetensors")],
-                          source_weights=[1.0])  # fmt: skip
-    return [_done(cfg, merge, [MODEL, extract_in])], str(merge.folder / "model")
-
-
-def _predictions(accuracy: float, seed: int) -> tuple[list[int], list[int]]:
-    rng = np.random.default_rng(1000 + seed)
-    gold = np.random.default_rng(7).integers(0, 3, N)  # one test set
-    wrong = rng.random(N) > accuracy
-    return gold.tolist(), np.where(wrong, (gold + rng.integers(1, 3, N)) % 3, gold).tolist()
-
-
-def _finetune(cfg, accuracy: float, seeds=(0, 1)) -> str:
-    """Finished fine-tunes of ``cfg`` (one per seed) and their evaluations; the folder id."""
-    inputs, init_dir = _start(cfg)
-    for seed in seeds:
-        scfg = cfg.copy()
-        scfg.seed = seed
-        spec = FinetuneSpec.from_config(scfg).resolve(init_dir=init_dir, labels=LABELS)
-        merge_id = MergeSpec.from_config(scfg).folder_id if str(cfg.init) == "merged" else None
-        result = {
-            "metrics": {"macro_f1": accuracy},
-            "arm": arm_name(scfg),
-            "task": str(cfg.task.name),
-            "merge_id": merge_id,
-        }
-        ft_in = _done(scfg, spec, inputs, result)
-        evaluation = EvaluateSpec.from_config(scfg).resolve(labels=LABELS)
-
-        def work(d, seed=seed):
-            gold, pred = _predictions(accuracy, seed)
-            hits = np.array(pred) == np.array(gold)
-            f1 = float(np.mean([hits[np.array(gold) == k].mean() for k in (0, 1, 2)]))
-            metrics = {"macro_f1": f1, "accuracy": accuracy, "confusion_matrix": {"labels": LABELS}}
-            write_json_atomic(d / "metrics.json", metrics)
-            write_jsonl_atomic(
-                d / "predictions.jsonl",
-                ({"gold": LABELS[g], "pred": LABELS[p]} for g, p in zip(gold, pred, strict=True)),
-            )
-            return {}
-
-        run_stage(scfg, "evaluate", evaluation.folder, evaluation.config_view(), [ft_in], work)
-    return spec.folder.name.rsplit("-s", 1)[0]
+from cmmerge.stages.spec import CptSpec
 
 
 def _report(tmp_path, run, *extra):
@@ -97,7 +25,8 @@ def _report(tmp_path, run, *extra):
     out = tmp_path / run / "report"
     text = (out / "report.md").read_text()
     study = list(csv.DictReader(open(out / "study.csv", encoding="utf-8")))
-    return text.split("## Against")[0], text.split("## Against")[1].split("## Every")[0], study
+    against = text.split("## Against")[1].split("\n## ")[0]
+    return text.split("## Against")[0], against, study
 
 
 def _rows(table: str) -> dict[str, str]:

@@ -83,7 +83,7 @@ def test_study_tables_choose_lambda_on_validation_and_test_against_references(tm
     paper_table = text.split("## Against")[0]
     assert "| TIES->FT | " in paper_table and "λ=0.5 d=0.2" in paper_table
     assert "λ=1 " not in paper_table  # the lambda best on test is not the one reported
-    transfer = text.split("## Cross-pair transfer")[1].split("## Every")[0]
+    transfer = text.split("## Cross-pair transfer")[1].split("\n## ")[0]
     rows = [line for line in transfer.splitlines() if line.startswith("| Full FT")]
     assert len(rows) == 1 and rows[0].startswith("| Full FT | t | u | 0.") and "(n=3)" in rows[0]
     assert "TIES" not in transfer  # only the chosen lambda (0.5) reports, and it has no u

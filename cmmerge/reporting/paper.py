@@ -1,6 +1,7 @@
-"""Tables and plots of the study in the paper's layout: arms x tasks, mean +- sd over seeds,
-best in bold, significance against Full FT and CPT->FT marked; Markdown, CSV and LaTeX
-(booktabs); test and validation macro-F1 against lambda; the transfer matrix."""
+"""Tables of the study in the paper's layout: arms x tasks, mean +- sd over seeds, best in
+bold, significance against Full FT and CPT->FT marked; Markdown, CSV and LaTeX (booktabs); the
+transfer heatmap. The lambda curves are in :mod:`.curves`, the transfer table in
+:mod:`.transfer`, the CPT-length curve in :mod:`.cpt_length`."""
 
 from __future__ import annotations
 
@@ -9,26 +10,29 @@ import math
 import re
 from pathlib import Path
 
-from cmmerge.reporting.seed_stats import WILCOXON_FROM, significant
+from cmmerge.reporting import comparisons
+from cmmerge.reporting.comparisons import ALPHA, LATEX_MARKS, MARKS
+from cmmerge.reporting.seed_stats import significant
 from cmmerge.reporting.study import REFERENCES, Arm, Cell
 
-MARKS = {"Full FT": "†", "CPT->FT": "‡"}
-LATEX_MARKS = {"Full FT": r"$^\dagger$", "CPT->FT": r"$^\ddagger$"}
-ALPHA = 0.05
-MIN_SEEDS = 5  # fewer seeds per comparison: the report warns
 _ORDER = {"Full FT": 0, "CPT->FT": 1, "TV->FT": 2, "TIES->FT": 3}
 
 
 def row_label(arm: Arm) -> str:
     """The arm's name without its lambda (chosen per task on validation)."""
+    return strip_lambda(arm.arm)
+
+
+def strip_lambda(name: str) -> str:
+    """An arm's name without ``lambda=...`` (``TV->FT (lambda=0.5) [x]`` -> ``TV->FT [x]``)."""
     return re.sub(
         r" \((?:([^()]*), )?lambda=[^()]*\)",
         lambda m: f" ({m.group(1)})" if m.group(1) else "",
-        arm.arm,
+        name,
     )
 
 
-def _sort_key(label: str, configured: bool = True) -> tuple:
+def sort_key(label: str, configured: bool = True) -> tuple:
     """Rows in the paper's order, the configuration's variant of an arm first."""
     return (_ORDER.get(re.split(r" [(\[]", label)[0], 4), re.split(r" \[", label)[0],
             not configured, label)  # fmt: skip
@@ -52,7 +56,7 @@ def paper_rows(arms: list[Arm], cells: dict[tuple, Cell]) -> tuple[list[str], li
         if key not in table or cell.n > table[key][1].n:
             table[key] = (arm, cell)
     configured = {k[0]: v[0].configured for k, v in table.items()}
-    labels = sorted(configured, key=lambda lab: _sort_key(lab, configured[lab]))
+    labels = sorted(configured, key=lambda lab: sort_key(lab, configured[lab]))
     tasks = sorted({k[1] for k in table})
     return labels, tasks, table
 
@@ -62,28 +66,17 @@ def _best(table: dict, labels: list[str], task: str) -> str | None:
     return max(scored)[1] if scored else None
 
 
-def _marks(cell: Cell, marks: dict[str, str]) -> str:
-    """The marks of the references ``cell`` beats over seeds (:func:`.seed_stats.significant`)."""
-    return "".join(
-        marks[name]
-        for name in REFERENCES
-        if name in cell.versus and significant(cell.versus[name].seeds, ALPHA)
-    )
+def marks(cell: Cell, symbols: dict[str, str] = MARKS) -> str:
+    """The marks of the references ``cell`` beats over seeds (:func:`.comparisons.beats`)."""
+    return "".join(symbols[name] for name in REFERENCES if comparisons.beats(cell.versus.get(name)))
 
 
 def few_seeds_warning(arms: list[Arm], cells: dict[tuple, Cell]) -> str:
-    """A warning when comparisons of the table rest on fewer than :data:`MIN_SEEDS` seeds."""
+    """A warning when comparisons of the table rest on fewer than
+    :data:`.comparisons.MIN_SEEDS` seeds."""
     _, _, table = paper_rows(arms, cells)
     counts = [c.n_seeds for _, cell in table.values() for c in cell.versus.values()]
-    few = [n for n in counts if n < MIN_SEEDS]
-    if not few:
-        return ""
-    return (
-        f"\n**Warning:** {len(few)} of {len(counts)} comparisons rest on fewer than {MIN_SEEDS} "
-        f"seeds (fewest: {min(few)}): over so few seeds the seed-level tests have little power "
-        "and their p-values are rough; run more seeds (pipeline.seeds) before claiming a "
-        "difference.\n"
-    )
+    return comparisons.few_seeds_warning(counts)
 
 
 def markdown(arms: list[Arm], cells: dict[tuple, Cell]) -> str:
@@ -103,7 +96,7 @@ def markdown(arms: list[Arm], cells: dict[tuple, Cell]) -> str:
             text = f"{cell.mean:.4f} ± {cell.sd:.4f} (n={cell.n})"
             if label == best[task]:
                 text = f"**{text}**"
-            row.append(text + _marks(cell, MARKS) + _scale(arm))
+            row.append(text + marks(cell) + _scale(arm))
         lines.append(f"| {label} | " + " | ".join(row) + " |")
     note = (
         "\nTest macro-F1, mean ± sd over seeds (n); best per task in bold; "
@@ -123,7 +116,7 @@ def variants_note(arms: list[Arm]) -> str:
             "\n[...]: the settings in which fine-tunes of the study differ (variants); "
             "comparisons pair only fine-tunes with the same settings apart from the arm itself.\n"
         )
-    hidden = sorted({row_label(a) for a in arms if not a.shown and a.chosen}, key=_sort_key)
+    hidden = sorted({row_label(a) for a in arms if not a.shown and a.chosen}, key=sort_key)
     if hidden:
         out += (
             f"\nMade with other settings than this configuration's, not shown: "
@@ -144,9 +137,8 @@ def comparisons_markdown(arms: list[Arm], cells: dict[tuple, Cell]) -> str:
     and test examples (two-level bootstrap), the paired test over seeds, the bootstrap's and
     the example-level permutation test's p-values, and the seeds the comparison rests on."""
     lines = [
-        "| arm | task | test macro-F1 [95% CI] | vs | difference [95% CI, seeds × examples] "
-        "| p seeds (test) | p seeds × examples | p examples | seeds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| arm | task | test macro-F1 [95% CI] | vs | {comparisons.HEADER} |",
+        "|---|---|---|---|" + "---|" * comparisons.N_COLUMNS,
     ]
     labels, tasks, table = paper_rows(arms, cells)
     for label in labels:
@@ -158,70 +150,15 @@ def comparisons_markdown(arms: list[Arm], cells: dict[tuple, Cell]) -> str:
             score = f"{cell.mean:.4f} [{ci.low:.4f}, {ci.high:.4f}]" if ci else f"{cell.mean:.4f}"
             first = f"| {label} | {task} | {score} |"
             if not cell.versus and not cell.notes:
-                lines.append(f"{first} | | | | | {cell.n} |")
+                lines.append(f"{first} |{comparisons.blank(cell.n)} |")
             for name in REFERENCES:
                 c = cell.versus.get(name)
                 if c is not None:
-                    lines.append(f"{first} {cell.partners[name]} | {_versus_cells(c)} |")
+                    lines.append(f"{first} {cell.partners[name]} | {comparisons.columns(c)} |")
                 elif name in cell.notes:
                     why = f"left out: {cell.notes[name]}"
                     lines.append(f"{first} {name} | {why} | | | | {cell.n} |")
-    note = (
-        "\np seeds: the paired test over per-seed differences (t-test below "
-        f"{WILCOXON_FROM} seeds, Wilcoxon signed-rank from {WILCOXON_FROM}); p seeds × examples: "
-        "the two-level bootstrap (seeds, then test examples, drawn with replacement); p examples: "
-        "the paired permutation test on the test examples, seeds held (no seed variance).\n"
-    )
-    return "\n".join(lines) + "\n" + note
-
-
-def _versus_cells(c) -> str:
-    seeds = c.seeds
-    if seeds is None:
-        d = c.difference
-        return (
-            f"{d.estimate:+.4f} [{d.low:+.4f}, {d.high:+.4f}] (examples) | | | "
-            f"{c.p_value:.3f} | {c.n_seeds}"
-        )
-    d = seeds.interval
-    p = "" if math.isnan(seeds.p_value) else f"{seeds.p_value:.3f} ({seeds.test})"
-    return (
-        f"{d.estimate:+.4f} [{d.low:+.4f}, {d.high:+.4f}] | {p} | {seeds.p_bootstrap:.3f} | "
-        f"{c.p_value:.3f} | {c.n_seeds}"
-    )
-
-
-def transfer_markdown(arms: list[Arm], cells: dict[tuple, Cell]) -> str:
-    """Chosen arms on the test sets of other tasks (cross-pair transfer, ``eval_tasks``): mean
-    ± sd over seeds, the 95% bootstrap interval and the paired difference to Full FT."""
-    lines = []
-    chosen = sorted(
-        (a for a in arms if a.chosen and a.shown), key=lambda a: _sort_key(row_label(a))
-    )
-    for arm in chosen:
-        for (run, group, task), cell in sorted(cells.items()):
-            if run != arm.run or group != arm.group or task == arm.task:
-                continue
-            ci = cell.interval
-            interval = f"[{ci.low:.4f}, {ci.high:.4f}]" if ci else ""
-            versus = cell.versus.get("Full FT")
-            diff = (
-                f"{versus.difference.estimate:+.4f} [{versus.difference.low:+.4f}, "
-                f"{versus.difference.high:+.4f}] | {versus.p_value:.3f}"
-                if versus
-                else " | "
-            )
-            lines.append(
-                f"| {row_label(arm)} | {arm.task} | {task} | {cell.mean:.4f} ± {cell.sd:.4f} "
-                f"(n={cell.n}) | {interval} | {diff} |"
-            )
-    if not lines:
-        return ""
-    header = [
-        "| arm | trained on | tested on | test macro-F1 | 95% CI | vs Full FT [95% CI] | p |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    return "\n".join(header + lines) + "\n"
+    return "\n".join(lines) + "\n\n" + comparisons.NOTE + "\n"
 
 
 def _latex_escape(text: str) -> str:
@@ -252,7 +189,7 @@ def latex(arms: list[Arm], cells: dict[tuple, Cell]) -> str:
             text = f"{cell.mean:.3f} $\\pm$ {cell.sd:.3f}"
             if label == best[task]:
                 text = rf"\textbf{{{cell.mean:.3f}}} $\pm$ {cell.sd:.3f}"
-            row.append(text + _marks(cell, LATEX_MARKS))
+            row.append(text + marks(cell, LATEX_MARKS))
         out.append(_latex_escape(label) + " & " + " & ".join(row) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(out) + "\n"
@@ -323,66 +260,6 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
-def plot_lambda(arms: list[Arm], cells: dict[tuple, Cell], out_dir: Path) -> list[Path]:
-    """Per training task: validation and test macro-F1 against lambda for each merge family,
-    seed sd as error bars, Full FT and CPT->FT test means as reference lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    for task in sorted({a.task for a in arms}):
-        families: dict[str, list[Arm]] = {}
-        for arm in arms:
-            if arm.task == task and arm.merge is not None and arm.shown:
-                families.setdefault(row_label(arm), []).append(arm)
-        if not any(len(v) > 1 for v in families.values()):
-            continue
-        fig, ax = plt.subplots(figsize=(6.0, 3.8))
-        for i, (label, members) in enumerate(sorted(families.items())):
-            members.sort(key=lambda a: a.merge["lambda"])
-            xs = [a.merge["lambda"] for a in members]
-            val = [a.val for a in members]
-            color = f"C{i}"
-            ax.errorbar(
-                xs,
-                [v[0] for v in val],
-                yerr=[v[1] for v in val],
-                color=color,
-                linestyle="--",
-                marker="o",
-                capsize=3,
-                label=f"{label} (validation)",
-            )
-            test = [cells.get((a.run, a.group, task)) for a in members]
-            pts = [(x, c) for x, c in zip(xs, test, strict=True) if c is not None]
-            if pts:
-                ax.errorbar([p[0] for p in pts], [p[1].mean for p in pts],
-                            yerr=[p[1].sd for p in pts], color=color, marker="s", capsize=3,
-                            label=f"{label} (test)")  # fmt: skip
-        refs = [
-            a for name in REFERENCES for a in arms if a.kind == name and a.task == task and a.shown
-        ]
-        several_runs = len({a.run for a in refs}) > 1
-        for j, ref in enumerate(sorted(refs, key=lambda a: (_sort_key(a.arm), a.run))):
-            cell = cells.get((ref.run, ref.group, task))
-            if cell is not None and not math.isnan(cell.mean):
-                where = f", {Path(ref.run).name}" if several_runs else ""
-                color = f"C{7 + j}" if j < 3 else f"C{j}"
-                ax.axhline(cell.mean, color=color, linestyle=":", label=f"{ref.arm} (test{where})")
-        ax.set_xlabel("λ")
-        ax.set_ylabel("macro-F1")
-        ax.set_title(f"{task}: macro-F1 against λ (mean ± sd over seeds)", fontsize=9)
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        path = out_dir / f"lambda_{task}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
 def plot_transfer(arms: list[Arm], cells: dict[tuple, Cell], out_dir: Path) -> Path | None:
     """Heatmap per arm: training task x evaluation task, mean test macro-F1 over seeds."""
     chosen = [a for a in arms if a.chosen and a.shown]
@@ -399,7 +276,7 @@ def plot_transfer(arms: list[Arm], cells: dict[tuple, Cell], out_dir: Path) -> P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = sorted(by_label, key=_sort_key)
+    labels = sorted(by_label, key=sort_key)
     fig, axes = plt.subplots(1, len(labels), figsize=(3.2 * len(labels) + 1, 3.2), squeeze=False)
     for ax, label in zip(axes[0], labels, strict=True):
         values = by_label[label]

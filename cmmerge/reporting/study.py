@@ -321,10 +321,11 @@ def _reference(arms: list[Arm], arm: Arm, name: str) -> tuple[Arm | None, str]:
     return max(like, key=lambda a: (len(a.members), a.group)), ""
 
 
-def _versus(
-    arm: Arm, ref: Arm, task: str, n_resamples: int, seed: int
+def versus(
+    arm: Arm, ref: Arm, task: str, n_resamples: int = 1000, seed: int = 0
 ) -> tuple[Comparison | None, str]:
-    """``arm`` minus ``ref`` on ``task``'s test examples, seeds paired (or None and why not)."""
+    """``arm`` minus ``ref`` on ``task``'s test examples, seeds paired: the example-level
+    comparison with the seed-level statistics in ``seeds`` (or None and why not)."""
     seeds = [m.seed for m in arm.members if task in m.tests]
     paired = [s for s in seeds if any(m.seed == s and task in m.tests for m in ref.members)]
     if not paired:
@@ -355,7 +356,7 @@ def cells(arms: list[Arm], n_resamples: int = 1000, seed: int = 0) -> dict[tuple
             for name in REFERENCES:
                 ref, why = _reference(arms, arm, name)
                 if ref is not None:
-                    comparison, why = _versus(arm, ref, task, n_resamples, seed)
+                    comparison, why = versus(arm, ref, task, n_resamples, seed)
                     if comparison is not None:
                         cell.versus[name] = comparison
                         cell.partners[name] = partner_label(ref, arm)

@@ -2,8 +2,10 @@
 
 Writes into ``report/`` of the run: ``report.md`` (one row per fine-tune, then the paper's
 table of arms x tasks with mean ± sd over seeds, significance marks and the comparisons with
-Full FT and CPT->FT), ``report.csv`` (per fine-tune), ``study.csv`` (every number of the
-study), ``study.tex`` (booktabs), ``lambda_<task>.png`` and ``transfer.png``.
+Full FT and CPT->FT with seed-level statistics, cross-pair transfer, the λ curves, the CPT-length
+curve, no code-mixed labels), ``report.csv`` (per fine-tune), ``study.csv`` (every number of the
+study), ``study.tex`` (booktabs), ``lambda_<task>.png``, ``cpt_length_<task>.png`` and
+``transfer.png``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from cmmerge.errors import CmmergeError
 from cmmerge.io import transaction
 from cmmerge.io.manifest import manifest_hash
-from cmmerge.reporting import no_labels, paper, variants
+from cmmerge.reporting import cpt_length, curves, no_labels, paper, transfer, variants
 from cmmerge.reporting.study import study
 from cmmerge.reporting.tables import columns, finetune_rows, markdown_table, write_csv
 from cmmerge.settings import config_bool, run_dir
@@ -75,21 +77,24 @@ def run(cfg: DictConfig) -> dict:
         ]
         cols = columns(rows)
         table = markdown_table(rows, cols)
-        plots = paper.plot_lambda(arms, cells, stage_dir)
-        transfer = paper.plot_transfer(arms, cells, stage_dir)
-        plots += [transfer] if transfer else []
+        lambdas = curves.plot_lambda(arms, cells, stage_dir)
+        lengths = cpt_length.plot(arms, cells, stage_dir)
+        heatmap = paper.plot_transfer(arms, cells, stage_dir)
+        plots = [*lambdas.values(), *lengths.values(), *([heatmap] if heatmap else [])]
         title = ", ".join(r.name for r in roots)
         text = (
             f"# cmmerge report: {title}\n\n## The study\n\n"
             + paper.markdown(arms, cells)
             + "\n## Against Full FT and CPT->FT\n\n"
             + paper.comparisons_markdown(arms, cells)
-            + _section("Cross-pair transfer", paper.transfer_markdown(arms, cells))
+            + _section("Cross-pair transfer", transfer.markdown(arms, cells))
+            + _section("λ curves", curves.markdown(arms, cells, lambdas))
+            + _section("CPT length", cpt_length.markdown(arms, cells, lengths, n_resamples))
             + no_labels.markdown(arms, cells, n_resamples=n_resamples)
             + "\n## Every fine-tune\n\nMacro-F1 (the paper's metric); the validation score "
             "picks the epoch (and λ), the test score is only reported.\n\n"
             + table
-            + "".join(f"\n![{p.stem}]({p.name})\n" for p in plots)
+            + (f"\n![{heatmap.stem}]({heatmap.name})\n" if heatmap else "")
         )
         (stage_dir / "report.md").write_text(text, encoding="utf-8")
         write_csv(rows, stage_dir / "report.csv", cols)

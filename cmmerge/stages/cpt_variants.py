@@ -77,7 +77,7 @@ def finished_variants(run_dir: Path) -> list[Variant]:
     out = []
     for folder in sorted((Path(run_dir) / "cpt").glob("*")):
         manifest = read_manifest(folder)
-        if manifest is None or manifest.get("stage") != "cpt":
+        if not isinstance(manifest, dict) or manifest.get("stage") != "cpt":
             continue
         if transaction.problem(folder, manifest) is not None:
             continue

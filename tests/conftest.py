@@ -113,14 +113,10 @@ def torch_threads(n: int | None):
     if n is None:
         yield
         return
-    import torch
+    from cmmerge.merging.engine import torch_threads as set_for_block
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
+    with set_for_block(n):
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import zoo
-from conftest import FAST, compose
+from conftest import FAST, compose, torch_threads
 
 from cmmerge.io.checkpoint import CheckpointReader
 from cmmerge.stages import cpt, extract, merge
@@ -24,10 +24,8 @@ TV = ["method=tv", "lambda=1.0"]
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def _logits(folder, ids: torch.Tensor) -> torch.Tensor:

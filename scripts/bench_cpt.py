@@ -14,7 +14,9 @@ across variants and reported as medians, with the fast/default ratios from the s
 ``--device cuda --precision bf16`` times the same steps on a GPU (bf16 autocast, peak memory
 from ``torch.cuda.max_memory_allocated``); ``--random-init`` builds me5-small from its
 ``config.json`` alone (random weights: the same step time), for machines that hold no weights;
-``--clm-shape llama1b`` uses Llama-3.2-1B's shape (hidden 2048, 16 layers) for the decoder. A
+``--clm-shape llama1b`` uses Llama-3.2-1B's shape (hidden 2048, 16 layers) for the decoder;
+``--gemma DIR`` the real Gemma-3-270M folder of ``scripts/make_gemma3_270m.sh`` (vocabulary
+262,144, tied: the head is most of the step). A
 variant may name its own precision (``mlm-fast@bf16``); ratios are always against the default
 class at ``--precision``.
 
@@ -26,6 +28,8 @@ Usage::
         --variants mlm-default,mlm-fast,mlm-default@bf16,mlm-fast@bf16
     python scripts/bench_cpt.py --me5 DIR --random-init --device cuda --precision bf16 \
         --mlm-batch 128 --mlm-length 128 --clm-shape llama1b --clm-length 1024
+    python scripts/bench_cpt.py --gemma /tmp/gemma3_270m --variants clm-default,clm-fast \
+        --clm-batch 8 --clm-length 64 --runs 3 --steps 3
 """
 
 from __future__ import annotations
@@ -94,11 +98,17 @@ def _mlm_setup(args: argparse.Namespace):
 
 def _clm_setup(args: argparse.Namespace):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128256, tie_word_embeddings=True, **CLM_SHAPES[args.clm_shape])
-    model = LlamaForCausalLM(config)
+    if args.gemma:  # the real Gemma-3-270M folder (scripts/make_gemma3_270m.sh)
+        model = AutoModelForCausalLM.from_pretrained(args.gemma, dtype="float32")
+        config = model.config
+    else:
+        config = LlamaConfig(
+            vocab_size=128256, tie_word_embeddings=True, **CLM_SHAPES[args.clm_shape]
+        )
+        model = LlamaForCausalLM(config)
     g = torch.Generator().manual_seed(1)
     batches = []
     for _ in range(args.steps + 1):
@@ -183,7 +193,11 @@ def _table(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
     ]
     settings = {
         "mlm": f"me5-small BertForMaskedLM, {args.mlm_batch} x {args.mlm_length}",
-        "clm": f"Llama {args.clm_shape} V128256 tied, {args.clm_batch} x {args.clm_length}",
+        "clm": (
+            f"Gemma-3-270M V262144 tied, {args.clm_batch} x {args.clm_length}"
+            if args.gemma
+            else f"Llama {args.clm_shape} V128256 tied, {args.clm_batch} x {args.clm_length}"
+        ),
     }
     med = {
         v: {
@@ -222,6 +236,7 @@ def main() -> None:
     parser.add_argument("--clm-length", type=int, default=256)
     parser.add_argument("--chunk-size", type=int, default=1024)
     parser.add_argument("--clm-shape", choices=sorted(CLM_SHAPES), default="small")
+    parser.add_argument("--gemma", default=None, help="clm on this Gemma-3-270M folder instead")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--random-init", action="store_true", help="me5 from config.json only")
@@ -243,6 +258,7 @@ def main() -> None:
         f"--clm-length={args.clm_length}",
         f"--chunk-size={args.chunk_size}",
         f"--clm-shape={args.clm_shape}",
+        *([f"--gemma={args.gemma}"] if args.gemma else []),
         f"--device={args.device}",
         f"--precision={args.precision}",
         *(["--random-init"] if args.random_init else []),

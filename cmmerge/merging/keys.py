@@ -53,7 +53,7 @@ TIED_BIAS_ALIASES: dict[str, str] = {
 KNOWN_PREFIXES: dict[str, str] = {
     "xlm-roberta": "roberta", "roberta": "roberta", "bert": "bert", "distilbert": "distilbert",
     "llama": "model", "mistral": "model", "qwen2": "model", "qwen3": "model", "gemma": "model",
-    "gemma2": "model", "phi3": "model",
+    "gemma2": "model", "gemma3_text": "model", "phi3": "model",
 }  # fmt: skip
 
 # ``tie_word_embeddings`` of a config.json that does not say (the config class's default;
@@ -61,7 +61,7 @@ KNOWN_PREFIXES: dict[str, str] = {
 TIED_BY_DEFAULT: dict[str, bool] = {
     "xlm-roberta": True, "roberta": True, "bert": True, "distilbert": True, "electra": True,
     "llama": False, "mistral": False, "qwen2": False, "qwen3": False, "gemma": True,
-    "gemma2": True, "phi3": False,
+    "gemma2": True, "gemma3_text": True, "phi3": False,
 }  # fmt: skip
 
 _LEGACY = {"LayerNorm.gamma": "LayerNorm.weight", "LayerNorm.beta": "LayerNorm.bias"}

@@ -35,7 +35,10 @@ def resolve_model(cfg: DictConfig) -> Path:
     if model.get("name_or_path"):
         return local_model_dir(str(model.name_or_path), bool(cfg.get("allow_pickle")))
     if not model.get("tiny"):
-        raise CmmergeError(f"model={model.name}: set model.name_or_path to a folder or hub id")
+        build = f" (build one offline: {model.build})" if model.get("build") else ""
+        raise CmmergeError(
+            f"model={model.name}: set model.name_or_path to a folder or hub id{build}"
+        )
     from cmmerge.models.tiny import build_tiny_model, tiny_cache_key
 
     arch = plain(model.tiny)

@@ -233,3 +233,15 @@ def test_the_prompt_stage_says_whether_it_beats_the_majority_class(tmp_path):
     line = closing_line("prompt", cfg, manifest)
     verdict = "beats" if metrics["beats_majority"] else "does NOT beat"
     assert f"{verdict} the majority class ('{top}': " in line
+
+
+def test_the_gemma_preset_without_a_folder_names_its_builder(tmp_path, capsys):
+    from cmmerge.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["cpt", "model=gemma3-270m", f"run.root={tmp_path}", "peft=lora"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "set model.name_or_path" in err[0]
+    assert "scripts/make_gemma3_270m.sh DIR" in err[0]
+    assert not list(tmp_path.rglob("manifest.json"))

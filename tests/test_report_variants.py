@@ -116,3 +116,34 @@ def test_a_report_over_runs_whose_fine_tunes_differ_in_one_key(tmp_path):
     assert partner[("d", "CPT->FT [lr=0.0002]")] == ""
     left_out = next(line for line in against.splitlines() if "CPT->FT [lr=0.0002]" in line)
     assert "left out: no Full FT with the same settings (they differ in finetune.lr)" in left_out
+
+
+def test_a_multi_source_merge_is_its_own_arm_not_a_variant_of_the_single_source_one():
+    from cmmerge.reporting.study import Arm
+    from cmmerge.reporting.variants import base_name, tag_variants
+
+    names = {
+        "TV->FT (lambda=0.5)": "TV->FT",
+        "TV->FT (lambda=0.5) (LoRA)": "TV->FT",
+        "TIES->FT (cpt+english-sentiment-en-hi, lambda=1)": "TIES->FT (cpt+english-sentiment-en-hi)",
+        "TV->FT (English labels, lambda=0.5)": "TV->FT",
+        "Full FT (English labels)": "Full FT",
+        "Sequential FT (english-sentiment-en-hi first)": "Sequential FT",
+        "English FT + τ_cpt (TIES, lambda=0.5)": "English FT + τ_cpt",
+    }
+    assert {k: base_name(k) for k in names} == names
+    # the single-source TIES arm descends from extract; the multi-source one from a fine-tune
+    single = Arm("r", "g1", "TIES->FT (lambda=1)", "t", None, [], kind="TIES->FT (lambda=1)",
+                 settings={"merge.method": "ties", "extract.dtype": "null", "merge.weights": "[1.0]"})
+    multi = Arm("r", "g2", "TIES->FT (cpt+e, lambda=1)", "t", None, [],
+                kind="TIES->FT (cpt+e, lambda=1)",
+                settings={"merge.method": "ties", "source.task.name": "e",
+                          "merge.weights": "[1.0, 1.0]"})  # fmt: skip
+    longer = Arm("r", "g3", "TIES->FT (lambda=1)", "t", None, [], kind="TIES->FT (lambda=1)",
+                 settings={**single.settings, "finetune.epochs": "2"})
+    single.settings["finetune.epochs"] = "1"
+    full = Arm("r", "g0", "Full FT", "t", None, [], kind="Full FT",
+               settings={"finetune.epochs": "1"})  # fmt: skip
+    tag_variants([full, single, multi, longer])
+    assert multi.arm == "TIES->FT (cpt+e, lambda=1)"  # no tag: nothing else is its arm
+    assert (single.tag, longer.tag) == ("epochs=1", "epochs=2")

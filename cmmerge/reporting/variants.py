@@ -117,9 +117,25 @@ def like_for_like(a: dict[str, str], b: dict[str, str]) -> list[str]:
     return sorted(k for k in a.keys() & b.keys() if a[k] != b[k])
 
 
+_LAMBDA = re.compile(r" \((?:([^()]*), )?lambda=[^()]*\)")
+
+
+def strip_lambda(name: str) -> str:
+    """An arm's name without ``lambda=...`` (``TV->FT (lambda=0.5) [x]`` -> ``TV->FT [x]``)."""
+    return _LAMBDA.sub(lambda m: f" ({m.group(1)})" if m.group(1) else "", name)
+
+
 def base_name(kind: str) -> str:
-    """An arm's name without its parentheses and tags (``TV->FT (lambda=0.5)`` -> ``TV->FT``)."""
-    return re.split(r" [(\[]", kind)[0]
+    """An arm's name without its lambda, tags, LoRA and labels (``TV->FT (lambda=0.5)`` ->
+    ``TV->FT``): what differs there is a variant. The sources of a multi-source merge name
+    another arm: ``TIES->FT (cpt+english-sentiment-en-hi, lambda=1)`` ->
+    ``TIES->FT (cpt+english-sentiment-en-hi)``."""
+    name = strip_lambda(re.split(r" \[", kind)[0]).replace(" (LoRA)", "")
+    head, _, rest = name.partition(" (")
+    sources = rest.rstrip(")").split(", ")[0]
+    if head.endswith("->FT") and sources and not sources.endswith(" labels"):
+        return f"{head} ({sources})"
+    return head
 
 
 def _leaf(key: str) -> str:

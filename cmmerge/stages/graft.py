@@ -27,7 +27,8 @@ from cmmerge.errors import CmmergeError
 from cmmerge.io import transaction
 from cmmerge.io.manifest import write_json_atomic
 from cmmerge.io.model_card import copy_model_files, write_model_card
-from cmmerge.merging.engine import TASK_VECTOR_FILE, merge_into_base
+from cmmerge.merging.engine import merge_into_base
+from cmmerge.merging.extract import TASK_VECTOR_FILE
 from cmmerge.stages import dist
 from cmmerge.stages.chain import require_upstream
 from cmmerge.stages.ids import GRAFT, arm_name, cli_hint, onto_task, source_names, stage_dirs

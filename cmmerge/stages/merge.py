@@ -23,12 +23,8 @@ from cmmerge.errors import CmmergeError
 from cmmerge.io import ownership
 from cmmerge.io.hashes import describe
 from cmmerge.io.model_card import copy_model_files, write_model_card
-from cmmerge.merging.engine import (
-    TASK_VECTOR_FILE,
-    check_output_dir,
-    merge_into_base,
-    merge_models,
-)
+from cmmerge.merging.engine import check_output_dir, merge_into_base, merge_models
+from cmmerge.merging.extract import TASK_VECTOR_FILE
 from cmmerge.merging.methods import get_method
 from cmmerge.models.loading import local_model_dir, resolve_model
 from cmmerge.settings import cache_dir

@@ -37,7 +37,6 @@ from cmmerge.stages.chain import require_upstream
 from cmmerge.stages.ids import cli_hint, source_names, stage_dirs
 from cmmerge.stages.runner import folder_input, run_stage, stage_input
 from cmmerge.stages.spec import CptSpec, MergeSpec, source_finetune_spec
-from cmmerge.stages.spec import shard_bytes as _int_size  # noqa: F401 (its old name)
 
 
 def method_params(cfg: DictConfig) -> dict:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from cmmerge.reporting import comparisons, variants
 from cmmerge.reporting.curves import scale
-from cmmerge.reporting.paper import sort_key, strip_lambda
-from cmmerge.reporting.study import Arm, Cell, versus
+from cmmerge.reporting.paper import sort_key
+from cmmerge.reporting.study import Arm, Cell, strip_lambda, versus
 
 _LENGTHS = ("max_steps", "epochs")
 

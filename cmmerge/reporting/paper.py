@@ -13,23 +13,9 @@ from pathlib import Path
 from cmmerge.reporting import comparisons
 from cmmerge.reporting.comparisons import ALPHA, LATEX_MARKS, MARKS
 from cmmerge.reporting.seed_stats import significant
-from cmmerge.reporting.study import REFERENCES, Arm, Cell
+from cmmerge.reporting.study import REFERENCES, Arm, Cell, row_label
 
 _ORDER = {"Full FT": 0, "CPT->FT": 1, "TV->FT": 2, "TIES->FT": 3}
-
-
-def row_label(arm: Arm) -> str:
-    """The arm's name without its lambda (chosen per task on validation)."""
-    return strip_lambda(arm.arm)
-
-
-def strip_lambda(name: str) -> str:
-    """An arm's name without ``lambda=...`` (``TV->FT (lambda=0.5) [x]`` -> ``TV->FT [x]``)."""
-    return re.sub(
-        r" \((?:([^()]*), )?lambda=[^()]*\)",
-        lambda m: f" ({m.group(1)})" if m.group(1) else "",
-        name,
-    )
 
 
 def sort_key(label: str, configured: bool = True) -> tuple:

@@ -290,10 +290,22 @@ class Cell:
     notes: dict[str, str] = field(default_factory=dict)
 
 
+def row_label(arm: Arm) -> str:
+    """The arm's name without its lambda (chosen per task on validation)."""
+    return strip_lambda(arm.arm)
+
+
+def strip_lambda(name: str) -> str:
+    """An arm's name without ``lambda=...`` (``TV->FT (lambda=0.5) [x]`` -> ``TV->FT [x]``)."""
+    return re.sub(
+        r" \((?:([^()]*), )?lambda=[^()]*\)",
+        lambda m: f" ({m.group(1)})" if m.group(1) else "",
+        name,
+    )
+
+
 def partner_label(ref: Arm, arm: Arm) -> str:
     """The reference's row name as seen from ``arm`` (its run named when another's)."""
-    from cmmerge.reporting.paper import row_label
-
     label = row_label(ref)
     return label if ref.run == arm.run else f"{label} [{Path(ref.run).name}]"
 

@@ -4,27 +4,13 @@ from __future__ import annotations
 
 import difflib
 import gc
-import importlib
 import itertools
 import logging
 import os
 import sys
 import warnings
 
-STAGES = {
-    "data": "load corpus and task splits, write counts, labels and leakage removed",
-    "cpt": "continued pre-training (MLM for encoders, causal LM for decoders)",
-    "extract": "task vector tau = theta_cpt - theta_base over backbone parameters",
-    "merge": "merge task vectors into the base (task_arithmetic/tv, ties)",
-    "finetune": "sequence classification from init=base|cpt|merged|DIR",
-    "graft": "no code-mixed labels: tau_cpt added to a model fine-tuned on onto=TASK",
-    "evaluate": "macro-F1, accuracy, per-class report, confusion matrix, predictions",
-    "sweep": "Hydra multirun over lambda/method/density/seed: merge -> finetune -> evaluate",
-    "pipeline": "the paper's arms end to end (experiment=demo for the offline demo)",
-    "prompt": "zero/few-shot prompting baseline of a decoder (verbaliser log-likelihood)",
-    "report": "table of arms x metrics from a run directory (Markdown and CSV)",
-    "status": "state of every stage of a run (finished, stale, running, failed, missing)",
-}
+from cmmerge.stages.registry import STAGES
 
 USAGE = (
     """usage: cmmerge <stage> [key=value ...] [--help] [--cfg job]
@@ -34,7 +20,7 @@ fine-tuning and evaluation. Every stage reads and writes ${run.root}/${run.name}
 
 stages:
 """
-    + "\n".join(f"  {name:<9} {text}" for name, text in STAGES.items())
+    + "\n".join(f"  {name:<9} {stage.help}" for name, stage in STAGES.items())
     + """
 
 examples:
@@ -75,7 +61,7 @@ def _task(stage: str, started: list[bool], cpt_choice: tuple = (None, None)):
         # "--- Logging error ---" traceback per message: the stage's own error says what failed
         logging.raiseExceptions = False
         logging.getLogger("cmmerge").setLevel(logging.INFO)
-        module = importlib.import_module(f"cmmerge.stages.{stage}")
+        work = STAGES[stage].work
         from cmmerge.stages import dist
         from cmmerge.stages.summary import closing_line
 
@@ -85,7 +71,7 @@ def _task(stage: str, started: list[bool], cpt_choice: tuple = (None, None)):
         try:
             strict = stage not in ("report", "status")
             note = resolve(stage, cfg, *cpt_choice, strict=strict)
-            result = module.run(cfg)
+            result = work(cfg)
         except Exception as err:  # noqa: BLE001 - the one error boundary: a user's error or a bug
             if cfg.get("debug"):
                 raise

@@ -113,7 +113,7 @@ def torch_threads(n: int | None):
     if n is None:
         yield
         return
-    from cmmerge.merging.engine import torch_threads as set_for_block
+    from cmmerge.merging.threads import torch_threads as set_for_block
 
     with set_for_block(n):
         yield

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from conftest import FAST, cmmerge, compose
 
-from cmmerge.cli import STAGES
 from cmmerge.io.manifest import read_manifest
 from cmmerge.stages.ids import stage_dirs
+from cmmerge.stages.registry import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import compose
 
-from cmmerge.cli import STAGES
 from cmmerge.settings import group_options, merge_scale
+from cmmerge.stages.registry import STAGES
 
 GROUPS = ["model", "corpus", "task", "method", "train"]
 

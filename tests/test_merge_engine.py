@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from zoo import legacy_names
 
 import cmmerge.merging.engine as engine
+import cmmerge.merging.threads as merge_threads
 from cmmerge.errors import CmmergeError
 from cmmerge.io.checkpoint import CheckpointReader
 from cmmerge.merging import select
@@ -66,7 +67,7 @@ def test_chunks_shards_threads_change_nothing(dirs, tmp_path, monkeypatch):
     srcs = [dirs / "a", dirs / "b"]
     merge_models(dirs / "base", srcs, [1.0, 0.6], "ties", 0.8, tmp_path / "ref", **kw)
     ref = _tensors(tmp_path / "ref")
-    monkeypatch.setattr(engine, "CHUNK", 333)  # many chunks per tensor, ragged last chunk
+    monkeypatch.setattr(merge_threads, "CHUNK", 333)  # many chunks per tensor, ragged last chunk
     for shard, threads in ((10**9, 1), (5000, 2), (1, 3)):
         out = tmp_path / f"o{shard}"
         merge_models(
@@ -94,7 +95,7 @@ def test_chunks_shards_threads_change_nothing(dirs, tmp_path, monkeypatch):
 def test_streamed_ties_equals_whole_tensor_math(
     dirs, tmp_path, monkeypatch, cached_trim, min_sampled
 ):
-    monkeypatch.setattr(engine, "CHUNK", 500)
+    monkeypatch.setattr(merge_threads, "CHUNK", 500)
     monkeypatch.setattr(engine, "CACHED_TRIM", cached_trim)
     monkeypatch.setattr(select, "MIN_SAMPLED", min_sampled)
     monkeypatch.setattr(select, "SAMPLE_SIZE", 1000)
@@ -147,7 +148,7 @@ def test_sample_read_from_the_files_is_the_sample_of_the_deltas(dirs):
 
 
 def test_trim_scope_model_uses_one_threshold(dirs, tmp_path, monkeypatch):
-    monkeypatch.setattr(engine, "CHUNK", 700)
+    monkeypatch.setattr(merge_threads, "CHUNK", 700)
     base, a = _tensors(dirs / "base"), _tensors(dirs / "a")
     merge_models(
         dirs / "base",

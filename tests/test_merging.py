@@ -17,7 +17,8 @@ from cmmerge.io.checkpoint import (
     StreamingFileWriter,
     sha256_file,
 )
-from cmmerge.merging.engine import extract_task_vector, merge_into_base, merge_models
+from cmmerge.merging.engine import merge_into_base, merge_models
+from cmmerge.merging.extract import extract_task_vector
 from cmmerge.merging.keys import (
     TIED_BY_DEFAULT,
     backbone_key,

@@ -256,11 +256,6 @@ def parse_tagged_tokens(path: Path, what: str) -> list[TaggedText]:
     return texts
 
 
-def parse_token_per_line(path: Path, what: str) -> list[str]:
-    """The texts of :func:`parse_tagged_tokens` (one string per tweet)."""
-    return [record.text for record in parse_tagged_tokens(path, what)]
-
-
 def parse_text_lines(path: Path, what: str) -> list[str]:
     """Parse a plain-text corpus: one text a line, blank lines skipped."""
     return [line.strip() for line in split_lines(read_text(path, what)) if line.strip()]

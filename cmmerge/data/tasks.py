@@ -37,6 +37,7 @@ import ftfy
 
 from cmmerge.data.formats import parse_sentimix_conll, read_labels_csv, resolve_path
 from cmmerge.data.hub import hub_rows
+from cmmerge.data.splits import SPLITS, carve_fractions, split_file
 from cmmerge.data.tables import FILE_FORMATS, Row, canonical_format, detect_format, read_table
 from cmmerge.data.token_tasks import (
     infer_token_labels,
@@ -49,7 +50,6 @@ from cmmerge.settings import SAMPLES_DIR
 
 log = logging.getLogger("cmmerge")
 
-SPLITS = ("train", "validation", "test")
 _LOGGED: set[tuple[str, tuple[str, ...]]] = set()  # label sets inferred and logged so far
 # Repair mojibake but leave clean text alone (the default config would also uncurl quotes).
 _FTFY_CONFIG = ftfy.TextFixerConfig(uncurl_quotes=False)
@@ -86,11 +86,6 @@ def task_labels(task_cfg: Mapping) -> list[str]:
     if len(set(labels)) != len(labels):
         raise CmmergeError(f"task {name}: 'labels' has duplicates: {labels}")
     return labels
-
-
-def split_file(cfg: Mapping, split: str) -> str | None:
-    """The file of ``split`` (``train`` | ``validation`` | ``test`` | ``test_labels``), if any."""
-    return cfg.get(split) or cfg.get(f"{split}_file") or None
 
 
 def _label_map(cfg: dict[str, Any], names: list[str] | None) -> dict[str, str | None]:
@@ -293,15 +288,6 @@ def subsample(ds: datasets.Dataset, size: int | None, seed: int, name: str) -> d
     return kept
 
 
-def _fraction(cfg: Mapping, key: str) -> float | None:
-    value = cfg.get(key)
-    if value is None:
-        return None
-    if not 0 < float(value) < 1:
-        raise CmmergeError(f"task {cfg.get('name')}: {key} must be in (0, 1), got {value}")
-    return float(value)
-
-
 def _root(cfg: dict[str, Any], data_root: str | Path) -> Path:
     """The folder the task's files are relative to; a task without a train file is refused."""
     if not cfg.get("hub") and not split_file(cfg, "train"):
@@ -369,17 +355,9 @@ def load_task_with_info(
         has = {s: bool(cfg["hub_splits"].get(s)) for s in SPLITS}
     else:
         has = {s: bool(split_file(cfg, s)) for s in SPLITS}
-    fractions = {s: _fraction(cfg, f"{s}_fraction") for s in ("validation", "test")}
-    for split in ("validation", "test"):
-        if not has[split] and fractions[split] is None:
-            raise CmmergeError(
-                f"task {name}: no {split} split: set task.{split}=PATH or "
-                f"task.{split}_fraction=F (carved out of train)"
-            )
+    fractions = carve_fractions(cfg, has)
     carve_test = not has["test"]
     carve_val = not has["validation"]
-    if carve_test and carve_val and fractions["test"] + fractions["validation"] >= 1:
-        raise CmmergeError(f"task {name}: validation_fraction + test_fraction must be < 1")
     if not labels_given(cfg):
         names = infer_labels(cfg, data_root)
     if token:  # one label per word: cmmerge.data.token_tasks

@@ -32,6 +32,7 @@ import datasets
 import ftfy
 
 from cmmerge.data.formats import TaggedSentence, parse_tagged_sentences, resolve_path
+from cmmerge.data.splits import SPLITS, carve_fractions, split_file
 from cmmerge.data.tables import TOKEN_FORMATS, canonical_token_format, detect_token_format
 from cmmerge.errors import CmmergeError
 
@@ -59,8 +60,6 @@ def _read_sentences(
     cfg: Mapping[str, Any], split: str, root: Path, info: dict
 ) -> tuple[list[TaggedSentence], str]:
     """The sentences of one split's file, and its path."""
-    from cmmerge.data.tasks import split_file
-
     name = cfg["name"]
     what = f"task {name}, key {split}"
     if cfg.get("hub"):
@@ -234,20 +233,10 @@ def load_token_task_with_info(
         names: The label set, in id order.
         seed: Seed of the carved splits (``data.split_seed``).
     """
-    from cmmerge.data.tasks import SPLITS, _fraction, split_file
-
     name = cfg["name"]
     has = {s: bool(split_file(cfg, s)) for s in SPLITS}
-    fractions = {s: _fraction(cfg, f"{s}_fraction") for s in ("validation", "test")}
-    for split in ("validation", "test"):
-        if not has[split] and fractions[split] is None:
-            raise CmmergeError(
-                f"task {name}: no {split} split: set task.{split}=PATH or "
-                f"task.{split}_fraction=F (carved out of train)"
-            )
+    fractions = carve_fractions(cfg, has)
     carve_test, carve_val = not has["test"], not has["validation"]
-    if carve_test and carve_val and fractions["test"] + fractions["validation"] >= 1:
-        raise CmmergeError(f"task {name}: validation_fraction + test_fraction must be < 1")
     info: dict[str, dict] = {}
     out: dict[str, datasets.Dataset] = {}
     *columns, info["train"] = _read_split(cfg, "train", root, names)

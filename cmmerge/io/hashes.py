@@ -15,7 +15,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from cmmerge.io.manifest import file_sha256, read_json, write_json_atomic
-from cmmerge.io.model_card import WEIGHT_SUFFIXES
+from cmmerge.io.model_files import WEIGHT_SUFFIXES
 
 _CACHE_NAME = "sha256.json"
 _SEEN: dict[tuple[str, int, int], str] = {}  # this process's digests, by path, size and mtime

@@ -81,19 +81,6 @@ def manifest_hash(stage_dir: Path) -> str | None:
     return file_sha256(path) if path.exists() else None
 
 
-def folder_fingerprint(folder: Path) -> str:
-    """Cheap identity of an external model folder: names, sizes and the config's content."""
-    folder = Path(folder)
-    h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and not p.name.startswith("."):
-            h.update(f"{p.relative_to(folder)}:{p.stat().st_size}\n".encode())
-    cfg = folder / "config.json"
-    if cfg.exists():
-        h.update(cfg.read_bytes())
-    return h.hexdigest()
-
-
 # Settings of the training sections that only change how fast or how verbosely a stage runs
 # (logging, checkpoint frequency, experiment trackers): left out of the folder ids
 # (:mod:`cmmerge.stages.ids`) and of the fingerprints, so turning on TensorBoard or logging more

@@ -1,18 +1,18 @@
 """Streaming merge: ``theta = base + lambda * combine(tau_1..tau_n)``, chunk by chunk, on all cores.
 
-Every tensor is cut into flat chunks of ``CHUNK`` elements. A pool of ``threads`` workers
-(torch single-threaded inside each, so no OpenMP barrier per small op) reads the chunk of the
-base and of every source with ``pread``, computes in float32 and writes the result straight to
-its place in the output shards; the main thread only schedules, keeping at most two chunks per
-worker in flight. Magnitude trimming finds its exact threshold with the counting selection of
-``select`` over the chunks of a tensor (``trim_scope=tensor``, mergekit's rule) or of the whole
-model (``trim_scope=model``, the original TIES code's rule). A trimmed tensor of up to
-``CACHED_TRIM`` elements is read once, its float32 deltas serving the selection and the merge;
-a larger one (an embedding) is recomputed chunk by chunk for the counting pass and the merge,
-its sample read block by block. Every thread reads, computes and converts in buffers of its own
-that it reuses from chunk to chunk (no fresh pages per chunk), so memory stays near
-``threads * (sources + 2)`` times the largest such tensor in float32 plus the interpreter,
-whatever the model size.
+Every tensor is cut into flat chunks of ``CHUNK`` elements (:mod:`cmmerge.merging.threads`). A
+pool of ``threads`` workers (torch single-threaded inside each, so no OpenMP barrier per small
+op) reads the chunk of the base and of every source with ``pread``, computes in float32 and
+writes the result straight to its place in the output shards; the main thread only schedules,
+keeping at most two chunks per worker in flight. Magnitude trimming finds its exact threshold
+with the counting selection of ``select`` over the chunks of a tensor (``trim_scope=tensor``,
+mergekit's rule) or of the whole model (``trim_scope=model``, the original TIES code's rule). A
+trimmed tensor of up to ``CACHED_TRIM`` elements is read once, its float32 deltas serving the
+selection and the merge; a larger one (an embedding) is recomputed chunk by chunk for the
+counting pass and the merge, its sample read block by block. Every thread reads, computes and
+converts in buffers of its own that it reuses from chunk to chunk (no fresh pages per chunk), so
+memory stays near ``threads * (sources + 2)`` times the largest such tensor in float32 plus the
+interpreter, whatever the model size.
 
 What merges is planned in ``plan``: a standalone merge of models merges the whole model (every
 floating tensor the base and all sources have, heads included, as mergekit); the in-run merge of
@@ -28,11 +28,10 @@ import gc
 import hashlib
 import logging
 import math
-import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -40,7 +39,6 @@ from torch import Tensor
 
 from cmmerge.errors import CmmergeError
 from cmmerge.io.checkpoint import DEFAULT_MAX_SHARD_SIZE, CheckpointReader, ShardedWriter
-from cmmerge.merging.extract import TASK_VECTOR_FILE, extract_task_vector  # noqa: F401
 from cmmerge.merging.methods import MergeMethod, apply_delta, get_method, resolve_params
 from cmmerge.merging.plan import Item, PathLike, Source, open_sources, plan_merge
 from cmmerge.merging.select import (
@@ -52,40 +50,15 @@ from cmmerge.merging.select import (
     thresholds_over,
     trim_,
 )
+from cmmerge.merging.threads import chunk_ranges, default_threads, torch_threads
 
 log = logging.getLogger("cmmerge")
 
-CHUNK = 1 << 20  # elements per chunk (4 MiB in float32): fits the caches, amortises Python
 # Per-tensor trims of tensors up to this many elements run as one task that keeps its float32
 # base and deltas between the selection passes and the merge (128 MiB each per worker). Larger
 # ones (an embedding) are trimmed chunk-parallel, their deltas recomputed chunk by chunk for
 # the counting pass and the merge (the selection's sample reads only the blocks it takes).
 CACHED_TRIM = 32 * 1024 * 1024
-
-
-def default_threads() -> int:
-    """The CPUs this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-@contextmanager
-def torch_threads(n: int):
-    """Run torch ops single-threaded (``n=1``) inside, restoring the setting after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def chunk_ranges(n: int, size: int | None = None) -> list[tuple[int, int]]:
-    """``[start, stop)`` flat ranges covering ``n`` elements, ``size`` (default CHUNK) each."""
-    size = size or CHUNK
-    return [(s, min(s + size, n)) for s in range(0, n, size)] or [(0, 0)]
 
 
 class _Scheduler:

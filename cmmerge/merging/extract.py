@@ -15,6 +15,7 @@ from cmmerge.errors import CmmergeError
 from cmmerge.io.checkpoint import CheckpointReader, StreamingFileWriter
 from cmmerge.merging.keys import backbone_map, backbone_prefix, tied_copy, ties_embeddings
 from cmmerge.merging.plan import ZERO_TENSORS, PathLike, check_shape, read_config
+from cmmerge.merging.threads import chunk_ranges, default_threads, torch_threads
 
 TASK_VECTOR_FILE = "task_vector.safetensors"
 
@@ -81,8 +82,6 @@ def extract_task_vector(
         CmmergeError: Unreadable checkpoints, differing architectures, a shape mismatch, or no
             tensor in common.
     """
-    from cmmerge.merging.engine import chunk_ranges, default_threads, torch_threads
-
     out = Path(out_file)
     if out.is_dir():
         out = out / TASK_VECTOR_FILE
@@ -201,7 +200,6 @@ def _unchanged(
     """The tensors of ``layout`` whose tau is zero everywhere (equal in float32), in order. A
     tensor that changed usually differs in its first chunk, so this costs little beyond reading
     the unchanged ones."""
-    from cmmerge.merging.engine import chunk_ranges, default_threads, torch_threads
 
     def same(name: str) -> bool:
         bkey, tkey = base_names[name], tuned_names[name]
@@ -240,8 +238,6 @@ def task_vector_cosines(files: list[PathLike]) -> list[list[float]]:
     another does not (left out as all zero, or never there) counts as zero in the other, so the
     norms cover each whole vector; a tensor stored with different shapes (a grown vocabulary)
     is left out of every pair."""
-    from cmmerge.merging.engine import chunk_ranges
-
     readers = [CheckpointReader(f) for f in files]
     try:
         n = len(readers)

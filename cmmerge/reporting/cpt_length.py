@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cmmerge.reporting import comparisons, variants
 from cmmerge.reporting.curves import scale
-from cmmerge.reporting.paper import sort_key, strip_lambda
+from cmmerge.reporting.paper import sort_key
 from cmmerge.reporting.study import Arm, Cell, versus
 
 _LENGTHS = ("max_steps", "epochs")
@@ -74,7 +74,7 @@ def curves(arms: list[Arm]) -> list[Curve]:
         if point is None:
             continue
         shared = _shared(arm.settings)
-        kind = strip_lambda(arm.kind)
+        kind = variants.strip_lambda(arm.kind)
         key = (arm.run, arm.task, kind, json.dumps(shared, sort_keys=True))
         curve = found.setdefault(key, Curve(arm.run, arm.task, kind, shared))
         if point not in curve.points or len(arm.members) > len(curve.points[point].members):

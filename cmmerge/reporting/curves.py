@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from cmmerge.reporting.paper import row_label, sort_key
-from cmmerge.reporting.study import REFERENCES, Arm, Cell
+from cmmerge.reporting.paper import sort_key
+from cmmerge.reporting.study import REFERENCES, Arm, Cell, row_label
 
 
 def scale(arm: Arm) -> str:

@@ -18,8 +18,7 @@ from pathlib import Path
 from cmmerge.io.manifest import read_manifest
 from cmmerge.reporting import comparisons
 from cmmerge.reporting.curves import families, lambda_table, scale
-from cmmerge.reporting.paper import row_label
-from cmmerge.reporting.study import Arm, Cell, versus
+from cmmerge.reporting.study import Arm, Cell, row_label, versus
 
 
 @dataclass

@@ -13,15 +13,9 @@ from pathlib import Path
 from cmmerge.reporting import comparisons
 from cmmerge.reporting.comparisons import ALPHA, LATEX_MARKS, MARKS
 from cmmerge.reporting.seed_stats import significant
-from cmmerge.reporting.study import REFERENCES, Arm, Cell
-from cmmerge.reporting.variants import strip_lambda
+from cmmerge.reporting.study import REFERENCES, Arm, Cell, row_label
 
 _ORDER = {"Full FT": 0, "CPT->FT": 1, "TV->FT": 2, "TIES->FT": 3}
-
-
-def row_label(arm: Arm) -> str:
-    """The arm's name without its lambda (chosen per task on validation)."""
-    return strip_lambda(arm.arm)
 
 
 def sort_key(label: str, configured: bool = True) -> tuple:

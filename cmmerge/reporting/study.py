@@ -290,10 +290,13 @@ class Cell:
     notes: dict[str, str] = field(default_factory=dict)
 
 
+def row_label(arm: Arm) -> str:
+    """The arm's name without its lambda (chosen per task on validation)."""
+    return variants.strip_lambda(arm.arm)
+
+
 def partner_label(ref: Arm, arm: Arm) -> str:
     """The reference's row name as seen from ``arm`` (its run named when another's)."""
-    from cmmerge.reporting.paper import row_label
-
     label = row_label(ref)
     return label if ref.run == arm.run else f"{label} [{Path(ref.run).name}]"
 

@@ -6,8 +6,8 @@ on the same test examples and seeds, with the statistics of the paper's table (s
 from __future__ import annotations
 
 from cmmerge.reporting import comparisons
-from cmmerge.reporting.paper import marks, row_label, sort_key
-from cmmerge.reporting.study import REFERENCES, Arm, Cell
+from cmmerge.reporting.paper import marks, sort_key
+from cmmerge.reporting.study import REFERENCES, Arm, Cell, row_label
 
 
 def _transfer_cells(arms: list[Arm], cells: dict[tuple, Cell]) -> list[tuple[Arm, str, Cell]]:

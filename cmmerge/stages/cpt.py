@@ -7,7 +7,7 @@ import logging
 from omegaconf import DictConfig
 
 from cmmerge.errors import CmmergeError
-from cmmerge.io.manifest import fingerprint, write_json_atomic
+from cmmerge.io.manifest import write_json_atomic
 from cmmerge.io.model_card import write_model_card
 from cmmerge.models.loading import model_kind, resolve_model
 from cmmerge.settings import cache_dir, data_root
@@ -83,8 +83,7 @@ def run(cfg: DictConfig) -> dict:
             "kind": kind,
         }
 
-    files = [folder_input(base), *data_inputs(cfg, [], corpus=True)]
-    inputs = [*files, corpus_input(cfg, texts)]
+    inputs = [folder_input(base), *data_inputs(cfg, [], corpus=True), corpus_input(cfg, texts)]
     return run_stage(
         cfg,
         "cpt",
@@ -94,30 +93,4 @@ def run(cfg: DictConfig) -> dict:
         work,
         all_ranks=True,
         resumable=True,
-        same_as_recorded=lambda previous: _same_corpus_as_listed(
-            cfg, previous, config_view, files, inputs[-1]
-        ),
     )
-
-
-def _same_corpus_as_listed(
-    cfg: DictConfig, previous: dict, config_view: dict, files: list[dict], now: dict
-) -> bool:
-    """Whether a CPT manifest from before the corpus identified the stage (its config held the
-    leakage list, its inputs every guarded task's files) is this stage: the same settings but
-    that list, the same base model and corpus files, and the list it recorded leaves the same
-    texts as now."""
-    config, recorded = previous.get("config"), previous.get("inputs")
-    if not isinstance(config, dict) or not isinstance(recorded, list):
-        return False
-    listed = config.get("leakage_tasks")
-    if not isinstance(listed, list) or any(item not in recorded for item in files):
-        return False
-    rest = {k: v for k, v in config.items() if k != "leakage_tasks"}
-    if fingerprint(rest, files) != fingerprint(config_view, files):
-        return False
-    texts, _ = cpt_corpus(cfg, [str(name) for name in listed])
-    same = corpus_input(cfg, texts) == now
-    if same:
-        log.info("cpt: made with data.leakage_tasks=%s, the same corpus as now", listed)
-    return same

@@ -13,13 +13,13 @@ from omegaconf import DictConfig
 
 from cmmerge.errors import CmmergeError
 from cmmerge.io.manifest import write_json_atomic
+from cmmerge.io.model_files import WRITE_DTYPES
 from cmmerge.merging.extract import TASK_VECTOR_FILE, extract_task_vector, task_vector_cosines
 from cmmerge.models.loading import resolve_model
 from cmmerge.stages.chain import require_upstream
 from cmmerge.stages.runner import folder_input, run_stage, stage_input
 from cmmerge.stages.spec import ExtractSpec
 
-_DTYPES = ("float32", "float16", "bfloat16")
 PLOT_FILE = "norm_by_layer.png"
 
 
@@ -27,8 +27,8 @@ def run(cfg: DictConfig) -> dict:
     spec = ExtractSpec.from_config(cfg)
     cpt_dir = spec.cpt.folder
     base = resolve_model(cfg)
-    if cfg.get("dtype") and str(cfg.dtype) not in _DTYPES:
-        raise CmmergeError(f"dtype={cfg.dtype}: choose one of {', '.join(_DTYPES)}")
+    if cfg.get("dtype") and str(cfg.dtype) not in WRITE_DTYPES:
+        raise CmmergeError(f"dtype={cfg.dtype}: choose one of {', '.join(WRITE_DTYPES)}")
     others = [Path(p).expanduser() for p in (cfg.get("task_vectors") or [])]
     for p in others:
         if not p.is_file():

@@ -26,13 +26,19 @@ from omegaconf import DictConfig
 from cmmerge.errors import CmmergeError
 from cmmerge.io import transaction
 from cmmerge.io.manifest import write_json_atomic
-from cmmerge.io.model_card import copy_model_files, write_model_card
-from cmmerge.merging.engine import TASK_VECTOR_FILE, merge_into_base
+from cmmerge.io.model_card import write_model_card
+from cmmerge.io.model_files import (
+    WRITE_DTYPES,
+    copy_model_files,
+    record_dtype,
+    record_grown_vocab,
+)
+from cmmerge.merging.engine import merge_into_base
+from cmmerge.merging.extract import TASK_VECTOR_FILE
 from cmmerge.stages import dist
 from cmmerge.stages.chain import require_upstream
 from cmmerge.stages.ids import GRAFT, arm_name, cli_hint, onto_task, source_names, stage_dirs
 from cmmerge.stages.inputs import data_inputs, task_labels, task_splits_with_info
-from cmmerge.stages.merge import _DTYPES, _record_dtype, _record_grown_vocab
 from cmmerge.stages.plan import with_values
 from cmmerge.stages.runner import run_stage, stage_input
 from cmmerge.stages.spec import GraftSpec, source_finetune_spec
@@ -70,8 +76,8 @@ def _check(cfg: DictConfig, labels: list[str]) -> None:
             "cmmerge graft works in a run directory: base=, models=, task_vectors= and output= "
             "belong to a standalone cmmerge merge"
         )
-    if cfg.get("dtype") and str(cfg.dtype) not in _DTYPES:
-        raise CmmergeError(f"dtype={cfg.dtype}: choose one of {', '.join(_DTYPES)}")
+    if cfg.get("dtype") and str(cfg.dtype) not in WRITE_DTYPES:
+        raise CmmergeError(f"dtype={cfg.dtype}: choose one of {', '.join(WRITE_DTYPES)}")
     onto = onto_task(cfg)
     onto_labels = task_labels(cfg, onto)
     if onto_labels != labels:
@@ -124,9 +130,9 @@ def run(cfg: DictConfig) -> dict:
                 **params,
             )
             copy_model_files(source / "model", model_dir)
-            _record_dtype(model_dir, stats["dtype"])
+            record_dtype(model_dir, stats["dtype"])
             if stats["grown"]:  # CPT grew the vocabulary: config.json says the new size
-                _record_grown_vocab(model_dir, [], stats["grown"])
+                record_grown_vocab(model_dir, [], stats["grown"])
         dist.barrier()
         splits, info = task_splits_with_info(cfg)
         val = splits["validation"]

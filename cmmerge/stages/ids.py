@@ -26,18 +26,14 @@ from cmmerge.stages.spec import (
     finetune_spec,
     method_name,
     onto_task,
-    short_hash,
     source_finetune_spec,
     source_names,
-)
-from cmmerge.stages.spec import (
-    differences as _differences,
 )
 from cmmerge.stages.spec import (
     num as _num,
 )
 
-__all__ = ["GRAFT", "method_name", "onto_task", "short_hash", "source_names", "_differences"]
+__all__ = ["GRAFT", "method_name", "onto_task", "source_names"]  # re-exported for the stages
 
 # Settings left out of the hash (see :data:`cmmerge.stages.spec.NOT_IN_ID`).
 _NOT_OUTPUT = NOT_IN_ID
@@ -58,12 +54,6 @@ def is_graft_id(name: str) -> bool:
     """Whether a ``finetune/`` folder name is a graft's: its CPT id (after ``@``, which never
     holds ``+``) is followed by ``+``, where a fine-tune's is followed by ``-<task>``."""
     return re.search(r"@[^@+]*\+", name) is not None
-
-
-def graft_source_id(cfg: DictConfig) -> str:
-    """The fine-tune a graft adds tau_cpt to: the base fine-tuned on ``onto`` with this
-    config's training settings and seed (as a multi-source merge's source)."""
-    return source_finetune_id(cfg, onto_task(cfg))
 
 
 def init_id(cfg: DictConfig) -> str:

@@ -10,7 +10,8 @@ from datasets import DatasetDict
 from omegaconf import DictConfig
 
 from cmmerge.data import build_corpus, load_corpus, load_task, load_task_with_info, normalize_text
-from cmmerge.data.tasks import SPLITS, resolve_labels, split_file
+from cmmerge.data.splits import SPLITS, split_file
+from cmmerge.data.tasks import resolve_labels
 from cmmerge.io.manifest import sha256_bytes
 from cmmerge.settings import data_root, leakage_tasks, plain, split_seed, task_config
 

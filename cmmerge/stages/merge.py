@@ -13,7 +13,6 @@ asks otherwise, and config.json says so. Every output goes into the folder ``wor
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import yaml
@@ -22,13 +21,15 @@ from omegaconf import DictConfig
 from cmmerge.errors import CmmergeError
 from cmmerge.io import ownership
 from cmmerge.io.hashes import describe
-from cmmerge.io.model_card import copy_model_files, write_model_card
-from cmmerge.merging.engine import (
-    TASK_VECTOR_FILE,
-    check_output_dir,
-    merge_into_base,
-    merge_models,
+from cmmerge.io.model_card import write_model_card
+from cmmerge.io.model_files import (
+    WRITE_DTYPES,
+    copy_model_files,
+    record_dtype,
+    record_grown_vocab,
 )
+from cmmerge.merging.engine import check_output_dir, merge_into_base, merge_models
+from cmmerge.merging.extract import TASK_VECTOR_FILE
 from cmmerge.merging.methods import get_method
 from cmmerge.models.loading import local_model_dir, resolve_model
 from cmmerge.settings import cache_dir
@@ -36,9 +37,6 @@ from cmmerge.stages.chain import require_upstream
 from cmmerge.stages.ids import cli_hint, source_names, stage_dirs
 from cmmerge.stages.runner import folder_input, run_stage, stage_input
 from cmmerge.stages.spec import CptSpec, MergeSpec, source_finetune_spec
-from cmmerge.stages.spec import shard_bytes as _int_size  # noqa: F401 (its old name)
-
-_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def method_params(cfg: DictConfig) -> dict:
@@ -142,8 +140,8 @@ def run(cfg: DictConfig) -> dict:
     dirs = stage_dirs(cfg)
     spec = MergeSpec.from_config(cfg)
     params, scale, method = dict(spec.params), spec.scale, spec.method
-    if cfg.get("dtype") and str(cfg.dtype) not in _DTYPES:
-        raise CmmergeError(f"dtype={cfg.dtype}: choose one of {', '.join(_DTYPES)}")
+    if cfg.get("dtype") and str(cfg.dtype) not in WRITE_DTYPES:
+        raise CmmergeError(f"dtype={cfg.dtype}: choose one of {', '.join(WRITE_DTYPES)}")
     shard_size = spec.shard_bytes
     pickle_ok = bool(cfg.get("allow_pickle"))
     # a merge reads tensors only: the outline check (no transformers import) is enough here
@@ -184,9 +182,9 @@ def run(cfg: DictConfig) -> dict:
             **params,
         )
         copy_model_files(base, model_dir)
-        _record_dtype(model_dir, stats["dtype"])
+        record_dtype(model_dir, stats["dtype"])
         if stats["grown"]:
-            _record_grown_vocab(model_dir, sources if are_models else [], stats["grown"])
+            record_grown_vocab(model_dir, sources if are_models else [], stats["grown"])
         hashes = cache_dir(cfg)  # SHA-256 of the weights, remembered there
         described = [describe(s, hashes) for s in sources]
         record = {
@@ -248,43 +246,3 @@ _LISTS = ("sources", "base_only", "heads_copied", "not_in_every_source", "droppe
 
 def _listed(keys: list[str]) -> str:
     return ", ".join(f"`{k}`" for k in keys) if keys else "none"
-
-
-def _record_dtype(model_dir: Path, dtype: str) -> None:
-    """config.json says the dtype the weights were written in (``dtype``, and ``torch_dtype``
-    where an older config has it), so ``from_pretrained`` loads them as they are."""
-    import json
-
-    config_file = model_dir / "config.json"
-    config = json.loads(config_file.read_text())
-    config["dtype"] = dtype
-    if "torch_dtype" in config:
-        config["torch_dtype"] = dtype
-    config_file.write_text(json.dumps(config, indent=2) + "\n")
-
-
-def _record_grown_vocab(model_dir: Path, model_sources: list[Path], grown: dict) -> None:
-    """A vocabulary grown by CPT: the new size goes into config.json, and the tokenizer comes
-    from the source model that grew it (a task vector carries no tokenizer)."""
-    import json
-
-    config_file = model_dir / "config.json"
-    config = json.loads(config_file.read_text())
-    rows = max(grown.values())
-    config["vocab_size"] = rows
-    config_file.write_text(json.dumps(config, indent=2) + "\n")
-    for src in model_sources:
-        if json.loads((src / "config.json").read_text()).get("vocab_size") == rows:
-            for path in src.iterdir():
-                if path.name.startswith(
-                    (
-                        "tokenizer",
-                        "special_tokens",
-                        "vocab",
-                        "merges",
-                        "sentencepiece",
-                        "added_tokens",
-                    )
-                ):
-                    shutil.copy2(path, model_dir / path.name)
-            break

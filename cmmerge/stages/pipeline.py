@@ -22,32 +22,12 @@ from omegaconf import DictConfig
 from cmmerge.errors import CmmergeError
 from cmmerge.io import transaction
 from cmmerge.settings import run_dir
-from cmmerge.stages import (
-    cpt,
-    data,
-    dist,
-    evaluate,
-    extract,
-    finetune,
-    graft,
-    merge,
-    plan,
-    prompt,
-    report,
-)
+from cmmerge.stages import dist, evaluate, plan
 from cmmerge.stages.plan import Step, with_values
+from cmmerge.stages.registry import STAGES
 from cmmerge.stages.runner import as_user_error
 
-__all__ = ["run", "with_values"]
-
 log = logging.getLogger("cmmerge")
-
-# What each prunable stage deletes after use, and the key that keeps it.
-PRUNABLE = {
-    "merge": ("keep_merged", ("model/",)),
-    "finetune": ("keep_models", ("model/", "adapter/", "sequential/")),
-    "graft": ("keep_models", ("model/",)),
-}
 
 
 def run_step(step: Step, force: bool = False) -> dict:
@@ -55,32 +35,20 @@ def run_step(step: Step, force: bool = False) -> dict:
     cfg = with_values(step.cfg, force=True) if force else step.cfg
     if step.stage == "evaluate":
         return evaluate.evaluate_one(cfg, str(step.eval_task))
-    module = {
-        "data": data,
-        "cpt": cpt,
-        "extract": extract,
-        "merge": merge,
-        "finetune": finetune,
-        "graft": graft,
-        "prompt": prompt,
-        "report": report,
-    }[step.stage]
-    return module.run(cfg)
+    return STAGES[step.stage].work(cfg)
 
 
 def keeps(cfg: DictConfig, stage: str) -> bool:
     """Whether this study keeps the outputs of ``stage`` after use (unprunable stages: yes)."""
-    if stage not in PRUNABLE:
-        return True
-    key, _ = PRUNABLE[stage]
-    return bool(cfg.get(key, True))
+    key = STAGES[stage].kept_by
+    return key is None or bool(cfg.get(key, True))
 
 
 def prune(cfg: DictConfig, stage: str, folder: Path) -> int:
     """Delete the weights of a finished ``stage`` in ``folder`` unless the study keeps them."""
     if keeps(cfg, stage) or not dist.is_main():
         return 0
-    freed = transaction.prune(folder, PRUNABLE[stage][1])
+    freed = transaction.prune(folder, STAGES[stage].prunes)
     if freed:
         log.info("pruned %s (%.1f MB; keep_* settings keep them)", folder, freed / 2**20)
     return freed
@@ -160,7 +128,7 @@ def run(cfg: DictConfig) -> dict | None:
     trained = [s for s in work if s.stage in ("finetune", "graft", "prompt")]
     result: dict = {}
     if any(executor.status.get(s.folder) == "ok" for s in trained):
-        result = report.run(cfg)
+        result = STAGES["report"].work(cfg)
     if executor.failures:
         step, error = executor.failures[0]
         left_out = sum(1 for v in executor.status.values() if v == "blocked")

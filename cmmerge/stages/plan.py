@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from cmmerge.errors import CmmergeError
 from cmmerge.settings import CONFIG_DIR, load_group_config, plain, run_dir
 from cmmerge.stages.ids import stage_dirs
+from cmmerge.stages.registry import STAGES
 
 _ARM_KEYS = ("sequential", "joint", "multi_source", "no_labels")
 
@@ -333,7 +334,7 @@ def settings_changed(step: Step) -> bool:
 
     manifest = transaction.finished_manifest(step.folder)
     recorded = manifest.get("config") if manifest else None
-    if step.stage in ("report",) or not isinstance(recorded, dict):
+    if STAGES[step.stage].spec is None or not isinstance(recorded, dict):
         return False
     stage = "finetune" if step.stage == "graft" else step.stage
     options = {"task_name": step.eval_task} if step.stage == "evaluate" else {}

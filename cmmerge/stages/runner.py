@@ -32,7 +32,7 @@ from cmmerge.io.manifest import (
     read_manifest,
     write_json_atomic,
 )
-from cmmerge.settings import plain, run_dir
+from cmmerge.settings import run_dir
 from cmmerge.stages import dist
 
 log = logging.getLogger("cmmerge")
@@ -116,7 +116,6 @@ def run_stage(
     work: Callable[[Path], dict[str, Any]],
     all_ranks: bool = False,
     resumable: bool = False,
-    same_as_recorded: Callable[[dict], bool] | None = None,
     place: str = ownership.RUN,
 ) -> dict:
     """Do ``work(folder)`` as a transaction unless an identical finished stage is there; return
@@ -140,8 +139,6 @@ def run_stage(
             the manifest either way.
         resumable: a partial folder left by an interrupted run of the same attempt is kept for
             ``work`` to resume from (CPT checkpoints); otherwise every attempt starts empty.
-        same_as_recorded: for a finished manifest whose fingerprint differs, whether it is
-            still this stage (one recorded in an older form); it is then kept as it is.
         place: where ``stage_dir`` is, for the rule of what cmmerge may replace
             (:mod:`cmmerge.io.ownership`): a run directory's stage folder, or ``output=``.
     """
@@ -155,14 +152,7 @@ def run_stage(
         dist.barrier()
         previous = read_manifest(stage_dir)
         reason = None if previous is None else transaction.problem(stage_dir, previous)
-        if (
-            previous is not None
-            and reason is None
-            and (
-                _same_stage(previous, digest, inputs)
-                or (same_as_recorded is not None and same_as_recorded(previous))
-            )
-        ):
+        if previous is not None and reason is None and _same_stage(previous, digest, inputs):
             just_made = (stage_dir / MANIFEST).stat().st_mtime >= asked  # by another process
             if not cfg.get("force") or just_made:
                 if dist.is_main():
@@ -451,8 +441,8 @@ def _gpu_peak() -> dict[str, float]:
 
 def _same_stage(previous: dict, digest: str, inputs: list[dict] | None = None) -> bool:
     """Whether a finished manifest is the stage ``digest`` names: by its fingerprint, or by its
-    recorded config and inputs hashed the way fingerprints are now (a manifest written before
-    :data:`~cmmerge.io.manifest.NOT_OUTPUT_SETTINGS` left the fingerprint stays valid), with each
+    recorded config and inputs hashed the way fingerprints are now (a setting added to
+    :data:`~cmmerge.io.manifest.NOT_OUTPUT_SETTINGS` leaves recorded fingerprints valid), with each
     upstream stage re-made as the same version (its ``same_as`` lists the recorded hash: a
     pruned merge made again) standing for the version recorded."""
     if previous.get("fingerprint") == digest:
@@ -474,10 +464,3 @@ def _standing_for(recorded: dict, current: dict | None) -> dict:
     if not old or not current or current.get("manifest_sha256") in (None, old):
         return recorded
     return current if transaction.stands_for(Path(current["path"]), old) else recorded
-
-
-def view(cfg: DictConfig, *keys: str, **extra: Any) -> dict[str, Any]:
-    """Plain copy of selected top-level config keys (``model``, ``cpt``, ...) plus extras."""
-    out = {k: plain(cfg.get(k)) for k in keys}
-    out.update(extra)
-    return out

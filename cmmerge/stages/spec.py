@@ -53,6 +53,7 @@ from cmmerge.settings import (
     split_seed,
     task_config,
 )
+from cmmerge.stages.registry import STAGES
 
 # Settings left out of the folder hash: those that only change how fast or how verbosely a stage
 # runs (shared with the fingerprint), and the arms' task lists, which the readable part names.
@@ -934,16 +935,10 @@ class PromptSpec(StageSpec):
         return (f"task={self.task['name']}", f"shots={self.shots}", f"seed={self.seed}")
 
 
-SPECS: dict[str, type[StageSpec]] = {
-    "data": DataSpec,
-    "cpt": CptSpec,
-    "extract": ExtractSpec,
-    "merge": MergeSpec,
-    "finetune": FinetuneSpec,
-    "graft": GraftSpec,
-    "evaluate": EvaluateSpec,
-    "prompt": PromptSpec,
-}
+def spec_type(stage: str) -> type[StageSpec] | None:
+    """The spec class the stage registry names for ``stage`` (None: it has no folder)."""
+    name = STAGES[stage].spec
+    return None if name is None else globals()[name]
 
 
 def spec_for(cfg: DictConfig, stage: str, **options: Any) -> StageSpec:
@@ -951,6 +946,8 @@ def spec_for(cfg: DictConfig, stage: str, **options: Any) -> StageSpec:
     graft's); ``options``: ``task_name`` for ``evaluate``."""
     if stage == "finetune":
         return finetune_spec(cfg)
-    if stage not in SPECS:
-        raise KeyError(f"no spec for stage {stage!r}; specs: {', '.join(SPECS)}")
-    return SPECS[stage].from_config(cfg, **options)
+    kind = spec_type(stage) if stage in STAGES else None
+    if kind is None:
+        specs = ", ".join(name for name, s in STAGES.items() if s.spec)
+        raise KeyError(f"no spec for stage {stage!r}; specs: {specs}")
+    return kind.from_config(cfg, **options)

@@ -18,19 +18,19 @@ from cmmerge.stages.chain import chain as upstream_chain
 from cmmerge.stages.chain import command_for
 from cmmerge.stages.cpt_variants import differing, finished_variants, matching
 from cmmerge.stages.ids import GRAFT, is_graft_id, stage_dirs
+from cmmerge.stages.registry import stage_folders
 from cmmerge.stages.runner import STARTED, failure_file, hydra_overrides
 from cmmerge.stages.spec import CptSpec
 
-_SKIP_TOP = {"logs", "sweep"}
-
 
 def _stage_folders(root: Path) -> list[Path]:
-    """Stage folders under ``root``: those with a manifest, and those named by a lock, a
-    partial folder or a failure record beside them."""
+    """Stage folders under ``root`` (in the top folders of the stage registry): those with a
+    manifest, and those named by a lock, a partial folder or a failure record beside them."""
     found: set[Path] = set()
+    tops = stage_folders()
     for path in root.rglob("*"):
         rel = path.relative_to(root).parts
-        if not rel or rel[0] in _SKIP_TOP or len(rel) > 4:
+        if not rel or len(rel) > 4:
             continue
         name = path.name
         if name == MANIFEST and path.parent != root:
@@ -41,6 +41,7 @@ def _stage_folders(root: Path) -> list[Path]:
             found.add(path.parent / name[1 : -len(".failed.json")])
         elif name.startswith(".") and name.endswith(".lock") and path.parent != root:
             found.add(path.parent / name[1 : -len(".lock")])
+    found = {p for p in found if p.relative_to(root).parts[0] in tops}
     # a stage's own sub-folders (model/, checkpoints/, a partial folder's contents) are not stages
     stages = {p for p in found if not any(part.startswith(".partial-") for part in p.parts)}
     return sorted(p for p in stages if not any(q != p and q in p.parents for q in stages))

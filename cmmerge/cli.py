@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import gc
 import itertools
@@ -144,13 +145,18 @@ def _run(stage: str, args: list[str]) -> None:
 
     from cmmerge.config_errors import check_overrides, override_args
     from cmmerge.errors import CmmergeError
+    from cmmerge.single_run import is_plain_run, one_composition
     from cmmerge.stages.cpt_variants import given_cpt_keys, take_id
 
     args, cpt_id = take_id(args)
     overrides = override_args(args)
+    plain = is_plain_run(stage, args, overrides)
     try:
-        check_overrides(
-            stage, overrides, multirun=stage == "sweep" or bool({"-m", "--multirun"} & set(args))
+        check_keys = check_overrides(
+            stage,
+            overrides,
+            multirun=stage == "sweep" or bool({"-m", "--multirun"} & set(args)),
+            defer_keys=plain,
         )
         cpt_choice = (cpt_id, given_cpt_keys(overrides))
     except CmmergeError as err:
@@ -174,9 +180,10 @@ def _run(stage: str, args: list[str]) -> None:
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors: reported below, one line
     try:
-        hydra.main(config_path="configs", config_name=stage, version_base="1.3")(
-            _task(stage, started, cpt_choice)
-        )()
+        with one_composition(check_keys) if plain else contextlib.nullcontext():
+            hydra.main(config_path="configs", config_name=stage, version_base="1.3")(
+                _task(stage, started, cpt_choice)
+            )()
     except Exception as err:  # noqa: BLE001 - a config error Hydra found before the stage ran
         if started or debug:
             raise

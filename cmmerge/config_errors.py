@@ -9,7 +9,7 @@ needs; a malformed override says what the syntax is. :func:`check_overrides` rai
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -245,9 +245,16 @@ def _check_limits(key: str, override) -> None:
             )
 
 
-def check_overrides(stage: str, overrides: list[str], multirun: bool = False) -> None:
+def check_overrides(
+    stage: str, overrides: list[str], multirun: bool = False, defer_keys: bool = False
+) -> Callable[[DictConfig], None] | None:
     """Refuse unknown keys, unknown group options, values of the wrong type and malformed
-    overrides of ``cmmerge <stage> ...`` with one line; anything else is left to Hydra."""
+    overrides of ``cmmerge <stage> ...`` with one line; anything else is left to Hydra.
+
+    Key names and value types are checked against the stage's config composed with the
+    overrides' group choices. With ``defer_keys`` that check is returned instead of run (None
+    when there is no key to check): the caller runs it on the config Hydra composes for the
+    command itself, before Hydra applies the overrides, so the config is composed once."""
     parsed = _parse(overrides)
     groups = set(config_groups())
     chosen, keys = [], []
@@ -271,12 +278,19 @@ def check_overrides(stage: str, overrides: list[str], multirun: bool = False) ->
         else:
             keys.append(o)
     if not keys:
-        return
+        return None
+
+    def check_keys(cfg: DictConfig) -> None:
+        for o in keys:
+            if not _has_key(cfg, o.key_or_group):
+                raise _unknown_key(o.key_or_group, cfg, stage)
+            _check_value(o.key_or_group, o, cfg)
+
+    if defer_keys:
+        return check_keys
     try:
         cfg = _compose(stage, chosen)
     except Exception as err:  # noqa: BLE001 - Hydra's message, on one line
         raise CmmergeError(" ".join(str(err).split())) from None
-    for o in keys:
-        if not _has_key(cfg, o.key_or_group):
-            raise _unknown_key(o.key_or_group, cfg, stage)
-        _check_value(o.key_or_group, o, cfg)
+    check_keys(cfg)
+    return None

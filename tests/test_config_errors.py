@@ -84,3 +84,39 @@ def test_typed_reads_name_the_key_and_the_type():
     with pytest.raises(CmmergeError, match="seed=x: expected an integer"):
         config_int(cfg, "seed")
     assert merge_scale(compose("merge", ["lambda=1"])) == 1.0
+
+
+def _count_compositions(monkeypatch) -> list[int]:
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    calls: list[int] = []
+    real = ConfigLoaderImpl.load_configuration
+    monkeypatch.setattr(
+        ConfigLoaderImpl,
+        "load_configuration",
+        lambda self, *a, **k: calls.append(1) or real(self, *a, **k),
+    )
+    return calls
+
+
+def test_a_plain_run_composes_its_config_once_and_still_checks_its_keys(tmp_path, monkeypatch):
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.hydra import Hydra
+
+    get_mode, apply = Hydra.get_mode, ConfigLoaderImpl._apply_overrides_to_config
+    calls = _count_compositions(monkeypatch)
+    out = cmmerge("status", f"run.root={tmp_path}", "run.name=r", "seed=3")
+    assert out.returncode == 0, out.stderr
+    assert len(calls) == 1  # not a second one for hydra.mode, nor a third for the key check
+    for override, needle in (("sed=3", "did you mean seed?"), ("seed=abc", "seed takes a number")):
+        calls.clear()
+        out = cmmerge("status", f"run.root={tmp_path}", "run.name=r", override)
+        _assert_one_line_error(out, "cmmerge status: error: ", needle)
+        assert len(calls) == 1
+    # Hydra is as it was after each command, and a Hydra option gets the separate check
+    assert Hydra.get_mode is get_mode
+    assert ConfigLoaderImpl._apply_overrides_to_config is apply
+    calls.clear()
+    out = cmmerge("status", f"run.root={tmp_path}", "sed=3", "--cfg", "job")
+    _assert_one_line_error(out, "did you mean seed?")
+    assert len(calls) == 1  # config_errors' own composition: Hydra never started

@@ -4,6 +4,7 @@ fresh upstreams, failures recorded, kills at any moment recoverable."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import multiprocessing
 import os
@@ -17,7 +18,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from cmmerge.errors import CmmergeError
-from cmmerge.io import transaction
+from cmmerge.io import hashes, transaction
 from cmmerge.io.manifest import read_manifest
 from cmmerge.stages.runner import failure_file, folder_input, run_stage, stage_input
 
@@ -322,3 +323,21 @@ def test_a_redo_killed_between_its_manifest_and_the_swap_is_completed(tmp_path, 
     (transaction.partial_dir(stage) / "sub" / "w.bin").write_bytes(b"short")
     again = run_stage(_cfg(tmp_path), "s", stage, {"a": 3}, [], _writes("third", calls=calls))
     assert again["skipped"] is False and len(calls) == 1 and transaction.problem(stage) is None
+
+
+def test_outputs_are_recorded_by_block_digest_and_older_sha256_records_still_count(tmp_path):
+    stage = tmp_path / "r" / "s"
+    manifest = run_stage(_cfg(tmp_path), "s", stage, {"a": 1}, [], _writes())
+    assert all(d.startswith(hashes.BLOCKS) for _, d in manifest["digests"].values())
+    w = stage / "sub" / "w.bin"
+    older = {  # a manifest of an earlier version: plain SHA-256 of each output
+        **manifest,
+        "digests": {"sub/w.bin": [1, hashlib.sha256(w.read_bytes()).hexdigest()]},
+    }
+    for record in (manifest, older):
+        os.utime(w, ns=(5, 5))  # another time, the same content: hashed, still finished
+        assert transaction.changed(stage, record) is None
+        w.write_bytes(b"1" * 100)  # same size, other content
+        os.utime(w, ns=(6, 6))
+        assert "sub/w.bin changed since it was written" in transaction.changed(stage, record)
+        w.write_bytes(b"0" * 100)

@@ -27,10 +27,15 @@ from filelock import FileLock
 
 from cmmerge.errors import CmmergeError
 from cmmerge.io import ownership
-from cmmerge.io.hashes import content_digest, default_cache, file_digest
+from cmmerge.io.hashes import (
+    BLOCKS,
+    block_digests,
+    content_digest,
+    default_cache,
+    file_digest,
+)
 from cmmerge.io.manifest import (
     MANIFEST,
-    file_sha256,
     manifest_hash,
     read_json,
     read_manifest,
@@ -85,13 +90,13 @@ def file_sizes(folder: Path) -> dict[str, int]:
 
 
 def file_digests(folder: Path, names: Sequence[str]) -> dict[str, list]:
-    """``{relative path: [mtime_ns, sha256]}`` of the files ``names`` under ``folder``: what
-    :func:`changed` compares against (the time as the fast path, the content when it differs)."""
-    out = {}
-    for name in names:
-        path = Path(folder) / name
-        out[name] = [path.stat().st_mtime_ns, file_sha256(path)]
-    return out
+    """``{relative path: [mtime_ns, block digest]}`` of the files ``names`` under ``folder``
+    (:func:`~cmmerge.io.hashes.block_digests`, hashed on every core): what :func:`changed`
+    compares against (the time as the fast path, the content when it differs)."""
+    paths = [Path(folder) / name for name in names]
+    times = [path.stat().st_mtime_ns for path in paths]
+    digests = block_digests(paths)
+    return {name: [t, d] for name, t, d in zip(names, times, digests, strict=True)}
 
 
 def changed(stage_dir: Path, manifest: dict) -> str | None:
@@ -107,7 +112,8 @@ def changed(stage_dir: Path, manifest: dict) -> str | None:
         try:
             if path.stat().st_mtime_ns == mtime:
                 continue
-            if file_digest(path, default_cache()) != digest:
+            blocks = str(digest).startswith(BLOCKS)  # else a plain SHA-256 (older manifests)
+            if file_digest(path, default_cache(), blocks) != digest:
                 return f"{name} changed since it was written (same size, other content)"
         except OSError:
             continue  # missing: reported by problem()

@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -74,15 +75,19 @@ def _scratch(n: int) -> Tensor:
 
 def window_counts(x: Tensor, lo: int, width: int) -> tuple[int, Tensor, Tensor]:
     """Entries of ``x`` by magnitude bit pattern around ``[lo, lo + width)``: (how many lie
-    above it, the offsets from ``lo`` present in it, their counts); one pass, no gather."""
+    above it, the offsets from ``lo`` present in it, their counts).
+
+    A window holds a small share of the entries, so they are picked out and counted alone
+    rather than binned with all the others (numpy: its comparisons and ``count_nonzero`` are
+    several times faster than torch's on one thread, and far faster than ``bincount``)."""
     flat = x.reshape(-1)
-    key = magnitude_bits(flat, out=_scratch(flat.numel()))
-    # below -> 0, in the window -> 1..width, above -> width + 1 (clamped first: no overflow)
-    key.clamp_(lo - 1, min(lo + width, _MAX_BITS)).sub_(lo - 1)
-    counts = torch.bincount(key, minlength=width + 2)
-    inside = counts[1 : width + 1]
-    offsets = inside.nonzero().view(-1)
-    return int(counts[width + 1]), offsets.to(torch.int32), inside[offsets].to(torch.int32)
+    bits = magnitude_bits(flat, out=_scratch(flat.numel())).numpy()
+    top = lo + width
+    above = int(np.count_nonzero(bits >= top)) if top <= _MAX_BITS else 0
+    # bits - lo: the window becomes 0..width-1, below it wraps to unsigned values >= 2**31
+    shifted = np.subtract(bits, lo, out=bits)
+    offsets, counts = np.unique(shifted[shifted.view(np.uint32) < width], return_counts=True)
+    return above, torch.from_numpy(offsets), torch.from_numpy(counts.astype(np.int32))
 
 
 def _sample(x: Tensor, every: int) -> Tensor:

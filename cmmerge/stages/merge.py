@@ -137,7 +137,9 @@ def _output_dirs(cfg: DictConfig, dirs: dict) -> tuple[Path, Path]:
 
 
 def run(cfg: DictConfig) -> dict:
-    dirs = stage_dirs(cfg)
+    # a standalone merge (output= and models= or task_vectors=) reads and writes no run folder
+    standalone = cfg.get("output") and (cfg.get("models") or cfg.get("task_vectors"))
+    dirs = {} if standalone else stage_dirs(cfg)
     spec = MergeSpec.from_config(cfg)
     params, scale, method = dict(spec.params), spec.scale, spec.method
     if cfg.get("dtype") and str(cfg.dtype) not in WRITE_DTYPES:

@@ -144,14 +144,22 @@ def short_hash(obj: Any) -> str:
 
 
 @cache
+def _train_presets() -> dict[str, Any]:
+    """``{preset: its config}`` of every ``train`` preset (each file read once)."""
+    return {
+        path.stem: OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        for path in sorted((CONFIG_DIR / "train").glob("*.yaml"))
+    }
+
+
+@cache
 def _presets(section: str) -> dict[str, dict]:
     """``{preset: settings}`` of a section (``cpt``, ``finetune``) in every ``train`` preset."""
-    out = {}
-    for path in sorted((CONFIG_DIR / "train").glob("*.yaml")):
-        node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-        if isinstance(node, dict) and isinstance(node.get(section), dict):
-            out[path.stem] = node[section]
-    return out
+    return {
+        name: node[section]
+        for name, node in _train_presets().items()
+        if isinstance(node, dict) and isinstance(node.get(section), dict)
+    }
 
 
 def differences(settings: Mapping, section: str) -> dict:

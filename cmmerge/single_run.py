@@ -21,9 +21,21 @@ def is_plain_run(stage: str, args: list[str], overrides: list[str]) -> bool:
     option (``-m``, ``--cfg``, ``--help``, ``--config-dir``...), no ``hydra`` override, not a
     sweep."""
     return (
-        stage != "sweep"
+        _hydra_has_the_hooks()
+        and stage != "sweep"
         and not any(arg.startswith("-") for arg in args)
         and not any(o.lstrip("+~").startswith("hydra") for o in overrides)
+    )
+
+
+def _hydra_has_the_hooks() -> bool:
+    """Whether this Hydra has the two internals :func:`one_composition` replaces (Hydra 1.3
+    does); without them a run composes as Hydra does by itself, with the separate key check."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.hydra import Hydra
+
+    return "get_mode" in Hydra.__dict__ and isinstance(
+        ConfigLoaderImpl.__dict__.get("_apply_overrides_to_config"), staticmethod
     )
 
 

@@ -674,13 +674,16 @@ def test_window_counts_equal_a_brute_force_count_at_every_edge():
     x[:40] = float("nan")
     x[40:80] = float("-inf")
     x[80:300] = (x[80:300] * 4).round() / 4  # ties
-    bits = magnitude_bits(x).tolist()
-    mid = sorted(bits)[2500]
-    windows = [(mid - 300_000, 600_000), (mid, 1), (0, 1 << 16), (0x7FFFFFFF - 50, 1 << 19)]
-    for lo, width in windows:
-        above, offsets, counts = select.window_counts(x, lo, width)
-        inside = sorted(b - lo for b in bits if lo <= b < lo + width)
-        want = {o: inside.count(o) for o in inside}
-        assert above == sum(1 for b in bits if b >= lo + width), (lo, width)
-        assert dict(zip(offsets.tolist(), counts.tolist(), strict=True)) == want, (lo, width)
-        assert offsets.dtype == counts.dtype == torch.int32
+    sparse = torch.zeros(5000)  # most entries in one window: binned, not picked out
+    sparse[::7] = torch.randn(715, generator=g)
+    for y in (x, sparse):
+        bits = magnitude_bits(y).tolist()
+        mid = sorted(bits)[2500]
+        windows = [(mid - 300_000, 600_000), (mid, 1), (0, 1 << 16), (0x7FFFFFFF - 50, 1 << 19)]
+        for lo, width in windows:
+            above, offsets, counts = select.window_counts(y, lo, width)
+            inside = sorted(b - lo for b in bits if lo <= b < lo + width)
+            want = {o: inside.count(o) for o in inside}
+            assert above == sum(1 for b in bits if b >= lo + width), (lo, width)
+            assert dict(zip(offsets.tolist(), counts.tolist(), strict=True)) == want, (lo, width)
+            assert offsets.dtype == counts.dtype == torch.int32

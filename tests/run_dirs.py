@@ -57,6 +57,23 @@ def predictions(accuracy: float, seed: int) -> tuple[list[int], list[int]]:
     return gold.tolist(), np.where(wrong, (gold + rng.integers(1, 3, N)) % 3, gold).tolist()
 
 
+def evaluation_work(gold: Sequence[int], pred: Sequence[int], macro_f1: float, accuracy: float):
+    """An evaluate stage's ``work``: writes ``metrics.json`` (the given scores) and
+    ``predictions.jsonl`` (gold and predicted labels) as the stage does."""
+
+    def work(d):
+        labels = {"labels": LABELS}
+        metrics = {"macro_f1": macro_f1, "accuracy": accuracy, "confusion_matrix": labels}
+        write_json_atomic(d / "metrics.json", metrics)
+        rows = zip(gold, pred, strict=True)
+        write_jsonl_atomic(
+            d / "predictions.jsonl", ({"gold": LABELS[g], "pred": LABELS[p]} for g, p in rows)
+        )
+        return {}
+
+    return work
+
+
 def _per_seed(value: float | Sequence[float], seeds: Sequence[int]) -> dict[int, float]:
     if isinstance(value, int | float):
         return {seed: float(value) for seed in seeds}
@@ -97,18 +114,9 @@ def finetune(
             evaluation = EvaluateSpec.from_config(scfg, task).resolve(labels=LABELS)
             acc = accuracies[seed] + offset
 
-            def work(d, seed=seed, acc=acc):
-                gold, pred = predictions(acc, seed)
-                hits = np.array(pred) == np.array(gold)
-                f1 = float(np.mean([hits[np.array(gold) == k].mean() for k in (0, 1, 2)]))
-                metrics = {"macro_f1": f1, "accuracy": acc, "confusion_matrix": {"labels": LABELS}}
-                write_json_atomic(d / "metrics.json", metrics)
-                rows = zip(gold, pred, strict=True)
-                write_jsonl_atomic(
-                    d / "predictions.jsonl",
-                    ({"gold": LABELS[g], "pred": LABELS[p]} for g, p in rows),
-                )
-                return {}
-
+            gold, pred = predictions(acc, seed)
+            hits = np.array(pred) == np.array(gold)
+            f1 = float(np.mean([hits[np.array(gold) == k].mean() for k in (0, 1, 2)]))
+            work = evaluation_work(gold, pred, f1, acc)
             run_stage(scfg, "evaluate", evaluation.folder, evaluation.config_view(), [ft_in], work)
     return spec.folder.name.rsplit("-s", 1)[0]

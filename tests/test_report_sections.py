@@ -11,9 +11,8 @@ import re
 import numpy as np
 from conftest import compose
 from omegaconf import OmegaConf
-from run_dirs import BASE, LABELS, TV, config, finetune, predictions
+from run_dirs import BASE, TV, config, evaluation_work, finetune, predictions
 
-from cmmerge.io.manifest import write_json_atomic, write_jsonl_atomic
 from cmmerge.stages import report
 from cmmerge.stages.runner import run_stage, stage_input
 
@@ -85,20 +84,8 @@ def _graft(root, ft_id, arm, task, accuracies, val, onto=None, merge_id=""):
         stage = "graft" if onto else "finetune"
         run_stage(cfg, stage, ft_dir, {"seed": seed}, [], lambda d, r=result: r)
 
-        def work(d, seed=seed, accuracy=accuracy):
-            gold, pred = predictions(accuracy, seed)
-            metrics = {
-                "macro_f1": accuracy,
-                "accuracy": accuracy,
-                "confusion_matrix": {"labels": LABELS},
-            }
-            write_json_atomic(d / "metrics.json", metrics)
-            rows = zip(gold, pred, strict=True)
-            write_jsonl_atomic(
-                d / "predictions.jsonl", ({"gold": LABELS[g], "pred": LABELS[p]} for g, p in rows)
-            )
-            return {}
-
+        gold, pred = predictions(accuracy, seed)
+        work = evaluation_work(gold, pred, accuracy, accuracy)
         run_stage(cfg, "evaluate", root / "evaluate" / ft_dir.name / "t", {"task": "t"},
                   [stage_input(ft_dir, "make it")], work)  # fmt: skip
 

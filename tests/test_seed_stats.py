@@ -9,10 +9,10 @@ import csv
 import numpy as np
 from conftest import compose
 from omegaconf import OmegaConf
+from run_dirs import evaluation_work
 from scipy import stats
 from sklearn.metrics import f1_score
 
-from cmmerge.io.manifest import write_json_atomic, write_jsonl_atomic
 from cmmerge.reporting.seed_stats import (
     compare_seeds,
     seed_scores,
@@ -106,16 +106,8 @@ def _finetune(root, ft_id, arm, seed, pred):
     result = {"metrics": {"macro_f1": 0.5}, "arm": arm, "task": "t", "merge_id": ""}
     run_stage(cfg, "finetune", ft_dir, {"seed": seed}, [], lambda d: result)
 
-    def work(d):
-        f1 = float(f1_score(GOLD, pred, average="macro"))
-        metrics = {"macro_f1": f1, "accuracy": f1, "confusion_matrix": {"labels": LABELS}}
-        write_json_atomic(d / "metrics.json", metrics)
-        rows = zip(GOLD, pred, strict=True)
-        write_jsonl_atomic(
-            d / "predictions.jsonl", ({"gold": LABELS[g], "pred": LABELS[p]} for g, p in rows)
-        )
-        return {}
-
+    f1 = float(f1_score(GOLD, pred, average="macro"))
+    work = evaluation_work(GOLD, pred, f1, f1)
     run_stage(cfg, "evaluate", root / "evaluate" / ft_dir.name / "t", {"task": "t"},
               [stage_input(ft_dir, "make it")], work)  # fmt: skip
 

@@ -205,5 +205,28 @@ def _run(stage: str, args: list[str]) -> None:
             sys.exit(2)
 
 
+def command() -> None:
+    """The `cmmerge` program: :func:`main`, then the process ends without tearing the
+    interpreter down (exit handlers run and output is flushed first). Unloading torch and
+    transformers module by module costs about 0.25 s per command and saves nothing: every file
+    cmmerge writes is closed (and synced) before its stage returns."""
+    import atexit
+
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if not isinstance(exc.code, int) and exc.code is not None:
+            print(exc.code, file=sys.stderr)
+    atexit._run_exitfuncs()  # logging's shutdown (flushes its file handlers), temp folders
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    command()

@@ -6,6 +6,9 @@ import hashlib
 import json
 import os
 
+import pytest
+import xxhash
+
 from cmmerge.io import hashes
 
 
@@ -106,24 +109,30 @@ def test_the_race_is_real_without_the_lock(tmp_path):
     assert len([f for f in files if str(f.resolve()) in stored]) == 1
 
 
-def test_block_digest_is_the_hash_of_its_block_hashes_on_any_thread_count(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "mark, new_hash",
+    [(hashes.BLOCKS, xxhash.xxh3_128), (hashes.SHA256_BLOCKS, hashlib.sha256)],
+    ids=["xxh3", "sha256-of-older-manifests"],
+)
+def test_block_digest_is_the_hash_of_its_block_hashes_on_any_thread_count(
+    tmp_path, monkeypatch, mark, new_hash
+):
     monkeypatch.setattr(hashes, "BLOCK_SIZE", 1000)
     monkeypatch.setattr(hashes, "_READ", 300)  # reads that do not divide a block
     files = {"empty": b"", "one": b"x" * 999, "many": os.urandom(5500)}
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     blocks = [[data[i : i + 1000] for i in range(0, len(data), 1000)] for data in files.values()]
-    want = [
-        hashes.BLOCKS + hashlib.sha256(b"".join(hashlib.sha256(b).digest() for b in bs)).hexdigest()
-        for bs in blocks
-    ]
+    want = [mark + new_hash(b"".join(new_hash(b).digest() for b in bs)).hexdigest() for bs in blocks]
     paths = [tmp_path / name for name in files]
-    assert hashes.block_digests(paths, threads=1) == want
-    assert hashes.block_digests(paths, threads=3) == want
+    assert hashes.block_digests(paths, threads=1, mark=mark) == want
+    assert hashes.block_digests(paths, threads=3, mark=mark) == want
+    assert hashes.digest_kind(want[2]) == mark
     cache = tmp_path / "cache"
     cache.mkdir()
-    assert hashes.file_digest(paths[2], cache, blocks=True) == want[2]
+    assert hashes.file_digest(paths[2], cache, blocks=mark) == want[2]
     assert hashes.file_digest(paths[2], cache) == hashlib.sha256(files["many"]).hexdigest()
+    assert hashes.digest_kind(hashlib.sha256(files["many"]).hexdigest()) == ""
     stored = json.loads((cache / "sha256.json").read_text())  # one entry per kind of digest
-    assert stored[hashes.BLOCKS + str(paths[2].resolve())][2] == want[2]
+    assert stored[mark + str(paths[2].resolve())][2] == want[2]
     assert stored[str(paths[2].resolve())][2] == hashlib.sha256(files["many"]).hexdigest()

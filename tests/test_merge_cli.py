@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import torch
 import yaml
-from conftest import cmmerge, xlmr_pair
+from conftest import cmmerge, cmmerge_process, xlmr_pair
 from hydra import compose, initialize_config_module
 from safetensors.torch import save_file
 
@@ -80,6 +80,23 @@ def test_standalone_merge_writes_a_loadable_described_model(dirs, tmp_path):
         emb = r.get("roberta.embeddings.word_embeddings.weight")
     assert torch.equal(model.get_input_embeddings().weight, emb)
     assert json.loads((out / "manifest.json").read_text())["status"] == "finished"
+
+
+def test_the_program_ends_at_once_with_everything_written_and_its_status(dirs, tmp_path):
+    """The `cmmerge` program skips the interpreter's teardown (cli.command): the merge's files,
+    log and closing line are all there, and a refused input still ends with status 2."""
+    out = tmp_path / "merged"
+    args = [f"base={dirs / 'base'}", f"models=[{dirs / 'tuned'}]", "method=ties", "lambda=0.5"]
+    proc = cmmerge_process("merge", *args, f"output={out}", f"run.root={tmp_path}/runs")
+    assert proc.returncode == 0, proc.stderr
+    assert "cmmerge merge: ties lambda=0.5" in proc.stdout
+    assert json.loads((out / "manifest.json").read_text())["status"] == "finished"
+    assert "merge: running" in (out / "merge.log").read_text()
+    with CheckpointReader(out) as merged, CheckpointReader(dirs / "base") as base:
+        assert merged.keys() == base.keys()
+    bad = cmmerge_process("merge", *args, "density=2", f"output={tmp_path / 'o'}")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert "density" in bad.stderr and not (tmp_path / "o").exists()
 
 
 def test_cli_bad_density_and_truncated_checkpoint(dirs, tmp_path):

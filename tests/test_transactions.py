@@ -334,7 +334,11 @@ def test_outputs_are_recorded_by_block_digest_and_older_sha256_records_still_cou
         **manifest,
         "digests": {"sub/w.bin": [1, hashlib.sha256(w.read_bytes()).hexdigest()]},
     }
-    for record in (manifest, older):
+    sha256_blocks = {  # one of the version before: SHA-256 block digests
+        **manifest,
+        "digests": {"sub/w.bin": [1, hashes.block_digests([w], mark=hashes.SHA256_BLOCKS)[0]]},
+    }
+    for record in (manifest, older, sha256_blocks):
         os.utime(w, ns=(5, 5))  # another time, the same content: hashed, still finished
         assert transaction.changed(stage, record) is None
         w.write_bytes(b"1" * 100)  # same size, other content

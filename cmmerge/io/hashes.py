@@ -5,8 +5,11 @@ times, so each file's digest can be kept in ``<cache>/sha256.json`` (cmmerge's c
 with the file's size and modification time, and is recomputed only when either changes.
 
 Stage manifests record their outputs' contents as *block digests* (:func:`block_digests`): the
-SHA-256 of the SHA-256 digests of the file's 64 MiB blocks, marked by :data:`BLOCKS`. The
-blocks hash on every core (hashlib releases the GIL), where one SHA-256 stream takes one core.
+XXH3-128 of the XXH3-128 digests of the file's 64 MiB blocks, marked by :data:`BLOCKS` (about
+15 GB/s a core, where SHA-256 hashes 1.1 GB/s: the merge's 1.1 GB output took 0.37 s of its
+2.9 s). They say whether a file changed, not who made it, so a non-cryptographic hash is
+enough; manifests written before this record SHA-256 block digests (:data:`SHA256_BLOCKS`) and
+are checked with those. The blocks hash on every core.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import xxhash
 from filelock import FileLock
 
 from cmmerge.io.manifest import file_sha256, read_json, write_json_atomic
@@ -25,7 +29,9 @@ from cmmerge.io.model_files import WEIGHT_SUFFIXES
 
 _CACHE_NAME = "sha256.json"
 _SEEN: dict[tuple[str, int, int], str] = {}  # this process's digests, by path, size and mtime
-BLOCKS = "sha256-64MiB-blocks:"  # marks a block digest (and its entries in the cache)
+BLOCKS = "xxh3-128-64MiB-blocks:"  # marks a block digest (and its entries in the cache)
+SHA256_BLOCKS = "sha256-64MiB-blocks:"  # the block digests of older manifests
+_BLOCK_HASHES: dict[str, Callable] = {BLOCKS: xxhash.xxh3_128, SHA256_BLOCKS: hashlib.sha256}
 BLOCK_SIZE = 64 * 1024 * 1024
 _READ = 4 * 1024 * 1024  # bytes read (and hashed) at a time
 
@@ -39,19 +45,29 @@ def _read_cache(cache_file: Path) -> dict:
     return cache if isinstance(cache, dict) else {}
 
 
+def digest_kind(digest: str) -> str:
+    """The block mark ``digest`` starts with (:data:`BLOCKS`, :data:`SHA256_BLOCKS`), or ""
+    for a plain SHA-256."""
+    return next((mark for mark in _BLOCK_HASHES if digest.startswith(mark)), "")
+
+
 def file_digests(
-    paths: Sequence[Path], cache: Path | None = None, blocks: bool = False
+    paths: Sequence[Path], cache: Path | None = None, blocks: bool | str = False
 ) -> list[str]:
-    """Hex SHA-256 of each of ``paths`` (with ``blocks``: their :func:`block_digests`); with a
-    ``cache`` folder, remembered there while each file's size and modification time stay the
-    same.
+    """Hex SHA-256 of each of ``paths`` (with ``blocks``: their :func:`block_digests`, of the
+    kind it names, :data:`BLOCKS` for True); with a ``cache`` folder, remembered there while
+    each file's size and modification time stay the same.
 
     The cache is read once. Files not in it are hashed without holding anything; their entries
     are then added under the cache's lock (``sha256.json.lock``) to the cache as it is by then,
     written to a temp file and renamed into place, so processes hashing at the same time (a
     parallel sweep) keep each other's entries and a reader never sees half a file."""
     paths = [Path(p).resolve() for p in paths]
-    digest_all = block_digests if blocks else lambda ps: [file_sha256(p) for p in ps]
+    mark = (BLOCKS if blocks is True else blocks) or ""
+    if mark:
+        digest_all: Callable = lambda ps: block_digests(ps, mark=mark)  # noqa: E731
+    else:
+        digest_all = lambda ps: [file_sha256(p) for p in ps]  # noqa: E731
     if cache is None:
         return digest_all(paths)
     cache_file = Path(cache) / _CACHE_NAME
@@ -60,7 +76,7 @@ def file_digests(
     todo: dict[str, tuple[Path, list[int]]] = {}
     for path in paths:
         stat = path.stat()
-        key, stamp = (BLOCKS if blocks else "") + str(path), [stat.st_size, stat.st_mtime_ns]
+        key, stamp = mark + str(path), [stat.st_size, stat.st_mtime_ns]
         seen = _SEEN.get((key, *stamp))
         hit = known.get(key)
         if seen is None and isinstance(hit, list) and len(hit) == 3 and hit[:2] == stamp:
@@ -76,7 +92,7 @@ def file_digests(
         _SEEN[(key, *stamp)] = digest
     for i, path in enumerate(paths):
         if out[i] is None:
-            out[i] = new[(BLOCKS if blocks else "") + str(path)][2]
+            out[i] = new[mark + str(path)][2]
     if new:
         try:
             with FileLock(str(cache_file) + ".lock"):
@@ -93,11 +109,15 @@ def _threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def block_digests(paths: Sequence[Path], threads: int | None = None) -> list[str]:
+def block_digests(
+    paths: Sequence[Path], threads: int | None = None, mark: str = BLOCKS
+) -> list[str]:
     """Each file's content identity, hashed on ``threads`` threads (default: every CPU): the
-    SHA-256 of the concatenated SHA-256 digests of its consecutive ``BLOCK_SIZE``-byte blocks,
-    in hex after the :data:`BLOCKS` mark. The blocks of all ``paths`` are shared out at once."""
+    hash of the concatenated hashes of its consecutive ``BLOCK_SIZE``-byte blocks, in hex after
+    ``mark``, which names the hash (:data:`BLOCKS`: XXH3-128; :data:`SHA256_BLOCKS`). The
+    blocks of all ``paths`` are shared out at once."""
     paths = [Path(p) for p in paths]
+    new_hash = _BLOCK_HASHES[mark]
     fds: list[int] = []
     try:
         for path in paths:
@@ -111,7 +131,7 @@ def block_digests(paths: Sequence[Path], threads: int | None = None) -> list[str
             buf = getattr(local, "buf", None)
             if buf is None:
                 buf = local.buf = memoryview(bytearray(_READ))
-            h, end = hashlib.sha256(), min(at + BLOCK_SIZE, sizes[i])
+            h, end = new_hash(), min(at + BLOCK_SIZE, sizes[i])
             while at < end:
                 got = os.preadv(fds[i], [buf[: min(_READ, end - at)]], at)
                 if got <= 0:
@@ -132,10 +152,10 @@ def block_digests(paths: Sequence[Path], threads: int | None = None) -> list[str
     per_file: list[list[bytes]] = [[] for _ in paths]
     for (i, _), digest in zip(jobs, digests, strict=True):
         per_file[i].append(digest)
-    return [BLOCKS + hashlib.sha256(b"".join(d)).hexdigest() for d in per_file]
+    return [mark + new_hash(b"".join(d)).hexdigest() for d in per_file]
 
 
-def file_digest(path: Path, cache: Path | None = None, blocks: bool = False) -> str:
+def file_digest(path: Path, cache: Path | None = None, blocks: bool | str = False) -> str:
     """Hex SHA-256 (with ``blocks``: the block digest) of ``path``, cached as
     :func:`file_digests` says."""
     return file_digests([path], cache, blocks)[0]

@@ -28,10 +28,10 @@ from filelock import FileLock
 from cmmerge.errors import CmmergeError
 from cmmerge.io import ownership
 from cmmerge.io.hashes import (
-    BLOCKS,
     block_digests,
     content_digest,
     default_cache,
+    digest_kind,
     file_digest,
 )
 from cmmerge.io.manifest import (
@@ -112,8 +112,8 @@ def changed(stage_dir: Path, manifest: dict) -> str | None:
         try:
             if path.stat().st_mtime_ns == mtime:
                 continue
-            blocks = str(digest).startswith(BLOCKS)  # else a plain SHA-256 (older manifests)
-            if file_digest(path, default_cache(), blocks) != digest:
+            kind = digest_kind(str(digest))  # as it was recorded (older manifests: SHA-256)
+            if file_digest(path, default_cache(), kind) != digest:
                 return f"{name} changed since it was written (same size, other content)"
         except OSError:
             continue  # missing: reported by problem()

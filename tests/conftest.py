@@ -150,9 +150,12 @@ def cmmerge(
     try:
         if cwd is not None:
             os.chdir(cwd)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), torch_threads(
-            threads
-        ), _process_warnings(err):
+        with (
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+            torch_threads(threads),
+            _process_warnings(err),
+        ):
             try:
                 cli.main(list(args))
             except SystemExit as done:

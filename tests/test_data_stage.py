@@ -112,8 +112,13 @@ def test_cli_bad_custom_file_exits_2_with_one_line(tmp_path: Path):
     assert not (tmp_path / "runs" / "default" / "data" / "manifest.json").exists()
 
 
-REPLICATION_LEAKAGE = ["sentiment-en-hi", "sentiment-en-es", "hate-en-hi", "sentiment-en-ta",
-                       "sentiment-en-ml"]
+REPLICATION_LEAKAGE = [
+    "sentiment-en-hi",
+    "sentiment-en-es",
+    "hate-en-hi",
+    "sentiment-en-ta",
+    "sentiment-en-ml",
+]
 
 
 @pytest.mark.slow

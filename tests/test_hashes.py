@@ -85,9 +85,7 @@ def _hash_in_two_processes(tmp_path, locked):
         files.append(tmp_path / f"{name}.safetensors")
         files[-1].write_bytes(name.encode() * 1000)
     barrier = ctx.Barrier(2)
-    procs = [
-        ctx.Process(target=_hash_slowly, args=(f, cache, barrier, locked)) for f in files
-    ]
+    procs = [ctx.Process(target=_hash_slowly, args=(f, cache, barrier, locked)) for f in files]
     for p in procs:
         p.start()
     for p in procs:
@@ -123,7 +121,9 @@ def test_block_digest_is_the_hash_of_its_block_hashes_on_any_thread_count(
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     blocks = [[data[i : i + 1000] for i in range(0, len(data), 1000)] for data in files.values()]
-    want = [mark + new_hash(b"".join(new_hash(b).digest() for b in bs)).hexdigest() for bs in blocks]
+    want = [
+        mark + new_hash(b"".join(new_hash(b).digest() for b in bs)).hexdigest() for bs in blocks
+    ]
     paths = [tmp_path / name for name in files]
     assert hashes.block_digests(paths, threads=1, mark=mark) == want
     assert hashes.block_digests(paths, threads=3, mark=mark) == want

@@ -125,7 +125,9 @@ def test_a_multi_source_merge_is_its_own_arm_not_a_variant_of_the_single_source_
     names = {
         "TV->FT (lambda=0.5)": "TV->FT",
         "TV->FT (lambda=0.5) (LoRA)": "TV->FT",
-        "TIES->FT (cpt+english-sentiment-en-hi, lambda=1)": "TIES->FT (cpt+english-sentiment-en-hi)",
+        "TIES->FT (cpt+english-sentiment-en-hi, lambda=1)": (
+            "TIES->FT (cpt+english-sentiment-en-hi)"
+        ),
         "TV->FT (English labels, lambda=0.5)": "TV->FT",
         "Full FT (English labels)": "Full FT",
         "Sequential FT (english-sentiment-en-hi first)": "Sequential FT",
@@ -133,14 +135,30 @@ def test_a_multi_source_merge_is_its_own_arm_not_a_variant_of_the_single_source_
     }
     assert {k: base_name(k) for k in names} == names
     # the single-source TIES arm descends from extract; the multi-source one from a fine-tune
-    single = Arm("r", "g1", "TIES->FT (lambda=1)", "t", None, [], kind="TIES->FT (lambda=1)",
-                 settings={"merge.method": "ties", "extract.dtype": "null", "merge.weights": "[1.0]"})
+    single = Arm(
+        "r",
+        "g1",
+        "TIES->FT (lambda=1)",
+        "t",
+        None,
+        [],
+        kind="TIES->FT (lambda=1)",
+        settings={"merge.method": "ties", "extract.dtype": "null", "merge.weights": "[1.0]"},
+    )
     multi = Arm("r", "g2", "TIES->FT (cpt+e, lambda=1)", "t", None, [],
                 kind="TIES->FT (cpt+e, lambda=1)",
                 settings={"merge.method": "ties", "source.task.name": "e",
                           "merge.weights": "[1.0, 1.0]"})  # fmt: skip
-    longer = Arm("r", "g3", "TIES->FT (lambda=1)", "t", None, [], kind="TIES->FT (lambda=1)",
-                 settings={**single.settings, "finetune.epochs": "2"})
+    longer = Arm(
+        "r",
+        "g3",
+        "TIES->FT (lambda=1)",
+        "t",
+        None,
+        [],
+        kind="TIES->FT (lambda=1)",
+        settings={**single.settings, "finetune.epochs": "2"},
+    )
     single.settings["finetune.epochs"] = "1"
     full = Arm("r", "g0", "Full FT", "t", None, [], kind="Full FT",
                settings={"finetune.epochs": "1"})  # fmt: skip

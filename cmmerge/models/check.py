@@ -18,9 +18,7 @@ from cmmerge.io.checkpoint import CheckpointReader
 _CONFIG_KEYS_SHOWN = 3
 
 
-def model_folder_problem(
-    model_dir: Path, shapes: bool = True, deep: bool = True
-) -> str | None:
+def model_folder_problem(model_dir: Path, shapes: bool = True, deep: bool = True) -> str | None:
     """Why the Hugging Face folder ``model_dir`` cannot be loaded, or None when no fault is
     found (its config, model type, weights and, with ``shapes``, their agreement).
 

@@ -83,6 +83,32 @@ def test_paper_llama_adds_lora_and_the_prompting_baselines():
     assert hate == {"Tweet: {text}\nHate speech:"}
 
 
+def test_the_decoder_study_is_gemma_with_lora_prompting_and_transfer():
+    """Issue 22's study: Gemma-3-270M (its folder given), LoRA CPT and fine-tuning, Full FT,
+    CPT->FT, TV->FT and TIES->FT over three seeds with transfer, and prompting of the base."""
+    cfg, steps, count = _expand("replicate-cpu-decoder", "model.name_or_path=/models/gemma")
+    assert cfg.model.name == "gemma3-270m" and cfg.model.kind == "decoder"
+    assert cfg.peft.name == "lora" and cfg.run.name == "replicate-cpu-decoder"
+    assert count["cpt"] == 1 and count["merge"] == 2 and count["finetune"] == 4 * 3
+    assert count["evaluate"] == 3 * 4 * 3  # En-Hi, and transfer to En-Ta and En-Ml
+    assert {s.eval_task for s in steps if s.stage == "evaluate"} == {
+        "sentiment-en-hi",
+        "sentiment-en-ta",
+        "sentiment-en-ml",
+    }
+    inits = Counter(str(s.cfg.init) for s in _finetunes(steps))
+    assert inits == {"base": 3, "cpt": 3, "merged": 6}
+    assert all("lora" in s.folder.name for s in steps if s.stage in ("cpt", "finetune"))
+    prompts = [s for s in steps if s.stage == "prompt"]
+    assert sorted((int(s.cfg.shots), int(s.cfg.seed)) for s in prompts) == [
+        (0, 0), (4, 0), (4, 1), (4, 2)
+    ]  # fmt: skip
+    with pytest.raises(CmmergeError, match="make_gemma3_270m.sh"):
+        from cmmerge.models.loading import resolve_model
+
+        resolve_model(compose("pipeline", ["experiment=replicate-cpu-decoder"]))
+
+
 def test_cpt_duration_gives_each_duration_its_own_cpt_and_arms():
     cfg, steps, count = _expand("cpt-duration")
     epochs = [int(s.cfg.cpt.epochs) for s in steps if s.stage == "cpt"]

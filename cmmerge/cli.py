@@ -63,7 +63,7 @@ def _task(stage: str, started: list[bool], cpt_choice: tuple = (None, None)):
         logging.raiseExceptions = False
         logging.getLogger("cmmerge").setLevel(logging.INFO)
         work = STAGES[stage].work
-        from cmmerge.stages import dist
+        from cmmerge import dist
         from cmmerge.stages.summary import closing_line
 
         gc.freeze()  # the modules imported so far stay: no collection walks them again

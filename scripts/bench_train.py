@@ -162,7 +162,7 @@ def main() -> None:
     if not args.model:
         from hydra import compose, initialize_config_module
 
-        from cmmerge.models.loading import resolve_model
+        from cmmerge.stages.inputs import resolve_model
 
         with initialize_config_module(config_module="cmmerge.configs", version_base="1.3"):
             args.model = str(resolve_model(compose(config_name="finetune")))

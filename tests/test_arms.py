@@ -92,7 +92,8 @@ def test_prompting_a_decoder_zero_and_few_shot(tmp_path):
 def test_a_head_for_other_labels_and_an_untrainable_kind_are_named(tmp_path):
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from cmmerge.models.loading import model_kind, resolve_model
+    from cmmerge.models.loading import model_kind
+    from cmmerge.stages.inputs import resolve_model
 
     base = resolve_model(compose("finetune", []))
     two = tmp_path / "two_labels"

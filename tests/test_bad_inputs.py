@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 from test_cli import cmmerge
 
 from cmmerge.io import transaction
-from cmmerge.models.loading import resolve_model
 from cmmerge.stages import merge
 from cmmerge.stages.ids import stage_dirs
+from cmmerge.stages.inputs import resolve_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -15,9 +15,10 @@ from cmmerge.data import load_task_with_info
 from cmmerge.data.corpus import load_task_config
 from cmmerge.data.stats import tokenize_cached
 from cmmerge.errors import CmmergeError
-from cmmerge.models.loading import load_tokenizer, resolve_model
+from cmmerge.models.loading import load_tokenizer
 from cmmerge.stages import finetune
 from cmmerge.stages.ids import stage_dirs
+from cmmerge.stages.inputs import resolve_model
 
 
 def custom(tmp_path: Path, **overrides: object) -> dict:

@@ -104,7 +104,7 @@ def test_the_decoder_study_is_gemma_with_lora_prompting_and_transfer():
         (0, 0), (4, 0), (4, 1), (4, 2)
     ]  # fmt: skip
     with pytest.raises(CmmergeError, match="make_gemma3_270m.sh"):
-        from cmmerge.models.loading import resolve_model
+        from cmmerge.stages.inputs import resolve_model
 
         resolve_model(compose("pipeline", ["experiment=replicate-cpu-decoder"]))
 

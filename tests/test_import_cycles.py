@@ -78,3 +78,33 @@ def test_no_import_circles():
 
 def test_the_check_finds_a_circle():
     assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+# The layers under the stages: they take typed values, never the composed config, and never
+# reach up into the stages.
+LOWER_LAYERS = ("data", "models", "merging", "training", "evaluation", "reporting", "io")
+
+
+def _external_imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+    return names
+
+
+def test_nothing_below_the_stages_imports_the_config_or_the_stages():
+    offenders = {}
+    for layer in LOWER_LAYERS:
+        for path in sorted((PACKAGE / layer).rglob("*.py")):
+            bad = {
+                n
+                for n in _external_imports(path)
+                if n.split(".")[0] in ("omegaconf", "hydra") or n.startswith("cmmerge.stages")
+            }
+            if bad:
+                offenders[str(path.relative_to(PACKAGE))] = sorted(bad)
+    assert offenders == {}
+    assert len(list((PACKAGE / "reporting").glob("*.py"))) > 3  # the walk saw the layers

@@ -14,9 +14,9 @@ from sklearn.metrics import f1_score
 from transformers import AutoModelForMaskedLM
 
 from cmmerge.io.manifest import read_manifest
-from cmmerge.models.loading import resolve_model
 from cmmerge.stages import extract, merge, pipeline
 from cmmerge.stages.ids import stage_dirs
+from cmmerge.stages.inputs import resolve_model
 
 # The demo's arms, as pipeline.run makes them from its config.
 ARMS = {

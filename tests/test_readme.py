@@ -100,7 +100,7 @@ def _promised(argv: list[str], cwd: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory, model_cache):
     """A scratch folder with the placeholders' models: the tiny encoder and two copies."""
-    from cmmerge.models.loading import resolve_model
+    from cmmerge.stages.inputs import resolve_model
 
     root = tmp_path_factory.mktemp("readme")
     base = resolve_model(compose("finetune", []))

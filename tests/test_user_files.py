@@ -395,7 +395,7 @@ class Payload:
 
 
 def _model_dir(tmp: Path, name: str, edit) -> Path:
-    from cmmerge.models.loading import resolve_model
+    from cmmerge.stages.inputs import resolve_model
 
     folder = tmp / name
     shutil.copytree(resolve_model(compose("finetune", [])), folder)

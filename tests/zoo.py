@@ -50,7 +50,7 @@ def tokenizer_dir(family: str) -> Path:
     into the test session's cache: its tokenizer serves every zoo member of that family."""
     from conftest import compose
 
-    from cmmerge.models.loading import resolve_model
+    from cmmerge.stages.inputs import resolve_model
 
     return resolve_model(compose("cpt", [f"model=tiny-{family}"]))
 

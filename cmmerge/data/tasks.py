@@ -46,7 +46,7 @@ from cmmerge.data.token_tasks import (
     word_label_counts,
 )
 from cmmerge.errors import CmmergeError
-from cmmerge.settings import SAMPLES_DIR
+from cmmerge.settings import SAMPLES_DIR, plain
 
 log = logging.getLogger("cmmerge")
 
@@ -62,12 +62,8 @@ def samples_root() -> Path:
 
 
 def as_dict(cfg: Mapping) -> dict[str, Any]:
-    """Return a plain ``dict`` copy of a config (a Hydra ``DictConfig`` is resolved first)."""
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    return dict(cfg)
+    """Return a plain ``dict`` copy of a task's settings (a config node is resolved first)."""
+    return dict(plain(cfg))
 
 
 def labels_given(task_cfg: Mapping) -> bool:

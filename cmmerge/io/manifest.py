@@ -86,6 +86,9 @@ def manifest_hash(stage_dir: Path) -> str | None:
 # (:mod:`cmmerge.stages.ids`) and of the fingerprints, so turning on TensorBoard or logging more
 # often neither renames nor redoes a finished stage.
 NOT_OUTPUT_SETTINGS = frozenset({"logging_steps", "report_to", "save_steps"})
+# The fine-tuning settings that list an arm's other tasks (Sequential FT, Joint FT): the arm's
+# readable name and folder name carry them.
+ARM_TASK_LISTS = frozenset({"sequential", "joint"})
 TRAINING_SECTIONS = ("cpt", "finetune")
 # Settings added after stages were made, at the value that does what those stages did: left out
 # of the fingerprints at that value, so a finished stage is not redone for a setting it followed.

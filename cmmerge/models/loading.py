@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from omegaconf import DictConfig
-
+from cmmerge import dist
 from cmmerge.errors import CmmergeError
-from cmmerge.settings import SAMPLES_DIR, cache_dir, load_group_config, plain
-from cmmerge.stages import dist
+from cmmerge.settings import SAMPLES_DIR, load_group_config
 
 log = logging.getLogger("cmmerge")
 
@@ -28,34 +28,67 @@ def _tokenizer_corpus() -> list[str]:
     return texts
 
 
-def resolve_model(cfg: DictConfig) -> Path:
-    """A local folder for ``cfg.model``: a tiny model (built and cached), a local folder, or a
-    hub id downloaded to the Hugging Face cache."""
-    model = cfg.model
-    if model.get("name_or_path"):
-        return local_model_dir(str(model.name_or_path), bool(cfg.get("allow_pickle")))
-    if not model.get("tiny"):
-        build = f" (build one offline: {model.build})" if model.get("build") else ""
-        raise CmmergeError(
-            f"model={model.name}: set model.name_or_path to a folder or hub id{build}"
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a stage's base model comes from: the ``model`` preset, typed.
+
+    Attributes:
+        name: The preset's name (``xlmr``, ``tiny-llama``, ``gemma3-270m``...).
+        name_or_path: A local folder or a hub id; None for a tiny model or a preset that must
+            be given one (``build`` then says how to make it).
+        tiny: The architecture of a tiny random-initialised model cmmerge builds and caches.
+        build: How to build a local folder offline, named in the error when none is given.
+        cache: cmmerge's cache folder (built tiny models go there).
+        allow_pickle: Whether a folder with pickle weights only may be loaded.
+    """
+
+    name: str
+    name_or_path: str | None
+    tiny: Mapping[str, Any] | None
+    build: str | None
+    cache: Path
+    allow_pickle: bool = False
+
+    @classmethod
+    def from_preset(cls, model: Mapping, cache: Path, allow_pickle: bool = False) -> ModelSource:
+        """From a ``model`` preset (a plain mapping or a config node)."""
+        tiny = model.get("tiny")
+        return cls(
+            name=str(model.get("name")),
+            name_or_path=str(model["name_or_path"]) if model.get("name_or_path") else None,
+            tiny=None if not tiny else {str(k): tiny[k] for k in tiny},
+            build=str(model["build"]) if model.get("build") else None,
+            cache=Path(cache),
+            allow_pickle=allow_pickle,
         )
-    from cmmerge.models.tiny import build_tiny_model, tiny_cache_key
 
-    arch = plain(model.tiny)
-    family, seed = arch.pop("family"), int(arch.pop("seed", 0))
-    texts = _tokenizer_corpus()
-    key = tiny_cache_key(family, arch, texts, seed)
-    out = cache_dir(cfg) / "models" / f"{model.name}-{key}"
-    if not (out / "config.json").exists() and dist.is_main():
-        log.info("building %s in %s", model.name, out)
-        build_tiny_model(family, arch, texts, out, seed=seed)
-    dist.barrier()  # under a multi-process launch, rank 0 builds and the others wait
-    return out
+    @property
+    def is_tiny(self) -> bool:
+        """Whether this is one of the tiny random-initialised models cmmerge builds."""
+        return bool(self.tiny) and not self.name_or_path
 
+    def resolve(self) -> Path:
+        """A local folder: a tiny model (built and cached), a local folder, or a hub id
+        downloaded to the Hugging Face cache."""
+        if self.name_or_path:
+            return local_model_dir(self.name_or_path, self.allow_pickle)
+        if not self.tiny:
+            build = f" (build one offline: {self.build})" if self.build else ""
+            raise CmmergeError(
+                f"model={self.name}: set model.name_or_path to a folder or hub id{build}"
+            )
+        from cmmerge.models.tiny import build_tiny_model, tiny_cache_key
 
-def is_tiny(cfg: DictConfig) -> bool:
-    """Whether ``cfg.model`` is one of the tiny random-initialised models cmmerge builds."""
-    return bool(cfg.model.get("tiny")) and not cfg.model.get("name_or_path")
+        arch = dict(self.tiny)
+        family, seed = arch.pop("family"), int(arch.pop("seed", 0))
+        texts = _tokenizer_corpus()
+        key = tiny_cache_key(family, arch, texts, seed)
+        out = self.cache / "models" / f"{self.name}-{key}"
+        if not (out / "config.json").exists() and dist.is_main():
+            log.info("building %s in %s", self.name, out)
+            build_tiny_model(family, arch, texts, out, seed=seed)
+        dist.barrier()  # under a multi-process launch, rank 0 builds and the others wait
+        return out
 
 
 def local_model_dir(name_or_path: str, allow_pickle: bool = True, deep: bool = True) -> Path:

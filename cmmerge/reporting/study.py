@@ -376,13 +376,14 @@ def study(
     run_dirs: list[Path],
     n_resamples: int = 1000,
     seed: int = 0,
-    cfg=None,
+    made: variants.Configured | None = None,
     all_variants: bool = True,
 ) -> tuple[list[Arm], dict]:
-    """Arms of the run directories (lambda chosen) and their cells; with ``cfg``, the arms
-    made with its settings marked (and, unless ``all_variants``, only those shown)."""
+    """Arms of the run directories (lambda chosen) and their cells; with ``made`` (what a
+    configuration makes), the arms made with its settings marked (and, unless
+    ``all_variants``, only those shown)."""
     arms = group_arms([s for d in run_dirs for s in collect(Path(d))])
     select_scales(arms)
-    if cfg is not None:
-        variants.mark_configured(arms, cfg, hide=not all_variants)
+    if made is not None:
+        variants.mark_configured(arms, made, hide=not all_variants)
     return arms, cells(arms, n_resamples=n_resamples, seed=seed)

@@ -18,14 +18,11 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig
-
-from cmmerge.io.manifest import NOT_OUTPUT_SETTINGS, output_view, read_manifest
-from cmmerge.settings import plain
-from cmmerge.stages.spec import NOT_IN_ID, CptSpec, finetune_spec
+from cmmerge.io.manifest import ARM_TASK_LISTS, output_view, read_manifest
 
 if TYPE_CHECKING:
     from cmmerge.reporting.study import Arm
@@ -38,8 +35,8 @@ _NOT_SETTINGS = frozenset(
      "labels_inferred"}
 )  # fmt: skip
 # Settings a training section records that the arm's own name carries (``Sequential FT (x
-# first)``): the folder id names them too (:data:`~cmmerge.stages.spec.NOT_IN_ID`).
-_NAMED_BY_ARM = NOT_IN_ID - NOT_OUTPUT_SETTINGS
+# first)``): the folder id names them too.
+_NAMED_BY_ARM = ARM_TASK_LISTS
 # Chosen per merge family on validation (the row shows the choice), never a variant.
 _SELECTED = frozenset({"lambda", "density"})
 # An upstream fine-tune (the task a multi-source merge or a graft takes tau from).
@@ -51,11 +48,11 @@ def dump(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
 
 
-def _flatten(value: Any, key: str, out: dict[str, str]) -> None:
+def flatten(value: Any, key: str, out: dict[str, str]) -> None:
     if isinstance(value, dict) and value:
         for k, v in value.items():
             if k not in _NAMED_BY_ARM:
-                _flatten(v, f"{key}.{k}" if key else str(k), out)
+                flatten(v, f"{key}.{k}" if key else str(k), out)
     else:
         out[key] = dump(value)
 
@@ -68,7 +65,7 @@ def view_settings(view: dict, prefix: str = "", stage: str = "") -> dict[str, st
         if key in _NOT_SETTINGS:
             continue
         name = prefix if prefix and key == stage else f"{prefix}.{key}" if prefix else key
-        _flatten(value, name, out)
+        flatten(value, name, out)
     return out
 
 
@@ -105,7 +102,7 @@ def finetune_settings(manifest: dict, evaluation: dict | None, cache: dict) -> d
     if evaluation:
         section = (evaluation.get("config") or {}).get("evaluate")
         if isinstance(section, dict):
-            _flatten(section, "evaluate", out)
+            flatten(section, "evaluate", out)
     model = _upstream(manifest, out, cache)
     if model:
         out.setdefault("model", model)
@@ -182,39 +179,33 @@ def tag(settings: dict[str, str], keys: set[str]) -> str:
     return ", ".join(parts)
 
 
-def configured(cfg: DictConfig) -> tuple[dict[str, str], list[dict[str, str]]]:
-    """The fine-tune settings a configuration makes (its own view, its evaluation's), and the
-    settings of each CPT variant it makes (``cpt.*``; ``pipeline.cpt_variants`` give several)."""
-    from omegaconf import OmegaConf, open_dict
+@dataclass(frozen=True)
+class Configured:
+    """What a configuration makes, as the report compares it with finished fine-tunes.
 
-    spec = finetune_spec(cfg)
-    own = view_settings(spec.settings_view())
-    if cfg.get("evaluate") is not None:
-        _flatten(plain(cfg.evaluate), "evaluate", own)
-    variants = plain((cfg.get("pipeline") or {}).get("cpt_variants")) or [None]
-    cpts = []
-    for variant in variants:
-        vcfg = cfg.copy()
-        if variant:
-            with open_dict(vcfg):
-                vcfg.cpt = OmegaConf.merge(vcfg.cpt, variant)
-        settings = view_settings(CptSpec.from_config(vcfg).config_view(), "cpt", "cpt")
-        cpts.append({k: v for k, v in settings.items() if k.split(".")[0] == "cpt"})
-    return own, cpts
+    Attributes:
+        task: The configured task.
+        own: The settings of the fine-tune it makes (its view and its evaluation's, flat).
+        cpts: The settings of each CPT variant it makes (``cpt.*``).
+    """
+
+    task: str
+    own: dict[str, str] = field(default_factory=dict)
+    cpts: list[dict[str, str]] = field(default_factory=list)
 
 
-def matches(settings: dict[str, str], keys: set[str], task: str, cfg: DictConfig,
-            made: tuple[dict[str, str], list[dict[str, str]]]) -> bool:  # fmt: skip
+def matches(settings: dict[str, str], keys: set[str], task: str, made: Configured) -> bool:
     """Whether a fine-tune of ``task`` with ``settings`` is the configuration's variant on the
     ``keys`` its variants differ in (keys the configuration does not set are not checked)."""
-    own, cpts = made
-    same_task = task == str(cfg.task.name)
+    same_task = task == made.task
     for key in keys:
-        if key in own and (same_task or not key.startswith("task.")):
-            if settings.get(key) != own[key]:
+        if key in made.own and (same_task or not key.startswith("task.")):
+            if settings.get(key) != made.own[key]:
                 return False
-    cpt_keys = [k for k in keys if any(k in c for c in cpts)]
-    return not cpt_keys or any(all(settings.get(k) == c.get(k) for k in cpt_keys) for c in cpts)
+    cpt_keys = [k for k in keys if any(k in c for c in made.cpts)]
+    return not cpt_keys or any(
+        all(settings.get(k) == c.get(k) for k in cpt_keys) for c in made.cpts
+    )
 
 
 # --- arms --------------------------------------------------------------------------------------
@@ -246,13 +237,13 @@ def tag_variants(arms: list[Arm]) -> None:
             member.arm = arm.arm
 
 
-def mark_configured(arms: list[Arm], cfg: DictConfig, hide: bool) -> None:
-    """Marks the arms made with ``cfg``'s settings (on the settings their variants differ in);
-    with ``hide``, an arm whose configured variant the study holds shows only that one."""
-    made = configured(cfg)
+def mark_configured(arms: list[Arm], made: Configured, hide: bool) -> None:
+    """Marks the arms made with the configured settings ``made`` (on the settings their
+    variants differ in); with ``hide``, an arm whose configured variant the study holds shows
+    only that one."""
     keys = _label_keys(arms)
     for arm in arms:
-        arm.configured = matches(arm.settings, keys[(arm.run, arm.group)], arm.task, cfg, made)
+        arm.configured = matches(arm.settings, keys[(arm.run, arm.group)], arm.task, made)
     if not hide:
         return
     for arm in arms:

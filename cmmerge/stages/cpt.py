@@ -6,13 +6,13 @@ import logging
 
 from omegaconf import DictConfig
 
+from cmmerge import dist
 from cmmerge.errors import CmmergeError
 from cmmerge.io.manifest import write_json_atomic
 from cmmerge.io.model_card import write_model_card
-from cmmerge.models.loading import model_kind, resolve_model
+from cmmerge.models.loading import model_kind
 from cmmerge.settings import cache_dir, data_root
-from cmmerge.stages import dist
-from cmmerge.stages.inputs import corpus_input, cpt_corpus, data_inputs
+from cmmerge.stages.inputs import corpus_input, cpt_corpus, data_inputs, resolve_model
 from cmmerge.stages.runner import folder_input, run_stage
 from cmmerge.stages.spec import CptSpec
 from cmmerge.training.cpt import train_lm

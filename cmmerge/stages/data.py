@@ -32,7 +32,8 @@ def _tokenizer(cfg: DictConfig):
     """The model's tokenizer, or ``None`` (with the reason logged) when it cannot be loaded."""
     if not cfg.data.get("token_lengths", True):
         return None
-    from cmmerge.models.loading import load_tokenizer, resolve_model
+    from cmmerge.models.loading import load_tokenizer
+    from cmmerge.stages.inputs import resolve_model
 
     try:
         return load_tokenizer(resolve_model(cfg))

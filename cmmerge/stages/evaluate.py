@@ -10,11 +10,11 @@ import logging
 
 from omegaconf import DictConfig
 
+from cmmerge import dist
 from cmmerge.data.token_tasks import is_token_task
 from cmmerge.errors import CmmergeError
 from cmmerge.io.manifest import write_json_atomic, write_jsonl_atomic
 from cmmerge.settings import plain
-from cmmerge.stages import dist
 from cmmerge.stages.chain import require_upstream
 from cmmerge.stages.inputs import data_inputs, task_labels, task_splits_with_info
 from cmmerge.stages.runner import run_stage, stage_input

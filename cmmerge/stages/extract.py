@@ -15,8 +15,8 @@ from cmmerge.errors import CmmergeError
 from cmmerge.io.manifest import write_json_atomic
 from cmmerge.io.model_files import WRITE_DTYPES
 from cmmerge.merging.extract import TASK_VECTOR_FILE, extract_task_vector, task_vector_cosines
-from cmmerge.models.loading import resolve_model
 from cmmerge.stages.chain import require_upstream
+from cmmerge.stages.inputs import resolve_model
 from cmmerge.stages.runner import folder_input, run_stage, stage_input
 from cmmerge.stages.spec import ExtractSpec
 

@@ -14,18 +14,24 @@ from pathlib import Path
 from datasets import DatasetDict, concatenate_datasets
 from omegaconf import DictConfig
 
+from cmmerge import dist
 from cmmerge.data.tasks import subsample
 from cmmerge.data.token_tasks import is_token_task, subsample_sentences
 from cmmerge.errors import CmmergeError
 from cmmerge.evaluation.baseline import majority_baseline_warning
 from cmmerge.io.manifest import write_json_atomic
 from cmmerge.io.model_card import write_model_card
-from cmmerge.models.loading import is_tiny, local_model_dir, resolve_model
+from cmmerge.models.loading import local_model_dir
 from cmmerge.settings import cache_dir, plain, split_seed, task_config
-from cmmerge.stages import dist
 from cmmerge.stages.chain import require_upstream
 from cmmerge.stages.ids import arm_name
-from cmmerge.stages.inputs import data_inputs, task_labels, task_splits_with_info
+from cmmerge.stages.inputs import (
+    data_inputs,
+    model_source,
+    resolve_model,
+    task_labels,
+    task_splits_with_info,
+)
 from cmmerge.stages.runner import folder_input, run_stage, stage_input
 from cmmerge.stages.spec import FinetuneSpec, init_spec
 from cmmerge.training.finetune import train_classifier
@@ -183,7 +189,7 @@ def run(cfg: DictConfig) -> dict:
             },
         )
         warning = majority_baseline_warning(
-            metrics, labels, config_view["finetune"], pretrained=not is_tiny(cfg)
+            metrics, labels, config_view["finetune"], pretrained=not model_source(cfg).is_tiny
         )
         return {
             "metrics": metrics,

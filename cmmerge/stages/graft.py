@@ -23,6 +23,7 @@ import logging
 import yaml
 from omegaconf import DictConfig
 
+from cmmerge import dist
 from cmmerge.errors import CmmergeError
 from cmmerge.io import transaction
 from cmmerge.io.manifest import write_json_atomic
@@ -35,7 +36,6 @@ from cmmerge.io.model_files import (
 )
 from cmmerge.merging.engine import merge_into_base
 from cmmerge.merging.extract import TASK_VECTOR_FILE
-from cmmerge.stages import dist
 from cmmerge.stages.chain import require_upstream
 from cmmerge.stages.ids import GRAFT, arm_name, cli_hint, onto_task, source_names, stage_dirs
 from cmmerge.stages.inputs import data_inputs, task_labels, task_splits_with_info

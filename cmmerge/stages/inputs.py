@@ -13,9 +13,28 @@ from cmmerge.data import build_corpus, load_corpus, load_task, load_task_with_in
 from cmmerge.data.splits import SPLITS, split_file
 from cmmerge.data.tasks import resolve_labels
 from cmmerge.io.manifest import sha256_bytes
-from cmmerge.settings import data_root, leakage_tasks, plain, split_seed, task_config
+from cmmerge.models.loading import ModelSource
+from cmmerge.settings import (
+    cache_dir,
+    data_root,
+    leakage_tasks,
+    plain,
+    split_seed,
+    task_config,
+)
 
 log = logging.getLogger("cmmerge")
+
+
+def model_source(cfg: DictConfig) -> ModelSource:
+    """The run's base model (``cfg.model``), typed."""
+    model = plain(cfg.model)
+    return ModelSource.from_preset(model, cache_dir(cfg), bool(cfg.get("allow_pickle")))
+
+
+def resolve_model(cfg: DictConfig) -> Path:
+    """A local folder of the run's base model (:meth:`ModelSource.resolve`)."""
+    return model_source(cfg).resolve()
 
 
 def task_splits(cfg: DictConfig, name: str | None = None) -> DatasetDict:

@@ -31,10 +31,11 @@ from cmmerge.io.model_files import (
 from cmmerge.merging.engine import check_output_dir, merge_into_base, merge_models
 from cmmerge.merging.extract import TASK_VECTOR_FILE
 from cmmerge.merging.methods import get_method
-from cmmerge.models.loading import local_model_dir, resolve_model
+from cmmerge.models.loading import local_model_dir
 from cmmerge.settings import cache_dir
 from cmmerge.stages.chain import require_upstream
 from cmmerge.stages.ids import cli_hint, source_names, stage_dirs
+from cmmerge.stages.inputs import resolve_model
 from cmmerge.stages.runner import folder_input, run_stage, stage_input
 from cmmerge.stages.spec import CptSpec, MergeSpec, source_finetune_spec
 

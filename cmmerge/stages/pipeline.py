@@ -19,10 +19,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from cmmerge import dist
 from cmmerge.errors import CmmergeError
 from cmmerge.io import transaction
 from cmmerge.settings import run_dir
-from cmmerge.stages import dist, evaluate, plan
+from cmmerge.stages import evaluate, plan
 from cmmerge.stages.plan import Step, with_values
 from cmmerge.stages.registry import STAGES
 from cmmerge.stages.runner import as_user_error

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cmmerge.errors import CmmergeError
 from cmmerge.io import transaction
@@ -20,10 +20,29 @@ from cmmerge.io.manifest import manifest_hash
 from cmmerge.reporting import cpt_length, curves, no_labels, paper, transfer, variants
 from cmmerge.reporting.study import study
 from cmmerge.reporting.tables import columns, finetune_rows, markdown_table, write_csv
-from cmmerge.settings import config_bool, run_dir
+from cmmerge.settings import config_bool, plain, run_dir
 from cmmerge.stages.runner import run_stage
+from cmmerge.stages.spec import CptSpec, finetune_spec
 
 _PATTERNS = ("finetune/*/", "evaluate/*/*/", "prompt/*/")
+
+
+def configured(cfg: DictConfig) -> variants.Configured:
+    """The fine-tune settings a configuration makes (its own view, its evaluation's), and the
+    settings of each CPT variant it makes (``cpt.*``; ``pipeline.cpt_variants`` give several)."""
+    own = variants.view_settings(finetune_spec(cfg).settings_view())
+    if cfg.get("evaluate") is not None:
+        variants.flatten(plain(cfg.evaluate), "evaluate", own)
+    cpts = []
+    for variant in plain((cfg.get("pipeline") or {}).get("cpt_variants")) or [None]:
+        vcfg = cfg.copy()
+        if variant:
+            with open_dict(vcfg):
+                vcfg.cpt = OmegaConf.merge(vcfg.cpt, variant)
+        view = CptSpec.from_config(vcfg).config_view()
+        settings = variants.view_settings(view, "cpt", "cpt")
+        cpts.append({k: v for k, v in settings.items() if k.split(".")[0] == "cpt"})
+    return variants.Configured(str(cfg.task.name), own, cpts)
 
 
 def report_runs(cfg: DictConfig) -> list[Path]:
@@ -62,13 +81,13 @@ def run(cfg: DictConfig) -> dict:
         OmegaConf.select(cfg, "report.all_variants") is not None
         and config_bool(cfg, "report.all_variants")
     )
-    own, cpts = variants.configured(cfg)
+    made = configured(cfg)
     config_view = {"runs": [str(r) for r in roots], "n_resamples": n_resamples}
     # the variants the configuration makes first (or only): part of what the report shows
-    config_view["variants"] = {"all": all_variants, "finetune": own, "cpt": cpts}
+    config_view["variants"] = {"all": all_variants, "finetune": made.own, "cpt": made.cpts}
 
     def work(stage_dir):
-        arms, cells = study(roots, n_resamples=n_resamples, cfg=cfg, all_variants=all_variants)
+        arms, cells = study(roots, n_resamples=n_resamples, made=made, all_variants=all_variants)
         tags = {(a.run, m.folder): a.tag for a in arms for m in a.members}
         rows = [
             _with_variant(row, tags.get((str(root), row["finetune_id"])))

@@ -20,7 +20,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from cmmerge import __version__
+from cmmerge import __version__, dist
 from cmmerge.errors import CmmergeError
 from cmmerge.io import ownership, transaction
 from cmmerge.io.hashes import content_digest
@@ -33,7 +33,6 @@ from cmmerge.io.manifest import (
     write_json_atomic,
 )
 from cmmerge.settings import run_dir
-from cmmerge.stages import dist
 
 log = logging.getLogger("cmmerge")
 

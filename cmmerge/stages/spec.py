@@ -39,7 +39,7 @@ from typing import Any, ClassVar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cmmerge.errors import CmmergeError
-from cmmerge.io.manifest import NOT_OUTPUT_SETTINGS, fingerprint
+from cmmerge.io.manifest import ARM_TASK_LISTS, NOT_OUTPUT_SETTINGS, fingerprint
 from cmmerge.merging.methods import get_method, resolve_params
 from cmmerge.settings import (
     CONFIG_DIR,
@@ -57,7 +57,7 @@ from cmmerge.stages.registry import STAGES
 
 # Settings left out of the folder hash: those that only change how fast or how verbosely a stage
 # runs (shared with the fingerprint), and the arms' task lists, which the readable part names.
-NOT_IN_ID = NOT_OUTPUT_SETTINGS | {"sequential", "joint"}
+NOT_IN_ID = NOT_OUTPUT_SETTINGS | ARM_TASK_LISTS
 GRAFT = "graft"  # init=graft: tau_cpt added to a fine-tuned model (``cmmerge graft``)
 _SEED_SUFFIX = re.compile(r"-s\d+$")
 

@@ -168,11 +168,12 @@ def variant_rows(root: Path, cfg: DictConfig) -> list[dict]:
     name with the settings it differs in, task, seeds, and whether ``cfg`` makes it."""
     from cmmerge.reporting.study import collect, group_arms
     from cmmerge.reporting.variants import mark_configured
+    from cmmerge.stages.report import configured
 
     arms = group_arms(collect(root, predictions=False))
     if not any(a.tag for a in arms):
         return []
-    mark_configured(arms, cfg, hide=False)
+    mark_configured(arms, configured(cfg), hide=False)
     return [
         {
             "arm": a.arm,

@@ -21,11 +21,11 @@ from datasets import Dataset
 from torch import nn
 from transformers import DataCollatorForLanguageModeling, Trainer
 
+from cmmerge import dist
 from cmmerge.data.stats import tokenize_cached
 from cmmerge.errors import CmmergeError
 from cmmerge.io.manifest import write_json_atomic
 from cmmerge.models.loading import ModelKind, check_max_length, load_lm, load_tokenizer
-from cmmerge.stages import dist
 from cmmerge.training import lora
 from cmmerge.training.arguments import (
     FiniteLossCallback,

@@ -12,11 +12,11 @@ import torch
 from datasets import DatasetDict
 from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainerCallback
 
+from cmmerge import dist
 from cmmerge.data.stats import tokenize_cached
 from cmmerge.errors import CmmergeError
 from cmmerge.evaluation.metrics import classification_metrics, trainer_metrics
 from cmmerge.models.loading import check_max_length, load_classifier, load_tokenizer
-from cmmerge.stages import dist
 from cmmerge.training import lora
 from cmmerge.training.arguments import (
     FiniteLossCallback,

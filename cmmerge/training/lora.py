@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
+from cmmerge import dist
 from cmmerge.errors import CmmergeError
-from cmmerge.stages import dist
 
 
 def enabled(peft_cfg: Mapping[str, Any] | None) -> bool:

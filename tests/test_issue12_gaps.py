@@ -22,7 +22,7 @@ from cmmerge.io.manifest import (
 from cmmerge.reporting.study import chosen_scales, study
 from cmmerge.stages import finetune, plan, report, sweep
 from cmmerge.stages.ids import _NOT_OUTPUT, finetune_id, merge_id, source_finetune_id
-from cmmerge.stages.runner import run_stage, stage_input
+from cmmerge.stages.runner import RunContext, run_stage, stage_input
 from cmmerge.stages.summary import closing_line
 
 LABELS = ["negative", "neutral", "positive"]
@@ -45,7 +45,7 @@ def _finetune(root, ft_id, arm, seed, val, accuracy, merge_id="", config=None, t
     def ft_work(d):
         return {"metrics": {"macro_f1": val}, "arm": arm, "task": task, "merge_id": merge_id}
 
-    run_stage(cfg, "finetune", ft_dir, {"seed": seed, **(config or {})}, [], ft_work)
+    run_stage(RunContext.of(cfg), "finetune", ft_dir, {"seed": seed, **(config or {})}, [], ft_work)
 
     def ev_work(d):
         gold, pred = _predictions(accuracy, seed)
@@ -61,7 +61,7 @@ def _finetune(root, ft_id, arm, seed, val, accuracy, merge_id="", config=None, t
         return {}
 
     run_stage(
-        cfg, "evaluate", root / "evaluate" / ft_dir.name / task, {"task": task},
+        RunContext.of(cfg), "evaluate", root / "evaluate" / ft_dir.name / task, {"task": task},
         [stage_input(ft_dir, "make it")], ev_work,
     )  # fmt: skip
 

@@ -13,7 +13,7 @@ from cmmerge.io.model_card import write_model_card
 from cmmerge.models.loading import model_kind
 from cmmerge.settings import cache_dir, data_root
 from cmmerge.stages.inputs import corpus_input, cpt_corpus, data_inputs, resolve_model
-from cmmerge.stages.runner import folder_input, run_stage
+from cmmerge.stages.runner import RunContext, folder_input, run_stage
 from cmmerge.stages.spec import CptSpec
 from cmmerge.training.cpt import train_lm
 
@@ -85,7 +85,7 @@ def run(cfg: DictConfig) -> dict:
 
     inputs = [folder_input(base), *data_inputs(cfg, [], corpus=True), corpus_input(cfg, texts)]
     return run_stage(
-        cfg,
+        RunContext.of(cfg),
         "cpt",
         spec.folder,
         config_view,

@@ -22,7 +22,7 @@ from cmmerge.io.manifest import write_json_atomic
 from cmmerge.settings import cache_dir, data_root, plain, split_seed
 from cmmerge.stages.ids import stage_dirs
 from cmmerge.stages.inputs import cpt_corpus_with_info, data_inputs
-from cmmerge.stages.runner import run_stage
+from cmmerge.stages.runner import RunContext, run_stage
 from cmmerge.stages.spec import DataSpec
 
 log = logging.getLogger("cmmerge")
@@ -165,7 +165,7 @@ def run(cfg: DictConfig) -> dict:
         return {"metrics": metrics, "outputs": ["stats.json"]}
 
     inputs = data_inputs(cfg, [str(cfg.task.name)], corpus=True, guard=True)
-    manifest = run_stage(cfg, "data", dirs["data"], config_view, inputs, work)
+    manifest = run_stage(RunContext.of(cfg), "data", dirs["data"], config_view, inputs, work)
     stats = json.loads((Path(dirs["data"]) / "stats.json").read_text(encoding="utf-8"))
     print(summary(stats), flush=True)
     return manifest

@@ -17,7 +17,7 @@ from cmmerge.io.manifest import write_json_atomic, write_jsonl_atomic
 from cmmerge.settings import plain
 from cmmerge.stages.chain import require_upstream
 from cmmerge.stages.inputs import data_inputs, task_labels, task_splits_with_info
-from cmmerge.stages.runner import run_stage, stage_input
+from cmmerge.stages.runner import RunContext, run_stage, stage_input
 from cmmerge.stages.spec import EvaluateSpec, thaw
 from cmmerge.training.finetune import predict
 from cmmerge.training.token_classification import predict_tokens
@@ -101,7 +101,9 @@ def evaluate_one(cfg: DictConfig, task_name: str) -> dict:
             "test_blank_dropped": info["test"].get("blank_dropped", 0),
         }
 
-    return run_stage(cfg, "evaluate", spec.folder, config_view, inputs, work, all_ranks=True)
+    return run_stage(
+        RunContext.of(cfg), "evaluate", spec.folder, config_view, inputs, work, all_ranks=True
+    )
 
 
 def run(cfg: DictConfig) -> dict:

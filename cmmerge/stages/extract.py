@@ -17,7 +17,7 @@ from cmmerge.io.model_files import WRITE_DTYPES
 from cmmerge.merging.extract import TASK_VECTOR_FILE, extract_task_vector, task_vector_cosines
 from cmmerge.stages.chain import require_upstream
 from cmmerge.stages.inputs import resolve_model
-from cmmerge.stages.runner import folder_input, run_stage, stage_input
+from cmmerge.stages.runner import RunContext, folder_input, run_stage, stage_input
 from cmmerge.stages.spec import ExtractSpec
 
 PLOT_FILE = "norm_by_layer.png"
@@ -67,4 +67,4 @@ def run(cfg: DictConfig) -> dict:
             metrics["cosine_with"] = cos[0][1:]
         return {"metrics": metrics, "outputs": [TASK_VECTOR_FILE, "stats.json", PLOT_FILE]}
 
-    return run_stage(cfg, "extract", spec.folder, config_view, inputs, work)
+    return run_stage(RunContext.of(cfg), "extract", spec.folder, config_view, inputs, work)

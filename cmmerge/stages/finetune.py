@@ -32,7 +32,7 @@ from cmmerge.stages.inputs import (
     task_labels,
     task_splits_with_info,
 )
-from cmmerge.stages.runner import folder_input, run_stage, stage_input
+from cmmerge.stages.runner import RunContext, folder_input, run_stage, stage_input
 from cmmerge.stages.spec import FinetuneSpec, init_spec
 from cmmerge.training.finetune import train_classifier
 from cmmerge.training.token_classification import train_token_classifier
@@ -205,7 +205,7 @@ def run(cfg: DictConfig) -> dict:
         }
 
     return run_stage(
-        cfg,
+        RunContext.of(cfg),
         "finetune",
         spec.folder,
         config_view,

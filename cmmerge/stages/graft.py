@@ -40,7 +40,7 @@ from cmmerge.stages.chain import require_upstream
 from cmmerge.stages.ids import GRAFT, arm_name, cli_hint, onto_task, source_names, stage_dirs
 from cmmerge.stages.inputs import data_inputs, task_labels, task_splits_with_info
 from cmmerge.stages.plan import with_values
-from cmmerge.stages.runner import run_stage, stage_input
+from cmmerge.stages.runner import RunContext, run_stage, stage_input
 from cmmerge.stages.spec import GraftSpec, source_finetune_spec
 
 log = logging.getLogger("cmmerge")
@@ -196,4 +196,6 @@ def run(cfg: DictConfig) -> dict:
             "data": {"validation": info["validation"]},
         }
 
-    return run_stage(cfg, "graft", spec.folder, config_view, inputs, work, all_ranks=True)
+    return run_stage(
+        RunContext.of(cfg), "graft", spec.folder, config_view, inputs, work, all_ranks=True
+    )

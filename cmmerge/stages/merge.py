@@ -36,7 +36,7 @@ from cmmerge.settings import cache_dir
 from cmmerge.stages.chain import require_upstream
 from cmmerge.stages.ids import cli_hint, source_names, stage_dirs
 from cmmerge.stages.inputs import resolve_model
-from cmmerge.stages.runner import folder_input, run_stage, stage_input
+from cmmerge.stages.runner import RunContext, folder_input, run_stage, stage_input
 from cmmerge.stages.spec import CptSpec, MergeSpec, source_finetune_spec
 
 
@@ -241,7 +241,7 @@ def run(cfg: DictConfig) -> dict:
 
     place = ownership.OUTPUT if cfg.get("output") else ownership.RUN
     inputs = [folder_input(base), *source_inputs]
-    return run_stage(cfg, "merge", stage_dir, config_view, inputs, work, place=place)
+    return run_stage(RunContext.of(cfg), "merge", stage_dir, config_view, inputs, work, place=place)
 
 
 _LISTS = ("sources", "base_only", "heads_copied", "not_in_every_source", "dropped_tied")

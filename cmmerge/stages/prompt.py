@@ -23,7 +23,7 @@ from cmmerge.models.loading import load_lm, load_tokenizer, model_kind
 from cmmerge.settings import config_bool, config_int, plain
 from cmmerge.stages.finetune import init_model
 from cmmerge.stages.inputs import task_labels, task_splits
-from cmmerge.stages.runner import run_stage
+from cmmerge.stages.runner import RunContext, run_stage
 from cmmerge.stages.spec import PromptSpec
 
 log = logging.getLogger("cmmerge")
@@ -134,4 +134,4 @@ def run(cfg: DictConfig) -> dict:
             "task": str(cfg.task.name),
         }
 
-    return run_stage(cfg, "prompt", spec.folder, config_view, [model_input], work)
+    return run_stage(RunContext.of(cfg), "prompt", spec.folder, config_view, [model_input], work)

@@ -21,7 +21,7 @@ from cmmerge.reporting import cpt_length, curves, no_labels, paper, transfer, va
 from cmmerge.reporting.study import study
 from cmmerge.reporting.tables import columns, finetune_rows, markdown_table, write_csv
 from cmmerge.settings import config_bool, plain, run_dir
-from cmmerge.stages.runner import run_stage
+from cmmerge.stages.runner import RunContext, run_stage
 from cmmerge.stages.spec import CptSpec, finetune_spec
 
 _PATTERNS = ("finetune/*/", "evaluate/*/*/", "prompt/*/")
@@ -135,7 +135,7 @@ def run(cfg: DictConfig) -> dict:
         }
 
     out = run_dir(cfg) / "report"
-    manifest = run_stage(cfg, "report", out, config_view, inputs, work)
+    manifest = run_stage(RunContext.of(cfg), "report", out, config_view, inputs, work)
     print((out / "report.md").read_text(encoding="utf-8"))
     return manifest
 

@@ -13,6 +13,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -32,9 +33,35 @@ from cmmerge.io.manifest import (
     read_manifest,
     write_json_atomic,
 )
-from cmmerge.settings import run_dir
+from cmmerge.settings import check_run_name
 
 log = logging.getLogger("cmmerge")
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What the runner takes from a command besides the stage itself: the run directory it
+    writes into, whether ``force=true`` redoes a finished stage, and the seed it records."""
+
+    run_root: str
+    run_name: str
+    force: bool = False
+    seed: int | None = None
+
+    @classmethod
+    def of(cls, cfg: DictConfig) -> RunContext:
+        """From the composed config of a command (read once, at the stage's boundary)."""
+        seed = cfg.get("seed")
+        return cls(
+            run_root=str(cfg.run.root),
+            run_name=check_run_name(cfg.run.name),
+            force=bool(cfg.get("force")),
+            seed=None if seed is None else int(seed),
+        )
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run_root).expanduser() / self.run_name
 
 
 def stage_input(stage_dir: Path, hint: str) -> dict:
@@ -90,14 +117,14 @@ def hydra_overrides() -> list[str]:
 STARTED = ".started.json"  # in a partial folder: the command that is making it
 
 
-def resume_command(cfg: DictConfig, stage: str) -> str:
+def resume_command(run: RunContext, stage: str) -> str:
     """The command that makes this stage again, from the configuration it was started with:
     the command typed (a pipeline's or a sweep's own, when one runs it) and its overrides."""
     try:
         hydra = HydraConfig.get()
         job, overrides = str(hydra.job.name), list(hydra.overrides.task)
     except ValueError:  # not under Hydra: the run directory at least
-        job, overrides = stage, [f"run.root={cfg.run.root}", f"run.name={cfg.run.name}"]
+        job, overrides = stage, [f"run.root={run.run_root}", f"run.name={run.run_name}"]
     kept = [o for o in overrides if not o.startswith(("force=", "debug="))]
     return " ".join(["cmmerge", job, *map(shlex.quote, kept)])
 
@@ -107,7 +134,7 @@ def _peak_rss_mb() -> float:
 
 
 def run_stage(
-    cfg: DictConfig,
+    run: RunContext,
     stage: str,
     stage_dir: Path,
     config_view: dict[str, Any],
@@ -126,7 +153,7 @@ def run_stage(
     manifest whose listed files are all there.
 
     Args:
-        cfg: the composed config (for ``force``, ``seed`` and the record).
+        run: the run directory, ``force`` and the seed recorded (:meth:`RunContext.of`).
         stage: stage name for the manifest.
         stage_dir: the stage's folder in the run directory.
         config_view: the part of the config that determines this stage's result.
@@ -153,7 +180,7 @@ def run_stage(
         reason = None if previous is None else transaction.problem(stage_dir, previous)
         if previous is not None and reason is None and _same_stage(previous, digest, inputs):
             just_made = (stage_dir / MANIFEST).stat().st_mtime >= asked  # by another process
-            if not cfg.get("force") or just_made:
+            if not run.force or just_made:
                 if dist.is_main():
                     _clear_failure(stage_dir)  # an earlier failure of it no longer stands
                 log.info("%s: up to date in %s, skipped (force=true redoes it)", stage, stage_dir)
@@ -161,30 +188,30 @@ def run_stage(
                 return previous
         if dist.is_main():  # before anything in it is touched: may cmmerge replace it?
             key = "output" if place == ownership.OUTPUT else None
-            ownership.claim(stage_dir, stage, place, bool(cfg.get("force")), key)
+            ownership.claim(stage_dir, stage, place, run.force, key)
         same_as = _same_version(stage, stage_dir, previous, reason, digest, inputs)
         if previous is not None:
-            why = reason or ("force=true" if cfg.get("force") else "config or inputs changed")
+            why = reason or ("force=true" if run.force else "config or inputs changed")
             log.info("%s: redoing %s (%s)", stage, stage_dir, why)
         dist.barrier()  # every rank has read the old manifest before rank 0 removes it
         if dist.is_main():
             transaction.invalidate(stage_dir)
             transaction.prepare(stage_dir, digest, resumable)
-            command = resume_command(cfg, stage)
+            command = resume_command(run, stage)
             write_json_atomic(transaction.partial_dir(stage_dir) / STARTED, {"command": command})
         dist.barrier()
         partial = transaction.partial_dir(stage_dir)
         manifest: dict = {}
         try:
             if dist.is_main() or all_ranks:
-                manifest = _do(cfg, stage, stage_dir, partial, config_view, inputs, work, digest)
+                manifest = _do(run, stage, stage_dir, partial, config_view, inputs, work, digest)
             dist.barrier()
             if dist.is_main():
-                _finish(cfg, stage, stage_dir, partial, manifest, same_as, place)
+                _finish(run, stage, stage_dir, partial, manifest, same_as, place)
         except BaseException as err:
             user = as_user_error(err, stage_dir) if isinstance(err, Exception) else None
             if dist.is_main():
-                _record_failure(stage_dir, partial, user or err, resume_command(cfg, stage))
+                _record_failure(stage_dir, partial, user or err, resume_command(run, stage))
                 finished = transaction.problem(partial) is None  # only its swap failed
                 if not (resumable or finished):
                     transaction.discard(stage_dir)
@@ -199,7 +226,7 @@ def run_stage(
 
 
 def _finish(
-    cfg: DictConfig,
+    run: RunContext,
     stage: str,
     stage_dir: Path,
     partial: Path,
@@ -218,7 +245,7 @@ def _finish(
     write_json_atomic(partial / MANIFEST, manifest)
     ownership.write_marker(partial, stage, place)
     try:
-        transaction.commit(stage_dir, partial, bool(cfg.get("force")))
+        transaction.commit(stage_dir, partial, run.force)
     except CmmergeError:  # a user's file in the way: the earlier version stands, untouched
         transaction.restore(stage_dir)
         transaction.discard(stage_dir)
@@ -284,7 +311,7 @@ def _clear_failure(stage_dir: Path) -> None:
     (stage_dir.parent / f".{stage_dir.name}.failed.log").unlink(missing_ok=True)
 
 
-def _do(cfg, stage, stage_dir, partial, config_view, inputs, work, digest) -> dict:
+def _do(run, stage, stage_dir, partial, config_view, inputs, work, digest) -> dict:
     handler = logging.FileHandler(partial / f"{stage}.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for name in ("cmmerge", "transformers"):
@@ -311,14 +338,14 @@ def _do(cfg, stage, stage_dir, partial, config_view, inputs, work, digest) -> di
         "stage": stage,
         "status": "finished",
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "run_dir": str(run_dir(cfg)),
+        "run_dir": str(run.run_dir),
         "fingerprint": digest,
         "config": config_view,
         "overrides": hydra_overrides(),
         "inputs": inputs,
         "outputs": result.pop("outputs", []),
         "metrics": result.pop("metrics", {}),
-        "seed": config_view.get("seed", cfg.get("seed")),
+        "seed": config_view.get("seed", run.seed),
         "versions": _versions(),
         "git_revision": git_revision(),
         "wall_time_s": round(time.time() - start, 3),

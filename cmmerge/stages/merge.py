@@ -13,6 +13,8 @@ asks otherwise, and config.json says so. Every output goes into the folder ``wor
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -30,6 +32,7 @@ from cmmerge.io.model_files import (
 )
 from cmmerge.merging.engine import check_output_dir, merge_into_base, merge_models
 from cmmerge.merging.extract import TASK_VECTOR_FILE
+from cmmerge.merging.mergekit_config import mergekit_yaml
 from cmmerge.merging.methods import get_method
 from cmmerge.models.loading import local_model_dir
 from cmmerge.settings import cache_dir
@@ -43,40 +46,6 @@ from cmmerge.stages.spec import CptSpec, MergeSpec, source_finetune_spec
 def method_params(cfg: DictConfig) -> dict:
     """The validated parameters of the configured method (density only where it applies)."""
     return dict(MergeSpec.from_config(cfg).params)
-
-
-def mergekit_yaml(
-    method: str,
-    scale: float,
-    params: dict,
-    weights: list[float],
-    base: Path,
-    sources: list[Path],
-    dtype: str,
-) -> str | None:
-    """A mergekit config computing the same merge, or None where mergekit has no equivalent
-    (task-vector files, ``trim_scope=model``, ``sign=count``, DARE's rescaling...)."""
-    name = get_method(method).mergekit
-    if (
-        name is None
-        or params.get("trim_scope", "tensor") != "tensor"
-        or params.get("sign", "sum") != "sum"
-        or (name == "linear" and scale != 1)
-    ):
-        return None
-    models = []
-    for path, weight in zip(sources, weights, strict=True):
-        p = {"weight": weight}
-        if "density" in params:
-            p["density"] = params["density"]
-        models.append({"model": str(path), "parameters": p})
-    config: dict = {"merge_method": name, "models": models, "dtype": dtype}
-    if name == "linear":
-        config["parameters"] = {"normalize": params["normalize"]}
-    else:
-        config["base_model"] = str(base)
-        config["parameters"] = {"lambda": scale, "normalize": params["normalize"]}
-    return yaml.safe_dump(config, sort_keys=False)
 
 
 def _sources(cfg: DictConfig, dirs: dict) -> tuple[list[Path], bool, list[dict]]:
@@ -137,15 +106,121 @@ def _output_dirs(cfg: DictConfig, dirs: dict) -> tuple[Path, Path]:
     return out, out
 
 
+@dataclass(frozen=True)
+class MergeJob:
+    """A merge with everything resolved from the command: all that :func:`work` reads.
+
+    Attributes:
+        spec: The merge's spec (method, lambda, parameters, dtype, shard size; its sources and
+            weights resolved).
+        base: The base model folder.
+        sources: The models (``are_models``) or task-vector files merged into it.
+        are_models: Whether ``sources`` are models (their task vectors taken on the fly).
+        in_subfolder: The model goes into ``model/`` of the stage folder (a run directory),
+            else into the folder itself (``output=``).
+        hashes: cmmerge's cache folder, where the weights' SHA-256 digests are remembered.
+        allow_pickle: Pickle weights may be read.
+        grow_vocab: A source with a larger vocabulary may grow the merged one.
+    """
+
+    spec: MergeSpec
+    base: Path
+    sources: tuple[Path, ...]
+    are_models: bool
+    in_subfolder: bool
+    hashes: Path
+    allow_pickle: bool = False
+    grow_vocab: bool = False
+
+
+def work(job: MergeJob, work_dir: Path) -> dict:
+    """Merge into ``work_dir`` and describe the result (``merge.yaml``, ``mergekit.yaml``, the
+    model card); returns what the manifest records."""
+    import torch
+
+    spec, base, sources = job.spec, job.base, list(job.sources)
+    method, scale, params = spec.method, spec.scale, dict(spec.params)
+    weights = list(spec.source_weights)
+
+    model_dir = work_dir / "model" if job.in_subfolder else work_dir
+    model_dir.mkdir(parents=True, exist_ok=True)
+    merge = merge_models if job.are_models else merge_into_base
+    dtype = getattr(torch, spec.dtype) if spec.dtype else None
+    stats = merge(
+        base,
+        sources,
+        weights,
+        method,
+        scale,
+        model_dir,
+        dtype=dtype,
+        max_shard_size=spec.shard_bytes,
+        allow_nonfinite=spec.allow_nonfinite,
+        allow_pickle=job.allow_pickle,
+        grow_vocab=job.grow_vocab,
+        **params,
+    )
+    copy_model_files(base, model_dir)
+    record_dtype(model_dir, stats["dtype"])
+    if stats["grown"]:
+        record_grown_vocab(model_dir, sources if job.are_models else [], stats["grown"])
+    described = [describe(s, job.hashes) for s in sources]  # remembered there
+    record = {
+        "method": method,
+        "lambda": scale,
+        **params,
+        "weights": weights,
+        "dtype": stats["dtype"],
+        "base": str(base),
+        "base_sha256": describe(base, job.hashes)["sha256"],
+        "sources": described,
+        "base_only": stats["base_only"],
+        "heads_copied": stats["heads_copied"],
+        "not_in_every_source": stats["not_in_every_source"],
+        "dropped_tied": stats["dropped_tied"],
+    }
+    (model_dir / "merge.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+    mk = (
+        mergekit_yaml(method, scale, params, weights, base, sources, spec.dtype or "float32")
+        if job.are_models
+        else None
+    )
+    if mk is not None:
+        (model_dir / "mergekit.yaml").write_text(mk)
+    write_model_card(
+        model_dir,
+        f"{spec.folder_id} merge",
+        f"`{base}` merged with {len(sources)} source(s) by cmmerge ({method}: "
+        f"{get_method(method).description}).",
+        {
+            **{k: v for k, v in record.items() if k not in _LISTS},
+            "sources": ", ".join(f"{d['path']} (sha256 {d['sha256']})" for d in described),
+            "mergekit config": "mergekit.yaml" if mk else "none (no equivalent)",
+            "carried over from the base unchanged": _listed(
+                stats["base_only"] + stats["not_in_every_source"]
+            ),
+            "heads copied from the base (the task vector holds the backbone)": _listed(
+                stats["heads_copied"]
+            ),
+            "left out (tied, re-tied on load)": _listed(stats["dropped_tied"]),
+        },
+    )
+    return {
+        "metrics": {k: stats[k] for k in ("n_merged", "n_copied") if k in stats},
+        "outputs": ["model/" if job.in_subfolder else "."],
+        "merge": stats,
+        **({"vocab_grown": stats["grown"]} if stats["grown"] else {}),
+    }
+
+
 def run(cfg: DictConfig) -> dict:
     # a standalone merge (output= and models= or task_vectors=) reads and writes no run folder
     standalone = cfg.get("output") and (cfg.get("models") or cfg.get("task_vectors"))
     dirs = {} if standalone else stage_dirs(cfg)
     spec = MergeSpec.from_config(cfg)
-    params, scale, method = dict(spec.params), spec.scale, spec.method
     if cfg.get("dtype") and str(cfg.dtype) not in WRITE_DTYPES:
         raise CmmergeError(f"dtype={cfg.dtype}: choose one of {', '.join(WRITE_DTYPES)}")
-    shard_size = spec.shard_bytes
+    _ = spec.shard_bytes  # a bad max_shard_size: one line, before any work
     pickle_ok = bool(cfg.get("allow_pickle"))
     # a merge reads tensors only: the outline check (no transformers import) is enough here
     base = (
@@ -161,87 +236,27 @@ def run(cfg: DictConfig) -> dict:
     )
     stage_dir, final_model_dir = _output_dirs(cfg, dirs)
     spec = spec.resolve(source_paths=[str(s) for s in sources], source_weights=weights)
-    config_view = spec.config_view()
-
-    def work(work_dir):
-        import torch
-
-        model_dir = work_dir / "model" if final_model_dir != stage_dir else work_dir
-        model_dir.mkdir(parents=True, exist_ok=True)
-        merge = merge_models if are_models else merge_into_base
-        dtype = getattr(torch, str(cfg.dtype)) if cfg.get("dtype") else None
-        stats = merge(
-            base,
-            sources,
-            weights,
-            method,
-            scale,
-            model_dir,
-            dtype=dtype,
-            max_shard_size=shard_size,
-            allow_nonfinite=bool(cfg.get("allow_nonfinite")),
-            allow_pickle=bool(cfg.get("allow_pickle")),
-            grow_vocab=bool(cfg.get("grow_vocab")),
-            **params,
-        )
-        copy_model_files(base, model_dir)
-        record_dtype(model_dir, stats["dtype"])
-        if stats["grown"]:
-            record_grown_vocab(model_dir, sources if are_models else [], stats["grown"])
-        hashes = cache_dir(cfg)  # SHA-256 of the weights, remembered there
-        described = [describe(s, hashes) for s in sources]
-        record = {
-            "method": method,
-            "lambda": scale,
-            **params,
-            "weights": weights,
-            "dtype": stats["dtype"],
-            "base": str(base),
-            "base_sha256": describe(base, hashes)["sha256"],
-            "sources": described,
-            "base_only": stats["base_only"],
-            "heads_copied": stats["heads_copied"],
-            "not_in_every_source": stats["not_in_every_source"],
-            "dropped_tied": stats["dropped_tied"],
-        }
-        (model_dir / "merge.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
-        mk = (
-            mergekit_yaml(
-                method, scale, params, weights, base, sources, str(cfg.dtype or "float32")
-            )
-            if are_models
-            else None
-        )
-        if mk is not None:
-            (model_dir / "mergekit.yaml").write_text(mk)
-        write_model_card(
-            model_dir,
-            f"{spec.folder_id} merge",
-            f"`{base}` merged with {len(sources)} source(s) by cmmerge ({method}: "
-            f"{get_method(method).description}).",
-            {
-                **{k: v for k, v in record.items() if k not in _LISTS},
-                "sources": ", ".join(f"{d['path']} (sha256 {d['sha256']})" for d in described),
-                "mergekit config": "mergekit.yaml" if mk else "none (no equivalent)",
-                "carried over from the base unchanged": _listed(
-                    stats["base_only"] + stats["not_in_every_source"]
-                ),
-                "heads copied from the base (the task vector holds the backbone)": _listed(
-                    stats["heads_copied"]
-                ),
-                "left out (tied, re-tied on load)": _listed(stats["dropped_tied"]),
-            },
-        )
-        return {
-            "metrics": {k: stats[k] for k in ("n_merged", "n_copied") if k in stats},
-            "outputs": ["model/" if final_model_dir != stage_dir else "."],
-            "merge": stats,
-            **({"vocab_grown": stats["grown"]} if stats["grown"] else {}),
-        }
-
+    job = MergeJob(
+        spec,
+        base,
+        tuple(sources),
+        are_models,
+        in_subfolder=final_model_dir != stage_dir,
+        hashes=cache_dir(cfg),
+        allow_pickle=pickle_ok,
+        grow_vocab=bool(cfg.get("grow_vocab")),
+    )
     place = ownership.OUTPUT if cfg.get("output") else ownership.RUN
     inputs = [folder_input(base), *source_inputs]
-    return run_stage(RunContext.of(cfg), "merge", stage_dir, config_view, inputs, work, place=place)
+    return run_stage(
+        RunContext.of(cfg),
+        "merge",
+        stage_dir,
+        spec.config_view(),
+        inputs,
+        functools.partial(work, job),
+        place=place,
+    )
 
 
 _LISTS = ("sources", "base_only", "heads_copied", "not_in_every_source", "dropped_tied")

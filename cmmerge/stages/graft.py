@@ -18,12 +18,17 @@ as one more fine-tune, and the report chooses its lambda on validation like a me
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 
 import yaml
 from omegaconf import DictConfig
 
 from cmmerge import dist
+from cmmerge.data.tasks import load_task_with_info
 from cmmerge.errors import CmmergeError
 from cmmerge.io import transaction
 from cmmerge.io.manifest import write_json_atomic
@@ -36,9 +41,10 @@ from cmmerge.io.model_files import (
 )
 from cmmerge.merging.engine import merge_into_base
 from cmmerge.merging.extract import TASK_VECTOR_FILE
+from cmmerge.settings import data_root, plain
 from cmmerge.stages.chain import require_upstream
 from cmmerge.stages.ids import GRAFT, arm_name, cli_hint, onto_task, source_names, stage_dirs
-from cmmerge.stages.inputs import data_inputs, task_labels, task_splits_with_info
+from cmmerge.stages.inputs import data_inputs, task_labels
 from cmmerge.stages.plan import with_values
 from cmmerge.stages.runner import RunContext, run_stage, stage_input
 from cmmerge.stages.spec import GraftSpec, source_finetune_spec
@@ -87,6 +93,120 @@ def _check(cfg: DictConfig, labels: list[str]) -> None:
         )
 
 
+@dataclass(frozen=True)
+class GraftJob:
+    """A graft with everything resolved from the command: all that :func:`work` reads.
+
+    Attributes:
+        spec: The graft's spec (onto, the merge of tau_cpt, the task, the seed; labels
+            resolved).
+        finetuned: The model fine-tuned on ``onto`` that gets tau_cpt.
+        task_vector: The run's ``task_vector.safetensors``.
+        task: The code-mixed task's settings (its validation split is scored).
+        data_root: The folder the task files are read from.
+        batch_size: ``evaluate.batch_size`` for the validation predictions.
+        max_length: ``evaluate.max_length``.
+        arm: The arm's name, for the model card and the manifest.
+        allow_nonfinite: Write NaN or Inf values rather than refuse them.
+    """
+
+    spec: GraftSpec
+    finetuned: Path
+    task_vector: Path
+    task: Mapping
+    data_root: Path
+    batch_size: int
+    max_length: int
+    arm: str
+    allow_nonfinite: bool = False
+
+
+def work(job: GraftJob, stage_dir: Path) -> dict:
+    """Graft into ``stage_dir`` and score the code-mixed task's validation split; returns what
+    the manifest records."""
+    import torch
+
+    from cmmerge.training.finetune import predict
+
+    spec, finetuned = job.spec, job.finetuned
+    onto, scale, method = spec.onto, spec.merge.scale, spec.merge.method
+    params, labels, task = dict(spec.merge.params), list(spec.labels), str(job.task["name"])
+    model_dir = stage_dir / "model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main():
+        stats = graft_weights(
+            finetuned,
+            job.task_vector,
+            scale,
+            model_dir,
+            method,
+            dtype=getattr(torch, spec.merge.dtype) if spec.merge.dtype else None,
+            allow_nonfinite=job.allow_nonfinite,
+            **params,
+        )
+        copy_model_files(finetuned, model_dir)
+        record_dtype(model_dir, stats["dtype"])
+        if stats["grown"]:  # CPT grew the vocabulary: config.json says the new size
+            record_grown_vocab(model_dir, [], stats["grown"])
+    dist.barrier()
+    splits, info = load_task_with_info(job.task, job.data_root, seed=spec.split_seed)
+    val = splits["validation"]
+    _, metrics = predict(
+        model_dir,
+        list(val["text"]),
+        labels,
+        job.batch_size,
+        job.max_length,
+        list(val["label"]),
+        stage_dir / ".predict",
+    )
+    if not dist.is_main():
+        return {"metrics": metrics}
+    write_json_atomic(stage_dir / "metrics.json", {"split": "validation", **metrics})
+    record = {
+        "onto": onto,
+        "finetuned": str(finetuned),
+        "task_vector": str(job.task_vector),
+        "method": method,
+        "lambda": scale,
+        **params,
+        "dtype": stats["dtype"],
+        "n_merged": stats["n_merged"],
+        "kept_from_the_finetuned_model": stats["heads_copied"] + stats["base_only"],
+    }
+    (model_dir / "graft.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+    write_model_card(
+        model_dir,
+        spec.folder_id,
+        f"`{finetuned}` (fine-tuned on {onto}) plus {scale:g} x tau_cpt "
+        f"({method}), for {task} without code-mixed labels; not trained further.",
+        {
+            "arm": job.arm,
+            "task": task,
+            "seed": spec.seed,
+            f"validation macro-F1 ({task})": f"{metrics['macro_f1']:.4f}",
+            "tensors with tau_cpt added": stats["n_merged"],
+            "kept unchanged (heads, tensors tau_cpt lacks)": len(
+                record["kept_from_the_finetuned_model"]
+            ),
+            "dtype": stats["dtype"],
+        },
+    )
+    log.info("graft %s: validation macro-F1 %.4f on %s", spec.folder_id, metrics["macro_f1"], task)
+    return {
+        "metrics": metrics,
+        "outputs": ["model/", "metrics.json"],
+        "arm": job.arm,
+        "init": GRAFT,
+        "task": task,
+        "onto": onto,
+        "onto_finetune_id": spec.onto_finetune,
+        "merge_id": spec.merge.folder_id,
+        "graft": {k: v for k, v in stats.items() if k != "files"},
+        "data": {"validation": info["validation"]},
+    }
+
+
 def run(cfg: DictConfig) -> dict:
     cfg = with_values(cfg, init=GRAFT)
     dirs = stage_dirs(cfg)
@@ -94,10 +214,8 @@ def run(cfg: DictConfig) -> dict:
     _check(cfg, labels)
     require_upstream(cfg, "graft")  # cpt, extract and the fine-tune on onto, named at once
     spec = GraftSpec.from_config(cfg)
-    onto, scale, method = spec.onto, spec.merge.scale, spec.merge.method
-    params = dict(spec.merge.params)
     source = dirs["onto"]
-    hint = source_finetune_spec(cfg, onto).cli_hint()
+    hint = source_finetune_spec(cfg, spec.onto).cli_hint()
     if not (source / "model").exists() and transaction.pruned_output(source / "model"):
         raise CmmergeError(
             f"{source}/model was deleted after use (keep_models=false): run `{hint} force=true` "
@@ -109,93 +227,23 @@ def run(cfg: DictConfig) -> dict:
         *data_inputs(cfg, [str(cfg.task.name)]),
     ]
     spec = spec.resolve(labels=labels)
-    config_view = spec.config_view()
-
-    def work(stage_dir):
-        import torch
-
-        from cmmerge.training.finetune import predict
-
-        model_dir = stage_dir / "model"
-        model_dir.mkdir(parents=True, exist_ok=True)
-        if dist.is_main():
-            stats = graft_weights(
-                source / "model",
-                dirs["extract"] / TASK_VECTOR_FILE,
-                scale,
-                model_dir,
-                method,
-                dtype=getattr(torch, str(cfg.dtype)) if cfg.get("dtype") else None,
-                allow_nonfinite=bool(cfg.get("allow_nonfinite")),
-                **params,
-            )
-            copy_model_files(source / "model", model_dir)
-            record_dtype(model_dir, stats["dtype"])
-            if stats["grown"]:  # CPT grew the vocabulary: config.json says the new size
-                record_grown_vocab(model_dir, [], stats["grown"])
-        dist.barrier()
-        splits, info = task_splits_with_info(cfg)
-        val = splits["validation"]
-        _, metrics = predict(
-            model_dir,
-            list(val["text"]),
-            labels,
-            int(cfg.evaluate.batch_size),
-            int(cfg.evaluate.max_length),
-            list(val["label"]),
-            stage_dir / ".predict",
-        )
-        if not dist.is_main():
-            return {"metrics": metrics}
-        write_json_atomic(stage_dir / "metrics.json", {"split": "validation", **metrics})
-        record = {
-            "onto": onto,
-            "finetuned": str(source / "model"),
-            "task_vector": str(dirs["extract"] / TASK_VECTOR_FILE),
-            "method": method,
-            "lambda": scale,
-            **params,
-            "dtype": stats["dtype"],
-            "n_merged": stats["n_merged"],
-            "kept_from_the_finetuned_model": stats["heads_copied"] + stats["base_only"],
-        }
-        (model_dir / "graft.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
-        write_model_card(
-            model_dir,
-            spec.folder_id,
-            f"`{source / 'model'}` (fine-tuned on {onto}) plus {scale:g} x tau_cpt "
-            f"({method}), for {cfg.task.name} without code-mixed labels; not trained further.",
-            {
-                "arm": arm_name(cfg),
-                "task": cfg.task.name,
-                "seed": int(cfg.seed),
-                f"validation macro-F1 ({cfg.task.name})": f"{metrics['macro_f1']:.4f}",
-                "tensors with tau_cpt added": stats["n_merged"],
-                "kept unchanged (heads, tensors tau_cpt lacks)": len(
-                    record["kept_from_the_finetuned_model"]
-                ),
-                "dtype": stats["dtype"],
-            },
-        )
-        log.info(
-            "graft %s: validation macro-F1 %.4f on %s",
-            spec.folder_id,
-            metrics["macro_f1"],
-            cfg.task.name,
-        )
-        return {
-            "metrics": metrics,
-            "outputs": ["model/", "metrics.json"],
-            "arm": arm_name(cfg),
-            "init": GRAFT,
-            "task": str(cfg.task.name),
-            "onto": onto,
-            "onto_finetune_id": spec.onto_finetune,
-            "merge_id": spec.merge.folder_id,
-            "graft": {k: v for k, v in stats.items() if k != "files"},
-            "data": {"validation": info["validation"]},
-        }
-
+    job = GraftJob(
+        spec,
+        finetuned=source / "model",
+        task_vector=dirs["extract"] / TASK_VECTOR_FILE,
+        task=plain(cfg.task),
+        data_root=data_root(cfg),
+        batch_size=int(cfg.evaluate.batch_size),
+        max_length=int(cfg.evaluate.max_length),
+        arm=arm_name(cfg),
+        allow_nonfinite=bool(cfg.get("allow_nonfinite")),
+    )
     return run_stage(
-        RunContext.of(cfg), "graft", spec.folder, config_view, inputs, work, all_ranks=True
+        RunContext.of(cfg),
+        "graft",
+        spec.folder,
+        spec.config_view(),
+        inputs,
+        functools.partial(work, job),
+        all_ranks=True,
     )

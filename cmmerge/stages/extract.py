@@ -7,6 +7,8 @@ Writes ``task_vector.safetensors`` (float32, or ``dtype=bfloat16``/``float16``),
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -21,6 +23,48 @@ from cmmerge.stages.runner import RunContext, folder_input, run_stage, stage_inp
 from cmmerge.stages.spec import ExtractSpec
 
 PLOT_FILE = "norm_by_layer.png"
+
+
+@dataclass(frozen=True)
+class ExtractJob:
+    """An extraction with everything resolved from the command: all that :func:`work` reads.
+
+    Attributes:
+        spec: The extraction's spec (the CPT it reads, the dtype written).
+        base: The base model folder.
+        others: Task-vector files the new one is compared with (cosines).
+        allow_pickle: Pickle weights may be read.
+    """
+
+    spec: ExtractSpec
+    base: Path
+    others: tuple[Path, ...] = ()
+    allow_pickle: bool = False
+
+
+def work(job: ExtractJob, stage_dir: Path) -> dict:
+    """Write tau = theta_cpt - theta_base, its statistics and plot into ``stage_dir``."""
+    import torch
+
+    from cmmerge.reporting.plots import plot_norm_by_layer
+
+    spec, others = job.spec, list(job.others)
+    dtype = getattr(torch, spec.dtype) if spec.dtype else torch.float32
+    out = stage_dir / TASK_VECTOR_FILE
+    stats = extract_task_vector(
+        job.base, spec.cpt.folder / "model", out, dtype=dtype, allow_pickle=job.allow_pickle
+    )
+    final = spec.folder / TASK_VECTOR_FILE  # where the file is once the stage finished
+    stats["file"] = str(final)
+    if others:
+        cos = task_vector_cosines([out, *others])
+        stats["cosine"] = {"files": [str(final), *map(str, others)], "matrix": cos}
+    write_json_atomic(stage_dir / "stats.json", stats)
+    plot_norm_by_layer(stats["per_layer"], stage_dir / PLOT_FILE)
+    metrics = {k: stats[k] for k in ("n_tensors", "n_params", "l2_norm") if k in stats}
+    if others:
+        metrics["cosine_with"] = cos[0][1:]
+    return {"metrics": metrics, "outputs": [TASK_VECTOR_FILE, "stats.json", PLOT_FILE]}
 
 
 def run(cfg: DictConfig) -> dict:
@@ -39,32 +83,12 @@ def run(cfg: DictConfig) -> dict:
         stage_input(cpt_dir, spec.cpt.cli_hint()),
         *({"path": str(p), "size": p.stat().st_size} for p in others),
     ]
-    config_view = spec.config_view()
-
-    def work(stage_dir):
-        import torch
-
-        from cmmerge.reporting.plots import plot_norm_by_layer
-
-        dtype = getattr(torch, str(cfg.dtype)) if cfg.get("dtype") else torch.float32
-        out = stage_dir / TASK_VECTOR_FILE
-        stats = extract_task_vector(
-            base,
-            cpt_dir / "model",
-            out,
-            dtype=dtype,
-            allow_pickle=bool(cfg.get("allow_pickle")),
-        )
-        final = spec.folder / TASK_VECTOR_FILE  # where the file is once the stage finished
-        stats["file"] = str(final)
-        if others:
-            cos = task_vector_cosines([out, *others])
-            stats["cosine"] = {"files": [str(final), *map(str, others)], "matrix": cos}
-        write_json_atomic(stage_dir / "stats.json", stats)
-        plot_norm_by_layer(stats["per_layer"], stage_dir / PLOT_FILE)
-        metrics = {k: stats[k] for k in ("n_tensors", "n_params", "l2_norm") if k in stats}
-        if others:
-            metrics["cosine_with"] = cos[0][1:]
-        return {"metrics": metrics, "outputs": [TASK_VECTOR_FILE, "stats.json", PLOT_FILE]}
-
-    return run_stage(RunContext.of(cfg), "extract", spec.folder, config_view, inputs, work)
+    job = ExtractJob(spec, base, tuple(others), bool(cfg.get("allow_pickle")))
+    return run_stage(
+        RunContext.of(cfg),
+        "extract",
+        spec.folder,
+        spec.config_view(),
+        inputs,
+        functools.partial(work, job),
+    )

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -31,66 +34,103 @@ def _check_corpus(name: str, texts: list[str], stats: dict) -> None:
     log.info("corpus %s: %d texts kept (%s)", name, len(texts), removed)
 
 
+@dataclass(frozen=True)
+class CptJob:
+    """A continued pre-training with everything resolved from the command: all that
+    :func:`work` reads.
+
+    Attributes:
+        spec: The CPT's spec (model, corpus, training settings, LoRA, seed).
+        base: The base model folder.
+        kind: ``encoder`` (masked LM) or ``decoder`` (causal LM).
+        model_name: The model preset's name, for the model card.
+        texts: The corpus after the leakage guard.
+        corpus_stats: What the corpus kept and dropped.
+        cache: cmmerge's cache folder (tokenised corpora).
+    """
+
+    spec: CptSpec
+    base: Path
+    kind: str
+    model_name: str
+    texts: tuple[str, ...]
+    corpus_stats: dict = field(hash=False, compare=False)
+    cache: Path
+
+
+def work(job: CptJob, stage_dir: Path) -> dict:
+    """Train on the corpus into ``stage_dir`` (resuming from its checkpoints), keep the model
+    and its metrics; returns what the manifest records."""
+    spec, base, kind, stats = job.spec, job.base, job.kind, job.corpus_stats
+    corpus = str(spec.corpus["name"])
+    texts = list(job.texts)
+    _check_corpus(corpus, texts, stats)
+    config_view = spec.config_view()
+    metrics = train_lm(
+        base,
+        kind,
+        texts,
+        config_view["cpt"],
+        stage_dir,
+        spec.seed,
+        config_view["peft"],
+        cache_dir=job.cache,
+    )
+    if not dist.is_main():
+        return {"metrics": metrics}
+    write_json_atomic(stage_dir / "metrics.json", metrics)
+    objective = "masked LM" if kind == "encoder" else "causal LM"
+    how = "LoRA, merged into the weights" if metrics["lora"] else "full parameters"
+    write_model_card(
+        stage_dir / "model",
+        f"{job.model_name} + CPT on {corpus}",
+        f"Continued pre-training ({objective}, {how}) of `{base}` on "
+        f"the {corpus} code-mixed corpus by cmmerge.",
+        {
+            "base": base,
+            "corpus": corpus,
+            "texts": stats["kept"],
+            "leakage removed": stats["leakage_removed"],
+            "steps": metrics["steps"],
+            "lr": spec.cpt["lr"],
+            "fast loss": metrics["fast_loss"],
+            "packing": metrics["packing"],
+            "held-out perplexity": f"{metrics['perplexity_before']:.2f} -> "
+            f"{metrics['perplexity']:.2f}",
+        },
+    )
+    return {
+        "metrics": metrics,
+        "outputs": ["model/", "metrics.json"],
+        "corpus": stats,
+        "base_model": str(base),
+        "kind": kind,
+    }
+
+
 def run(cfg: DictConfig) -> dict:
     spec = CptSpec.from_config(cfg)
     base = resolve_model(cfg)
     kind = model_kind(base, str(cfg.model.kind))
     data_root(cfg)  # a missing data.root is named before anything is locked
-    config_view = spec.config_view()
     texts, corpus_stats = cpt_corpus(cfg)
-
-    def work(stage_dir):
-        _check_corpus(str(cfg.corpus.name), texts, corpus_stats)
-        peft_cfg = config_view["peft"]
-        metrics = train_lm(
-            base,
-            kind,
-            texts,
-            config_view["cpt"],
-            stage_dir,
-            spec.seed,
-            peft_cfg,
-            cache_dir=cache_dir(cfg),
-        )
-        if not dist.is_main():
-            return {"metrics": metrics}
-        write_json_atomic(stage_dir / "metrics.json", metrics)
-        objective = "masked LM" if kind == "encoder" else "causal LM"
-        how = "LoRA, merged into the weights" if metrics["lora"] else "full parameters"
-        write_model_card(
-            stage_dir / "model",
-            f"{cfg.model.name} + CPT on {cfg.corpus.name}",
-            f"Continued pre-training ({objective}, {how}) of `{base}` on "
-            f"the {cfg.corpus.name} code-mixed corpus by cmmerge.",
-            {
-                "base": base,
-                "corpus": cfg.corpus.name,
-                "texts": corpus_stats["kept"],
-                "leakage removed": corpus_stats["leakage_removed"],
-                "steps": metrics["steps"],
-                "lr": cfg.cpt.lr,
-                "fast loss": metrics["fast_loss"],
-                "packing": metrics["packing"],
-                "held-out perplexity": f"{metrics['perplexity_before']:.2f} -> "
-                f"{metrics['perplexity']:.2f}",
-            },
-        )
-        return {
-            "metrics": metrics,
-            "outputs": ["model/", "metrics.json"],
-            "corpus": corpus_stats,
-            "base_model": str(base),
-            "kind": kind,
-        }
-
+    job = CptJob(
+        spec,
+        base,
+        kind,
+        model_name=str(cfg.model.name),
+        texts=tuple(texts),
+        corpus_stats=corpus_stats,
+        cache=cache_dir(cfg),
+    )
     inputs = [folder_input(base), *data_inputs(cfg, [], corpus=True), corpus_input(cfg, texts)]
     return run_stage(
         RunContext.of(cfg),
         "cpt",
         spec.folder,
-        config_view,
+        spec.config_view(),
         inputs,
-        work,
+        functools.partial(work, job),
         all_ranks=True,
         resumable=True,
     )

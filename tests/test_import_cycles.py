@@ -108,3 +108,17 @@ def test_nothing_below_the_stages_imports_the_config_or_the_stages():
                 offenders[str(path.relative_to(PACKAGE))] = sorted(bad)
     assert offenders == {}
     assert len(list((PACKAGE / "reporting").glob("*.py"))) > 3  # the walk saw the layers
+
+
+# Stages whose body is a top-level ``work(job_or_spec, folder)`` that reads no config.
+TYPED_BODIES = ("cpt", "extract", "merge", "finetune", "graft", "evaluate", "prompt")
+
+
+def test_stage_bodies_see_only_their_typed_job():
+    for stage in TYPED_BODIES:
+        tree = ast.parse((PACKAGE / "stages" / f"{stage}.py").read_text())
+        work = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "work")
+        names = {n.id for n in ast.walk(work) if isinstance(n, ast.Name)}
+        assert "cfg" not in names and len(work.args.args) == 2, stage
+        nested = [n.name for n in ast.walk(work) if isinstance(n, ast.FunctionDef)]
+        assert nested == ["work"], (stage, nested)  # no closure over the command's config

@@ -166,6 +166,16 @@ def test_the_broadened_replication_plans_what_each_config_promises():
     assert count["finetune"] == count["evaluate"] == 3 + 3 * 2 * 3
 
 
+def test_the_three_epoch_hate_study_reuses_the_cpt_and_merges_and_makes_new_fine_tunes():
+    _, one, _ = _expand("replicate-cpu-hate")
+    cfg, three, count = _expand("replicate-cpu-hate-3ep")
+    assert cfg.run.name == "replicate-cpu-hate" and cfg.finetune.epochs == 3
+    shared = {s.stage for s in one if s.folder in {t.folder for t in three}}
+    assert shared == {"data", "cpt", "extract", "merge", "report"}
+    assert count["finetune"] == count["evaluate"] == 4 * 5
+    assert not _folders(_finetunes(one)) & _folders(_finetunes(three))
+
+
 @pytest.mark.parametrize("experiment,finetunes", [("demo", 4), ("paper-arms", 24)])
 def test_the_tiny_experiments_keep_their_arms(experiment, finetunes):
     _, steps, count = _expand(experiment)

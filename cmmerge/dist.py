@@ -5,6 +5,14 @@ from __future__ import annotations
 import os
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may use (its affinity set, where the system has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 

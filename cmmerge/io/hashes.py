@@ -24,6 +24,7 @@ from pathlib import Path
 import xxhash
 from filelock import FileLock
 
+from cmmerge.dist import usable_cpus
 from cmmerge.io.manifest import file_sha256, read_json, write_json_atomic
 from cmmerge.io.model_files import WEIGHT_SUFFIXES
 
@@ -102,13 +103,6 @@ def file_digests(
     return out  # type: ignore[return-value]
 
 
-def _threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def block_digests(
     paths: Sequence[Path], threads: int | None = None, mark: str = BLOCKS
 ) -> list[str]:
@@ -140,7 +134,7 @@ def block_digests(
                 at += got
             return h.digest()
 
-        workers = min(threads or _threads(), len(jobs))
+        workers = min(threads or usable_cpus(), len(jobs))
         if workers > 1:
             with ThreadPoolExecutor(workers, thread_name_prefix="cmmerge-hash") as pool:
                 digests = list(pool.map(block, jobs))

@@ -4,21 +4,19 @@ task-vector extraction)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
+from cmmerge.dist import usable_cpus
+
 CHUNK = 1 << 20  # elements per chunk (4 MiB in float32): fits the caches, amortises Python
 
 
 def default_threads() -> int:
-    """The CPUs this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+    """The CPUs this process may use (:func:`cmmerge.dist.usable_cpus`)."""
+    return usable_cpus()
 
 
 @contextmanager

@@ -53,7 +53,7 @@ class CptJob:
     base: Path
     kind: str
     model_name: str
-    texts: tuple[str, ...]
+    texts: list[str] = field(hash=False, compare=False)
     corpus_stats: dict = field(hash=False, compare=False)
     cache: Path
 
@@ -63,7 +63,7 @@ def work(job: CptJob, stage_dir: Path) -> dict:
     and its metrics; returns what the manifest records."""
     spec, base, kind, stats = job.spec, job.base, job.kind, job.corpus_stats
     corpus = str(spec.corpus["name"])
-    texts = list(job.texts)
+    texts = job.texts
     _check_corpus(corpus, texts, stats)
     config_view = spec.config_view()
     metrics = train_lm(
@@ -119,7 +119,7 @@ def run(cfg: DictConfig) -> dict:
         base,
         kind,
         model_name=str(cfg.model.name),
-        texts=tuple(texts),
+        texts=texts,
         corpus_stats=corpus_stats,
         cache=cache_dir(cfg),
     )

@@ -6,12 +6,11 @@ import json
 import logging
 from pathlib import Path
 
-from datasets import DatasetDict
+from typing import TYPE_CHECKING
+
 from omegaconf import DictConfig
 
-from cmmerge.data import build_corpus, load_corpus, load_task, load_task_with_info, normalize_text
 from cmmerge.data.splits import SPLITS, split_file
-from cmmerge.data.tasks import resolve_labels
 from cmmerge.io.manifest import sha256_bytes
 from cmmerge.models.loading import ModelSource
 from cmmerge.settings import (
@@ -22,6 +21,9 @@ from cmmerge.settings import (
     split_seed,
     task_config,
 )
+
+if TYPE_CHECKING:  # the data layer (datasets, pandas) is imported by the stages that read data
+    from datasets import DatasetDict
 
 log = logging.getLogger("cmmerge")
 
@@ -39,12 +41,16 @@ def resolve_model(cfg: DictConfig) -> Path:
 
 def task_splits(cfg: DictConfig, name: str | None = None) -> DatasetDict:
     """Train / validation / test of ``name`` (default: the configured task)."""
+    from cmmerge.data import load_task
+
     task = task_config(cfg, name or str(cfg.task.name))
     return load_task(plain(task), data_root(cfg), seed=split_seed(cfg))
 
 
 def task_splits_with_info(cfg: DictConfig, name: str | None = None) -> tuple[DatasetDict, dict]:
     """:func:`task_splits` and what happened to each split (rows read, blank texts dropped...)."""
+    from cmmerge.data import load_task_with_info
+
     task = task_config(cfg, name or str(cfg.task.name))
     splits, info = load_task_with_info(plain(task), data_root(cfg), seed=split_seed(cfg))
     return splits.remove_columns("tags"), info
@@ -53,6 +59,8 @@ def task_splits_with_info(cfg: DictConfig, name: str | None = None) -> tuple[Dat
 def task_labels(cfg: DictConfig, name: str | None = None) -> list[str]:
     """The label set of ``name`` (default: the configured task): ``task.labels``, or the sorted
     labels of its train file when that is null."""
+    from cmmerge.data.tasks import resolve_labels
+
     task = task_config(cfg, name or str(cfg.task.name))
     return resolve_labels(plain(task), data_root(cfg))
 
@@ -81,6 +89,8 @@ def evaluation_texts_with_info(
     A task of ``data.leakage_tasks`` whose files are missing under ``data.root`` is skipped (and
     listed); the configured task and ``eval_tasks`` must load.
     """
+    from cmmerge.data import load_task, normalize_text
+
     required = {str(cfg.task.name), *[str(t) for t in cfg.get("eval_tasks") or []]}
     texts: set[str] = set()
     info: dict = {"tasks": {}, "skipped": {}}
@@ -111,6 +121,8 @@ def cpt_corpus_with_info(
     cfg: DictConfig, leakage: list[str] | None = None
 ) -> tuple[list[str], dict, dict]:
     """:func:`cpt_corpus` plus the corpus sources read (with their word-tag counts)."""
+    from cmmerge.data import build_corpus, load_corpus
+
     raw, sources = load_corpus(plain(cfg.corpus), data_root(cfg), seed=split_seed(cfg))
     banned, guard = evaluation_texts_with_info(cfg, leakage)
     texts, stats = build_corpus(raw, banned)

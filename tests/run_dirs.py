@@ -12,7 +12,7 @@ from conftest import compose
 
 from cmmerge.io.manifest import write_json_atomic, write_jsonl_atomic
 from cmmerge.stages.ids import arm_name
-from cmmerge.stages.runner import RunContext, run_stage, stage_input
+from cmmerge.stages.runner import RunContext, run_transaction, stage_input
 from cmmerge.stages.spec import CptSpec, EvaluateSpec, ExtractSpec, FinetuneSpec, MergeSpec
 
 LABELS = ["negative", "neutral", "positive"]
@@ -28,7 +28,7 @@ def config(tmp_path, run, *extra):
 
 
 def _done(cfg, spec, inputs, result=None):
-    run_stage(
+    run_transaction(
         RunContext.of(cfg),
         spec.STAGE,
         spec.folder,
@@ -125,7 +125,7 @@ def finetune(
             hits = np.array(pred) == np.array(gold)
             f1 = float(np.mean([hits[np.array(gold) == k].mean() for k in (0, 1, 2)]))
             work = evaluation_work(gold, pred, f1, acc)
-            run_stage(
+            run_transaction(
                 RunContext.of(scfg),
                 "evaluate",
                 evaluation.folder,

@@ -21,8 +21,8 @@ from cmmerge.io.manifest import (
 )
 from cmmerge.reporting.study import chosen_scales, study
 from cmmerge.stages import finetune, plan, report, sweep
-from cmmerge.stages.ids import _NOT_OUTPUT, finetune_id, merge_id, source_finetune_id
-from cmmerge.stages.runner import RunContext, run_stage, stage_input
+from cmmerge.stages.runner import RunContext, run_transaction, stage_input
+from cmmerge.stages.spec import NOT_IN_ID, MergeSpec, finetune_spec, source_finetune_spec
 from cmmerge.stages.summary import closing_line
 
 LABELS = ["negative", "neutral", "positive"]
@@ -45,7 +45,9 @@ def _finetune(root, ft_id, arm, seed, val, accuracy, merge_id="", config=None, t
     def ft_work(d):
         return {"metrics": {"macro_f1": val}, "arm": arm, "task": task, "merge_id": merge_id}
 
-    run_stage(RunContext.of(cfg), "finetune", ft_dir, {"seed": seed, **(config or {})}, [], ft_work)
+    run_transaction(
+        RunContext.of(cfg), "finetune", ft_dir, {"seed": seed, **(config or {})}, [], ft_work
+    )
 
     def ev_work(d):
         gold, pred = _predictions(accuracy, seed)
@@ -60,7 +62,7 @@ def _finetune(root, ft_id, arm, seed, val, accuracy, merge_id="", config=None, t
         )
         return {}
 
-    run_stage(
+    run_transaction(
         RunContext.of(cfg), "evaluate", root / "evaluate" / ft_dir.name / task, {"task": task},
         [stage_input(ft_dir, "make it")], ev_work,
     )  # fmt: skip
@@ -193,6 +195,11 @@ def test_one_cpt_variant_keeps_the_plain_names(tmp_path):
 
 # -- 3. a multi-source merge per source seed --------------------------------------------------
 
+
+def merge_id(cfg) -> str:
+    return MergeSpec.from_config(cfg).folder_id
+
+
 MULTI = ["init=merged", "method=ties", "sources=[cpt,english-sentiment-en-hi]", "weights=[1,0.5]"]
 
 
@@ -232,13 +239,13 @@ def test_the_plan_makes_one_multi_source_merge_per_seed_from_that_seeds_source()
         source = (
             step.folder.parents[1]
             / "finetune"
-            / source_finetune_id(step.cfg, "english-sentiment-en-hi")
+            / source_finetune_spec(step.cfg, "english-sentiment-en-hi").folder_id
         )
         assert source in step.needs
         assert re.fullmatch(rf"base-english-sentiment-en-hi(-[0-9a-f]{{6}})?-s{seed}", source.name)
         users = [s for s in steps if s.stage == "finetune" and step.folder in s.needs]
         assert [int(u.cfg.seed) for u in users] == [seed]
-        assert users[0].folder.name == finetune_id(users[0].cfg)
+        assert users[0].folder.name == finetune_spec(users[0].cfg).folder_id
     sources = [s for s in steps if s.stage == "finetune" and s.cfg.task.name != "sentiment-en-hi"]
     assert sorted(int(s.cfg.seed) for s in sources) == [0, 1]
     # the plain merges stay one per lambda, shared by the seeds
@@ -266,7 +273,7 @@ def test_the_seeds_of_a_multi_source_arm_are_one_arm_in_the_report(tmp_path):
 
 
 def test_one_list_of_non_output_settings_for_folder_ids_and_fingerprints():
-    assert NOT_OUTPUT_SETTINGS <= _NOT_OUTPUT
+    assert NOT_OUTPUT_SETTINGS <= NOT_IN_ID
     view = {"finetune": {"lr": 1e-3, "report_to": "none", "logging_steps": 50}, "seed": 0}
     louder = {"finetune": {"lr": 1e-3, "report_to": "tensorboard", "logging_steps": 1}, "seed": 0}
     assert fingerprint(view, []) == fingerprint(louder, [])
@@ -287,8 +294,8 @@ def test_a_finished_finetune_is_not_redone_for_logging_or_tracking_settings(tmp_
     except ImportError:
         pass
     cfg = compose("finetune", quiet)
-    folder = tmp_path / "fp" / "finetune" / finetune_id(cfg)
-    assert folder.name == finetune_id(compose("finetune", common))  # the same folder
+    folder = tmp_path / "fp" / "finetune" / finetune_spec(cfg).folder_id
+    assert folder.name == finetune_spec(compose("finetune", common)).folder_id  # the same folder
     again = finetune.run(cfg)
     assert again.get("skipped") and again["finished_at"] == first["finished_at"]
     # a manifest written before these settings left the fingerprint is still up to date

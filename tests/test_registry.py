@@ -11,7 +11,7 @@ import pytest
 
 from cmmerge.settings import CONFIG_DIR
 from cmmerge.stages import spec as specs
-from cmmerge.stages.registry import STAGES, Stage, stage_folders
+from cmmerge.stages.registry import STAGES, Stage, stage_folders, stage_of
 from cmmerge.stages.status import _stage_folders
 
 
@@ -26,13 +26,18 @@ def test_every_entry_is_a_stage_with_a_config_and_a_run(name):
 def test_a_stage_with_a_folder_names_the_spec_of_that_folder():
     with_spec = {name: s for name, s in STAGES.items() if s.spec}
     assert sorted(with_spec) == sorted(
-        ["data", "cpt", "extract", "merge", "finetune", "graft", "evaluate", "prompt"]
+        ["data", "cpt", "extract", "merge", "finetune", "graft", "evaluate", "prompt", "report"]
     )
     for name, stage in with_spec.items():
         kind = specs.spec_type(name)
         assert issubclass(kind, specs.StageSpec) and kind.__name__ == stage.spec
         assert kind.STAGE == stage.folder, name  # the spec's folder is the registry's
-    assert specs.spec_type("report") is None and STAGES["report"].folder == "report"
+    assert STAGES["report"].folder == "report"
+    # how each runs under a launch: training and scoring on every rank, CPT resumable
+    assert {n for n, s in STAGES.items() if s.all_ranks} == {"cpt", "finetune", "graft", "evaluate"}
+    assert {n for n, s in STAGES.items() if s.resumable} == {"cpt"}
+    graft = specs.GraftSpec(run_root="/r", run_name="n")
+    assert stage_of(graft).name == "graft" and stage_of(specs.ReportSpec()).name == "report"
     with pytest.raises(KeyError, match="no spec for stage 'sweep'; specs: data, cpt, extract"):
         specs.spec_for(None, "sweep")  # type: ignore[arg-type]
 

@@ -21,7 +21,7 @@ from cmmerge.reporting.seed_stats import (
 )
 from cmmerge.reporting.stats import compare, f1_of_counts, unit_counts
 from cmmerge.stages import report
-from cmmerge.stages.runner import RunContext, run_stage, stage_input
+from cmmerge.stages.runner import RunContext, run_transaction, stage_input
 
 LABELS = ["negative", "neutral", "positive"]
 N = 600
@@ -104,12 +104,13 @@ def _finetune(root, ft_id, arm, seed, pred):
     cfg = OmegaConf.create({"run": {"root": str(root.parent), "name": root.name}, "force": False})
     ft_dir = root / "finetune" / f"{ft_id}-s{seed}"
     result = {"metrics": {"macro_f1": 0.5}, "arm": arm, "task": "t", "merge_id": ""}
-    run_stage(RunContext.of(cfg), "finetune", ft_dir, {"seed": seed}, [], lambda d: result)
+    run_transaction(RunContext.of(cfg), "finetune", ft_dir, {"seed": seed}, [], lambda d: result)
 
     f1 = float(f1_score(GOLD, pred, average="macro"))
     work = evaluation_work(GOLD, pred, f1, f1)
-    run_stage(RunContext.of(cfg), "evaluate", root / "evaluate" / ft_dir.name / "t", {"task": "t"},
-              [stage_input(ft_dir, "make it")], work)  # fmt: skip
+    folder = root / "evaluate" / ft_dir.name / "t"
+    inputs = [stage_input(ft_dir, "make it")]
+    run_transaction(RunContext.of(cfg), "evaluate", folder, {"task": "t"}, inputs, work)
 
 
 def test_the_report_marks_follow_the_seed_level_test_and_warns_below_five_seeds(tmp_path):

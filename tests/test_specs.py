@@ -74,7 +74,7 @@ def _cfg(stage: str, overrides: list[str]):
 
 def _spec(stage: str, overrides: list[str]) -> StageSpec:
     spec = spec_for(_cfg(stage, overrides), "graft" if stage == "graft" else stage)
-    return spec.resolve(**{k: RESOLVED[k] for k in spec.RESOLVED})
+    return spec.resolve(**{k: RESOLVED[k] for k in spec.resolved_fields()})
 
 
 def _case_id(case) -> str:
@@ -227,7 +227,7 @@ def test_every_field_is_fingerprinted_or_names_the_folder(case):
     view = output_view(spec.config_view())
     values = [json.dumps(v, sort_keys=True) for v in view.values()]
     for f in dataclasses.fields(spec):
-        if f.name in spec.NOT_IN_VIEW:
+        if f.name in spec.not_in_view():
             continue
         value = thaw(getattr(spec, f.name))
         if isinstance(value, dict):  # a section: its output settings all fingerprinted

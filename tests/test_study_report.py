@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from cmmerge.io.manifest import write_json_atomic, write_jsonl_atomic
 from cmmerge.stages import report
-from cmmerge.stages.runner import RunContext, run_stage, stage_input
+from cmmerge.stages.runner import RunContext, run_transaction, stage_input
 
 LABELS = ["negative", "neutral", "positive"]
 N = 600
@@ -33,7 +33,7 @@ def _finetune(root, ft_id, arm, seed, val, accuracy, merge_id="", task="t", eval
     def ft_work(d):
         return {"metrics": {"macro_f1": val}, "arm": arm, "task": task, "merge_id": merge_id}
 
-    run_stage(RunContext.of(cfg), "finetune", ft_dir, {"seed": seed}, [], ft_work)
+    run_transaction(RunContext.of(cfg), "finetune", ft_dir, {"seed": seed}, [], ft_work)
     for eval_task in evals:
         acc = accuracy if eval_task == task else accuracy - 0.1
 
@@ -52,7 +52,7 @@ def _finetune(root, ft_id, arm, seed, val, accuracy, merge_id="", task="t", eval
             )
             return {}
 
-        run_stage(
+        run_transaction(
             RunContext.of(cfg),
             "evaluate",
             root / "evaluate" / ft_dir.name / eval_task,

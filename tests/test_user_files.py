@@ -29,7 +29,7 @@ from cmmerge.cli import main
 from cmmerge.io import transaction
 from cmmerge.io.manifest import read_manifest
 from cmmerge.stages import status
-from cmmerge.stages.runner import RunContext, failure_file, run_stage, stage_input
+from cmmerge.stages.runner import RunContext, failure_file, run_transaction, stage_input
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def fake_stage(run: Path, stage: str, folder: str, text: str = "weights") -> Pat
         (d / "metrics.json").write_text('{"macro_f1": 0.5}')
         return {"outputs": ["model/", "metrics.json"]}
 
-    run_stage(RunContext.of(cfg), stage, stage_dir, {"stage": stage, "text": text}, [], work)
+    run_transaction(RunContext.of(cfg), stage, stage_dir, {"stage": stage, "text": text}, [], work)
     return stage_dir
 
 
@@ -201,7 +201,7 @@ def _downstream(tmp_path: Path, up: Path, extra: list[dict] | None = None) -> Pa
 
     inputs = [stage_input(up, "make up"), *(extra or [])]
     down = tmp_path / "r" / "evaluate" / "ft" / "task"
-    run_stage(RunContext.of(_cfg(tmp_path)), "evaluate", down, {}, inputs, work)
+    run_transaction(RunContext.of(_cfg(tmp_path)), "evaluate", down, {}, inputs, work)
     return down
 
 

@@ -22,7 +22,18 @@ _HOMES = {
     "samples_root": "tasks",
 }
 
-__all__ = sorted(_HOMES)
+__all__ = [  # noqa: RUF022 (the order of _HOMES)
+    "build_corpus",
+    "leakage_key",
+    "load_corpus",
+    "load_corpus_texts",
+    "load_task_config",
+    "normalize_text",
+    "label_distribution",
+    "load_task",
+    "load_task_with_info",
+    "samples_root",
+]
 
 if TYPE_CHECKING:
     from cmmerge.data.corpus import (

@@ -11,8 +11,9 @@ from omegaconf import DictConfig
 from cmmerge.errors import CmmergeError
 from cmmerge.io import transaction
 from cmmerge.merging.methods import get_method
-from cmmerge.stages.ids import GRAFT, cli_hint, onto_task, source_names, stage_dirs
+from cmmerge.stages.ids import cli_hint, stage_dirs
 from cmmerge.stages.runner import hydra_overrides
+from cmmerge.stages.spec import GRAFT, onto_task, source_names
 
 
 def _merge_keys(cfg: DictConfig) -> list[str]:

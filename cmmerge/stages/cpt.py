@@ -124,13 +124,4 @@ def run(cfg: DictConfig) -> dict:
         cache=cache_dir(cfg),
     )
     inputs = [folder_input(base), *data_inputs(cfg, [], corpus=True), corpus_input(cfg, texts)]
-    return run_stage(
-        RunContext.of(cfg),
-        "cpt",
-        spec.folder,
-        spec.config_view(),
-        inputs,
-        functools.partial(work, job),
-        all_ranks=True,
-        resumable=True,
-    )
+    return run_stage(RunContext.of(cfg), spec, inputs, functools.partial(work, job))

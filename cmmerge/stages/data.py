@@ -20,7 +20,6 @@ from cmmerge.data.tasks import dataset_labels
 from cmmerge.errors import CmmergeError
 from cmmerge.io.manifest import write_json_atomic
 from cmmerge.settings import cache_dir, data_root, plain, split_seed
-from cmmerge.stages.ids import stage_dirs
 from cmmerge.stages.inputs import cpt_corpus_with_info, data_inputs
 from cmmerge.stages.runner import RunContext, run_stage
 from cmmerge.stages.spec import DataSpec
@@ -148,10 +147,8 @@ def summary(stats: dict) -> str:
 
 
 def run(cfg: DictConfig) -> dict:
-    dirs = stage_dirs(cfg)
     data_root(cfg)  # a missing data.root is named before anything is locked
     spec = DataSpec.from_config(cfg)
-    config_view = spec.config_view()
 
     def work(stage_dir):
         stats = collect_stats(cfg)
@@ -165,7 +162,7 @@ def run(cfg: DictConfig) -> dict:
         return {"metrics": metrics, "outputs": ["stats.json"]}
 
     inputs = data_inputs(cfg, [str(cfg.task.name)], corpus=True, guard=True)
-    manifest = run_stage(RunContext.of(cfg), "data", dirs["data"], config_view, inputs, work)
-    stats = json.loads((Path(dirs["data"]) / "stats.json").read_text(encoding="utf-8"))
+    manifest = run_stage(RunContext.of(cfg), spec, inputs, work)
+    stats = json.loads((spec.folder / "stats.json").read_text(encoding="utf-8"))
     print(summary(stats), flush=True)
     return manifest

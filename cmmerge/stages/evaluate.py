@@ -107,15 +107,7 @@ def evaluate_one(cfg: DictConfig, task_name: str) -> dict:
             f"{ft_id} was trained on {labels}"
         )
     spec = spec.resolve(labels=labels)
-    return run_stage(
-        RunContext.of(cfg),
-        "evaluate",
-        spec.folder,
-        spec.config_view(),
-        inputs,
-        functools.partial(work, spec),
-        all_ranks=True,
-    )
+    return run_stage(RunContext.of(cfg), spec, inputs, functools.partial(work, spec))
 
 
 def run(cfg: DictConfig) -> dict:

@@ -84,11 +84,4 @@ def run(cfg: DictConfig) -> dict:
         *({"path": str(p), "size": p.stat().st_size} for p in others),
     ]
     job = ExtractJob(spec, base, tuple(others), bool(cfg.get("allow_pickle")))
-    return run_stage(
-        RunContext.of(cfg),
-        "extract",
-        spec.folder,
-        spec.config_view(),
-        inputs,
-        functools.partial(work, job),
-    )
+    return run_stage(RunContext.of(cfg), spec, inputs, functools.partial(work, job))

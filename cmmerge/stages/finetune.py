@@ -230,10 +230,7 @@ def run(cfg: DictConfig) -> dict:
     )
     return run_stage(
         RunContext.of(cfg),
-        "finetune",
-        spec.folder,
-        spec.config_view(),
+        spec,
         [init_input, *data_inputs(cfg, names)],
         functools.partial(work, job),
-        all_ranks=True,
     )

@@ -43,11 +43,11 @@ from cmmerge.merging.engine import merge_into_base
 from cmmerge.merging.extract import TASK_VECTOR_FILE
 from cmmerge.settings import data_root, plain
 from cmmerge.stages.chain import require_upstream
-from cmmerge.stages.ids import GRAFT, arm_name, cli_hint, onto_task, source_names, stage_dirs
+from cmmerge.stages.ids import arm_name, cli_hint, stage_dirs
 from cmmerge.stages.inputs import data_inputs, task_labels
 from cmmerge.stages.plan import with_values
 from cmmerge.stages.runner import RunContext, run_stage, stage_input
-from cmmerge.stages.spec import GraftSpec, source_finetune_spec
+from cmmerge.stages.spec import GRAFT, GraftSpec, onto_task, source_finetune_spec, source_names
 
 log = logging.getLogger("cmmerge")
 
@@ -238,12 +238,4 @@ def run(cfg: DictConfig) -> dict:
         arm=arm_name(cfg),
         allow_nonfinite=bool(cfg.get("allow_nonfinite")),
     )
-    return run_stage(
-        RunContext.of(cfg),
-        "graft",
-        spec.folder,
-        spec.config_view(),
-        inputs,
-        functools.partial(work, job),
-        all_ranks=True,
-    )
+    return run_stage(RunContext.of(cfg), spec, inputs, functools.partial(work, job))

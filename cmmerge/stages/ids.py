@@ -1,8 +1,7 @@
 """Names of stage folders in a run directory (DESIGN section 3) and of the paper's arms.
 
-Each name is derived from the stage's spec (:mod:`cmmerge.stages.spec`, the one source of the
-folder ids, fingerprinted views and CLI hints); the functions here take the composed config and
-delegate to it. The readable
+Each folder name is its stage's spec's (:mod:`cmmerge.stages.spec`, the one source of the
+folder ids, fingerprinted views and CLI hints): :func:`stage_dirs` gathers them. The readable
 part names what is usually varied (``ties-l0.5-d0.2``, ``cpt@en-hi-sentiment-en-hi-s0``); every
 other setting that differs from its preset (the method's file, the ``train`` group's presets)
 adds a short hash of the differences, so two variants never share a folder. Stages made from a
@@ -19,35 +18,15 @@ from omegaconf import DictConfig
 from cmmerge.settings import merge_scale
 from cmmerge.stages.spec import (
     GRAFT,
-    NOT_IN_ID,
     CptSpec,
     GraftSpec,
     MergeSpec,
     finetune_spec,
     method_name,
+    num,
     onto_task,
-    source_finetune_spec,
     source_names,
 )
-from cmmerge.stages.spec import (
-    num as _num,
-)
-
-__all__ = ["GRAFT", "method_name", "onto_task", "source_names"]  # re-exported for the stages
-
-# Settings left out of the hash (see :data:`cmmerge.stages.spec.NOT_IN_ID`).
-_NOT_OUTPUT = NOT_IN_ID
-
-
-def cpt_id(cfg: DictConfig) -> str:
-    """``<corpus>[-lora][-<hash>]`` (:attr:`CptSpec.folder_id`)."""
-    return CptSpec.from_config(cfg).folder_id
-
-
-def merge_id(cfg: DictConfig) -> str:
-    """``<method>-l<lambda>[-d<density>][-src_<sources>[_s<seed>]][-w<weights>][-<hash>]@<cpt-id>``
-    (:attr:`MergeSpec.folder_id`)."""
-    return MergeSpec.from_config(cfg).folder_id
 
 
 def is_graft_id(name: str) -> bool:
@@ -56,27 +35,8 @@ def is_graft_id(name: str) -> bool:
     return re.search(r"@[^@+]*\+", name) is not None
 
 
-def init_id(cfg: DictConfig) -> str:
-    """What fine-tuning starts from: base, ``cpt@<cpt-id>``, a merge id, or a folder's name;
-    for a graft ``<merge-id>+<fine-tune id without its seed>``."""
-    return finetune_spec(cfg).init_id
-
-
 def _task_list(cfg: DictConfig, key: str) -> list[str]:
     return [str(t) for t in (cfg.finetune.get(key) or [])]
-
-
-def finetune_id(cfg: DictConfig) -> str:
-    """``<init>-<task>[-seq_<tasks>][-joint_<tasks>][-lora][-<hash>]-s<seed>``, or a graft's
-    ``<merge-id>+<source fine-tune id without seed>-<task>-s<seed>``
-    (:attr:`FinetuneSpec.folder_id`, :attr:`GraftSpec.folder_id`)."""
-    return finetune_spec(cfg).folder_id
-
-
-def source_finetune_id(cfg: DictConfig, task: str) -> str:
-    """The fine-tune whose task vector a multi-source merge takes for ``task``: the base
-    fine-tuned on it with this config's training settings and seed."""
-    return source_finetune_spec(cfg, task).folder_id
 
 
 def is_monolingual(task: DictConfig | dict) -> bool:
@@ -100,7 +60,7 @@ def graft_arm(cfg: DictConfig) -> str:
     source = f"{_language_name(task)} FT" if is_monolingual(task) else f"FT on {onto}"
     method = method_name(cfg)
     short = "" if method == "task_arithmetic" else f"{_SHORT.get(method, method)}, "
-    return f"{source} + τ_cpt ({short}lambda={_num(merge_scale(cfg))})"
+    return f"{source} + τ_cpt ({short}lambda={num(merge_scale(cfg))})"
 
 
 _SHORT = {"task_arithmetic": "TV", "ties": "TIES"}
@@ -126,7 +86,7 @@ def _init_arm(cfg: DictConfig) -> str:
         short = _SHORT.get(method_name(cfg), method_name(cfg))
         sources = "" if source_names(cfg) == ["cpt"] else f"{'+'.join(source_names(cfg))}, "
         labels = f"{labels}, " if labels else ""
-        return f"{short}->FT ({sources}{labels}lambda={_num(merge_scale(cfg))})"
+        return f"{short}->FT ({sources}{labels}lambda={num(merge_scale(cfg))})"
     name = {"base": "Full FT", "cpt": "CPT->FT"}.get(init, f"FT from {init}")
     return f"{name} ({labels})" if labels else name
 

@@ -37,10 +37,10 @@ from cmmerge.merging.methods import get_method
 from cmmerge.models.loading import local_model_dir
 from cmmerge.settings import cache_dir
 from cmmerge.stages.chain import require_upstream
-from cmmerge.stages.ids import cli_hint, source_names, stage_dirs
+from cmmerge.stages.ids import cli_hint, stage_dirs
 from cmmerge.stages.inputs import resolve_model
 from cmmerge.stages.runner import RunContext, folder_input, run_stage, stage_input
-from cmmerge.stages.spec import CptSpec, MergeSpec, source_finetune_spec
+from cmmerge.stages.spec import CptSpec, MergeSpec, source_finetune_spec, source_names
 
 
 def method_params(cfg: DictConfig) -> dict:
@@ -250,11 +250,10 @@ def run(cfg: DictConfig) -> dict:
     inputs = [folder_input(base), *source_inputs]
     return run_stage(
         RunContext.of(cfg),
-        "merge",
-        stage_dir,
-        spec.config_view(),
+        spec,
         inputs,
         functools.partial(work, job),
+        folder=stage_dir,
         place=place,
     )
 

@@ -170,11 +170,4 @@ def run(cfg: DictConfig) -> dict:
     labels = task_labels(cfg)  # task.labels, or inferred from the train file
     spec = PromptSpec.from_config(cfg).resolve(dtype=str(dtype).removeprefix("torch."))
     job = PromptJob(spec, model_dir, tuple(labels), str(device))
-    return run_stage(
-        RunContext.of(cfg),
-        "prompt",
-        spec.folder,
-        spec.config_view(),
-        [model_input],
-        functools.partial(work, job),
-    )
+    return run_stage(RunContext.of(cfg), spec, [model_input], functools.partial(work, job))

@@ -30,6 +30,8 @@ class Stage:
     spec: str | None = None  # the StageSpec class (cmmerge.stages.spec) of its folder
     prunes: tuple[str, ...] = ()  # outputs a study deletes once every stage reading them is done
     kept_by: str | None = None  # the setting that keeps them (true: nothing is deleted)
+    all_ranks: bool = False  # under a multi-process launch every rank works (training, scoring)
+    resumable: bool = False  # an interrupted attempt's partial folder is resumed (checkpoints)
 
     def __post_init__(self) -> None:
         if bool(self.prunes) != bool(self.kept_by):
@@ -60,6 +62,8 @@ STAGES: dict[str, Stage] = {
             "continued pre-training (MLM for encoders, causal LM for decoders)",
             folder="cpt",
             spec="CptSpec",
+            all_ranks=True,
+            resumable=True,
         ),
         Stage(
             "extract",
@@ -82,6 +86,7 @@ STAGES: dict[str, Stage] = {
             spec="FinetuneSpec",
             prunes=("model/", "adapter/", "sequential/"),
             kept_by="keep_models",
+            all_ranks=True,
         ),
         Stage(
             "graft",
@@ -90,12 +95,14 @@ STAGES: dict[str, Stage] = {
             spec="GraftSpec",
             prunes=("model/",),
             kept_by="keep_models",
+            all_ranks=True,
         ),
         Stage(
             "evaluate",
             "macro-F1, accuracy, per-class report, confusion matrix, predictions",
             folder="evaluate",
             spec="EvaluateSpec",
+            all_ranks=True,
         ),
         Stage(
             "sweep",
@@ -112,6 +119,7 @@ STAGES: dict[str, Stage] = {
             "report",
             "table of arms x metrics from a run directory (Markdown and CSV)",
             folder="report",
+            spec="ReportSpec",
         ),
         Stage(
             "status", "state of every stage of a run (finished, stale, running, failed, missing)"
@@ -123,3 +131,12 @@ STAGES: dict[str, Stage] = {
 def stage_folders() -> set[str]:
     """The top folders of a run directory that hold stages."""
     return {stage.folder for stage in STAGES.values() if stage.folder}
+
+
+def stage_of(spec: object) -> Stage:
+    """The stage whose folder ``spec`` (a :class:`~cmmerge.stages.spec.StageSpec`) describes."""
+    kind = type(spec).__name__
+    for stage in STAGES.values():
+        if stage.spec == kind:
+            return stage
+    raise KeyError(f"no stage has the spec {kind}")

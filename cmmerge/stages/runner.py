@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
@@ -34,6 +34,10 @@ from cmmerge.io.manifest import (
     write_json_atomic,
 )
 from cmmerge.settings import check_run_name
+from cmmerge.stages.registry import stage_of
+
+if TYPE_CHECKING:
+    from cmmerge.stages.spec import StageSpec
 
 log = logging.getLogger("cmmerge")
 
@@ -134,6 +138,33 @@ def _peak_rss_mb() -> float:
 
 
 def run_stage(
+    run: RunContext,
+    spec: StageSpec,
+    inputs: list[dict],
+    work: Callable[[Path], dict[str, Any]],
+    *,
+    folder: Path | None = None,
+    place: str = ownership.RUN,
+) -> dict:
+    """Do the stage ``spec`` describes as a transaction (:func:`run_transaction`): its name,
+    folder and recorded config come from the spec, how it runs (on every rank of a launch,
+    resumable) from its entry in the stage registry; ``folder`` replaces the spec's (a merge's
+    ``output=``, with ``place`` saying where that is)."""
+    entry = stage_of(spec)
+    return run_transaction(
+        run,
+        entry.name,
+        spec.folder if folder is None else folder,
+        spec.config_view(),
+        inputs,
+        work,
+        all_ranks=entry.all_ranks,
+        resumable=entry.resumable,
+        place=place,
+    )
+
+
+def run_transaction(
     run: RunContext,
     stage: str,
     stage_dir: Path,

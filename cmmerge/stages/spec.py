@@ -7,21 +7,25 @@ and :class:`FrozenMap` for the free-form sections: ``task``, ``cpt``, ``finetune
 Everything that names or checks a stage is derived from it, so they cannot disagree:
 
 - ``spec.folder_id`` / ``spec.folder``: the stage's folder in the run directory
-  (:mod:`cmmerge.stages.ids` delegates its ``cpt_id``, ``merge_id``, ``finetune_id``,
-  ``init_id`` and ``stage_dirs`` to the specs). The readable part names what is usually varied
-  (``ties-l0.5-d0.2``); every other setting that differs from its preset adds a short hash.
+  (:func:`cmmerge.stages.ids.stage_dirs` gathers them). The readable part names what is
+  usually varied (``ties-l0.5-d0.2``); every other setting that differs from its preset adds
+  a short hash.
 - ``spec.config_view()``: the manifest's ``config``, which
   :func:`cmmerge.io.manifest.fingerprint` hashes (less
   :data:`~cmmerge.io.manifest.NOT_OUTPUT_SETTINGS`) into the stage's fingerprint, and
   ``spec.fingerprint(inputs)``, that hash.
 - ``spec.cli_hint()``: the command that makes the stage, named in the errors of its consumers.
 
-A few values are known only once the stage has looked at its inputs (the labels inferred from
-a train file, the folder fine-tuning starts from, the files a merge reads, the dtype a device
-supports). They are fields too (``None`` until then; :attr:`StageSpec.RESOLVED` names them),
-filled in by the stage with :meth:`StageSpec.resolve`; the folder id never reads them.
+Each field is declared once, with :func:`setting`: where ``from_config`` reads it, its key in
+the recorded view (or none: it names the folder), how it is written there, whether the stage
+fills it in, and its key in the CLI hint; ``from_config``, ``config_view``, ``settings_view``,
+``resolve`` and ``hint_keys`` are derived from those declarations (:class:`StageSpec`), and a
+new setting is one line. A few values are known only once the stage has looked at its inputs
+(the labels inferred from a train file, the folder fine-tuning starts from, the files a merge
+reads, the dtype a device supports): they are declared ``resolved`` (``None`` until the stage
+fills them in with :meth:`StageSpec.resolve`); the folder id never reads them.
 ``config_view()`` is exactly the dict each stage recorded before the specs existed, so the
-fingerprints of finished stages do not change.
+fingerprints of finished stages do not change (tests/test_specs.py).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -41,10 +45,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from cmmerge.errors import CmmergeError
 from cmmerge.io.manifest import ARM_TASK_LISTS, NOT_OUTPUT_SETTINGS, fingerprint
 from cmmerge.merging.methods import get_method, resolve_params
+from cmmerge.reporting import variants
 from cmmerge.settings import (
     CONFIG_DIR,
     SAMPLES_DIR,
     config_bool,
+    config_float,
     config_int,
     leakage_tasks,
     load_group_config,
@@ -254,24 +260,136 @@ def onto_task(cfg: DictConfig) -> str:
     return str(onto)
 
 
+# --- declaring a setting -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How a spec field is declared, once: where :meth:`StageSpec.from_config` reads it
+    (``source``: a dotted config key, checked as ``kind`` when given, or a function of the
+    config; None: the stage fills it in, or it is a default), its key in the recorded config
+    (``view``; None: it names the folder instead), how it is written there (``show``), whether
+    the stage resolves it when it runs (``resolved``), and its key in the command that makes the
+    stage (``hint``: a format such as ``"seed={}"`` or a function of the value)."""
+
+    source: str | Callable[[DictConfig], Any] | None = None
+    kind: type | None = None
+    view: str | bool | None = None
+    show: Callable[[Any], Any] | None = None
+    resolved: bool = False
+    hint: str | Callable[[Any], str | None] | None = None
+
+
+def setting(
+    default: Any = None,
+    source: str | Callable[[DictConfig], Any] | None = None,
+    *,
+    kind: type | None = None,
+    view: str | bool = True,
+    show: Callable[[Any], Any] | None = None,
+    resolved: bool = False,
+    hint: str | Callable[[Any], str | None] | None = None,
+) -> Any:
+    """A spec field declared by a :class:`Setting` (``view=True``: recorded under its own name)."""
+    declared = Setting(source, kind, None if view is False else view, show, resolved, hint)
+    return dataclasses.field(default=default, metadata={"setting": declared})
+
+
+_TYPED: dict[type, Callable[[DictConfig, str], Any]] = {
+    int: config_int,
+    float: config_float,
+    bool: config_bool,
+}
+
+
+def _read(declared: Setting, cfg: DictConfig) -> Any:
+    """A setting's value from the composed config, typed and frozen (a wrong type: one line)."""
+    source = declared.source
+    if callable(source):
+        return freeze(source(cfg))
+    kind = declared.kind
+    if kind in _TYPED:
+        return _TYPED[kind](cfg, str(source))
+    value = OmegaConf.select(cfg, str(source))
+    if kind is str:
+        return None if value is None else str(value)
+    return freeze(value)
+
+
+def _shown_dtype(dtype: str | None) -> str:
+    return dtype or "float32"  # what is written
+
+
+def _shown_shard_size(value: Any) -> int:
+    from cmmerge.io.checkpoint import DEFAULT_MAX_SHARD_SIZE
+
+    return shard_bytes(value or DEFAULT_MAX_SHARD_SIZE)
+
+
+def _data_root_source() -> Any:
+    return setting("", _data_root)
+
+
+def _split_seed_source() -> Any:
+    return setting(0, split_seed)
+
+
+def _task_hint(task: dict) -> str:
+    return f"task={task['name']}"
+
+
 # --- the specs ----------------------------------------------------------------------------------
 
-_UNRESOLVED = "<filled in when the stage runs>"
+
+@cache
+def _declared(cls: type) -> tuple[tuple[str, Setting], ...]:
+    """``(field, its Setting)`` of every declared field of ``cls``, ``view=True`` made the
+    field's own name."""
+    out = []
+    for f in dataclasses.fields(cls):
+        declared = f.metadata.get("setting")
+        if declared is not None:
+            own = declared.view is True
+            out.append((f.name, dataclasses.replace(declared, view=f.name) if own else declared))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
 class StageSpec:
-    """What every spec has: where its run directory is. Subclasses name their stage (``STAGE``,
-    the folder under the run directory), the fields filled in when the stage runs
-    (``RESOLVED``) and the fields that name the folder rather than appear in the view
-    (``NOT_IN_VIEW``)."""
+    """What every spec has: where its run directory is, and what its declared settings
+    (:func:`setting`) give: :meth:`from_config`, :meth:`config_view`, :meth:`settings_view`,
+    :meth:`resolve` and :meth:`hint_keys`. Subclasses name their stage (``STAGE``, the folder
+    under the run directory) and write their folder id."""
 
-    run_root: str
-    run_name: str
+    run_root: str = setting("", "run.root", kind=str, view=False)
+    run_name: str = setting("", "run.name", kind=str, view=False)
 
     STAGE: ClassVar[str] = ""
-    RESOLVED: ClassVar[tuple[str, ...]] = ()
-    NOT_IN_VIEW: ClassVar[frozenset[str]] = frozenset({"run_root", "run_name"})
+
+    @classmethod
+    def declared(cls) -> tuple[tuple[str, Setting], ...]:
+        """``(field, its Setting)`` of every declared field, in order."""
+        return _declared(cls)
+
+    @classmethod
+    def resolved_fields(cls) -> tuple[str, ...]:
+        """The fields the stage fills in when it runs (:meth:`resolve`)."""
+        return tuple(name for name, s in cls.declared() if s.resolved)
+
+    @classmethod
+    def not_in_view(cls) -> frozenset[str]:
+        """The fields that name the folder (or an upstream stage) instead of being recorded."""
+        return frozenset(name for name, s in cls.declared() if s.view is None)
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, **values: Any) -> StageSpec:
+        """The spec the composed config gives (``values``: fields set instead of read)."""
+        read = {
+            name: _read(s, cfg)
+            for name, s in cls.declared()
+            if s.source is not None and name not in values
+        }
+        return cls(**read, **{k: freeze(v) for k, v in values.items()})
 
     @property
     def run_dir(self) -> Path:
@@ -286,73 +404,80 @@ class StageSpec:
         """The stage's folder in the run directory."""
         return self.run_dir / self.STAGE / self.folder_id
 
+    def _view(self, partial: bool) -> dict[str, Any]:
+        view: dict[str, Any] = {}
+        for name, s in self.declared():
+            if s.view is None:
+                continue
+            if s.resolved and getattr(self, name) is None:
+                if partial:
+                    continue
+                raise RuntimeError(f"{type(self).__name__}.{name} is not resolved yet")
+            value = thaw(getattr(self, name))
+            view[s.view] = s.show(value) if s.show else value
+        return {**view, **self.derived_view()}
+
     def config_view(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The manifest's ``config`` (what the fingerprint hashes): every recorded setting."""
+        return self._view(partial=False)
+
+    def settings_view(self) -> dict[str, Any]:
+        """The config view less the settings the stage fills in when it runs: what a plan can
+        compare with a finished stage's recorded config before running it."""
+        return self._view(partial=True)
+
+    def derived_view(self) -> dict[str, Any]:
+        """Recorded values that follow from other fields (none by default)."""
+        return {}
 
     def fingerprint(self, inputs: list[dict]) -> str:
         """The fingerprint of this stage made from ``inputs``."""
         return fingerprint(self.config_view(), inputs)
 
     def resolve(self, **values: Any) -> StageSpec:
-        """A copy with the :attr:`RESOLVED` fields the stage found (frozen)."""
-        unknown = set(values) - set(self.RESOLVED)
+        """A copy with the resolved fields the stage found (frozen)."""
+        unknown = set(values) - set(self.resolved_fields())
         if unknown:
-            raise TypeError(f"{type(self).__name__} resolves {self.RESOLVED}, not {unknown}")
+            kind = type(self).__name__
+            raise TypeError(f"{kind} resolves {self.resolved_fields()}, not {unknown}")
         return dataclasses.replace(self, **{k: freeze(v) for k, v in values.items()})
-
-    def settings_view(self) -> dict[str, Any]:
-        """The config view less the entries the stage fills in when it runs (:attr:`RESOLVED`):
-        what a plan can compare with a finished stage's recorded config before running it."""
-        unset = {k: _UNRESOLVED for k in self.RESOLVED if getattr(self, k) is None}
-        view = self.resolve(**unset).config_view() if unset else self.config_view()
-        return {k: v for k, v in view.items() if v != _UNRESOLVED}
-
-    def _resolved(self, name: str) -> Any:
-        value = getattr(self, name)
-        if value is None:
-            raise RuntimeError(f"{type(self).__name__}.{name} is not resolved yet")
-        return thaw(value)
 
     def cli_hint(self, *extra: str) -> str:
         """The command that makes this stage (``extra`` keys appended)."""
         return _hint(self.run_root, self.run_name, self.STAGE, *self.hint_keys(), *extra)
 
     def hint_keys(self) -> tuple[str, ...]:
-        return ()
+        """The keys of the declared hints, in order."""
+        keys = []
+        for name, s in self.declared():
+            if s.hint is None:
+                continue
+            value = thaw(getattr(self, name))
+            key = s.hint.format(value) if isinstance(s.hint, str) else s.hint(value)
+            if key:
+                keys.append(key)
+        return tuple(keys)
 
 
-def _run(cfg: DictConfig) -> dict[str, str]:
-    return {"run_root": str(cfg.run.root), "run_name": str(cfg.run.name)}
+def _tokenized_model(cfg: DictConfig) -> Any:
+    """The model whose tokenizer ``cmmerge data`` counts lengths with (``data.token_lengths``)."""
+    return cfg.model if cfg.data.get("token_lengths", True) else None
 
 
 @dataclass(frozen=True)
 class DataSpec(StageSpec):
     """``cmmerge data``: statistics of the task and the corpus -> ``data/``."""
 
-    task: FrozenMap | None = None
-    corpus: FrozenMap | None = None
-    data: FrozenMap | None = None
-    data_root: str = ""
-    seed: int = 0
-    cpt_seed: Any = 0
-    model: FrozenMap | None = None
-    leakage_tasks: tuple[str, ...] = ()
+    task: FrozenMap | None = setting(source="task")
+    corpus: FrozenMap | None = setting(source="corpus")
+    data: FrozenMap | None = setting(source="data")
+    data_root: str = _data_root_source()
+    seed: int = setting(0, "seed", kind=int)
+    cpt_seed: Any = setting(0, "cpt.seed")
+    model: FrozenMap | None = setting(source=_tokenized_model)
+    leakage_tasks: tuple[str, ...] = setting((), leakage_tasks)
 
     STAGE: ClassVar[str] = "data"
-
-    @classmethod
-    def from_config(cls, cfg: DictConfig) -> DataSpec:
-        return cls(
-            **_run(cfg),
-            task=_section(cfg, "task"),
-            corpus=_section(cfg, "corpus"),
-            data=_section(cfg, "data"),
-            data_root=_data_root(cfg),
-            seed=int(cfg.seed),
-            cpt_seed=cfg.cpt.seed,
-            model=_section(cfg, "model") if cfg.data.get("token_lengths", True) else None,
-            leakage_tasks=tuple(leakage_tasks(cfg)),
-        )
 
     @property
     def folder(self) -> Path:
@@ -362,18 +487,6 @@ class DataSpec(StageSpec):
     def folder_id(self) -> str:
         return "data"
 
-    def config_view(self) -> dict[str, Any]:
-        return {
-            "task": thaw(self.task),
-            "corpus": thaw(self.corpus),
-            "data": thaw(self.data),
-            "data_root": self.data_root,
-            "seed": self.seed,
-            "cpt_seed": self.cpt_seed,
-            "model": thaw(self.model),
-            "leakage_tasks": list(self.leakage_tasks),
-        }
-
 
 @dataclass(frozen=True)
 class CptSpec(StageSpec):
@@ -382,30 +495,21 @@ class CptSpec(StageSpec):
     The texts the leakage guard leaves are an input of the stage (their hash), not the list of
     tasks guarded: another task's pipeline that excludes no further text shares the CPT."""
 
-    model: FrozenMap | None = None
-    corpus: FrozenMap | None = None
-    cpt: FrozenMap | None = None
-    peft: FrozenMap | None = None
-    data_root: str = ""
-    split_seed: int = 0
+    model: FrozenMap | None = setting(source="model")
+    corpus: FrozenMap | None = setting(source="corpus")
+    cpt: FrozenMap | None = setting(source="cpt")
+    peft: FrozenMap | None = setting(source=cpt_peft_section)
+    data_root: str = _data_root_source()
+    split_seed: int = _split_seed_source()
 
     STAGE: ClassVar[str] = "cpt"
-
-    @classmethod
-    def from_config(cls, cfg: DictConfig) -> CptSpec:
-        return cls(
-            **_run(cfg),
-            model=_section(cfg, "model"),
-            corpus=_section(cfg, "corpus"),
-            cpt=_section(cfg, "cpt"),
-            peft=cpt_peft_section(cfg),
-            data_root=_data_root(cfg),
-            split_seed=split_seed(cfg),
-        )
 
     @property
     def seed(self) -> int:
         return int(self.cpt["seed"])
+
+    def derived_view(self) -> dict[str, Any]:
+        return {"seed": self.seed}
 
     @property
     def folder_id(self) -> str:
@@ -415,50 +519,25 @@ class CptSpec(StageSpec):
         lora = "" if _peft_name(self.peft) == "none" else f"-{_peft_name(self.peft)}"
         return f"{self.corpus['name']}{lora}{_suffix(diff)}"
 
-    def config_view(self) -> dict[str, Any]:
-        return {
-            "model": thaw(self.model),
-            "corpus": thaw(self.corpus),
-            "cpt": thaw(self.cpt),
-            "data_root": self.data_root,
-            "split_seed": self.split_seed,
-            "seed": self.seed,
-            "peft": thaw(self.peft),
-        }
+
+def _task_vector_paths(cfg: DictConfig) -> tuple[str, ...]:
+    return tuple(str(Path(p).expanduser()) for p in cfg.get("task_vectors") or [])
 
 
 @dataclass(frozen=True)
 class ExtractSpec(StageSpec):
     """``cmmerge extract``: tau = theta_cpt - theta_base -> ``extract/<cpt-id>/``."""
 
-    cpt: CptSpec | None = None
-    model: FrozenMap | None = None
-    dtype: str | None = None
-    compare_with: tuple[str, ...] = ()
+    cpt: CptSpec | None = setting(source=CptSpec.from_config, view=False)
+    model: FrozenMap | None = setting(source="model")
+    dtype: str | None = setting(source="dtype", kind=str)
+    compare_with: tuple[str, ...] = setting((), _task_vector_paths)
 
     STAGE: ClassVar[str] = "extract"
-    NOT_IN_VIEW: ClassVar[frozenset[str]] = StageSpec.NOT_IN_VIEW | {"cpt"}
-
-    @classmethod
-    def from_config(cls, cfg: DictConfig) -> ExtractSpec:
-        return cls(
-            **_run(cfg),
-            cpt=CptSpec.from_config(cfg),
-            model=_section(cfg, "model"),
-            dtype=cfg.get("dtype"),
-            compare_with=tuple(str(Path(p).expanduser()) for p in cfg.get("task_vectors") or []),
-        )
 
     @property
     def folder_id(self) -> str:
         return self.cpt.folder_id
-
-    def config_view(self) -> dict[str, Any]:
-        return {
-            "model": thaw(self.model),
-            "dtype": self.dtype,
-            "compare_with": list(self.compare_with),
-        }
 
 
 def shard_bytes(value: object) -> int:
@@ -479,6 +558,41 @@ def shard_bytes(value: object) -> int:
     return size
 
 
+def _merge_params(cfg: DictConfig) -> dict:
+    m = cfg.method
+    return resolve_params(
+        method_name(cfg),
+        density=cfg.get("density"),
+        sign=m.get("sign"),
+        normalize=m.get("normalize"),
+        trim_scope=m.get("trim_scope"),
+        seed=m.get("seed"),
+    )
+
+
+def _source_tasks(cfg: DictConfig) -> list[str]:
+    return [s for s in source_names(cfg) if s != "cpt"]
+
+
+def _run_merge_weights(cfg: DictConfig) -> tuple[float, ...] | None:
+    """A run-directory merge's weights (a standalone merge, ``models=`` / ``task_vectors=``,
+    records its weights with its sources)."""
+    standalone = bool(cfg.get("models") or cfg.get("task_vectors"))
+    if cfg.get("weights") is None or standalone:
+        return None
+    return tuple(float(w) for w in cfg.weights)
+
+
+def _task_source_seed(cfg: DictConfig) -> int | None:
+    return config_int(cfg, "seed") if _source_tasks(cfg) else None
+
+
+def _source_finetunes(cfg: DictConfig) -> tuple[str, ...]:
+    return tuple(
+        _SEED_SUFFIX.sub("", source_finetune_spec(cfg, t).folder_id) for t in _source_tasks(cfg)
+    )
+
+
 @dataclass(frozen=True)
 class MergeSpec(StageSpec):
     """``cmmerge merge``: theta_base + lambda * combine(tau...) ->
@@ -489,63 +603,21 @@ class MergeSpec(StageSpec):
     settings); ``weights`` those of a run-directory merge (a standalone merge's are recorded
     with its sources). ``source_paths`` and ``source_weights`` are resolved by the stage."""
 
-    method: str = "task_arithmetic"
-    scale: float = 1.0
-    params: FrozenMap | None = None
-    sources: tuple[str, ...] = ("cpt",)
-    weights: tuple[float, ...] | None = None
-    dtype: str | None = None
-    max_shard_size: Any = None
-    allow_nonfinite: bool = False
-    seed: int | None = None
-    cpt: CptSpec | None = None
-    source_finetunes: tuple[str, ...] = ()
-    source_paths: tuple[str, ...] | None = None
-    source_weights: tuple[float, ...] | None = None
+    method: str = setting("task_arithmetic", lambda cfg: method_name(cfg))
+    scale: float = setting(1.0, merge_scale, view="lambda")
+    params: FrozenMap | None = setting(source=_merge_params)
+    sources: tuple[str, ...] = setting(("cpt",), lambda cfg: source_names(cfg), view=False)
+    weights: tuple[float, ...] | None = setting(source=_run_merge_weights, view=False)
+    dtype: str | None = setting(source="dtype", kind=str, show=_shown_dtype)
+    max_shard_size: Any = setting(source="max_shard_size", show=_shown_shard_size)
+    allow_nonfinite: bool = setting(False, lambda cfg: bool(cfg.get("allow_nonfinite")))
+    seed: int | None = setting(source=_task_source_seed, view=False)
+    cpt: CptSpec | None = setting(source=CptSpec.from_config, view=False)
+    source_finetunes: tuple[str, ...] = setting((), _source_finetunes, view=False)
+    source_paths: tuple[str, ...] | None = setting(view="sources", resolved=True)
+    source_weights: tuple[float, ...] | None = setting(view="weights", resolved=True)
 
     STAGE: ClassVar[str] = "merge"
-    RESOLVED: ClassVar[tuple[str, ...]] = ("source_paths", "source_weights")
-    NOT_IN_VIEW: ClassVar[frozenset[str]] = StageSpec.NOT_IN_VIEW | {
-        "sources",
-        "weights",
-        "seed",
-        "cpt",
-        "source_finetunes",
-    }
-
-    @classmethod
-    def from_config(cls, cfg: DictConfig) -> MergeSpec:
-        method = method_name(cfg)
-        m = cfg.method
-        params = resolve_params(
-            method,
-            density=cfg.get("density"),
-            sign=m.get("sign"),
-            normalize=m.get("normalize"),
-            trim_scope=m.get("trim_scope"),
-            seed=m.get("seed"),
-        )
-        sources = source_names(cfg)
-        tasks = [s for s in sources if s != "cpt"]
-        # a standalone merge (models= / task_vectors=) records its weights with its sources
-        standalone = bool(cfg.get("models") or cfg.get("task_vectors"))
-        weights = None if cfg.get("weights") is None or standalone else cfg.weights
-        return cls(
-            **_run(cfg),
-            method=method,
-            scale=merge_scale(cfg),
-            params=freeze(params),
-            sources=tuple(sources),
-            weights=None if weights is None else tuple(float(w) for w in weights),
-            dtype=None if cfg.get("dtype") is None else str(cfg.dtype),
-            max_shard_size=cfg.get("max_shard_size"),
-            allow_nonfinite=bool(cfg.get("allow_nonfinite")),
-            seed=int(cfg.seed) if tasks else None,
-            cpt=CptSpec.from_config(cfg),
-            source_finetunes=tuple(
-                _SEED_SUFFIX.sub("", source_finetune_spec(cfg, t).folder_id) for t in tasks
-            ),
-        )
 
     @property
     def tasks(self) -> list[str]:
@@ -555,9 +627,7 @@ class MergeSpec(StageSpec):
     @property
     def shard_bytes(self) -> int:
         """``max_shard_size`` in bytes (a bad value: one-line error)."""
-        from cmmerge.io.checkpoint import DEFAULT_MAX_SHARD_SIZE
-
-        return shard_bytes(self.max_shard_size or DEFAULT_MAX_SHARD_SIZE)
+        return _shown_shard_size(self.max_shard_size)
 
     @property
     def folder_id(self) -> str:
@@ -582,18 +652,6 @@ class MergeSpec(StageSpec):
         if list(self.source_finetunes) != [f"base-{t}" for t in self.tasks]:
             diff["source_finetunes"] = list(self.source_finetunes)
         return f"{out}{_suffix(diff)}@{self.cpt.folder_id}"
-
-    def config_view(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "lambda": self.scale,
-            "weights": self._resolved("source_weights"),
-            "params": thaw(self.params),
-            "dtype": self.dtype or "float32",  # what is written
-            "max_shard_size": self.shard_bytes,
-            "allow_nonfinite": self.allow_nonfinite,
-            "sources": self._resolved("source_paths"),
-        }
 
     def hint_keys(self) -> tuple[str, ...]:
         keys = [f"method={self.method}", f"lambda={num(self.scale)}"]
@@ -648,34 +706,21 @@ class FinetuneSpec(StageSpec):
     the ``train`` preset, and LoRA settings other than the defaults. ``init_dir`` and
     ``labels`` are resolved by the stage."""
 
-    init: str = "base"
-    start: StageSpec | str = "base"  # the CPT or merge spec fine-tuning starts from
-    task: FrozenMap | None = None
-    finetune: FrozenMap | None = None
-    peft: FrozenMap | None = None
-    seed: int = 0
-    data_root: str = ""
-    split_seed: int = 0
-    init_dir: str | None = None
-    labels: tuple[str, ...] | None = None
+    init: str = setting("base", "init", kind=str, hint="init={}")
+    start: StageSpec | str = setting("base", init_spec, view=False)  # the CPT or merge read
+    task: FrozenMap | None = setting(source="task", hint=_task_hint)
+    finetune: FrozenMap | None = setting(source="finetune")
+    peft: FrozenMap | None = setting(source="peft")
+    seed: int = setting(0, "seed", kind=int, hint="seed={}")
+    data_root: str = _data_root_source()
+    split_seed: int = _split_seed_source()
+    init_dir: str | None = setting(resolved=True)
+    labels: tuple[str, ...] | None = setting(resolved=True)
 
     STAGE: ClassVar[str] = "finetune"
-    RESOLVED: ClassVar[tuple[str, ...]] = ("init_dir", "labels")
-    NOT_IN_VIEW: ClassVar[frozenset[str]] = StageSpec.NOT_IN_VIEW | {"start"}
 
-    @classmethod
-    def from_config(cls, cfg: DictConfig) -> FinetuneSpec:
-        return cls(
-            **_run(cfg),
-            init=str(cfg.init),
-            start=init_spec(cfg),
-            task=_section(cfg, "task"),
-            finetune=_section(cfg, "finetune"),
-            peft=_section(cfg, "peft"),
-            seed=int(cfg.seed),
-            data_root=_data_root(cfg),
-            split_seed=split_seed(cfg),
-        )
+    def derived_view(self) -> dict[str, Any]:
+        return {"labels_inferred": self.labels_inferred}
 
     @property
     def task_name(self) -> str:
@@ -705,23 +750,6 @@ class FinetuneSpec(StageSpec):
         diff = {**differences(self.finetune, "finetune"), **_peft_differences(self.peft)}
         return "-".join(parts) + _suffix(diff) + f"-s{self.seed}"
 
-    def config_view(self) -> dict[str, Any]:
-        return {
-            "task": thaw(self.task),
-            "finetune": thaw(self.finetune),
-            "init": self.init,
-            "init_dir": self._resolved("init_dir"),
-            "data_root": self.data_root,
-            "split_seed": self.split_seed,
-            "seed": self.seed,
-            "peft": thaw(self.peft),
-            "labels": self._resolved("labels"),
-            "labels_inferred": self.labels_inferred,
-        }
-
-    def hint_keys(self) -> tuple[str, ...]:
-        return (f"init={self.init}", f"task={self.task_name}", f"seed={self.seed}")
-
 
 def source_finetune_spec(cfg: DictConfig, task: str) -> FinetuneSpec:
     """The fine-tune whose task vector a multi-source merge (or a graft) takes for ``task``:
@@ -735,6 +763,10 @@ def source_finetune_spec(cfg: DictConfig, task: str) -> FinetuneSpec:
     return FinetuneSpec.from_config(other)
 
 
+def _onto_finetune(cfg: DictConfig) -> str:
+    return source_finetune_spec(cfg, onto_task(cfg)).folder_id
+
+
 @dataclass(frozen=True)
 class GraftSpec(StageSpec):
     """``cmmerge graft``: tau_cpt added to the base fine-tuned on ``onto`` ->
@@ -742,36 +774,27 @@ class GraftSpec(StageSpec):
     with the merge's ``<method>-l<lambda>`` so the report groups its lambdas into one family,
     and its source's id carries the training settings. ``labels`` is resolved by the stage."""
 
-    onto: str = ""
-    merge: MergeSpec | None = None
-    onto_finetune: str = ""  # the id of the fine-tune on onto (with its seed)
-    task: FrozenMap | None = None
-    evaluate: FrozenMap | None = None
-    data_root: str = ""
-    split_seed: int = 0
-    seed: int = 0
-    labels: tuple[str, ...] | None = None
+    onto: str = setting("", onto_task)
+    merge: MergeSpec | None = setting(source=MergeSpec.from_config, view=False)
+    onto_finetune: str = setting("", _onto_finetune, view=False)  # with its seed
+    task: FrozenMap | None = setting(source="task")
+    evaluate: FrozenMap | None = setting(source="evaluate")
+    data_root: str = _data_root_source()
+    split_seed: int = _split_seed_source()
+    seed: int = setting(0, "seed", kind=int)
+    labels: tuple[str, ...] | None = setting(resolved=True)
 
     STAGE: ClassVar[str] = "finetune"
-    RESOLVED: ClassVar[tuple[str, ...]] = ("labels",)
-    NOT_IN_VIEW: ClassVar[frozenset[str]] = StageSpec.NOT_IN_VIEW | {"merge", "onto_finetune"}
-
-    @classmethod
-    def from_config(cls, cfg: DictConfig) -> GraftSpec:
-        onto = onto_task(cfg)
-        return cls(
-            **_run(cfg),
-            onto=onto,
-            merge=MergeSpec.from_config(cfg),
-            onto_finetune=source_finetune_spec(cfg, onto).folder_id,
-            task=_section(cfg, "task"),
-            evaluate=_section(cfg, "evaluate"),
-            data_root=_data_root(cfg),
-            split_seed=split_seed(cfg),
-            seed=int(cfg.seed),
-        )
-
     init: ClassVar[str] = GRAFT
+
+    def derived_view(self) -> dict[str, Any]:
+        """The merge's settings (the graft is that merge, onto a fine-tune)."""
+        return {
+            "method": self.merge.method,
+            "lambda": self.merge.scale,
+            "params": thaw(self.merge.params),
+            "dtype": _shown_dtype(self.merge.dtype),
+        }
 
     @property
     def task_name(self) -> str:
@@ -784,21 +807,6 @@ class GraftSpec(StageSpec):
     @property
     def folder_id(self) -> str:
         return f"{self.init_id}-{self.task_name}-s{self.seed}"
-
-    def config_view(self) -> dict[str, Any]:
-        return {
-            "onto": self.onto,
-            "method": self.merge.method,
-            "lambda": self.merge.scale,
-            "params": thaw(self.merge.params),
-            "dtype": self.merge.dtype or "float32",
-            "task": thaw(self.task),
-            "labels": self._resolved("labels"),
-            "evaluate": thaw(self.evaluate),
-            "data_root": self.data_root,
-            "split_seed": self.split_seed,
-            "seed": self.seed,
-        }
 
     def cli_hint(self, *extra: str) -> str:
         keys = [f"onto={self.onto}", f"task={self.task_name}", *self.merge.hint_keys()]
@@ -819,30 +827,22 @@ class EvaluateSpec(StageSpec):
     """``cmmerge evaluate`` of one evaluation task -> ``evaluate/<finetune-id>/<task>/``.
     ``labels`` (what fine-tuning used) is resolved by the stage."""
 
-    model: FinetuneSpec | GraftSpec | None = None
-    task: FrozenMap | None = None  # the evaluation task's config
-    evaluate: FrozenMap | None = None
-    data_root: str = ""
-    split_seed: int = 0
-    seed: int = 0
-    labels: tuple[str, ...] | None = None
+    model: FinetuneSpec | GraftSpec | None = setting(source=finetune_spec, view=False)
+    task: FrozenMap | None = setting(source=lambda cfg: task_config(cfg, str(cfg.task.name)))
+    evaluate: FrozenMap | None = setting(source="evaluate")
+    data_root: str = _data_root_source()
+    split_seed: int = _split_seed_source()
+    seed: int = setting(0, "seed", kind=int)
+    labels: tuple[str, ...] | None = setting(resolved=True)
 
     STAGE: ClassVar[str] = "evaluate"
-    RESOLVED: ClassVar[tuple[str, ...]] = ("labels",)
-    NOT_IN_VIEW: ClassVar[frozenset[str]] = StageSpec.NOT_IN_VIEW | {"model"}
 
     @classmethod
     def from_config(cls, cfg: DictConfig, task_name: str | None = None) -> EvaluateSpec:
-        name = task_name or str(cfg.task.name)
-        return cls(
-            **_run(cfg),
-            model=finetune_spec(cfg),
-            task=freeze(task_config(cfg, name)),
-            evaluate=_section(cfg, "evaluate"),
-            data_root=_data_root(cfg),
-            split_seed=split_seed(cfg),
-            seed=int(cfg.seed),
-        )
+        """The evaluation of the fine-tuned model ``cfg`` names on ``task_name`` (default: its
+        task)."""
+        values = {"task": task_config(cfg, task_name)} if task_name else {}
+        return super().from_config(cfg, **values)
 
     @property
     def task_name(self) -> str:
@@ -857,16 +857,6 @@ class EvaluateSpec(StageSpec):
     def folder(self) -> Path:
         return self.run_dir / self.STAGE / self.folder_id / self.task_name
 
-    def config_view(self) -> dict[str, Any]:
-        return {
-            "task": thaw(self.task),
-            "labels": self._resolved("labels"),
-            "evaluate": thaw(self.evaluate),
-            "data_root": self.data_root,
-            "split_seed": self.split_seed,
-            "seed": self.seed,
-        }
-
     def hint_keys(self) -> tuple[str, ...]:
         return (f"init={self.model.init}", f"task={self.model.task_name}", f"seed={self.seed}")
 
@@ -876,6 +866,18 @@ def _prompt_defaults() -> dict:
     return dict(OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "prompt.yaml").prompt))
 
 
+def _prompted_model_name(cfg: DictConfig) -> str:
+    model = cfg.model.get("name_or_path") or cfg.model.name
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(model)).name or "model")
+
+
+def _prompted_start(cfg: DictConfig) -> StageSpec | str:
+    init_cfg = cfg.copy()
+    with open_dict(init_cfg):
+        init_cfg.init = cfg.prompt.init
+    return init_spec(init_cfg)
+
+
 @dataclass(frozen=True)
 class PromptSpec(StageSpec):
     """``cmmerge prompt`` ->
@@ -883,39 +885,18 @@ class PromptSpec(StageSpec):
     template, verbalisers or max_length other than the defaults. ``dtype`` (what the device
     runs) is resolved by the stage."""
 
-    model_name: str = ""
-    start: StageSpec | str = "base"
-    task: FrozenMap | None = None
-    prompt: FrozenMap | None = None
-    normalize: bool = False
-    shots: int = 0
-    seed: int = 0
-    data_root: str = ""
-    split_seed: int = 0
-    dtype: str | None = None
+    model_name: str = setting("", _prompted_model_name, view=False)
+    start: StageSpec | str = setting("base", _prompted_start, view=False)
+    task: FrozenMap | None = setting(source="task", hint=_task_hint)
+    prompt: FrozenMap | None = setting(source="prompt")
+    normalize: bool = setting(False, "prompt.normalize", kind=bool)
+    shots: int = setting(0, "shots", kind=int, hint="shots={}")
+    seed: int = setting(0, "seed", kind=int, hint="seed={}")
+    data_root: str = _data_root_source()
+    split_seed: int = _split_seed_source()
+    dtype: str | None = setting(resolved=True)
 
     STAGE: ClassVar[str] = "prompt"
-    RESOLVED: ClassVar[tuple[str, ...]] = ("dtype",)
-    NOT_IN_VIEW: ClassVar[frozenset[str]] = StageSpec.NOT_IN_VIEW | {"model_name", "start"}
-
-    @classmethod
-    def from_config(cls, cfg: DictConfig) -> PromptSpec:
-        model = cfg.model.get("name_or_path") or cfg.model.name
-        init_cfg = cfg.copy()
-        with open_dict(init_cfg):
-            init_cfg.init = cfg.prompt.init
-        return cls(
-            **_run(cfg),
-            model_name=re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(model)).name or "model"),
-            start=init_spec(init_cfg),
-            task=_section(cfg, "task"),
-            prompt=_section(cfg, "prompt"),
-            normalize=config_bool(cfg, "prompt.normalize"),
-            shots=config_int(cfg, "shots"),
-            seed=config_int(cfg, "seed"),
-            data_root=_data_root(cfg),
-            split_seed=split_seed(cfg),
-        )
 
     @property
     def folder_id(self) -> str:
@@ -927,20 +908,84 @@ class PromptSpec(StageSpec):
             + (f"-{short_hash(diff)}" if diff else "")
         )
 
-    def config_view(self) -> dict[str, Any]:
-        return {
-            "task": thaw(self.task),
-            "prompt": thaw(self.prompt),
-            "normalize": self.normalize,
-            "dtype": self._resolved("dtype"),
-            "shots": self.shots,
-            "seed": self.seed,
-            "data_root": self.data_root,
-            "split_seed": self.split_seed,
-        }
 
-    def hint_keys(self) -> tuple[str, ...]:
-        return (f"task={self.task['name']}", f"shots={self.shots}", f"seed={self.seed}")
+def configured(cfg: DictConfig) -> variants.Configured:
+    """The fine-tune settings a configuration makes (its own view, its evaluation's), and the
+    settings of each CPT variant it makes (``cpt.*``; ``pipeline.cpt_variants`` give several)."""
+    own = variants.view_settings(finetune_spec(cfg).settings_view())
+    if cfg.get("evaluate") is not None:
+        variants.flatten(plain(cfg.evaluate), "evaluate", own)
+    cpts = []
+    for variant in plain((cfg.get("pipeline") or {}).get("cpt_variants")) or [None]:
+        vcfg = cfg.copy()
+        if variant:
+            with open_dict(vcfg):
+                vcfg.cpt = OmegaConf.merge(vcfg.cpt, variant)
+        view = CptSpec.from_config(vcfg).config_view()
+        settings = variants.view_settings(view, "cpt", "cpt")
+        cpts.append({k: v for k, v in settings.items() if k.split(".")[0] == "cpt"})
+    return variants.Configured(str(cfg.task.name), own, cpts)
+
+
+def report_runs(cfg: DictConfig) -> tuple[str, ...]:
+    """The run directories reported: ``runs=[...]`` (names under run.root, or folders), else
+    the configured run (a missing one: a one-line error)."""
+    out = []
+    for name in cfg.get("runs") or [str(cfg.run.name)]:
+        path = Path(str(name)).expanduser()
+        path = path if path.is_dir() else Path(str(cfg.run.root)).expanduser() / str(name)
+        if not path.is_dir():
+            raise CmmergeError(
+                f"run directory {path} does not exist (run.root={cfg.run.root}, run {name})"
+            )
+        out.append(str(path))
+    return tuple(out)
+
+
+def _report_variants(cfg: DictConfig) -> dict:
+    """Which variants the report shows: all of them (several runs, or
+    ``report.all_variants=true``), and the ones the configuration makes first (or only)."""
+    shown_all = len(report_runs(cfg)) > 1 or (
+        OmegaConf.select(cfg, "report.all_variants") is not None
+        and config_bool(cfg, "report.all_variants")
+    )
+    made = configured(cfg)
+    return {"all": shown_all, "finetune": made.own, "cpt": made.cpts}
+
+
+def _n_resamples(cfg: DictConfig) -> int:
+    return int((cfg.get("report") or {}).get("n_resamples", 1000))
+
+
+@dataclass(frozen=True)
+class ReportSpec(StageSpec):
+    """``cmmerge report [runs=[...]]``: the study of one or several run directories ->
+    ``report/`` of the run."""
+
+    task: str = setting("", "task.name", kind=str, view=False)
+    runs: tuple[str, ...] = setting((), report_runs)
+    n_resamples: int = setting(1000, _n_resamples)
+    shown: FrozenMap | None = setting(source=_report_variants, view="variants")
+
+    STAGE: ClassVar[str] = "report"
+
+    @property
+    def folder(self) -> Path:
+        return self.run_dir / "report"
+
+    @property
+    def folder_id(self) -> str:
+        return "report"
+
+    @property
+    def all_variants(self) -> bool:
+        return bool(self.shown["all"])
+
+    @property
+    def made(self) -> variants.Configured:
+        """What the configuration makes (:func:`configured`)."""
+        chosen = thaw(self.shown)
+        return variants.Configured(self.task, chosen["finetune"], chosen["cpt"])
 
 
 def spec_type(stage: str) -> type[StageSpec] | None:

@@ -17,10 +17,10 @@ from cmmerge.settings import run_dir
 from cmmerge.stages.chain import chain as upstream_chain
 from cmmerge.stages.chain import command_for
 from cmmerge.stages.cpt_variants import differing, finished_variants, matching
-from cmmerge.stages.ids import GRAFT, is_graft_id, stage_dirs
+from cmmerge.stages.ids import is_graft_id, stage_dirs
 from cmmerge.stages.registry import stage_folders
 from cmmerge.stages.runner import STARTED, failure_file, hydra_overrides
-from cmmerge.stages.spec import CptSpec
+from cmmerge.stages.spec import GRAFT, CptSpec
 
 
 def _stage_folders(root: Path) -> list[Path]:
@@ -168,7 +168,7 @@ def variant_rows(root: Path, cfg: DictConfig) -> list[dict]:
     name with the settings it differs in, task, seeds, and whether ``cfg`` makes it."""
     from cmmerge.reporting.study import collect, group_arms
     from cmmerge.reporting.variants import mark_configured
-    from cmmerge.stages.report import configured
+    from cmmerge.stages.spec import configured
 
     arms = group_arms(collect(root, predictions=False))
     if not any(a.tag for a in arms):

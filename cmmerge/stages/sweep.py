@@ -32,9 +32,10 @@ from cmmerge.reporting.study import chosen_scales
 from cmmerge.reporting.tables import finetune_rows, markdown_table, write_csv, write_text_atomic
 from cmmerge.settings import merge_scale, run_dir
 from cmmerge.stages import cpt, evaluate, extract, finetune, merge
-from cmmerge.stages.ids import finetune_id, method_name, stage_dirs
+from cmmerge.stages.ids import stage_dirs
 from cmmerge.stages.pipeline import prune
 from cmmerge.stages.plan import is_done, with_values
+from cmmerge.stages.spec import finetune_spec, method_name
 
 log = logging.getLogger("cmmerge")
 
@@ -91,7 +92,7 @@ def _job_name(cfg: DictConfig) -> str:
     """The job's fine-tune id, or for settings that name no folder (a density out of range)
     the raw settings: the job fails with that error and is recorded under this name."""
     try:
-        return finetune_id(cfg)
+        return finetune_spec(cfg).folder_id
     except CmmergeError:
         density = f"-d{cfg.get('density')}" if cfg.get("density") is not None else ""
         return f"{cfg.method.name}-l{cfg['lambda']}{density}-{cfg.task.name}-s{cfg.seed}"

@@ -60,7 +60,7 @@ def test_data_stage_writes_stats_on_the_samples(tmp_path: Path, capsys):
 
 def test_sentimix_stats_have_code_mixing_and_the_guard_is_complete(tmp_path: Path):
     cfg = compose("data", [f"run.root={tmp_path}", "data.token_lengths=false"])
-    stats = data_stage.collect_stats(cfg)
+    stats = data_stage.collect_stats(data_stage.data_job(cfg))
     mix = stats["task"]["splits"]["train"]["code_mixing"]
     assert mix["language_share"] == {"en": 0.4217, "hi": 0.5783}
     assert stats["task"]["splits"]["test"]["mojibake_repaired"] == 218
@@ -149,7 +149,7 @@ def test_full_data_counts(tmp_path: Path, task, sizes, leakage):
             f"data.leakage_tasks=[{','.join(REPLICATION_LEAKAGE)}]",
         ],
     )
-    stats = data_stage.collect_stats(cfg)
+    stats = data_stage.collect_stats(data_stage.data_job(cfg))
     assert stats["task"]["sizes"] == sizes
     if leakage is not None:
         assert stats["corpus"]["leakage_removed"] == leakage

@@ -111,7 +111,17 @@ def test_nothing_below_the_stages_imports_the_config_or_the_stages():
 
 
 # Stages whose body is a top-level ``work(job_or_spec, folder)`` that reads no config.
-TYPED_BODIES = ("cpt", "extract", "merge", "finetune", "graft", "evaluate", "prompt")
+TYPED_BODIES = (
+    "data",
+    "cpt",
+    "extract",
+    "merge",
+    "finetune",
+    "graft",
+    "evaluate",
+    "prompt",
+    "report",
+)
 
 
 def test_stage_bodies_see_only_their_typed_job():
@@ -122,3 +132,11 @@ def test_stage_bodies_see_only_their_typed_job():
         assert "cfg" not in names and len(work.args.args) == 2, stage
         nested = [n.name for n in ast.walk(work) if isinstance(n, ast.FunctionDef)]
         assert nested == ["work"], (stage, nested)  # no closure over the command's config
+        calls = [
+            n
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "run_stage"
+        ]
+        # run_stage(run, spec, inputs, work): the folder, view and options come from the spec
+        assert len(calls) == 1 and len(calls[0].args) == 4, stage
+        assert ast.unparse(calls[0].args[1]) == "spec", stage

@@ -7,47 +7,62 @@ tags exist, texts shared between splits, and the CPT corpus with duplicates and 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from cmmerge.data import label_distribution, load_task_with_info
+from cmmerge.data.guard import GuardedCorpus
 from cmmerge.data.stats import code_mixing, split_overlap, token_lengths
 from cmmerge.data.tasks import dataset_labels
 from cmmerge.errors import CmmergeError
 from cmmerge.io.manifest import write_json_atomic
-from cmmerge.settings import cache_dir, data_root, plain, split_seed
-from cmmerge.stages.inputs import cpt_corpus_with_info, data_inputs
+from cmmerge.models.loading import ModelSource
+from cmmerge.settings import cache_dir, data_root
+from cmmerge.stages.inputs import data_inputs, guarded_corpus, model_source
 from cmmerge.stages.runner import RunContext, run_stage
-from cmmerge.stages.spec import DataSpec
+from cmmerge.stages.spec import DataSpec, thaw
 
 log = logging.getLogger("cmmerge")
 
 
-def _tokenizer(cfg: DictConfig):
+@dataclass(frozen=True)
+class DataJob:
+    """What :func:`work` reads: the stage's spec (task, data root, split seed), the corpus to
+    build, the model folder whose tokenizer counts lengths (None: not counted) and the cache."""
+
+    spec: DataSpec
+    corpus: GuardedCorpus
+    model: ModelSource | None
+    cache: Path
+
+
+def _tokenizer(model: ModelSource | None):
     """The model's tokenizer, or ``None`` (with the reason logged) when it cannot be loaded."""
-    if not cfg.data.get("token_lengths", True):
+    if model is None:
         return None
     from cmmerge.models.loading import load_tokenizer
-    from cmmerge.stages.inputs import resolve_model
 
     try:
-        return load_tokenizer(resolve_model(cfg))
+        return load_tokenizer(model.resolve())
     except CmmergeError as err:
         log.warning("data: no token lengths (%s)", err)
         return None
 
 
-def collect_stats(cfg: DictConfig) -> dict:
+def collect_stats(job: DataJob) -> dict:
     """What a person checks before training: sizes, labels, lengths, mixing, corpus leakage."""
-    task_cfg = plain(cfg.task)
-    splits, info = load_task_with_info(task_cfg, data_root(cfg), seed=split_seed(cfg))
+    task_cfg = thaw(job.spec.task)
+    root = Path(job.spec.data_root)
+    splits, info = load_task_with_info(task_cfg, root, seed=job.corpus.split_seed)
     labels = dataset_labels(splits["train"])  # task.labels, or inferred (words' for token tasks)
-    tokenizer = _tokenizer(cfg)
-    cache = cache_dir(cfg) if tokenizer is not None else None
+    tokenizer = _tokenizer(job.model)
+    cache = job.cache if tokenizer is not None else None
     lang_tags = task_cfg.get("language_tags") or {}
     per_split = {}
     for name, ds in splits.items():
@@ -58,8 +73,8 @@ def collect_stats(cfg: DictConfig) -> dict:
         if mixing:
             entry["code_mixing"] = mixing
         per_split[name] = entry
-    texts, corpus, sources = cpt_corpus_with_info(cfg)
-    lang_tags = plain(cfg.corpus).get("language_tags") or {}
+    texts, corpus, sources = job.corpus.load()
+    lang_tags = job.corpus.corpus.get("language_tags") or {}
     corpus["sources"] = sources["sources"]
     corpus["task_train_sets"] = sources["task_train_sets"]
     corpus_mixing = code_mixing((s["tag_counts"] for s in sources["sources"]), lang_tags)
@@ -70,7 +85,7 @@ def collect_stats(cfg: DictConfig) -> dict:
     if tokenizer is not None:
         corpus["token_lengths"] = token_lengths(texts, tokenizer, cache)
     return {
-        "data_root": str(data_root(cfg)),
+        "data_root": str(root),
         "tokenizer": None if tokenizer is None else str(tokenizer.name_or_path),
         "task": {
             "name": str(task_cfg["name"]),
@@ -80,7 +95,7 @@ def collect_stats(cfg: DictConfig) -> dict:
             "splits": per_split,
             "overlap": split_overlap({name: ds["text"] for name, ds in splits.items()}),
         },
-        "corpus": {"name": str(cfg.corpus.name), **corpus},
+        "corpus": {"name": str(job.corpus.corpus["name"]), **corpus},
     }
 
 
@@ -146,23 +161,35 @@ def summary(stats: dict) -> str:
     return "\n".join(lines)
 
 
+def work(job: DataJob, stage_dir: Path) -> dict:
+    """Collect the statistics into ``stage_dir/stats.json``."""
+    stats = collect_stats(job)
+    write_json_atomic(stage_dir / "stats.json", stats)
+    metrics = {f"{split}_size": n for split, n in stats["task"]["sizes"].items()}
+    metrics.update(
+        corpus_kept=stats["corpus"]["kept"],
+        corpus_duplicates_removed=stats["corpus"]["duplicates_removed"],
+        corpus_leakage_removed=stats["corpus"]["leakage_removed"],
+    )
+    return {"metrics": metrics, "outputs": ["stats.json"]}
+
+
+def data_job(cfg: DictConfig) -> DataJob:
+    """The job the composed config describes (a missing ``data.root``: a one-line error)."""
+    data_root(cfg)
+    return DataJob(
+        spec=DataSpec.from_config(cfg),
+        corpus=guarded_corpus(cfg),
+        model=model_source(cfg) if cfg.data.get("token_lengths", True) else None,
+        cache=cache_dir(cfg),
+    )
+
+
 def run(cfg: DictConfig) -> dict:
-    data_root(cfg)  # a missing data.root is named before anything is locked
-    spec = DataSpec.from_config(cfg)
-
-    def work(stage_dir):
-        stats = collect_stats(cfg)
-        write_json_atomic(stage_dir / "stats.json", stats)
-        metrics = {f"{split}_size": n for split, n in stats["task"]["sizes"].items()}
-        metrics.update(
-            corpus_kept=stats["corpus"]["kept"],
-            corpus_duplicates_removed=stats["corpus"]["duplicates_removed"],
-            corpus_leakage_removed=stats["corpus"]["leakage_removed"],
-        )
-        return {"metrics": metrics, "outputs": ["stats.json"]}
-
+    job = data_job(cfg)  # a missing data.root is named before anything is locked
+    spec = job.spec
     inputs = data_inputs(cfg, [str(cfg.task.name)], corpus=True, guard=True)
-    manifest = run_stage(RunContext.of(cfg), spec, inputs, work)
+    manifest = run_stage(RunContext.of(cfg), spec, inputs, functools.partial(work, job))
     stats = json.loads((spec.folder / "stats.json").read_text(encoding="utf-8"))
     print(summary(stats), flush=True)
     return manifest

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
-from cmmerge.data.splits import SPLITS, split_file
+from cmmerge.data.guard import GuardedCorpus, task_paths
 from cmmerge.io.manifest import sha256_bytes
 from cmmerge.models.loading import ModelSource
 from cmmerge.settings import (
@@ -66,77 +66,32 @@ def task_labels(cfg: DictConfig, name: str | None = None) -> list[str]:
 
 def _task_paths(cfg: DictConfig, name: str) -> list[tuple[str, Path]]:
     """``(as configured, full path)`` of each file of task ``name`` ([] for hub tasks)."""
-    task = plain(task_config(cfg, name))
-    if task.get("hub"):
-        return []
-    root = Path(task["root"]).expanduser() if task.get("root") else data_root(cfg)
-    files = [split_file(task, s) for s in (*SPLITS, "test_labels")]
-    return [(str(f), root / str(f)) for f in files if f]
+    return task_paths(plain(task_config(cfg, name)), data_root(cfg))
 
 
-def missing_task_files(cfg: DictConfig, name: str) -> list[str]:
-    """Files of task ``name`` that are not under its root (``[]`` for hub tasks)."""
-    return [f for f, path in _task_paths(cfg, name) if not path.is_file()]
-
-
-def evaluation_texts_with_info(
-    cfg: DictConfig, names: list[str] | None = None
-) -> tuple[set[str], dict]:
-    """Normalised validation and test texts of every leakage task (``names``, default
-    :func:`leakage_tasks`), and what was read.
-
-    A task of ``data.leakage_tasks`` whose files are missing under ``data.root`` is skipped (and
-    listed); the configured task and ``eval_tasks`` must load.
-    """
-    from cmmerge.data import load_task, normalize_text
-
-    required = {str(cfg.task.name), *[str(t) for t in cfg.get("eval_tasks") or []]}
-    texts: set[str] = set()
-    info: dict = {"tasks": {}, "skipped": {}}
-    for name in leakage_tasks(cfg) if names is None else names:
-        missing = [] if name in required else missing_task_files(cfg, name)
-        if missing:
-            log.warning(
-                "leakage guard: task %s skipped, files missing under %s: %s",
-                name,
-                data_root(cfg),
-                ", ".join(missing),
-            )
-            info["skipped"][name] = missing
-            continue
-        splits = load_task(plain(task_config(cfg, name)), data_root(cfg), seed=split_seed(cfg))
-        for split in ("validation", "test"):
-            texts.update(normalize_text(t) for t in splits[split]["text"])
-        info["tasks"][name] = {s: len(splits[s]) for s in ("validation", "test")}
-    return texts, info
+def guarded_corpus(cfg: DictConfig, leakage: list[str] | None = None) -> GuardedCorpus:
+    """The CPT corpus to build: ``cfg.corpus`` less the validation and test texts of the
+    ``leakage`` tasks (default :func:`leakage_tasks`); the configured task and ``eval_tasks``
+    must load, another guarded task whose files are missing is skipped (and listed)."""
+    names = leakage_tasks(cfg) if leakage is None else leakage
+    return GuardedCorpus(
+        corpus=plain(cfg.corpus),
+        data_root=data_root(cfg),
+        split_seed=split_seed(cfg),
+        guarded=tuple(plain(task_config(cfg, n)) for n in names),
+        required=frozenset({str(cfg.task.name), *[str(t) for t in cfg.get("eval_tasks") or []]}),
+    )
 
 
 def evaluation_texts(cfg: DictConfig) -> set[str]:
     """Normalised validation and test texts of every leakage task whose files exist."""
-    return evaluation_texts_with_info(cfg)[0]
-
-
-def cpt_corpus_with_info(
-    cfg: DictConfig, leakage: list[str] | None = None
-) -> tuple[list[str], dict, dict]:
-    """:func:`cpt_corpus` plus the corpus sources read (with their word-tag counts)."""
-    from cmmerge.data import build_corpus, load_corpus
-
-    raw, sources = load_corpus(plain(cfg.corpus), data_root(cfg), seed=split_seed(cfg))
-    banned, guard = evaluation_texts_with_info(cfg, leakage)
-    texts, stats = build_corpus(raw, banned)
-    stats["leakage_tasks"] = list(guard["tasks"])
-    if guard["skipped"]:
-        stats["leakage_tasks_skipped"] = guard["skipped"]
-    if sources["missing_sources"]:
-        stats["missing_sources"] = sources["missing_sources"]
-    return texts, stats, sources
+    return guarded_corpus(cfg).evaluation_texts()[0]
 
 
 def cpt_corpus(cfg: DictConfig, leakage: list[str] | None = None) -> tuple[list[str], dict]:
     """The CPT corpus (normalised, de-duplicated, the evaluation texts of the ``leakage`` tasks,
     default :func:`leakage_tasks`, removed) and its counts."""
-    texts, stats, _ = cpt_corpus_with_info(cfg, leakage)
+    texts, stats, _ = guarded_corpus(cfg, leakage).load()
     return texts, stats
 
 

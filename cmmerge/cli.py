@@ -211,6 +211,7 @@ def command() -> None:
     transformers module by module costs about 0.25 s per command and saves nothing: every file
     cmmerge writes is closed (and synced) before its stage returns."""
     import atexit
+    import threading
 
     try:
         main()
@@ -219,7 +220,11 @@ def command() -> None:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if not isinstance(exc.code, int) and exc.code is not None:
             print(exc.code, file=sys.stderr)
-    atexit._run_exitfuncs()  # logging's shutdown (flushes its file handlers), temp folders
+    # What the interpreter does at exit, in its order: wait for non-daemon threads and run the
+    # threading exit callbacks (joblib's loky executor stops its worker processes there), then
+    # the atexit handlers (multiprocessing joins those workers, logging flushes its files).
+    threading._shutdown()  # type: ignore[attr-defined]
+    atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

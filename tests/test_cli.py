@@ -172,7 +172,7 @@ def test_wheel_ships_configs_and_samples_and_runs_from_another_folder(tmp_path):
         text=True,
         cwd=elsewhere,
         env={**os.environ, "PYTHONPATH": str(site)},
-        timeout=120,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr
     assert "sentiment-en-hi" in out.stdout
@@ -183,3 +183,22 @@ def test_data_stage_from_the_command_line(tmp_path):
     assert out.returncode == 0, out.stderr
     stats = json.loads((tmp_path / "d" / "data" / "stats.json").read_text())
     assert stats["task"]["sizes"]["train"] == 1500
+
+
+def test_the_program_exits_as_the_interpreter_would():
+    """`cmmerge` ends with os._exit after the exit handlers (cli.command): the threading exit
+    callbacks run first, where joblib's loky executor stops its worker processes, which
+    multiprocessing's atexit handler then joins (without them a sweep on the joblib launcher
+    waited forever); a process that has nothing left to do ends at once."""
+    code = (
+        "import sys, threading\n"
+        "from joblib.externals.loky import get_reusable_executor\n"
+        "from cmmerge import cli\n"
+        "assert get_reusable_executor(max_workers=1).submit(int, '7').result() == 7\n"
+        "threading._register_atexit(lambda: print('threading callbacks ran', flush=True))\n"
+        "sys.argv = ['cmmerge', '--help']\n"
+        "cli.command()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "threading callbacks ran" in proc.stdout and "cmmerge merge" in proc.stdout

@@ -106,7 +106,7 @@ def test_two_sweeps_with_overlapping_lambdas_on_one_run_at_once(serial):
         for lambdas in ("0.25,0.5", "0.5,1.0")
     ]
     outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outs]
+    assert [p.returncode for p in procs] == [0, 0], "\n=====\n".join(o[-12000:] for o in outs)
     run = root / "par"
     assert len(list((run / "logs").glob("sweep-*"))) == 2  # one log folder per command
 

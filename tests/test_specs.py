@@ -7,10 +7,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import compose
 
+from cmmerge.errors import CmmergeError
 from cmmerge.io.checkpoint import DEFAULT_MAX_SHARD_SIZE
 from cmmerge.io.manifest import NOT_OUTPUT_SETTINGS, fingerprint, output_view
 from cmmerge.settings import CONFIG_DIR, data_root, merge_scale, plain, task_config
@@ -28,6 +30,7 @@ from cmmerge.stages.spec import (
     MergeSpec,
     PromptSpec,
     StageSpec,
+    setting,
     shard_bytes,
     spec_for,
     thaw,
@@ -331,3 +334,51 @@ def test_spec_classes_and_hints():
     assert isinstance(graft, GraftSpec) and graft.cli_hint().startswith("cmmerge graft ")
     with pytest.raises(RuntimeError, match="not resolved"):
         FinetuneSpec.from_config(compose("finetune", [])).config_view()
+
+
+# --- the declarations themselves ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _ToySpec(StageSpec):
+    """A stage declared only with setting(): what a new stage writes."""
+
+    steps: int = setting(1, "toy.steps", kind=int, hint="toy.steps={}")
+    rate: float = setting(0.5, "toy.rate", kind=float, view="lr")
+    section: FrozenMap | None = setting(source="toy")
+    size: Any = setting(source="toy.size", show=lambda v: (v or 0) * 2)
+    upstream: str = setting("", lambda cfg: f"up-{cfg.toy.steps}", view=False)
+    found: str | None = setting(resolved=True, hint=lambda v: None)
+
+    STAGE = "toy"
+
+    @property
+    def folder_id(self) -> str:
+        return f"{self.upstream}-s{self.steps}"
+
+
+def test_a_spec_is_derived_from_its_declarations():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(
+        {"run": {"root": "/r", "name": "n"}, "toy": {"steps": "3", "rate": 1, "size": 5}}
+    )
+    spec = _ToySpec.from_config(cfg)
+    assert (spec.steps, spec.rate, spec.upstream) == (3, 1.0, "up-3")  # typed as declared
+    assert isinstance(spec.section, FrozenMap) and spec.section["size"] == 5
+    assert spec.folder == Path("/r/n/toy/up-3-s3")
+    assert spec.resolved_fields() == ("found",)
+    assert spec.not_in_view() == {"run_root", "run_name", "upstream"}
+    partial = {"steps": 3, "lr": 1.0, "section": {"steps": "3", "rate": 1, "size": 5}, "size": 10}
+    assert spec.settings_view() == partial  # the resolved field is left out until resolved
+    with pytest.raises(RuntimeError, match="found is not resolved"):
+        spec.config_view()
+    done = spec.resolve(found="/x")
+    assert done.config_view() == {**partial, "found": "/x"}
+    assert done.fingerprint([]) != dataclasses.replace(done, rate=2.0).fingerprint([])
+    with pytest.raises(TypeError, match="resolves"):
+        spec.resolve(steps=4)
+    assert spec.cli_hint("seed=1") == "cmmerge toy run.root=/r run.name=n toy.steps=3 seed=1"
+    bad = OmegaConf.create({"run": {"root": "/r", "name": "n"}, "toy": {"steps": "three"}})
+    with pytest.raises(CmmergeError, match=r"toy.steps=three: expected an integer"):
+        _ToySpec.from_config(bad)

@@ -150,3 +150,48 @@ def test_an_arm_of_two_runs_is_shown_per_run_and_compared_with_the_other_runs_fu
     main = next(r for r in study if r["run"].endswith("main") and r["arm"] == "CPT->FT")
     assert 0.10 < float(variant["diff_vs_full_ft"]) < 0.20 and float(variant["p_vs_full_ft"]) < 0.01
     assert float(main["diff_vs_full_ft"]) < 0
+
+
+def _prompt(root, seed: int, shots: int, accuracy: float) -> None:
+    """A finished prompting run: no validation score (nothing is trained)."""
+    cfg = OmegaConf.create({"run": {"root": str(root.parent), "name": root.name}, "force": False})
+    arm = f"Prompting ({shots}-shot)"
+
+    def work(d):
+        gold, pred = _predictions(accuracy, seed)
+        pred_f1 = float(
+            np.mean([np.mean(np.array(pred)[np.array(gold) == k] == k) for k in range(3)])
+        )
+        write_json_atomic(
+            d / "metrics.json",
+            {"macro_f1": pred_f1, "accuracy": accuracy, "confusion_matrix": {"labels": LABELS}},
+        )
+        write_jsonl_atomic(
+            d / "predictions.jsonl",
+            ({"gold": LABELS[g], "pred": LABELS[p]} for g, p in zip(gold, pred, strict=True)),
+        )
+        metrics = {"macro_f1": pred_f1, "accuracy": accuracy}
+        return {"metrics": metrics, "arm": arm, "task": "t", "seed": seed}
+
+    folder = root / "prompt" / f"m-base-t-k{shots}-s{seed}"
+    run_transaction(RunContext.of(cfg), "prompt", folder, {"shots": shots}, [], work)
+
+
+def test_prompting_arms_are_rows_of_the_study_compared_over_their_seeds(tmp_path):
+    root = tmp_path / "r"
+    _study(root)
+    for seed in range(3):
+        _prompt(root, seed, 4, 0.40)
+    cfg = compose("report", [f"run.root={tmp_path}", "run.name=r", "report.n_resamples=300"])
+    report.run(cfg)
+    text = (root / "report" / "report.md").read_text()
+    paper_table = text.split("## Against")[0]
+    row = next(line for line in paper_table.splitlines() if line.startswith("| Prompting"))
+    assert row.startswith("| Prompting (4-shot) | 0.") and "(n=3)" in row and "†" not in row
+    versus = [line for line in text.splitlines() if line.startswith("| Prompting (4-shot) | t |")]
+    assert len(versus) == 2 and all(line.endswith("| 3 |") for line in versus)
+    assert all(" | -0." in line for line in versus)  # below Full FT and CPT->FT
+    rows = list(csv.DictReader(open(root / "report" / "study.csv")))
+    prompt = next(r for r in rows if r["group"] == "m-base-t-k4")
+    assert prompt["val_macro_f1_mean"] == "" and prompt["seeds"] == "0 1 2"
+    assert float(prompt["diff_vs_full_ft"]) < -0.1

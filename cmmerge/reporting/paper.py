@@ -198,7 +198,7 @@ def long_rows(arms: list[Arm], cells: dict[tuple, Cell]) -> list[dict]:
                 "test_task": task,
                 "seeds": " ".join(map(str, arm.seeds)),
                 "n": cell.n,
-                "val_macro_f1_mean": arm.val[0],
+                "val_macro_f1_mean": None if math.isnan(arm.val[0]) else arm.val[0],  # prompts
                 "test_macro_f1_mean": cell.mean,
                 "test_macro_f1_sd": cell.sd,
                 "ci_low": cell.interval.low if cell.interval else None,

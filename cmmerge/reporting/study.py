@@ -27,6 +27,7 @@ _SEED = re.compile(r"-s(\d+)$")
 # A multi-source merge's source seed (``-src_cpt+TASK_s1``): the seed of the fine-tune made
 # from it, so the seeds of one arm group together as for any other arm.
 _SOURCE_SEED = re.compile(r"(-src_[^@]*?)_s\d+")
+_PROMPT_SEED = re.compile(r"-s\d+(?=(?:-norm)?(?:-[0-9a-f]{6})?$)")  # in a prompt folder's name
 _NUMBER = r"-?[0-9.]+(?:e[-+]?[0-9]+)?"
 _SCALE = re.compile(rf"^(?P<method>[a-z_]+)-l(?P<scale>{_NUMBER})(?:-d(?P<density>{_NUMBER}))?")
 REFERENCES = ("Full FT", "CPT->FT")
@@ -199,6 +200,32 @@ def collect(run_dir: Path, predictions: bool = True) -> list[Seeded]:
             cpt = read_manifest(run_dir / "cpt" / item.cpt) or {}
             item.settings.update(variants.view_settings(cpt.get("config") or {}, "cpt", "cpt"))
             item.settings["cpt"] = item.cpt
+        out.append(item)
+    return out + _prompts(run_dir, predictions)
+
+
+def _prompts(run_dir: Path, predictions: bool) -> list[Seeded]:
+    """Every finished, fresh prompting run (nothing is trained: no validation score), one seed
+    (one draw of shots) each, scored on its task."""
+    out = []
+    for stage_dir in sorted((run_dir / "prompt").glob("*/")):
+        manifest = transaction.finished_manifest(stage_dir)
+        evaluation = _evaluation(stage_dir, predictions) if manifest else None
+        if manifest is None or evaluation is None:
+            continue
+        kind, task = str(manifest.get("arm", stage_dir.name)), str(manifest.get("task"))
+        item = Seeded(
+            run=str(run_dir),
+            group=_PROMPT_SEED.sub("", stage_dir.name),
+            arm=kind,
+            task=task,
+            seed=int(manifest.get("seed") or 0),
+            val_f1=float("nan"),
+            merge=None,
+            kind=kind,
+            folder=stage_dir.name,
+        )
+        item.tests[task] = evaluation
         out.append(item)
     return out
 

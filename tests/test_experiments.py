@@ -166,10 +166,11 @@ def test_the_broadened_replication_plans_what_each_config_promises():
     assert count["finetune"] == count["evaluate"] == 3 + 3 * 2 * 3
 
 
-def test_the_three_epoch_hate_study_reuses_the_cpt_and_merges_and_makes_new_fine_tunes():
-    _, one, _ = _expand("replicate-cpu-hate")
-    cfg, three, count = _expand("replicate-cpu-hate-3ep")
-    assert cfg.run.name == "replicate-cpu-hate" and cfg.finetune.epochs == 3
+@pytest.mark.parametrize("study", ["replicate-cpu-hate", "replicate-cpu-en-es"])
+def test_a_three_epoch_study_reuses_the_cpt_and_merges_and_makes_new_fine_tunes(study):
+    _, one, _ = _expand(study)
+    cfg, three, count = _expand(f"{study}-3ep")
+    assert cfg.run.name == study and cfg.finetune.epochs == 3
     shared = {s.stage for s in one if s.folder in {t.folder for t in three}}
     assert shared == {"data", "cpt", "extract", "merge", "report"}
     assert count["finetune"] == count["evaluate"] == 4 * 5

@@ -371,3 +371,29 @@ def test_outputs_are_recorded_by_block_digest_and_older_sha256_records_still_cou
         os.utime(w, ns=(6, 6))
         assert "sub/w.bin changed since it was written" in transaction.changed(stage, record)
         w.write_bytes(b"0" * 100)
+
+
+def test_a_prune_beside_the_check_neither_unfinishes_the_stage_nor_raises(tmp_path, monkeypatch):
+    """Another process prunes ``sub/`` (records it, then deletes it) just as this one checks
+    the stage: the file is gone when it is looked at, the record already there. The check must
+    read the record after it sees the file missing (a sweep beside another once exited 1 on a
+    file that vanished between two looks), and find the stage finished."""
+    from pathlib import Path
+
+    stage = tmp_path / "r" / "s"
+    run_transaction(RunContext.of(_cfg(tmp_path)), "s", stage, {"a": 1}, [], _writes())
+    target, real_stat, fired = stage / "sub" / "w.bin", Path.stat, []
+
+    def racing_stat(self, *args, **kwargs):
+        if self == target and not fired:  # the other process prunes right now
+            fired.append(True)
+            (stage / transaction.PRUNED).write_text(json.dumps({"pruned": ["sub/"], "bytes": 100}))
+            target.unlink()
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", racing_stat)
+    assert transaction.problem(stage) is None and fired
+    monkeypatch.undo()
+    assert transaction.finished_manifest(stage) is not None
+    (stage / transaction.PRUNED).unlink()  # a file missing without a record: not finished
+    assert transaction.problem(stage) == "sub/w.bin is missing"

@@ -22,6 +22,7 @@ import shutil
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from stat import S_ISREG
 
 from filelock import FileLock
 
@@ -131,15 +132,19 @@ def problem(stage_dir: Path, manifest: dict | None = None, content: bool = True)
         return f"{MANIFEST} lacks its fields (written by another version, or damaged)"
     if manifest["status"] != "finished" or not isinstance(manifest["files"], dict):
         return f"{MANIFEST} does not describe a finished stage"
-    gone = pruned(stage_dir)
     for name, size in manifest["files"].items():
-        path = stage_dir / name
-        if not path.is_file():
-            if _covered(name, gone):
+        try:
+            found = (stage_dir / name).stat()
+        except OSError:
+            found = None
+        if found is None or not S_ISREG(found.st_mode):
+            # the record is read only now that the file is seen missing: a prune writes it
+            # before it deletes, so a prune running beside this check is always seen
+            if _covered(name, pruned(stage_dir)):
                 continue  # deleted on purpose after use (keep_merged / keep_models)
             return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, {size} when it was written"
+        if found.st_size != size:
+            return f"{name} has {found.st_size} bytes, {size} when it was written"
     return changed(stage_dir, manifest) if content else None
 
 

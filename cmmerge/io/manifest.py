@@ -77,8 +77,12 @@ def read_manifest(stage_dir: Path) -> dict | None:
 
 
 def manifest_hash(stage_dir: Path) -> str | None:
-    path = Path(stage_dir) / MANIFEST
-    return file_sha256(path) if path.exists() else None
+    """The SHA-256 of the stage's manifest, or None when there is none (or it went away while
+    read: a stage being redone beside this process)."""
+    try:
+        return file_sha256(Path(stage_dir) / MANIFEST)
+    except OSError:
+        return None
 
 
 # Settings of the training sections that only change how fast or how verbosely a stage runs

@@ -10,6 +10,7 @@ import re
 import numpy as np
 from conftest import FAST, compose
 from omegaconf import OmegaConf
+from run_dirs import evaluation_work
 
 from cmmerge.io.manifest import (
     NOT_OUTPUT_SETTINGS,
@@ -17,7 +18,6 @@ from cmmerge.io.manifest import (
     read_manifest,
     sha256_bytes,
     write_json_atomic,
-    write_jsonl_atomic,
 )
 from cmmerge.reporting.study import chosen_scales, study
 from cmmerge.stages import finetune, plan, report, sweep
@@ -25,7 +25,6 @@ from cmmerge.stages.runner import RunContext, run_transaction, stage_input
 from cmmerge.stages.spec import NOT_IN_ID, MergeSpec, finetune_spec, source_finetune_spec
 from cmmerge.stages.summary import closing_line
 
-LABELS = ["negative", "neutral", "positive"]
 N = 300
 
 
@@ -49,18 +48,9 @@ def _finetune(root, ft_id, arm, seed, val, accuracy, merge_id="", config=None, t
         RunContext.of(cfg), "finetune", ft_dir, {"seed": seed, **(config or {})}, [], ft_work
     )
 
-    def ev_work(d):
-        gold, pred = _predictions(accuracy, seed)
-        f1 = float(np.mean([np.mean(np.array(pred)[np.array(gold) == k] == k) for k in range(3)]))
-        write_json_atomic(
-            d / "metrics.json",
-            {"macro_f1": f1, "accuracy": accuracy, "confusion_matrix": {"labels": LABELS}},
-        )
-        write_jsonl_atomic(
-            d / "predictions.jsonl",
-            ({"gold": LABELS[g], "pred": LABELS[p]} for g, p in zip(gold, pred, strict=True)),
-        )
-        return {}
+    gold, pred = _predictions(accuracy, seed)
+    f1 = float(np.mean([np.mean(np.array(pred)[np.array(gold) == k] == k) for k in range(3)]))
+    ev_work = evaluation_work(gold, pred, f1, accuracy)
 
     run_transaction(
         RunContext.of(cfg), "evaluate", root / "evaluate" / ft_dir.name / task, {"task": task},

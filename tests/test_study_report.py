@@ -9,12 +9,11 @@ import csv
 import numpy as np
 from conftest import compose
 from omegaconf import OmegaConf
+from run_dirs import evaluation_work
 
-from cmmerge.io.manifest import write_json_atomic, write_jsonl_atomic
 from cmmerge.stages import report
 from cmmerge.stages.runner import RunContext, run_transaction, stage_input
 
-LABELS = ["negative", "neutral", "positive"]
 N = 600
 
 
@@ -24,6 +23,14 @@ def _predictions(accuracy: float, seed: int) -> tuple[list[int], list[int]]:
     wrong = rng.random(N) > accuracy
     pred = np.where(wrong, (gold + rng.integers(1, 3, N)) % 3, gold)
     return gold.tolist(), pred.tolist()
+
+
+def _evaluation(accuracy: float, seed: int):
+    """(an evaluate stage's ``work`` writing the predictions of :func:`_predictions`, their
+    macro-averaged recall, written as the macro-F1)."""
+    gold, pred = _predictions(accuracy, seed)
+    score = float(np.mean([np.mean(np.array(pred)[np.array(gold) == k] == k) for k in range(3)]))
+    return evaluation_work(gold, pred, score, accuracy), score
 
 
 def _finetune(root, ft_id, arm, seed, val, accuracy, merge_id="", task="t", evals=("t",)):
@@ -37,21 +44,7 @@ def _finetune(root, ft_id, arm, seed, val, accuracy, merge_id="", task="t", eval
     for eval_task in evals:
         acc = accuracy if eval_task == task else accuracy - 0.1
 
-        def ev_work(d, acc=acc):
-            gold, pred = _predictions(acc, seed)
-            f1 = float(
-                np.mean([np.mean(np.array(pred)[np.array(gold) == k] == k) for k in range(3)])
-            )
-            write_json_atomic(
-                d / "metrics.json",
-                {"macro_f1": f1, "accuracy": acc, "confusion_matrix": {"labels": LABELS}},
-            )
-            write_jsonl_atomic(
-                d / "predictions.jsonl",
-                ({"gold": LABELS[g], "pred": LABELS[p]} for g, p in zip(gold, pred, strict=True)),
-            )
-            return {}
-
+        ev_work, _ = _evaluation(acc, seed)
         run_transaction(
             RunContext.of(cfg),
             "evaluate",
@@ -157,20 +150,11 @@ def _prompt(root, seed: int, shots: int, accuracy: float) -> None:
     cfg = OmegaConf.create({"run": {"root": str(root.parent), "name": root.name}, "force": False})
     arm = f"Prompting ({shots}-shot)"
 
+    write, score = _evaluation(accuracy, seed)
+
     def work(d):
-        gold, pred = _predictions(accuracy, seed)
-        pred_f1 = float(
-            np.mean([np.mean(np.array(pred)[np.array(gold) == k] == k) for k in range(3)])
-        )
-        write_json_atomic(
-            d / "metrics.json",
-            {"macro_f1": pred_f1, "accuracy": accuracy, "confusion_matrix": {"labels": LABELS}},
-        )
-        write_jsonl_atomic(
-            d / "predictions.jsonl",
-            ({"gold": LABELS[g], "pred": LABELS[p]} for g, p in zip(gold, pred, strict=True)),
-        )
-        metrics = {"macro_f1": pred_f1, "accuracy": accuracy}
+        write(d)
+        metrics = {"macro_f1": score, "accuracy": accuracy}
         return {"metrics": metrics, "arm": arm, "task": "t", "seed": seed}
 
     folder = root / "prompt" / f"m-base-t-k{shots}-s{seed}"

@@ -209,9 +209,9 @@ def _prompts(run_dir: Path, predictions: bool) -> list[Seeded]:
     (one draw of shots) each, scored on its task."""
     out = []
     for stage_dir in sorted((run_dir / "prompt").glob("*/")):
-        manifest = transaction.finished_manifest(stage_dir)
-        evaluation = _evaluation(stage_dir, predictions) if manifest else None
-        if manifest is None or evaluation is None:
+        evaluation = _evaluation(stage_dir, predictions)  # None: not finished, or stale
+        manifest = read_manifest(stage_dir) if evaluation is not None else None
+        if manifest is None:
             continue
         kind, task = str(manifest.get("arm", stage_dir.name)), str(manifest.get("task"))
         item = Seeded(

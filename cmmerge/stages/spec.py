@@ -465,7 +465,21 @@ def _tokenized_model(cfg: DictConfig) -> Any:
 
 
 @dataclass(frozen=True)
-class DataSpec(StageSpec):
+class RunFolderSpec(StageSpec):
+    """A stage with one folder per run directory, named after the stage (``data/``,
+    ``report/``)."""
+
+    @property
+    def folder(self) -> Path:
+        return self.run_dir / self.STAGE
+
+    @property
+    def folder_id(self) -> str:
+        return self.STAGE
+
+
+@dataclass(frozen=True)
+class DataSpec(RunFolderSpec):
     """``cmmerge data``: statistics of the task and the corpus -> ``data/``."""
 
     task: FrozenMap | None = setting(source="task")
@@ -478,14 +492,6 @@ class DataSpec(StageSpec):
     leakage_tasks: tuple[str, ...] = setting((), leakage_tasks)
 
     STAGE: ClassVar[str] = "data"
-
-    @property
-    def folder(self) -> Path:
-        return self.run_dir / "data"
-
-    @property
-    def folder_id(self) -> str:
-        return "data"
 
 
 @dataclass(frozen=True)
@@ -958,7 +964,7 @@ def _n_resamples(cfg: DictConfig) -> int:
 
 
 @dataclass(frozen=True)
-class ReportSpec(StageSpec):
+class ReportSpec(RunFolderSpec):
     """``cmmerge report [runs=[...]]``: the study of one or several run directories ->
     ``report/`` of the run."""
 
@@ -968,14 +974,6 @@ class ReportSpec(StageSpec):
     shown: FrozenMap | None = setting(source=_report_variants, view="variants")
 
     STAGE: ClassVar[str] = "report"
-
-    @property
-    def folder(self) -> Path:
-        return self.run_dir / "report"
-
-    @property
-    def folder_id(self) -> str:
-        return "report"
 
     @property
     def all_variants(self) -> bool:

@@ -23,6 +23,7 @@ from cmmerge.data.formats import (
     parse_text_lines,
     resolve_path,
 )
+from cmmerge.data.splits import config_root
 from cmmerge.data.tables import TABLE_FORMATS, canonical_format, detect_format, read_table
 from cmmerge.data.tasks import as_dict, load_task
 from cmmerge.errors import CmmergeError
@@ -134,7 +135,7 @@ def load_corpus(
     """
     cfg = as_dict(corpus_cfg)
     name = cfg.get("name") or "?"
-    root = Path(cfg["root"]).expanduser() if cfg.get("root") else Path(data_root)
+    root = config_root(cfg, data_root)
     sources = cfg.get("sources") or []
     if not isinstance(sources, list):
         raise CmmergeError(f"corpus {name}: 'sources' must be a list of {{path, format}}")

@@ -10,21 +10,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cmmerge.data.splits import SPLITS, split_file
+from cmmerge.data.splits import SPLITS, config_root, split_file
 
 log = logging.getLogger("cmmerge")
-
-
-def task_root(task: Mapping, data_root: Path) -> Path:
-    """Where a task's files are: its own ``root``, else the data root."""
-    return Path(task["root"]).expanduser() if task.get("root") else data_root
 
 
 def task_paths(task: Mapping, data_root: Path) -> list[tuple[str, Path]]:
     """``(as configured, full path)`` of each file of a task ([] for hub tasks)."""
     if task.get("hub"):
         return []
-    root = task_root(task, data_root)
+    root = config_root(task, data_root)
     files = [split_file(task, s) for s in (*SPLITS, "test_labels")]
     return [(str(f), root / str(f)) for f in files if f]
 

@@ -4,11 +4,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 from cmmerge.errors import CmmergeError
 
 SPLITS = ("train", "validation", "test")
 CARVED = ("validation", "test")  # the splits that may be carved out of train
+
+
+def config_root(cfg: Mapping, data_root: str | Path) -> Path:
+    """The folder a task's or corpus's files are relative to: its own ``root``, else the data
+    root (``data.root``)."""
+    return Path(cfg["root"]).expanduser() if cfg.get("root") else Path(data_root)
 
 
 def split_file(cfg: Mapping, split: str) -> str | None:

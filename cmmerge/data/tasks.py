@@ -37,7 +37,7 @@ import ftfy
 
 from cmmerge.data.formats import parse_sentimix_conll, read_labels_csv, resolve_path
 from cmmerge.data.hub import hub_rows
-from cmmerge.data.splits import SPLITS, carve_fractions, split_file
+from cmmerge.data.splits import SPLITS, carve_fractions, config_root, split_file
 from cmmerge.data.tables import FILE_FORMATS, Row, canonical_format, detect_format, read_table
 from cmmerge.data.token_tasks import (
     infer_token_labels,
@@ -290,7 +290,7 @@ def _root(cfg: dict[str, Any], data_root: str | Path) -> Path:
         raise CmmergeError(
             f"task {cfg['name']}: no train file (set task.train=PATH or task.hub=NAME)"
         )
-    return Path(cfg["root"]).expanduser() if cfg.get("root") else Path(data_root)
+    return config_root(cfg, data_root)
 
 
 def infer_labels(task_cfg: Mapping, data_root: str | Path) -> list[str]:

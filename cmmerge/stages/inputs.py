@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from omegaconf import DictConfig
 
 from cmmerge.data.guard import GuardedCorpus, task_paths
+from cmmerge.data.splits import config_root
 from cmmerge.io.manifest import sha256_bytes
 from cmmerge.models.loading import ModelSource
 from cmmerge.settings import (
@@ -112,7 +113,7 @@ def _task_files(cfg: DictConfig, name: str) -> list[Path]:
 
 def _corpus_files(cfg: DictConfig) -> list[Path]:
     corpus = plain(cfg.corpus)
-    root = Path(corpus["root"]).expanduser() if corpus.get("root") else data_root(cfg)
+    root = config_root(corpus, data_root(cfg))
     paths = [root / str(s["path"]) for s in corpus.get("sources") or [] if isinstance(s, dict)]
     return [p for p in paths if p.is_file()]
 

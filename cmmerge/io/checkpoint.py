@@ -24,10 +24,12 @@ import re
 import struct
 import threading
 from pathlib import Path
+from typing import Any
 
-import torch
+import numpy as np
 
 from cmmerge.errors import CmmergeError
+from cmmerge.io.dtypes import DTYPES, F32, DType, as_dtype, from_torch, to_float32, to_torch
 from cmmerge.io.manifest import file_sha256 as sha256_file  # noqa: F401 (public name)
 
 SINGLE_FILE = "model.safetensors"
@@ -37,19 +39,12 @@ PICKLE_INDEX = "pytorch_model.bin.index.json"
 DEFAULT_MAX_SHARD_SIZE = 2 * 1024**3
 _MAX_HEADER = 100 * 1024**2
 
-_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
-Layout = dict[str, tuple[torch.dtype, tuple[int, ...]]]
+Layout = dict[str, tuple[DType, tuple[int, ...]]]
 
 
-def _bytes_view(tensor: torch.Tensor):
-    """A writable numpy uint8 view of a contiguous tensor's memory (any dtype, bf16 included)."""
-    return tensor.reshape(-1).view(torch.uint8).numpy()
+def _bytes_view(array: np.ndarray) -> np.ndarray:
+    """A uint8 view of a contiguous array's memory."""
+    return array.reshape(-1).view(np.uint8)
 
 
 def _reserve(fd: int, nbytes: int, path: Path) -> None:
@@ -83,7 +78,7 @@ class _SafetensorsFile:
             raise
         self.size = size
         self._mapped: mmap.mmap | None = None
-        self._bytes: torch.Tensor | None = None
+        self._bytes: np.ndarray | None = None
         self._map_lock = threading.Lock()
 
     def _parse(self, size: int) -> tuple[dict, dict[str, str], int]:
@@ -99,7 +94,7 @@ class _SafetensorsFile:
             metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
             entries = {}
             for key, info in header.items():
-                dtype, shape = _DTYPES.get(info["dtype"]), tuple(int(s) for s in info["shape"])
+                dtype, shape = DTYPES.get(info["dtype"]), tuple(int(s) for s in info["shape"])
                 begin, end = (int(x) for x in info["data_offsets"])
                 if dtype is None:
                     raise CmmergeError(f"{bad}: unsupported dtype {info['dtype']} for {key!r}")
@@ -115,20 +110,20 @@ class _SafetensorsFile:
         return entries, metadata, 8 + n
 
     def read(
-        self, key: str, start: int = 0, stop: int | None = None, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Flat elements ``[start, stop)`` of ``key`` as a 1-D tensor of its dtype: a new one,
-        or ``out`` (contiguous, of that dtype and length) filled."""
+        self, key: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Flat elements ``[start, stop)`` of ``key`` as a 1-D array of its storage dtype: a new
+        one, or ``out`` (contiguous, of that dtype and length) filled."""
         dtype, shape, begin, _ = self.entries[key]
         stop = math.prod(shape) if stop is None else stop
         if out is None:
-            out = torch.empty(max(stop - start, 0), dtype=dtype)
+            out = np.empty(max(stop - start, 0), dtype=dtype.storage)
         self._pread(key, _bytes_view(out), self.data_start + begin + start * dtype.itemsize)
         return out
 
     def read_blocks(
-        self, key: str, start: int, block: int, every: int, count: int, out: torch.Tensor
-    ) -> torch.Tensor:
+        self, key: str, start: int, block: int, every: int, count: int, out: np.ndarray
+    ) -> np.ndarray:
         """Blocks of ``block`` flat elements of ``key`` at ``start``, ``start + every * block``,
         ... (``count`` of them), one after another into ``out`` (contiguous, its dtype)."""
         dtype, _, begin, _ = self.entries[key]
@@ -138,29 +133,29 @@ class _SafetensorsFile:
             self._pread(key, view[b * size : (b + 1) * size], first + b * every * size)
         return out
 
-    def _map(self) -> torch.Tensor:
-        """The whole file as a uint8 tensor over a private mapping (made on first use)."""
+    def _map(self) -> np.ndarray:
+        """The whole file as a uint8 array over a private mapping (made on first use)."""
         if self._bytes is None:
             with self._map_lock:
                 if self._bytes is None:
                     # private: a stray write would change this process's copy, never the file
                     self._mapped = mmap.mmap(self.fd, self.size, access=mmap.ACCESS_COPY)
-                    self._bytes = torch.frombuffer(self._mapped, dtype=torch.uint8)
+                    self._bytes = np.frombuffer(self._mapped, dtype=np.uint8)
         return self._bytes
 
-    def _span(self, key: str, start: int, stop: int | None) -> tuple[torch.dtype, int, int]:
+    def _span(self, key: str, start: int, stop: int | None) -> tuple[DType, int, int]:
         dtype, shape, begin, _ = self.entries[key]
         stop = math.prod(shape) if stop is None else stop
         first = self.data_start + begin + start * dtype.itemsize
         return dtype, first, first + max(stop - start, 0) * dtype.itemsize
 
-    def view(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    def view(self, key: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Flat elements ``[start, stop)`` of ``key``, a view of the mapped file (not to be
         written); :meth:`release` them when done."""
         dtype, first, end = self._span(key, start, stop)
         if first == end:
-            return torch.empty(0, dtype=dtype)
-        return self._map()[first:end].view(dtype)
+            return np.empty(0, dtype=dtype.storage)
+        return self._map()[first:end].view(dtype.storage)
 
     def release(self, key: str, start: int = 0, stop: int | None = None) -> None:
         """Drop the pages of a :meth:`view` from this process's memory (they stay cached by the
@@ -206,6 +201,8 @@ class _PickleFile:
     """A pickle ``.bin`` state dict, loaded (``weights_only``, mmapped) only when allowed."""
 
     def __init__(self, path: Path) -> None:
+        import torch
+
         self.path = path
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -214,25 +211,30 @@ class _PickleFile:
             raise CmmergeError(f"cannot read pickle checkpoint {path}: {fault}") from None
         if not isinstance(state, dict):
             raise CmmergeError(f"cannot read pickle checkpoint {path}: not a state dict of tensors")
-        self.tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-        self.entries = {k: (v.dtype, tuple(v.shape), 0, 0) for k, v in self.tensors.items()}
+        tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        self.entries = {k: (as_dtype(v.dtype), tuple(v.shape), 0, 0) for k, v in tensors.items()}
+        self.tensors = {k: from_torch(v)[0] for k, v in tensors.items()}
         self.metadata: dict[str, str] = {}
 
     def read(
-        self, key: str, start: int = 0, stop: int | None = None, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        part = self.tensors[key].reshape(-1)[start:stop]
-        return part.clone() if out is None else out.copy_(part)
+        self, key: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        part = self.tensors[key][start:stop]
+        if out is None:
+            return part.copy()
+        out[...] = part
+        return out
 
     def read_blocks(
-        self, key: str, start: int, block: int, every: int, count: int, out: torch.Tensor
-    ) -> torch.Tensor:
-        flat = self.tensors[key].reshape(-1)[start : start + count * every * block]
-        rows = flat[: (flat.numel() // block) * block].view(-1, block)[::every][:count]
-        return out.view(-1, block).copy_(rows).view(-1)
+        self, key: str, start: int, block: int, every: int, count: int, out: np.ndarray
+    ) -> np.ndarray:
+        flat = self.tensors[key][start : start + count * every * block]
+        rows = flat[: (flat.size // block) * block].reshape(-1, block)[::every][:count]
+        out.reshape(-1, block)[...] = rows
+        return out
 
-    def view(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        return self.tensors[key].reshape(-1)[start:stop]
+    def view(self, key: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self.tensors[key][start:stop]
 
     def release(self, key: str, start: int = 0, stop: int | None = None) -> None:
         pass
@@ -314,19 +316,25 @@ class CheckpointReader:
         except KeyError:
             raise CmmergeError(f"tensor {key!r} not found in {self.path}") from None
 
-    def get(self, key: str) -> torch.Tensor:
-        """Load one tensor (CPU, stored dtype, shaped)."""
-        return self.read(key).view(self.shape(key))
+    def get(self, key: str) -> Any:
+        """Load one tensor as a torch tensor (CPU, stored dtype, shaped; imports torch): for
+        callers that work in torch. The merge works on :meth:`read`'s numpy arrays."""
+        return to_torch(self.read(key), self.dtype(key)).view(self.shape(key))
 
     def read(
-        self, key: str, start: int = 0, stop: int | None = None, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Flat elements ``[start, stop)`` of ``key`` (a new 1-D tensor, or ``out``: contiguous,
-        of the stored dtype, filled); thread-safe."""
+        self, key: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Flat elements ``[start, stop)`` of ``key`` (a new 1-D array of its storage dtype, or
+        ``out``: contiguous, of that dtype, filled); thread-safe."""
         self._entry(key)
         return self._file_of[key].read(key, start, stop, out)
 
-    def view(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    def read_float32(self, key: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Flat elements ``[start, stop)`` of ``key`` as a new float32 array."""
+        raw, dtype = self.read(key, start, stop), self.dtype(key)
+        return raw if dtype == F32 else to_float32(raw, dtype, np.empty(raw.size, np.float32))
+
+    def view(self, key: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Flat elements ``[start, stop)`` of ``key`` without a copy (a view of the mapped file:
         read it, never write it), to be given back with :meth:`release`; thread-safe."""
         self._entry(key)
@@ -337,8 +345,8 @@ class CheckpointReader:
         self._file_of[key].release(key, start, stop)
 
     def read_blocks(
-        self, key: str, start: int, block: int, every: int, count: int, out: torch.Tensor
-    ) -> torch.Tensor:
+        self, key: str, start: int, block: int, every: int, count: int, out: np.ndarray
+    ) -> np.ndarray:
         """``count`` blocks of ``block`` flat elements of ``key``, one every ``every`` blocks
         from element ``start``, packed into ``out`` (of the stored dtype): a sample read
         without reading what lies between."""
@@ -349,8 +357,8 @@ class CheckpointReader:
         """Shape of a tensor, from the header."""
         return self._entry(key)[1]
 
-    def dtype(self, key: str) -> torch.dtype:
-        """Torch dtype of a tensor, from the header."""
+    def dtype(self, key: str) -> DType:
+        """Stored dtype of a tensor, from the header."""
         return self._entry(key)[0]
 
     def numel(self, key: str) -> int:
@@ -386,7 +394,7 @@ class StreamingFileWriter:
         self, path: str | os.PathLike, layout: Layout, metadata: dict[str, str] | None = None
     ) -> None:
         self.path = Path(path)
-        self._layout = dict(layout)
+        self._layout = {k: (as_dtype(d), tuple(s)) for k, (d, s) in layout.items()}
         header: dict[str, object] = {"__metadata__": _str_metadata(metadata)} if metadata else {}
         self._offsets: dict[str, int] = {}
         start = 0
@@ -394,7 +402,7 @@ class StreamingFileWriter:
             dtype, shape = self._layout[key]
             end = start + math.prod(shape) * dtype.itemsize
             header[key] = {
-                "dtype": _DTYPE_NAMES[dtype],
+                "dtype": dtype.code,
                 "shape": list(shape),
                 "data_offsets": [start, end],
             }
@@ -411,21 +419,28 @@ class StreamingFileWriter:
         self._written: dict[str, int] = dict.fromkeys(self._layout, 0)
         self._lock = threading.Lock()
 
-    def write(self, key: str, tensor: torch.Tensor, start: int = 0) -> None:
-        """Write ``tensor`` (a whole declared tensor, or flat elements from ``start``)."""
+    def write(self, key: str, values: Any, start: int = 0, dtype: DType | None = None) -> None:
+        """Write ``values`` (a whole declared tensor, or flat elements from ``start``): a numpy
+        array of the declared dtype's storage (``dtype``, when given, names the dtype it holds)
+        or a torch tensor."""
         if key not in self._layout:
             raise CmmergeError(f"tensor {key!r} is not in the declared layout of {self.path}")
-        dtype, shape = self._layout[key]
-        whole = start == 0 and tuple(tensor.shape) == tuple(shape)
-        if tensor.dtype != dtype or not (whole or start + tensor.numel() <= math.prod(shape)):
-            got = f"{tensor.dtype} {tuple(tensor.shape)} at {start}"
-            raise CmmergeError(f"tensor {key!r}: got {got}, declared {dtype} {tuple(shape)}")
-        data = _bytes_view(tensor.detach().cpu().contiguous())
+        declared, shape = self._layout[key]
+        if isinstance(values, np.ndarray):
+            array, held = values, dtype or (declared if values.dtype == declared.storage else None)
+        else:
+            array, held = from_torch(values)
+        whole = start == 0 and tuple(values.shape) == tuple(shape)
+        if held != declared or not (whole or start + array.size <= math.prod(shape)):
+            got = f"{held or array.dtype} {tuple(values.shape)} at {start}"
+            raise CmmergeError(f"tensor {key!r}: got {got}, declared {declared} {tuple(shape)}")
+        data = _bytes_view(np.ascontiguousarray(array))
+        dtype = declared
         offset, done = self._data_start + self._offsets[key] + start * dtype.itemsize, 0
         while done < len(data):
             done += os.pwrite(self._fd, data[done:], offset + done)
         with self._lock:
-            self._written[key] += tensor.numel()
+            self._written[key] += array.size
 
     def close(self) -> Path:
         """Check completeness, then move the file into place; returns its path."""
@@ -489,7 +504,7 @@ class ShardedWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if int(max_shard_size) <= 0:
             raise CmmergeError(f"max_shard_size must be positive, got {max_shard_size}")
-        self.layout = dict(layout)
+        self.layout = {k: (as_dtype(d), tuple(s)) for k, (d, s) in layout.items()}
         shards = plan_shards(self.layout, int(max_shard_size))
         n = len(shards)
         names = (
@@ -515,11 +530,12 @@ class ShardedWriter:
             raise
         self._closed = False
 
-    def write(self, key: str, tensor: torch.Tensor, start: int = 0) -> None:
-        """Write a whole tensor, or flat elements from ``start``, of declared tensor ``key``."""
+    def write(self, key: str, values: Any, start: int = 0, dtype: DType | None = None) -> None:
+        """Write a whole tensor, or flat elements from ``start``, of declared tensor ``key``
+        (see :meth:`StreamingFileWriter.write`)."""
         if key not in self._writer_of:
             raise CmmergeError(f"tensor {key!r} is not in the declared layout of {self.out_dir}")
-        self._writer_of[key].write(key, tensor, start)
+        self._writer_of[key].write(key, values, start, dtype)
 
     def close(self) -> list[Path]:
         """Finish writing; returns the final files (shards, then the index if any)."""

@@ -1,8 +1,8 @@
 """Streaming merge: ``theta = base + lambda * combine(tau_1..tau_n)``, chunk by chunk, on all cores.
 
 Every tensor is cut into flat chunks of ``CHUNK`` elements (:mod:`cmmerge.merging.threads`). A
-pool of ``threads`` workers (torch single-threaded inside each, so no OpenMP barrier per small
-op) reads the chunk of the base and of every source with ``pread``, computes in float32 and
+pool of ``threads`` workers (numpy, single-threaded inside each; no torch, whose import alone
+would take about a second) reads the chunk of the base and of every source, computes in float32 and
 writes the result straight to its place in the output shards; the main thread only schedules,
 keeping at most two chunks per worker in flight. Magnitude trimming finds its exact threshold
 with the counting selection of ``select`` over the chunks of a tensor (``trim_scope=tensor``,
@@ -34,12 +34,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
-import torch
-from torch import Tensor
+import numpy as np
 
 from cmmerge.errors import CmmergeError
 from cmmerge.io.checkpoint import DEFAULT_MAX_SHARD_SIZE, CheckpointReader, ShardedWriter
-from cmmerge.merging.methods import MergeMethod, apply_delta, get_method, resolve_params
+from cmmerge.io.dtypes import F32, DType, as_dtype, from_float32, to_float32
+from cmmerge.merging.methods import (
+    MergeMethod,
+    apply_delta,
+    dare_keep,
+    get_method,
+    resolve_params,
+)
 from cmmerge.merging.plan import Item, PathLike, Source, open_sources, plan_merge
 from cmmerge.merging.select import (
     SAMPLE_BLOCK,
@@ -50,7 +56,7 @@ from cmmerge.merging.select import (
     thresholds_over,
     trim_,
 )
-from cmmerge.merging.threads import chunk_ranges, default_threads, torch_threads
+from cmmerge.merging.threads import chunk_ranges, default_threads
 
 log = logging.getLogger("cmmerge")
 
@@ -59,6 +65,13 @@ log = logging.getLogger("cmmerge")
 # ones (an embedding) are trimmed chunk-parallel, their deltas recomputed chunk by chunk for
 # the counting pass and the merge (the selection's sample reads only the blocks it takes).
 CACHED_TRIM = 32 * 1024 * 1024
+
+
+def _sums_finite(x: np.ndarray) -> bool:
+    """Whether the float32 sum of ``x`` is finite: one cheap pass, false for any NaN or Inf
+    (and for a sum that overflows, which the caller then looks at entry by entry)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return math.isfinite(float(x.sum(dtype=np.float32)))
 
 
 class _Scheduler:
@@ -109,14 +122,15 @@ class _Workspace(threading.local):
     instead of asking for (and having the kernel zero and map) fresh pages for every chunk."""
 
     def __init__(self) -> None:
-        self.bufs: dict[tuple[str, torch.dtype], Tensor] = {}
+        self.bufs: dict[tuple[str, np.dtype], np.ndarray] = {}
 
-    def get(self, name: str, n: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    def get(self, name: str, n: int, dtype: np.dtype | type = np.float32) -> np.ndarray:
         """``n`` elements of this thread's buffer ``name`` (contents left over)."""
-        buf = self.bufs.get((name, dtype))
-        if buf is None or buf.numel() < n:
-            self.bufs.pop((name, dtype), None)  # freed before the larger one is made
-            buf = self.bufs[(name, dtype)] = torch.empty(n, dtype=dtype)
+        key = (name, np.dtype(dtype))
+        buf = self.bufs.get(key)
+        if buf is None or buf.size < n:
+            self.bufs.pop(key, None)  # freed before the larger one is made
+            buf = self.bufs[key] = np.empty(n, dtype=key[1])
         return buf[:n]
 
 
@@ -144,23 +158,24 @@ class _Merger:
         self.ws = _Workspace()  # freed with the merger
 
     def _read_f32(
-        self, reader: CheckpointReader, key: str, start: int, stop: int, out: Tensor
-    ) -> Tensor:
+        self, reader: CheckpointReader, key: str, start: int, stop: int, out: np.ndarray
+    ) -> np.ndarray:
         """Flat elements ``[start, stop)`` of ``reader[key]`` in float32, into ``out``."""
         dtype = reader.dtype(key)
-        if dtype == torch.float32:
+        if dtype == F32:
             return reader.read(key, start, stop, out)
-        return out.copy_(reader.read(key, start, stop, self.ws.get("raw", stop - start, dtype)))
+        raw = reader.read(key, start, stop, self.ws.get("raw", stop - start, dtype.storage))
+        return to_float32(raw, dtype, out)
 
     def deltas(
         self,
         item: Item,
         start: int,
         stop: int,
-        base: Tensor | None = None,
-        out: list[Tensor] | None = None,
+        base: np.ndarray | None = None,
+        out: list[np.ndarray] | None = None,
         keep_base: bool = True,
-    ) -> tuple[Tensor, list[Tensor]]:
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
         """(base chunk in float32, one float32 delta chunk per source), written into ``base``
         and ``out`` when given, else into this thread's chunk buffers (valid until its next
         chunk). Without ``base``, a float32 base chunk is a view of the mapped file, which
@@ -175,18 +190,17 @@ class _Merger:
             self._read_f32(self.base, item.key, start, stop, base)
         for s, key, d in zip(self.sources, item.src_keys, out, strict=True):
             if key is None:  # all zero in this task vector (not stored)
-                d.zero_()
+                d.fill(0)
                 continue
-            if s.reader.dtype(key) == torch.float32:  # the mapped file itself, no copy
+            if s.reader.dtype(key) == F32:  # the mapped file itself, no copy
                 x = s.reader.view(key, start, stop)
                 if s.is_model:
-                    torch.sub(x, base, out=d)
+                    np.subtract(x, base, out=d)
                 else:
-                    d.copy_(x)
+                    np.copyto(d, x)
                 s.reader.release(key, start, stop)
-            elif s.is_model:  # converted and subtracted in one pass
-                x = s.reader.read(key, start, stop, self.ws.get("raw", n, s.reader.dtype(key)))
-                torch.sub(x, base, out=d)
+            elif s.is_model:
+                np.subtract(self._read_f32(s.reader, key, start, stop, d), base, out=d)
             else:
                 self._read_f32(s.reader, key, start, stop, d)
         if not keep_base:
@@ -197,7 +211,7 @@ class _Merger:
         """Flat elements ``[start, stop)`` of ``reader[key]`` in float32: the mapped file itself
         when it is stored in float32, else read and converted into the buffer ``name`` (a
         mapped bfloat16 file converted in place measured slower and larger on Llama-3.2-1B)."""
-        if reader.dtype(key) == torch.float32:
+        if reader.dtype(key) == F32:
             return reader.view(key, start, stop)
         return self._read_f32(reader, key, start, stop, self.ws.get(name, stop - start))
 
@@ -205,24 +219,24 @@ class _Merger:
         """Give back the base's mapped pages of a chunk read by :meth:`deltas`."""
         self.base.release(item.key, start, stop)
 
-    def sample(self, item: Item, start: int, stop: int, every: int) -> list[Tensor]:
+    def sample(self, item: Item, start: int, stop: int, every: int) -> list[np.ndarray]:
         """The blocks ``select`` samples from the deltas of chunk ``[start, stop)`` (one block of
         ``SAMPLE_BLOCK`` in ``every``), read and subtracted alone: the rest is not read."""
         count = sample_blocks(stop - start, every)
         n = count * SAMPLE_BLOCK
 
-        def blocks(reader: CheckpointReader, key: str, name: str) -> Tensor:
+        def blocks(reader: CheckpointReader, key: str, name: str) -> np.ndarray:
             dtype = reader.dtype(key)
             raw = reader.read_blocks(
-                key, start, SAMPLE_BLOCK, every, count, self.ws.get(f"s{name}", n, dtype)
+                key, start, SAMPLE_BLOCK, every, count, self.ws.get(f"s{name}", n, dtype.storage)
             )
-            return raw if dtype == torch.float32 else raw.to(torch.float32)
+            return raw if dtype == F32 else to_float32(raw, dtype, self.ws.get(f"f{name}", n))
 
         base = blocks(self.base, item.key, "base")
         out = []
         for i, (s, key) in enumerate(zip(self.sources, item.src_keys, strict=True)):
             if key is None:  # all zero in this task vector (not stored)
-                out.append(magnitude_bits(torch.zeros_like(base)))
+                out.append(np.zeros(n, np.int32))
                 continue
             x = blocks(s.reader, key, str(i))
             out.append(magnitude_bits(x - base if s.is_model else x))
@@ -232,7 +246,7 @@ class _Merger:
         self,
         item: Item,
         start: int,
-        deltas: list[Tensor],
+        deltas: list[np.ndarray],
         thresholds: list[Threshold | None] | None,
         chunk: int,
     ) -> None:
@@ -244,14 +258,15 @@ class _Merger:
                     trim_(d, thresholds[i], chunk)
             else:  # DARE: seeded by (seed, tensor, source, position), whatever the threads
                 tag = f"{self.seed}/{item.key}/{i}/{start}".encode()
-                g = torch.Generator().manual_seed(int(hashlib.sha256(tag).hexdigest()[:15], 16))
-                d.mul_(torch.rand(d.shape, generator=g) < self.density).mul_(1.0 / self.density)
+                seed = int(hashlib.sha256(tag).hexdigest()[:15], 16)
+                d *= dare_keep(d.shape, self.density, seed)
+                d *= np.float32(1.0 / self.density)
 
     def thresholds(
         self,
         pieces: list[tuple[Item, int, int]],
         map_fn: Callable = map,
-        cached: list[Tensor] | None = None,
+        cached: list[np.ndarray] | None = None,
     ) -> list[Threshold | None]:
         """Per-source magnitude thresholds over a domain of chunks: over ``cached`` deltas (one
         chunk), or recomputing each chunk's deltas per pass (a chunk's sample read alone)."""
@@ -287,7 +302,7 @@ class _Merger:
         stop: int,
         thresholds: list[Threshold | None] | None,
         chunk: int,
-        computed: tuple[Tensor, list[Tensor]] | None = None,
+        computed: tuple[np.ndarray, list[np.ndarray]] | None = None,
     ) -> None:
         """Merge flat elements ``[start, stop)`` of ``item`` and write them."""
         base, deltas = computed or self.deltas(item, start, stop)
@@ -301,38 +316,46 @@ class _Merger:
         out = apply_delta(base, combined, self.scale)
         if (
             not self.allow_nonfinite
-            and not math.isfinite(float(out.sum()))  # cheap: NaN/Inf (or overflow) shows here
-            and not bool(torch.isfinite(out).all())
+            and not _sums_finite(out)  # cheap: NaN/Inf (or overflow) shows here
+            and not bool(np.isfinite(out).all())
         ):
             self._blame(item, start, stop)
-        self._write(item, out, start)
+        self._write(item, out, start, finite=not self.allow_nonfinite)
         if mapped:
             self.release_base(item, start, stop)
 
-    def _write(self, item: Item, values: Tensor, start: int) -> None:
-        """Write ``values`` in the output dtype, checked after the cast: a value beyond what
-        that dtype holds (float16: 65504) becomes Inf there."""
-        written = self._as(values, item.dtype)
+    def _write(self, item: Item, values: np.ndarray, start: int, finite: bool = False) -> None:
+        """Write float32 ``values`` in the output dtype, checked after the cast: a value beyond
+        what float16 holds (65504) becomes Inf there (bfloat16 has float32's range). ``finite``:
+        ``values`` were checked to hold no NaN or Inf."""
+        if item.dtype == F32:
+            self.writer.write(item.key, values, start, F32)
+            return
+        n = values.size
+        written = from_float32(
+            values,
+            item.dtype,
+            self.ws.get("out", n, item.dtype.storage),
+            self._scratch32(n),
+            finite,
+        )
         if (
-            written.dtype != values.dtype
-            and written.is_floating_point()
+            written.dtype == np.float16
             and not self.allow_nonfinite
-            and not math.isfinite(float(written.sum(dtype=torch.float32)))  # cheap first look
-            and not bool(torch.isfinite(written).all())
-            and bool(torch.isfinite(values).all())
+            and not _sums_finite(written)  # cheap first look
+            and not bool(np.isfinite(written).all())
+            and bool(np.isfinite(values).all())
         ):
-            limit = torch.finfo(written.dtype).max
             raise CmmergeError(
-                f"tensor {item.key!r} holds values beyond the range of "
-                f"{str(written.dtype).removeprefix('torch.')} (|x| > {limit:g}), which become "
-                "Inf when written: lower lambda or write float32 (dtype=float32); "
-                "allow_nonfinite=true writes them anyway"
+                f"tensor {item.key!r} holds values beyond the range of {item.dtype} "
+                f"(|x| > {float(np.finfo(np.float16).max):g}), which become Inf when written: "
+                "lower lambda or write float32 (dtype=float32); allow_nonfinite=true writes "
+                "them anyway"
             )
-        self.writer.write(item.key, written, start)
+        self.writer.write(item.key, written, start, item.dtype)
 
-    def _as(self, x: Tensor, dtype: torch.dtype) -> Tensor:
-        """``x`` in ``dtype`` (converted into this thread's output buffer)."""
-        return x if x.dtype == dtype else self.ws.get("out", x.numel(), dtype).copy_(x)
+    def _scratch32(self, n: int) -> np.ndarray:
+        return self.ws.get("scratch", n, np.uint32)
 
     def _blame(self, item: Item, start: int, stop: int) -> None:
         readers = [(self.base, item.key, "the base")] + [
@@ -342,7 +365,8 @@ class _Merger:
         ]
         where = "the merge (overflow)"
         for reader, key, label in readers:
-            if not bool(torch.isfinite(reader.read(key, start, stop)).all()):
+            values = self._read_f32(reader, key, start, stop, np.empty(stop - start, np.float32))
+            if not bool(np.isfinite(values).all()):
                 where = label
                 break
         raise CmmergeError(
@@ -353,33 +377,35 @@ class _Merger:
     def copy(
         self, reader: CheckpointReader, key: str, item: Item, start: int, stop: int, offset: int
     ) -> None:
-        """Copy flat elements ``[start, stop)`` of ``reader[key]`` to ``item`` at ``offset``."""
-        x = reader.read(key, start, stop, self.ws.get("raw", stop - start, reader.dtype(key)))
-        self._write(item, x, offset)
+        """Copy flat elements ``[start, stop)`` of ``reader[key]`` to ``item`` at ``offset``
+        (converted through float32 when the output dtype differs)."""
+        dtype = reader.dtype(key)
+        if dtype == item.dtype:
+            x = reader.read(key, start, stop, self.ws.get("raw", stop - start, dtype.storage))
+            self.writer.write(item.key, x, offset, dtype)
+            return
+        values = self._read_f32(reader, key, start, stop, self.ws.get("f32", stop - start))
+        self._write(item, values, offset)
 
     def run(self, items: list[Item], threads: int) -> None:
         sched = _Scheduler(threads)
         collecting = gc.isenabled()
         gc.disable()  # the merge makes no reference cycles; collections would only cost time
         try:
-            with torch_threads(1):
-                model_thr: list[Threshold | None] | None = None
-                offsets: dict[str, int] = {}
-                if self.trims and self.method.trim == "magnitude" and self.scope == "model":
-                    pieces = [
-                        (it, s, e)
-                        for it in items
-                        if it.src_keys
-                        for s, e in chunk_ranges(it.shared)
-                    ]
-                    n = 0
-                    for it in items:
-                        if it.src_keys:
-                            offsets[it.key], n = n, n + len(chunk_ranges(it.shared))
-                    model_thr = self.thresholds(pieces, sched.map)
-                for item in items:
-                    self._schedule(item, sched, model_thr, offsets.get(item.key, 0))
-                sched.wait()
+            model_thr: list[Threshold | None] | None = None
+            offsets: dict[str, int] = {}
+            if self.trims and self.method.trim == "magnitude" and self.scope == "model":
+                pieces = [
+                    (it, s, e) for it in items if it.src_keys for s, e in chunk_ranges(it.shared)
+                ]
+                n = 0
+                for it in items:
+                    if it.src_keys:
+                        offsets[it.key], n = n, n + len(chunk_ranges(it.shared))
+                model_thr = self.thresholds(pieces, sched.map)
+            for item in items:
+                self._schedule(item, sched, model_thr, offsets.get(item.key, 0))
+            sched.wait()
         finally:
             sched.close()
             if collecting:
@@ -447,7 +473,7 @@ def _merge(
     method: str,
     scale: float,
     out_dir: PathLike,
-    dtype: torch.dtype | None = None,
+    dtype: DType | str | None = None,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     allow_nonfinite: bool = False,
     allow_pickle: bool = False,
@@ -468,7 +494,7 @@ def _merge(
         sources = open_sources(list(source_paths), is_model, base_dir, allow_pickle)
         for s in sources:
             stack.enter_context(s.reader)
-        items, info = plan_merge(base, base_dir, sources, dtype)
+        items, info = plan_merge(base, base_dir, sources, as_dtype(dtype) if dtype else None)
         if info["grown"] and not grow_vocab:
             raise _grown_refused(items, info["grown"], sources, base, str(base_dir))
         layout = {it.key: (it.dtype, it.shape) for it in items}

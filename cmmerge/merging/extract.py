@@ -9,13 +9,14 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from cmmerge.errors import CmmergeError
 from cmmerge.io.checkpoint import CheckpointReader, StreamingFileWriter
+from cmmerge.io.dtypes import F32, DType, as_dtype, from_float32
 from cmmerge.merging.keys import backbone_map, backbone_prefix, tied_copy, ties_embeddings
 from cmmerge.merging.plan import ZERO_TENSORS, PathLike, check_shape, read_config
-from cmmerge.merging.threads import chunk_ranges, default_threads, torch_threads
+from cmmerge.merging.threads import chunk_ranges, default_threads
 
 TASK_VECTOR_FILE = "task_vector.safetensors"
 
@@ -50,7 +51,7 @@ def extract_task_vector(
     base_dir: PathLike,
     tuned_dir: PathLike,
     out_file: PathLike,
-    dtype: torch.dtype = torch.float32,
+    dtype: DType | str = "float32",
     allow_pickle: bool = False,
     threads: int | None = None,
 ) -> dict:
@@ -82,6 +83,7 @@ def extract_task_vector(
         CmmergeError: Unreadable checkpoints, differing architectures, a shape mismatch, or no
             tensor in common.
     """
+    dtype = as_dtype(dtype)
     out = Path(out_file)
     if out.is_dir():
         out = out / TASK_VECTOR_FILE
@@ -96,7 +98,7 @@ def extract_task_vector(
     ):
         base_names = backbone_map(base.keys(), backbone_prefix(base_dir), str(base_dir))
         tuned_names = backbone_map(tuned.keys(), backbone_prefix(tuned_dir), str(tuned_dir))
-        layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        layout: dict[str, tuple[DType, tuple[int, ...]]] = {}
         non_float: list[str] = []
         grown: dict[str, int] = {}
         for name, bkey in base_names.items():
@@ -141,21 +143,23 @@ def extract_task_vector(
 
         def work(name: str, start: int, stop: int) -> None:
             shared = math.prod(base.shape(base_names[name]))
-            tau = tuned.read(tuned_names[name], start, stop).to(torch.float32)
+            tau = tuned.read_float32(tuned_names[name], start, stop)
             if start < shared:
-                tau[: shared - start].sub_(
-                    base.read(base_names[name], start, min(stop, shared)).to(torch.float32)
+                tau[: shared - start] -= base.read_float32(
+                    base_names[name], start, min(stop, shared)
                 )
-            sq = float(torch.linalg.vector_norm(tau, dtype=torch.float64)) ** 2
-            nz = int(torch.count_nonzero(tau))
-            writer.write(name, tau.to(dtype), start)
+            wide = tau.astype(np.float64)
+            sq, nz = float(wide @ wide), int(np.count_nonzero(tau))
+            if dtype != F32:
+                out = np.empty(tau.size, dtype.storage)
+                tau = from_float32(tau, dtype, out, np.empty(tau.size, np.uint32))
+            writer.write(name, tau, start, dtype)
             with lock:
                 sums[name][0] += sq
                 sums[name][1] += nz
 
         with (
             StreamingFileWriter(out, stored, metadata) as writer,
-            torch_threads(1),
             ThreadPoolExecutor(threads or default_threads()) as pool,
         ):
             futures = [
@@ -193,7 +197,7 @@ def _unchanged(
     base_names: dict[str, str],
     tuned: CheckpointReader,
     tuned_names: dict[str, str],
-    layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    layout: dict[str, tuple[DType, tuple[int, ...]]],
     grown: dict[str, int],
     threads: int | None,
 ) -> list[str]:
@@ -204,13 +208,13 @@ def _unchanged(
     def same(name: str) -> bool:
         bkey, tkey = base_names[name], tuned_names[name]
         for start, stop in chunk_ranges(math.prod(layout[name][1])):
-            a = tuned.read(tkey, start, stop).to(torch.float32)
-            if not torch.equal(a, base.read(bkey, start, stop).to(torch.float32)):
+            a = tuned.read_float32(tkey, start, stop)
+            if not np.array_equal(a, base.read_float32(bkey, start, stop)):
                 return False
         return True
 
     names = [n for n in layout if n not in grown]
-    with torch_threads(1), ThreadPoolExecutor(threads or default_threads()) as pool:
+    with ThreadPoolExecutor(threads or default_threads()) as pool:
         flags = list(pool.map(same, names))
     return [n for n, flag in zip(names, flags, strict=True) if flag]
 
@@ -241,19 +245,20 @@ def task_vector_cosines(files: list[PathLike]) -> list[list[float]]:
     readers = [CheckpointReader(f) for f in files]
     try:
         n = len(readers)
-        dots = torch.zeros(n, n, dtype=torch.float64)
+        dots = np.zeros((n, n), dtype=np.float64)
         keys = list(dict.fromkeys(k for r in readers for k in r.keys()))
         for key in keys:
             holders = [i for i, r in enumerate(readers) if key in r]
             if len({tuple(readers[i].shape(key)) for i in holders}) > 1:
                 continue
             first = readers[holders[0]]
-            index = torch.tensor(holders)
+            index = np.array(holders)
             for s, e in chunk_ranges(first.numel(key)):
-                x = torch.stack([readers[i].read(key, s, e).to(torch.float64) for i in holders])
+                x = np.stack([readers[i].read_float32(key, s, e) for i in holders])
+                x = x.astype(np.float64)
                 dots[index[:, None], index[None, :]] += x @ x.T
     finally:
         for r in readers:
             r.close()
-    norms = dots.diagonal().sqrt().clamp_min(1e-30)
+    norms = np.maximum(np.sqrt(dots.diagonal()), 1e-30)
     return (dots / norms[:, None] / norms[None, :]).tolist()

@@ -5,7 +5,8 @@ seeded drop with ``1/density`` rescaling; or none) followed by a *combine* (``we
 or ``disjoint_merge``: TIES sign election and disjoint mean). ``apply_delta`` adds
 ``lambda * combined`` to the base. The operations run in mergekit's order, so with the same
 settings ``task_arithmetic`` and ``ties`` equal mergekit's to float32 rounding (bitwise for one
-source). The streaming engine calls the same functions on chunks.
+source). The streaming engine calls the same functions on chunks. They work on numpy arrays
+(a torch tensor on the CPU is taken as one) and return numpy arrays.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor
+import numpy as np
 
 from cmmerge.errors import CmmergeError
 from cmmerge.merging.select import keep_count, threshold_of, trim_mask
@@ -34,32 +34,43 @@ def validate_density(density: float) -> float:
     return value
 
 
-def magnitude_trim(delta: Tensor, density: float) -> Tensor:
+def magnitude_trim(delta: np.ndarray, density: float) -> np.ndarray:
     """Keep the ``k = max(1, int(density * numel))`` entries of largest magnitude (mergekit's k),
     zero the rest; ties at the threshold keep the lowest flat indices. ``density >= 1`` returns
     ``delta`` itself. Exact top-k without a sort (histogram + selection, see ``select``)."""
-    if density >= 1 or delta.numel() == 0:
+    delta = np.asarray(delta)
+    if density >= 1 or delta.size == 0:
         return delta
-    flat = delta.reshape(-1).to(torch.float32)
-    k = keep_count(density, flat.numel())
+    flat = delta.reshape(-1).astype(np.float32)
+    k = keep_count(density, flat.size)
     threshold = threshold_of([flat], k)
-    return (flat * trim_mask(flat, threshold, 0)).view_as(delta).to(delta.dtype)
+    return (flat * trim_mask(flat, threshold, 0)).reshape(delta.shape).astype(delta.dtype)
 
 
-def random_drop(delta: Tensor, density: float, generator: torch.Generator | None = None) -> Tensor:
-    """DARE: keep each entry with probability ``density`` and rescale the kept ones by
-    ``1 / density`` (the DARE paper's rescaling; mergekit rescales to the L1 norm instead)."""
+def dare_keep(shape: tuple[int, ...], density: float, seed: int) -> np.ndarray:
+    """DARE's mask: each entry kept with probability ``density``, drawn from torch's generator
+    seeded with ``seed`` (imported only for DARE), so a seed gives the same mask as ever."""
+    import torch
+
+    g = torch.Generator().manual_seed(int(seed))
+    return (torch.rand(shape, generator=g) < density).numpy()
+
+
+def random_drop(delta: np.ndarray, density: float, seed: int = 0) -> np.ndarray:
+    """DARE: keep each entry with probability ``density`` (:func:`dare_keep`) and rescale the
+    kept ones by ``1 / density`` (the DARE paper's rescaling; mergekit rescales to the L1 norm
+    instead)."""
+    delta = np.asarray(delta)
     if density >= 1:
         return delta
-    keep = torch.rand(delta.shape, generator=generator) < density
-    return delta * keep * (1.0 / density)
+    return delta * dare_keep(delta.shape, density, seed) * np.float32(1.0 / density)
 
 
-def _weights_like(weights: Sequence[float], ref: Tensor) -> Tensor:
-    return torch.tensor([float(w) for w in weights], dtype=ref.dtype).view(-1, *[1] * ref.dim())
+def _weights_like(weights: Sequence[float], ref: np.ndarray) -> np.ndarray:
+    return np.array([float(w) for w in weights], dtype=ref.dtype).reshape(-1, *[1] * ref.ndim)
 
 
-def _check(deltas: Sequence[Tensor], weights: Sequence[float]) -> None:
+def _check(deltas: Sequence[np.ndarray], weights: Sequence[float]) -> None:
     if len(deltas) == 0:
         raise CmmergeError("no task vectors to combine")
     if len(deltas) != len(weights):
@@ -72,85 +83,94 @@ def _check(deltas: Sequence[Tensor], weights: Sequence[float]) -> None:
 
 
 def weighted_sum(
-    deltas: Sequence[Tensor], weights: Sequence[float], normalize: bool = False, sign: str = "sum"
-) -> Tensor:
+    deltas: Sequence[np.ndarray],
+    weights: Sequence[float],
+    normalize: bool = False,
+    sign: str = "sum",
+) -> np.ndarray:
     """``sum_i w_i d_i``, divided by ``sum_i w_i`` when ``normalize`` (a weight sum of magnitude
     below 1e-8 counts as 1, as in mergekit). ``sign`` is ignored. May reuse ``deltas[0]``."""
+    deltas = [np.asarray(d) for d in deltas]
     _check(deltas, weights)
     if len(deltas) == 1:  # the same float ops as the stacked form, without the copies
         w, out = float(weights[0]), deltas[0]
         if w != 1:
-            out = out * w
+            out = out * out.dtype.type(w)
             if normalize and abs(w) >= 1e-8:
-                out /= w
+                out /= out.dtype.type(w)
         return out
     w = _weights_like(weights, deltas[0])
-    merged = (torch.stack(list(deltas)) * w).sum(dim=0)
+    merged = (np.stack(deltas) * w).sum(axis=0)
     if normalize:
-        divisor = w.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
+        divisor = w.sum(axis=0)
+        divisor[np.abs(divisor) < 1e-8] = 1
         merged /= divisor
     return merged
 
 
 def disjoint_merge(
-    deltas: Sequence[Tensor], weights: Sequence[float], normalize: bool = True, sign: str = "sum"
-) -> Tensor:
+    deltas: Sequence[np.ndarray],
+    weights: Sequence[float],
+    normalize: bool = True,
+    sign: str = "sum",
+) -> np.ndarray:
     """TIES after trimming: elect a sign per entry from the weighted deltas (``sum``: sign of
     their sum; ``count``: the sign most of them hold; ties elect +), keep the weighted entries
     of that sign (zeros never agree) and sum them, divided by the sum of their weights when
     ``normalize`` (disjoint mean; an entry with none divides by 1)."""
+    deltas = [np.asarray(d) for d in deltas]
     _check(deltas, weights)
     if sign not in SIGN_METHODS:
         raise CmmergeError(f"sign must be one of {', '.join(SIGN_METHODS)}, got {sign!r}")
     if len(deltas) == 1:  # every nonzero entry agrees with itself: the same float ops, no stack
         w, out = float(weights[0]), deltas[0]
         if w == 0:
-            return torch.zeros_like(out)
+            return np.zeros_like(out)
         if w != 1:
-            out = out * w
+            out = out * out.dtype.type(w)
             if normalize:
-                out /= w
+                out /= out.dtype.type(w)
         return out
     w = _weights_like(weights, deltas[0])
-    weighted = torch.stack(list(deltas)) * w
-    signs = weighted.sign()
-    votes = weighted.sum(dim=0) if sign == "sum" else signs.sum(dim=0)
-    elected = (votes >= 0).to(weighted.dtype) * 2 - 1
-    mask = (signs == elected).to(weighted.dtype)
-    merged = (weighted * mask).sum(dim=0)
+    weighted = np.stack(deltas) * w
+    signs = np.sign(weighted)
+    votes = weighted.sum(axis=0) if sign == "sum" else signs.sum(axis=0)
+    elected = (votes >= 0).astype(weighted.dtype) * 2 - 1
+    mask = (signs == elected).astype(weighted.dtype)
+    merged = (weighted * mask).sum(axis=0)
     if normalize:
-        divisor = (w * mask).sum(dim=0)
+        divisor = (w * mask).sum(axis=0)
         divisor[divisor == 0] = 1
         merged /= divisor
     return merged
 
 
-def apply_delta(base: Tensor, combined: Tensor, scale: float) -> Tensor:
+def apply_delta(base: np.ndarray, combined: np.ndarray, scale: float) -> np.ndarray:
     """``base + scale * combined`` as mergekit computes it, written into ``combined`` (returned;
     float addition is commutative, so ``combined + base`` is the same sum bit for bit)."""
     if scale != 1:
-        combined *= scale
-    return combined.add_(base)
+        combined *= combined.dtype.type(scale)
+    combined += base
+    return combined
 
 
 def task_arithmetic(
-    deltas: Sequence[Tensor], weights: Sequence[float], normalize: bool = False
-) -> Tensor:
+    deltas: Sequence[np.ndarray], weights: Sequence[float], normalize: bool = False
+) -> np.ndarray:
     """Task arithmetic: ``weighted_sum`` of the task vectors."""
-    return weighted_sum([d.clone() for d in deltas], weights, normalize)
+    return weighted_sum([np.array(d) for d in deltas], weights, normalize)
 
 
 def ties(
-    deltas: Sequence[Tensor],
+    deltas: Sequence[np.ndarray],
     weights: Sequence[float],
     density: float = 1.0,
     sign: str = "sum",
     normalize: bool = True,
-) -> Tensor:
+) -> np.ndarray:
     """TIES: ``magnitude_trim`` each delta to ``density``, then ``disjoint_merge``."""
     return disjoint_merge(
-        [magnitude_trim(d, density).clone() for d in deltas], weights, normalize, sign
+        [np.array(magnitude_trim(d, density)) for d in deltas], weights, normalize, sign
     )
 
 
@@ -161,7 +181,7 @@ class MergeMethod:
     Attributes:
         name: Canonical name (``task_arithmetic``, ``ties``, ...).
         trim: ``magnitude``, ``random`` (DARE) or None.
-        combine: ``combine(deltas, weights, normalize=..., sign=...) -> Tensor``.
+        combine: ``combine(deltas, weights, normalize=..., sign=...) -> array``.
         default_normalize: ``normalize`` when the user does not set it (mergekit's default).
         params: Parameters the method takes besides ``normalize``.
         mergekit: mergekit's name for the same computation, or None.
@@ -170,7 +190,7 @@ class MergeMethod:
 
     name: str
     trim: str | None
-    combine: Callable[..., Tensor]
+    combine: Callable[..., np.ndarray]
     default_normalize: bool
     params: tuple[str, ...] = ()
     mergekit: str | None = None
@@ -178,21 +198,21 @@ class MergeMethod:
 
     def fn(
         self,
-        deltas: Sequence[Tensor],
+        deltas: Sequence[np.ndarray],
         weights: Sequence[float],
         normalize: bool = False,
         density: float = 1.0,
         sign: str = "sum",
         seed: int = 0,
         trim_scope: str = "tensor",
-    ) -> Tensor:
-        """Whole-tensor reference: trim each delta (per tensor), then combine."""
-        g = torch.Generator().manual_seed(int(seed))
+    ) -> np.ndarray:
+        """Whole-tensor reference: trim each delta (per tensor), then combine. DARE draws the
+        i-th source's mask with seed ``seed + i``."""
         if self.trim == "magnitude":
             deltas = [magnitude_trim(d, density) for d in deltas]
         elif self.trim == "random":
-            deltas = [random_drop(d, density, g) for d in deltas]
-        return self.combine([d.clone() for d in deltas], weights, normalize=normalize, sign=sign)
+            deltas = [random_drop(d, density, int(seed) + i) for i, d in enumerate(deltas)]
+        return self.combine([np.array(d) for d in deltas], weights, normalize=normalize, sign=sign)
 
 
 _TRIM = ("density", "trim_scope")
@@ -298,8 +318,8 @@ def resolve_params(name: str, **params: object) -> dict[str, object]:
 
 
 def combine(
-    name: str, deltas: Sequence[Tensor], weights: Sequence[float], **params: object
-) -> Tensor:
+    name: str, deltas: Sequence[np.ndarray], weights: Sequence[float], **params: object
+) -> np.ndarray:
     """Combine whole task vectors with method ``name``; see ``resolve_params`` for ``params``."""
     kwargs = resolve_params(name, **params)
     kwargs.pop("trim_scope", None)

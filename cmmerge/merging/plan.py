@@ -10,10 +10,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from cmmerge.errors import CmmergeError
 from cmmerge.io.checkpoint import CheckpointReader
+from cmmerge.io.dtypes import F32, DType
 from cmmerge.merging.keys import (
     backbone_map,
     backbone_prefix,
@@ -69,7 +68,7 @@ class Item:
 
     key: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
     src_keys: list[str | None] = field(default_factory=list)
     shared: int = 0
     grown_from: int | None = None
@@ -156,7 +155,7 @@ def _mismatch(name: str, base_shape: tuple, other: tuple, base: str, src: str) -
 
 
 def plan_merge(
-    base: CheckpointReader, base_dir: PathLike, sources: list[Source], dtype: torch.dtype | None
+    base: CheckpointReader, base_dir: PathLike, sources: list[Source], dtype: DType | None
 ) -> tuple[list[Item], dict]:
     """Plan every output tensor of ``base + merge(sources)`` from the headers.
 
@@ -180,7 +179,7 @@ def plan_merge(
     """
     prefix = backbone_prefix(base_dir)
     tied = ties_embeddings(read_config(base_dir))
-    out_float = dtype or torch.float32
+    out_float = dtype or F32
     items: list[Item] = []
     missing: list[tuple[str, str]] = []
     used: set[str] = set()
@@ -262,7 +261,7 @@ def plan_merge(
         "tau_keys_missing_in_base": unused,
         "dropped_tied": dropped,
         "grown": grown,
-        "dtype": str(out_float).removeprefix("torch."),
+        "dtype": str(out_float),
     }
 
 

@@ -24,8 +24,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-from torch import Tensor
 
 NBINS = 1 << 15
 _SHIFT = 16
@@ -33,7 +31,7 @@ _LOW = 1 << _SHIFT  # values of the low bits within one bin
 _MAX_BITS = 0x7FFFFFFF  # the largest magnitude bit pattern (a NaN)
 MAX_WINDOW = 1 << 19  # at most this many bit patterns counted one by one after sampling
 SAMPLE_BLOCK = 256  # entries sampled together (1 KiB: whole cache lines)
-SAMPLE_SIZE = 1 << 21  # about this many entries sampled per domain, one block in 4 at most
+SAMPLE_SIZE = 1 << 19  # about this many entries sampled per domain, one block in 4 at most
 MIN_SAMPLED = 1 << 21  # smaller domains go straight to the two-pass route (it is faster there)
 
 
@@ -42,89 +40,84 @@ def keep_count(density: float, numel: int) -> int:
     return max(1, int(density * numel)) if numel else 0
 
 
-def magnitude_bits(x: Tensor, out: Tensor | None = None) -> Tensor:
-    """``|x|`` of a float32 tensor as int32 bit patterns (monotone in ``|x|``); a new tensor,
+def magnitude_bits(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``|x|`` of a float32 array as int32 bit patterns (monotone in ``|x|``); a new array,
     or ``out``."""
-    return torch.bitwise_and(x.view(torch.int32), 0x7FFFFFFF, out=out)
+    return np.bitwise_and(np.asarray(x, np.float32).view(np.int32), _MAX_BITS, out=out)
 
 
-def histogram(x: Tensor) -> Tensor:
+def histogram(x: np.ndarray) -> np.ndarray:
     """Counts of ``magnitude_bits(x) >> 16`` in ``NBINS`` bins (int64)."""
-    flat = x.reshape(-1)
-    if flat.is_contiguous() and sys.byteorder == "little":
-        # the top 16 bits of each float32 are its second int16: one narrow pass, no shift
-        top = flat.view(torch.int16)[1::2].bitwise_and(0x7FFF)
-    else:
-        top = magnitude_bits(flat).bitwise_right_shift_(_SHIFT)
-    return torch.bincount(top, minlength=NBINS)
+    flat = np.ascontiguousarray(x, np.float32).reshape(-1)
+    if sys.byteorder == "little":
+        # the top 16 bits of each float32 are its second uint16: counted with the sign bit
+        # (2 * NBINS bins), the two signs folded after: one narrow pass, no shift
+        both = np.bincount(flat.view(np.uint16)[1::2], minlength=2 * NBINS)
+        return both[:NBINS] + both[NBINS:]
+    return np.bincount(np.right_shift(magnitude_bits(flat), _SHIFT), minlength=NBINS)
 
 
 _SCRATCH = threading.local()
 
 
-def _scratch(n: int, name: str = "key", dtype: torch.dtype = torch.int32) -> Tensor:
+def _scratch(n: int, name: str = "key", dtype: type = np.int32) -> np.ndarray:
     """This thread's reusable buffer ``name`` of ``n`` entries. The counting pass keeps small
     results per chunk; allocating its chunk-sized buffers afresh each time lets those results
     split the freed blocks, and the heap grows by about a chunk per call (600 MB over XLM-R's
-    embedding). Buffers and kept results are torch's allocations: numpy-allocated ones kept
-    across chunks made the threads' heaps grow as much (Llama-3.2-1B: 0.6 -> 1.5 GB)."""
+    embedding)."""
     buf = getattr(_SCRATCH, name, None)
-    if buf is None or buf.numel() < n:
-        buf = torch.empty(n, dtype=dtype)
+    if buf is None or buf.size < n:
+        buf = np.empty(n, dtype=dtype)
         setattr(_SCRATCH, name, buf)
     return buf[:n]
 
 
-def window_counts(x: Tensor, lo: int, width: int) -> tuple[int, Tensor, Tensor]:
+def window_counts(x: np.ndarray, lo: int, width: int) -> tuple[int, np.ndarray, np.ndarray]:
     """Entries of ``x`` by magnitude bit pattern around ``[lo, lo + width)``: (how many lie
     above it, the offsets from ``lo`` present in it, their counts).
 
     A window usually holds a small share of the entries: they are picked out, sorted and
-    counted alone, rather than binned with all the others (numpy's comparisons and
-    ``count_nonzero`` are several times faster than torch's on one thread, and far faster than
-    ``bincount``). A window holding a large share (ties, a coarse window) is binned. The work
-    happens in this thread's buffers; only the results are new memory."""
-    flat = x.reshape(-1)
-    n = flat.numel()
-    key = magnitude_bits(flat, out=_scratch(n))
-    bits, mask = key.numpy(), _scratch(n, "mask", torch.bool).numpy()
+    counted alone, rather than binned with all the others (comparisons and ``count_nonzero``
+    are far faster than ``bincount``). A window holding a large share (ties, a coarse window)
+    is binned. The work happens in this thread's buffers; only the results are new memory."""
+    flat = np.asarray(x, np.float32).reshape(-1)
+    n = flat.size
+    bits = magnitude_bits(flat, out=_scratch(n))
+    mask = _scratch(n, "mask", np.bool_)
     top = lo + width
     above = int(np.count_nonzero(np.greater_equal(bits, top, out=mask))) if top <= _MAX_BITS else 0
     # bits - lo: the window becomes 0..width-1, below it negative (as unsigned: >= 2**31)
     shifted = np.subtract(bits, lo, out=bits)
     m = int(np.count_nonzero(np.less(shifted.view(np.uint32), width, out=mask)))
     if m * 16 > n:  # below -> 0, in the window -> 1..width, above -> width + 1
-        counts = torch.bincount(key.clamp_(-1, width).add_(1), minlength=width + 2)
+        np.clip(shifted, -1, width, out=shifted)
+        counts = np.bincount(np.add(shifted, 1, out=shifted), minlength=width + 2)
         inside = counts[1 : width + 1]
-        offsets = inside.nonzero().view(-1)
-        return above, offsets.to(torch.int32), inside[offsets].to(torch.int32)
-    picked = np.compress(mask, shifted, out=_scratch(n // 16 + 1, "picked").numpy()[:m])
+        offsets = np.flatnonzero(inside)
+        return above, offsets.astype(np.int32), inside[offsets].astype(np.int32)
+    picked = np.compress(mask, shifted, out=_scratch(n // 16 + 1, "picked")[:m])
     picked.sort()
     starts = np.flatnonzero(np.not_equal(picked[1:], picked[:-1], out=mask[: max(m - 1, 0)]))
     firsts = np.concatenate(([0], starts + 1)) if m else starts
     counts = np.diff(firsts, append=m)
-    # copied into torch's memory: kept until the whole domain is counted (see _scratch)
-    return (
-        above,
-        torch.from_numpy(picked[firsts]).clone(),
-        torch.from_numpy(counts).to(torch.int32),
-    )
+    # copies: kept until the whole domain is counted (see _scratch)
+    return above, picked[firsts].copy(), counts.astype(np.int32)
 
 
-def _sample(x: Tensor, every: int) -> Tensor:
+def _sample(x: np.ndarray, every: int) -> np.ndarray:
     """Magnitude bit patterns of one block of ``SAMPLE_BLOCK`` entries in ``every``."""
-    flat = x.reshape(-1)
-    whole = flat.numel() // SAMPLE_BLOCK * SAMPLE_BLOCK
-    return magnitude_bits(flat[:whole].view(-1, SAMPLE_BLOCK)[::every]).reshape(-1)
+    flat = np.asarray(x, np.float32).reshape(-1)
+    whole = flat.size // SAMPLE_BLOCK * SAMPLE_BLOCK
+    return magnitude_bits(flat[:whole].reshape(-1, SAMPLE_BLOCK)[::every]).reshape(-1)
 
 
-def _sample_bounds(sample: Tensor, upper_rank: int, lower_rank: int) -> tuple[int, int]:
+def _sample_bounds(sample: np.ndarray, upper_rank: int, lower_rank: int) -> tuple[int, int]:
     """The sample's ``upper_rank``-th and ``lower_rank``-th largest bit patterns (1-based ranks),
     found in the histogram bins holding them (no sort of the whole sample)."""
-    hist = torch.bincount(sample.bitwise_right_shift(_SHIFT), minlength=NBINS)
+    hist = np.bincount(np.right_shift(sample, _SHIFT), minlength=NBINS)
     (top, above), (bottom, _) = _bin_of_kth(hist, upper_rank), _bin_of_kth(hist, lower_rank)
     lo, hi = bottom << _SHIFT, (top + 1) << _SHIFT
-    inside = sample[(sample >= lo) & (sample < hi)].sort(descending=True).values
+    inside = np.sort(sample[(sample >= lo) & (sample < hi)])[::-1]
     return int(inside[upper_rank - above - 1]), int(inside[lower_rank - above - 1])
 
 
@@ -160,28 +153,28 @@ class Threshold:
         return None
 
 
-def _bin_of_kth(hist: Tensor, k: int) -> tuple[int, int]:
+def _bin_of_kth(hist: np.ndarray, k: int) -> tuple[int, int]:
     """(bin holding the k-th largest, number of entries in higher bins)."""
-    from_top = hist.flip(0).cumsum(0)
-    idx = int(torch.searchsorted(from_top, torch.tensor(k, dtype=from_top.dtype)))
+    from_top = np.cumsum(hist[::-1])
+    idx = int(np.searchsorted(from_top, k))
     b = NBINS - 1 - idx
     above = int(from_top[idx - 1]) if idx > 0 else 0
     return b, above
 
 
 def _resolve(
-    lo: int, width: int, above: int, per_chunk: list[tuple[int, Tensor, Tensor]], k: int
+    lo: int, width: int, above: int, per_chunk: list[tuple[int, np.ndarray, np.ndarray]], k: int
 ) -> Threshold | None:
     """The threshold from per-chunk ``window_counts`` around ``lo``; None if the k-th largest
     lies outside the window."""
-    dense = torch.zeros(width, dtype=torch.int64)
+    dense = np.zeros(width, dtype=np.int64)
     for _, offsets, counts in per_chunk:
-        dense.index_add_(0, offsets, counts.to(torch.int64))
+        dense[offsets] += counts  # a chunk's offsets are distinct
     rank = k - above  # 1-based rank from the top, within the window
     if rank <= 0 or rank > int(dense.sum()):
         return None
-    from_top = dense.flip(0).cumsum(0)
-    j = int(torch.searchsorted(from_top, torch.tensor(rank, dtype=from_top.dtype)))
+    from_top = np.cumsum(dense[::-1])
+    j = int(np.searchsorted(from_top, rank))
     offset = width - 1 - j
     keep_equal = rank - (int(from_top[j - 1]) if j > 0 else 0)
     equal = [int(counts[offsets == offset].sum()) for _, offsets, counts in per_chunk]
@@ -192,22 +185,22 @@ def _resolve(
 
 
 def _two_pass(
-    chunks: Callable[[int], list[Tensor]], n_chunks: int, ks: list[int], map_fn: Callable
+    chunks: Callable[[int], list[np.ndarray]], n_chunks: int, ks: list[int], map_fn: Callable
 ) -> list[Threshold | None]:
     """Pass 1: histogram of the top 16 bits, giving the bin of the k-th largest; pass 2: the
     entries of that bin counted one by one."""
 
-    def hist_of(c: int) -> list[Tensor]:
+    def hist_of(c: int) -> list[np.ndarray]:
         return [histogram(x) for x in chunks(c)]
 
-    hists: list[Tensor] = []
+    hists: list[np.ndarray] = []
     for chunk_hists in map_fn(hist_of, range(n_chunks)):  # summed as they come: bounded memory
         hists = [a + b for a, b in zip(hists, chunk_hists, strict=True)] if hists else chunk_hists
     found = [
         _bin_of_kth(h, k) if 0 < k < int(h.sum()) else None for h, k in zip(hists, ks, strict=True)
     ]
 
-    def counts_of(c: int) -> list[tuple[int, Tensor, Tensor] | None]:
+    def counts_of(c: int) -> list[tuple[int, np.ndarray, np.ndarray] | None]:
         return [
             window_counts(x, f[0] << _SHIFT, _LOW) if f else None
             for x, f in zip(chunks(c), found, strict=True)
@@ -226,12 +219,12 @@ def sample_blocks(n: int, every: int) -> int:
 
 
 def _sampled(
-    chunks: Callable[[int], list[Tensor]],
+    chunks: Callable[[int], list[np.ndarray]],
     n_chunks: int,
     ks: list[int],
     map_fn: Callable,
     total: int,
-    sample: Callable[[int, int], list[Tensor]] | None = None,
+    sample: Callable[[int, int], list[np.ndarray]] | None = None,
 ) -> list[Threshold | None | bool]:
     """Pass 1: a sample of ~``SAMPLE_SIZE`` entries bounds the k-th largest (the sample's
     entries at its rank plus or minus four binomial standard deviations); pass 2 counts every
@@ -241,14 +234,14 @@ def _sampled(
     source as ``_sample`` takes it from the chunk (read without computing the whole chunk)."""
     every = max(4, -(-total // SAMPLE_SIZE))
 
-    def sample_of(c: int) -> list[Tensor]:
+    def sample_of(c: int) -> list[np.ndarray]:
         return sample(c, every) if sample else [_sample(x, every) for x in chunks(c)]
 
     per_chunk_samples = list(map_fn(sample_of, range(n_chunks)))
     windows: list[tuple[int, int] | None] = []
     for i, k in enumerate(ks):
-        drawn = torch.cat([cs[i] for cs in per_chunk_samples])
-        n = drawn.numel()
+        drawn = np.concatenate([cs[i] for cs in per_chunk_samples])
+        n = drawn.size
         share = k / total
         rank = round(share * n)
         spread = int(4 * math.sqrt(n * share * (1 - share))) + 2
@@ -259,7 +252,7 @@ def _sampled(
         width = high - low + 1
         windows.append((low, width) if width <= MAX_WINDOW else None)
 
-    def counts_of(c: int) -> list[tuple[int, Tensor, Tensor] | None]:
+    def counts_of(c: int) -> list[tuple[int, np.ndarray, np.ndarray] | None]:
         return [
             window_counts(x, *w) if w else None for x, w in zip(chunks(c), windows, strict=True)
         ]
@@ -276,12 +269,12 @@ def _sampled(
 
 
 def thresholds_over(
-    chunks: Callable[[int], list[Tensor]],
+    chunks: Callable[[int], list[np.ndarray]],
     n_chunks: int,
     ks: list[int],
     map_fn: Callable[..., Iterable] = map,
     total: int | None = None,
-    sample: Callable[[int, int], list[Tensor]] | None = None,
+    sample: Callable[[int, int], list[np.ndarray]] | None = None,
 ) -> list[Threshold | None]:
     """One ``Threshold`` per source over a domain of ``n_chunks`` chunks.
 
@@ -296,7 +289,7 @@ def thresholds_over(
             worth it when ``chunks`` returns data held in memory, or when ``sample`` reads
             the sample alone; the two-pass route serves the sources the sample misses.
         sample: ``sample(c, every)``: the magnitude bit patterns of chunk ``c``'s sample,
-            one tensor per source, the blocks ``_sample`` takes; by default taken from
+            one array per source, the blocks ``_sample`` takes; by default taken from
             ``chunks(c)``.
     """
     if total is None or total < MIN_SAMPLED:
@@ -324,40 +317,42 @@ def thresholds_over(
     return out  # type: ignore[return-value]
 
 
-def _pick(xs: list[Tensor], which: list[int]) -> list[Tensor]:
+def _pick(xs: list[np.ndarray], which: list[int]) -> list[np.ndarray]:
     return xs if len(which) == len(xs) else [xs[i] for i in which]
 
 
-def threshold_of(parts: list[Tensor], k: int) -> Threshold | None:
+def threshold_of(parts: list[np.ndarray], k: int) -> Threshold | None:
     """``Threshold`` of the k largest magnitudes over float32 ``parts`` held in memory."""
     return thresholds_over(lambda c: [parts[c]], len(parts), [k])[0]
 
 
-def trim_mask(x: Tensor, threshold: Threshold | None, chunk: int) -> Tensor:
+def trim_mask(x: np.ndarray, threshold: Threshold | None, chunk: int) -> np.ndarray:
     """Boolean mask of the entries of chunk number ``chunk`` (``x``, float32) that are kept."""
     if threshold is None:
-        return torch.ones_like(x, dtype=torch.bool)
+        return np.ones(np.shape(x), dtype=np.bool_)
     bits = magnitude_bits(x)
     if not threshold.equal_before:
         return bits >= threshold.bits
     keep = bits > threshold.bits
     budget = threshold.keep_equal - threshold.equal_before[chunk]
     if budget > 0:
-        flat_keep, equal = keep.view(-1), (bits == threshold.bits).view(-1).nonzero().view(-1)
-        flat_keep[equal[:budget]] = True
+        flat_keep = keep.reshape(-1)
+        flat_keep[np.flatnonzero(bits == threshold.bits)[:budget]] = True
     return keep
 
 
-def trim_(x: Tensor, threshold: Threshold | None, chunk: int) -> Tensor:
+def trim_(x: np.ndarray, threshold: Threshold | None, chunk: int) -> np.ndarray:
     """Zero, in place, the entries of chunk number ``chunk`` (``x``, float32) that are not kept;
     returns ``x``."""
     if threshold is None:
         return x
     bound = threshold.bound(chunk)
     if bound is None:
-        return x.mul_(trim_mask(x, threshold, chunk))
-    # all ones where |x| >= bound, else zeros: (bound - 1 - bits) >> 31, no bool tensor
-    keep = magnitude_bits(x, out=_scratch(x.numel()).view_as(x))
-    keep.neg_().add_(bound - 1).bitwise_right_shift_(31)
-    x.view(torch.int32).bitwise_and_(keep)
+        x[~trim_mask(x, threshold, chunk)] = 0
+        return x
+    # all ones where |x| >= bound, else zeros: (bound - 1 - bits) >> 31, no bool array
+    keep = magnitude_bits(x, out=_scratch(x.size).reshape(x.shape))
+    np.subtract(bound - 1, keep, out=keep)
+    np.right_shift(keep, 31, out=keep)
+    np.bitwise_and(x.view(np.int32), keep, out=x.view(np.int32))
     return x

@@ -7,8 +7,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch
-
 from cmmerge.dist import usable_cpus
 
 CHUNK = 1 << 20  # elements per chunk (4 MiB in float32): fits the caches, amortises Python
@@ -22,7 +20,9 @@ def default_threads() -> int:
 @contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """Run torch ops with ``n`` threads inside (``n=1``: single-threaded), restoring the setting
-    after."""
+    after (imports torch: for torch code, not the numpy merge)."""
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

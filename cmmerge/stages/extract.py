@@ -44,12 +44,10 @@ class ExtractJob:
 
 def work(job: ExtractJob, stage_dir: Path) -> dict:
     """Write tau = theta_cpt - theta_base, its statistics and plot into ``stage_dir``."""
-    import torch
-
     from cmmerge.reporting.plots import plot_norm_by_layer
 
     spec, others = job.spec, list(job.others)
-    dtype = getattr(torch, spec.dtype) if spec.dtype else torch.float32
+    dtype = spec.dtype or "float32"
     out = stage_dir / TASK_VECTOR_FILE
     stats = extract_task_vector(
         job.base, spec.cpt.folder / "model", out, dtype=dtype, allow_pickle=job.allow_pickle

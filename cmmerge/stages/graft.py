@@ -124,7 +124,6 @@ class GraftJob:
 def work(job: GraftJob, stage_dir: Path) -> dict:
     """Graft into ``stage_dir`` and score the code-mixed task's validation split; returns what
     the manifest records."""
-    import torch
 
     from cmmerge.training.finetune import predict
 
@@ -140,7 +139,7 @@ def work(job: GraftJob, stage_dir: Path) -> dict:
             scale,
             model_dir,
             method,
-            dtype=getattr(torch, spec.merge.dtype) if spec.merge.dtype else None,
+            dtype=spec.merge.dtype or None,
             allow_nonfinite=job.allow_nonfinite,
             **params,
         )

@@ -136,7 +136,6 @@ class MergeJob:
 def work(job: MergeJob, work_dir: Path) -> dict:
     """Merge into ``work_dir`` and describe the result (``merge.yaml``, ``mergekit.yaml``, the
     model card); returns what the manifest records."""
-    import torch
 
     spec, base, sources = job.spec, job.base, list(job.sources)
     method, scale, params = spec.method, spec.scale, dict(spec.params)
@@ -145,7 +144,7 @@ def work(job: MergeJob, work_dir: Path) -> dict:
     model_dir = work_dir / "model" if job.in_subfolder else work_dir
     model_dir.mkdir(parents=True, exist_ok=True)
     merge = merge_models if job.are_models else merge_into_base
-    dtype = getattr(torch, spec.dtype) if spec.dtype else None
+    dtype = spec.dtype or None
     stats = merge(
         base,
         sources,

@@ -480,18 +480,22 @@ def config_folders(cfg: DictConfig) -> list[dict]:
     return [{"path": str(p)} for p in named if p and Path(str(p)).expanduser().is_dir()]
 
 
+def _loaded_torch() -> Any:
+    """torch if this process imported it, else None: a stage that never imported it used no
+    GPU, and importing it only to ask would cost a merge about a second."""
+    return sys.modules.get("torch")
+
+
 def _reset_gpu_peak() -> None:
     """Start this stage's GPU peak from zero (a pipeline runs every stage in one process)."""
-    import torch
-
-    if torch.cuda.is_available():
+    torch = _loaded_torch()
+    if torch is not None and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
 
 def _gpu_peak() -> dict[str, float]:
-    import torch
-
-    if not torch.cuda.is_available():
+    torch = _loaded_torch()
+    if torch is None or not torch.cuda.is_available():
         return {}
     return {"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
 

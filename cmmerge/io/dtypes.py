@@ -120,7 +120,7 @@ def from_float32(
         np.bitwise_and(scratch, 1, out=scratch)
         np.add(scratch, 0x7FFF, out=scratch)
         np.add(scratch, bits, out=scratch)
-        np.copyto(out, scratch.view(np.uint16)[1::2] if _LITTLE else scratch.view(np.uint16)[::2])
+        np.right_shift(scratch, 16, out=out, casting="unsafe")
         with np.errstate(over="ignore", invalid="ignore"):
             if not finite and not math.isfinite(float(x.sum())):
                 out[np.isnan(x)] = 0x7FC0  # a NaN stays a NaN (rounding could make it Inf)
@@ -131,8 +131,6 @@ def from_float32(
         return out
     return _torch_convert(x, F32, dtype, out)
 
-
-_LITTLE = np.little_endian
 
 
 def to_torch(x: np.ndarray, dtype: DType) -> Any:

@@ -95,13 +95,13 @@ def window_counts(x: np.ndarray, lo: int, width: int) -> tuple[int, np.ndarray, 
         inside = counts[1 : width + 1]
         offsets = np.flatnonzero(inside)
         return above, offsets.astype(np.int32), inside[offsets].astype(np.int32)
-    picked = np.compress(mask, shifted, out=_scratch(n // 16 + 1, "picked")[:m])
+    picked = shifted[mask]  # boolean indexing: several times faster than np.compress
     picked.sort()
     starts = np.flatnonzero(np.not_equal(picked[1:], picked[:-1], out=mask[: max(m - 1, 0)]))
     firsts = np.concatenate(([0], starts + 1)) if m else starts
     counts = np.diff(firsts, append=m)
     # copies: kept until the whole domain is counted (see _scratch)
-    return above, picked[firsts].copy(), counts.astype(np.int32)
+    return above, picked[firsts], counts.astype(np.int32)
 
 
 def _sample(x: np.ndarray, every: int) -> np.ndarray:

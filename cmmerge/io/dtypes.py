@@ -132,7 +132,6 @@ def from_float32(
     return _torch_convert(x, F32, dtype, out)
 
 
-
 def to_torch(x: np.ndarray, dtype: DType) -> Any:
     """A torch tensor over the same memory as stored values ``x`` of ``dtype`` (imports torch)."""
     import torch

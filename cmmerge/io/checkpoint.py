@@ -435,8 +435,7 @@ class StreamingFileWriter:
             got = f"{held or array.dtype} {tuple(values.shape)} at {start}"
             raise CmmergeError(f"tensor {key!r}: got {got}, declared {declared} {tuple(shape)}")
         data = _bytes_view(np.ascontiguousarray(array))
-        dtype = declared
-        offset, done = self._data_start + self._offsets[key] + start * dtype.itemsize, 0
+        offset, done = self._data_start + self._offsets[key] + start * declared.itemsize, 0
         while done < len(data):
             done += os.pwrite(self._fd, data[done:], offset + done)
         with self._lock:

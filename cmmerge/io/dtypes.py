@@ -87,12 +87,7 @@ def as_dtype(dtype: DType | str | Any) -> DType:
 
 def _torch_convert(x: np.ndarray, src: DType, dst: DType, out: np.ndarray) -> np.ndarray:
     """Float8 conversions, which numpy lacks: done by torch (imported only then)."""
-    import torch
-
-    def tensor(a: np.ndarray, d: DType) -> torch.Tensor:
-        return torch.from_numpy(a).view(getattr(torch, d.name))
-
-    tensor(out, dst).copy_(tensor(x, src))
+    to_torch(out, dst).copy_(to_torch(x, src))
     return out
 
 

@@ -336,7 +336,7 @@ class _Merger:
             values,
             item.dtype,
             self.ws.get("out", n, item.dtype.storage),
-            self._scratch32(n),
+            self.ws.get("scratch", n, np.uint32),
             finite,
         )
         if (
@@ -354,9 +354,6 @@ class _Merger:
             )
         self.writer.write(item.key, written, start, item.dtype)
 
-    def _scratch32(self, n: int) -> np.ndarray:
-        return self.ws.get("scratch", n, np.uint32)
-
     def _blame(self, item: Item, start: int, stop: int) -> None:
         readers = [(self.base, item.key, "the base")] + [
             (s.reader, k, s.label)
@@ -365,8 +362,7 @@ class _Merger:
         ]
         where = "the merge (overflow)"
         for reader, key, label in readers:
-            values = self._read_f32(reader, key, start, stop, np.empty(stop - start, np.float32))
-            if not bool(np.isfinite(values).all()):
+            if not bool(np.isfinite(reader.read_float32(key, start, stop)).all()):
                 where = label
                 break
         raise CmmergeError(

@@ -3,7 +3,8 @@
 Builds random checkpoints of real shapes (an XLM-R-base float32 pair; a Llama-3.2-1B bfloat16
 pair with tied embeddings; the second of each pair = the first + noise) under ``--workdir``
 (never the repository), then runs ``cmmerge merge`` and ``mergekit-yaml`` as child processes,
-``--runs`` times each after ``--warmup`` untimed runs (page cache), interleaving the tools, and
+``--runs`` times each after ``--warmup`` untimed runs (page cache), interleaving the tools and
+flushing earlier outputs to disk before each run (no run pays for another's writeback), and
 reports the median wall time and peak RSS (``ru_maxrss`` of the child) and the ratios as a
 Markdown table. A benchmark, not a test::
 
@@ -138,6 +139,9 @@ def commands(tool: str, base: Path, tuned: Path, out: Path, dtype: str) -> list[
 def run_once(cmd: list[str], out: Path) -> tuple[float, float]:
     """(wall seconds, peak RSS in GB) of one child process, from its own ``wait4`` rusage."""
     shutil.rmtree(out, ignore_errors=True)
+    # the outputs of earlier runs (GBs of dirty pages) are flushed first: no run pays for the
+    # writeback of another's output
+    os.sync()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     log = out.parent / f"{out.name}.log"
     with open(log, "wb") as fh:

@@ -54,7 +54,7 @@ def _quiet_libraries() -> None:
 
 def _task(stage: str, started: list[bool], cpt_choice: tuple = (None, None)):
     def task_function(cfg) -> None:
-        from cmmerge.stages.cpt_variants import resolve
+        from cmmerge.config.cpt_variants import resolve
 
         started.append(True)
         _quiet_libraries()
@@ -62,9 +62,9 @@ def _task(stage: str, started: list[bool], cpt_choice: tuple = (None, None)):
         # "--- Logging error ---" traceback per message: the stage's own error says what failed
         logging.raiseExceptions = False
         logging.getLogger("cmmerge").setLevel(logging.INFO)
-        work = STAGES[stage].work
+        command = STAGES[stage].run
         from cmmerge import dist
-        from cmmerge.stages.summary import closing_line
+        from cmmerge.commands.summary import closing_line
 
         gc.freeze()  # the modules imported so far stay: no collection walks them again
         gc.enable()
@@ -72,11 +72,12 @@ def _task(stage: str, started: list[bool], cpt_choice: tuple = (None, None)):
         try:
             strict = stage not in ("report", "status")
             note = resolve(stage, cfg, *cpt_choice, strict=strict)
-            result = work(cfg)
+            result = command(cfg)
         except Exception as err:  # noqa: BLE001 - the one error boundary: a user's error or a bug
             if cfg.get("debug"):
                 raise
-            from cmmerge.stages.runner import as_user_error, config_folders
+            from cmmerge.config.values import config_folders
+            from cmmerge.stages.runner import as_user_error
 
             where = cfg.get("output") or f"{cfg.run.root}/{cfg.run.name}"
             user = as_user_error(err, where, config_folders(cfg))
@@ -143,10 +144,10 @@ def _run(stage: str, args: list[str]) -> None:
     gc.disable()  # importing torch and transformers makes collections that find no garbage
     import hydra
 
-    from cmmerge.config_errors import check_overrides, override_args
+    from cmmerge.config.cpt_variants import given_cpt_keys, take_id
+    from cmmerge.config.overrides import check_overrides, override_args
+    from cmmerge.config.single_run import is_plain_run, one_composition
     from cmmerge.errors import CmmergeError
-    from cmmerge.single_run import is_plain_run, one_composition
-    from cmmerge.stages.cpt_variants import given_cpt_keys, take_id
 
     args, cpt_id = take_id(args)
     overrides = override_args(args)
@@ -173,7 +174,7 @@ def _run(stage: str, args: list[str]) -> None:
     tag = str(os.getpid()) if call == 1 else f"{os.getpid()}-{call}"
     OmegaConf.register_new_resolver("cmmerge_pid", lambda: tag, replace=True, use_cache=True)
     if stage == "sweep":
-        from cmmerge.stages.sweep import FAILED
+        from cmmerge.commands.sweep import FAILED
 
         FAILED.clear()  # an earlier sweep of this process (tests) is not this one's
     started: list[bool] = []
@@ -194,7 +195,7 @@ def _run(stage: str, args: list[str]) -> None:
         else:
             os.environ["HYDRA_FULL_ERROR"] = previous
     if stage == "sweep":
-        from cmmerge.stages.sweep import FAILED
+        from cmmerge.commands.sweep import FAILED
 
         if FAILED:  # each was reported as it failed; the other jobs went on
             print(

@@ -27,7 +27,7 @@ def default_tokenizer_dir() -> Path:
     """The tiny-xlmr model folder (built and cached on first use)."""
     from hydra import compose, initialize_config_module
 
-    from cmmerge.stages.inputs import resolve_model
+    from cmmerge.config.inputs import resolve_model
 
     with initialize_config_module(config_module="cmmerge.configs", version_base="1.3"):
         return resolve_model(compose(config_name="data", overrides=["model=tiny-xlmr"]))

@@ -25,7 +25,7 @@ from pathlib import Path
 def _texts(kind: str) -> tuple[list[str], list[int]]:
     from hydra import compose, initialize_config_module
 
-    from cmmerge.stages.inputs import cpt_corpus, task_splits
+    from cmmerge.config.inputs import cpt_corpus, task_splits
 
     with initialize_config_module(config_module="cmmerge.configs", version_base="1.3"):
         cfg = compose(config_name="finetune")
@@ -162,7 +162,7 @@ def main() -> None:
     if not args.model:
         from hydra import compose, initialize_config_module
 
-        from cmmerge.stages.inputs import resolve_model
+        from cmmerge.config.inputs import resolve_model
 
         with initialize_config_module(config_module="cmmerge.configs", version_base="1.3"):
             args.model = str(resolve_model(compose(config_name="finetune")))

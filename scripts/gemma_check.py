@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from cmmerge.data.tasks import load_task
 from cmmerge.evaluation.prompting import check_verbalizers, verbalizer_list
-from cmmerge.settings import load_group_config, plain
+from cmmerge.presets import load_group_config, plain
 from cmmerge.training.losses import IGNORE_INDEX, causal_lm_loss
 from cmmerge.training.packing import pack_examples
 

@@ -10,10 +10,11 @@ from collections.abc import Sequence
 import numpy as np
 from conftest import compose
 
+from cmmerge.config.ids import arm_name
+from cmmerge.config.specs import CptSpec, EvaluateSpec, ExtractSpec, FinetuneSpec, MergeSpec
+from cmmerge.config.values import run_context
 from cmmerge.io.manifest import write_json_atomic, write_jsonl_atomic
-from cmmerge.stages.ids import arm_name
-from cmmerge.stages.runner import RunContext, run_transaction, stage_input
-from cmmerge.stages.spec import CptSpec, EvaluateSpec, ExtractSpec, FinetuneSpec, MergeSpec
+from cmmerge.stages.runner import run_transaction, stage_input
 
 LABELS = ["negative", "neutral", "positive"]
 N = 300
@@ -29,7 +30,7 @@ def config(tmp_path, run, *extra):
 
 def _done(cfg, spec, inputs, result=None):
     run_transaction(
-        RunContext.of(cfg),
+        run_context(cfg),
         spec.STAGE,
         spec.folder,
         spec.config_view(),
@@ -126,7 +127,7 @@ def finetune(
             f1 = float(np.mean([hits[np.array(gold) == k].mean() for k in (0, 1, 2)]))
             work = evaluation_work(gold, pred, f1, acc)
             run_transaction(
-                RunContext.of(scfg),
+                run_context(scfg),
                 "evaluate",
                 evaluation.folder,
                 evaluation.config_view(),

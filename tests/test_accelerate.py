@@ -13,8 +13,8 @@ import pytest
 from conftest import FAST, compose
 from transformers import AutoModelForSequenceClassification
 
+from cmmerge.config.ids import stage_dirs
 from cmmerge.io.manifest import read_manifest
-from cmmerge.stages.ids import stage_dirs
 
 
 @pytest.mark.slow  # three launches of two processes each: `pytest -m slow`

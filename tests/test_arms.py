@@ -10,11 +10,11 @@ import torch
 from conftest import FAST, compose
 from transformers import AutoModelForSequenceClassification
 
+from cmmerge.commands import evaluate, finetune, prompt, report
+from cmmerge.config.ids import stage_dirs
+from cmmerge.config.specs import PromptSpec
 from cmmerge.errors import CmmergeError
 from cmmerge.io.manifest import read_manifest
-from cmmerge.stages import evaluate, finetune, prompt, report
-from cmmerge.stages.ids import stage_dirs
-from cmmerge.stages.prompt import prompt_id
 from cmmerge.training.finetune import class_weights
 
 
@@ -78,7 +78,7 @@ def test_prompting_a_decoder_zero_and_few_shot(tmp_path):
     for shots in (0, 2):
         cfg = compose("prompt", [*common, f"shots={shots}"])
         manifest = prompt.run(cfg)
-        out = tmp_path / "p" / "prompt" / prompt_id(cfg)
+        out = tmp_path / "p" / "prompt" / PromptSpec.from_config(cfg).folder_id
         assert out.name == f"tiny-llama-base-sentiment-en-hi-k{shots}-s0"
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["n"] == 300 and 0 <= metrics["macro_f1"] <= 1
@@ -92,8 +92,8 @@ def test_prompting_a_decoder_zero_and_few_shot(tmp_path):
 def test_a_head_for_other_labels_and_an_untrainable_kind_are_named(tmp_path):
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    from cmmerge.config.inputs import resolve_model
     from cmmerge.models.loading import model_kind
-    from cmmerge.stages.inputs import resolve_model
 
     base = resolve_model(compose("finetune", []))
     two = tmp_path / "two_labels"

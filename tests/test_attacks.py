@@ -23,11 +23,11 @@ import pytest
 from conftest import cmmerge, compose, xlmr_pair
 from small_task import rows, small_task, write_csv
 
+from cmmerge.commands import evaluate, status
+from cmmerge.config.ids import stage_dirs
 from cmmerge.errors import CmmergeError
 from cmmerge.io import transaction
 from cmmerge.io.manifest import read_manifest
-from cmmerge.stages import evaluate, status
-from cmmerge.stages.ids import stage_dirs
 
 transformers = pytest.importorskip("transformers")
 

@@ -11,10 +11,10 @@ from conftest import compose, xlmr_pair
 from safetensors.torch import load_file, save_file
 from test_cli import cmmerge
 
+from cmmerge.commands import merge
+from cmmerge.config.ids import stage_dirs
+from cmmerge.config.inputs import resolve_model
 from cmmerge.io import transaction
-from cmmerge.stages import merge
-from cmmerge.stages.ids import stage_dirs
-from cmmerge.stages.inputs import resolve_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from conftest import FAST, cmmerge, compose
 
+from cmmerge.config.ids import stage_dirs
 from cmmerge.io.manifest import read_manifest
-from cmmerge.stages.ids import stage_dirs
 from cmmerge.stages.registry import STAGES
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import compose
 
-from cmmerge.settings import group_options, merge_scale
+from cmmerge.config.values import merge_scale
+from cmmerge.presets import group_options
 from cmmerge.stages.registry import STAGES
 
 GROUPS = ["model", "corpus", "task", "method", "train"]
@@ -43,7 +44,7 @@ def test_lambda_is_read_in_one_place():
 def test_sweep_is_a_multirun_over_lambda_and_method():
     cfg = compose("sweep")
     # Hydra config is only visible with return_hydra_config; check the file itself.
-    from cmmerge.settings import CONFIG_DIR
+    from cmmerge.presets import CONFIG_DIR
 
     text = (CONFIG_DIR / "sweep.yaml").read_text()
     assert "mode: MULTIRUN" in text and "lambda: 0.1,0.3,0.5,0.7,1.0" in text

@@ -7,9 +7,9 @@ import pytest
 from conftest import compose
 from test_cli import _assert_one_line_error, cmmerge
 
-from cmmerge.config_errors import check_overrides, override_args
+from cmmerge.config.overrides import check_overrides, override_args
+from cmmerge.config.values import config_int, merge_scale
 from cmmerge.errors import CmmergeError
-from cmmerge.settings import config_int, merge_scale
 
 
 @pytest.mark.parametrize(

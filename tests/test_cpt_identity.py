@@ -8,10 +8,11 @@ import shutil
 
 from conftest import compose
 
+from cmmerge.commands import cpt
+from cmmerge.config import plan
+from cmmerge.config.ids import stage_dirs
 from cmmerge.io.manifest import manifest_hash
-from cmmerge.settings import SAMPLES_DIR
-from cmmerge.stages import cpt, plan
-from cmmerge.stages.ids import stage_dirs
+from cmmerge.presets import SAMPLES_DIR
 
 TINY_CPT = [
     "run.name=r",

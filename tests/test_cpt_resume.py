@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import cmmerge.training.cpt as training_cpt
+from cmmerge.commands import cpt, extract
+from cmmerge.config.ids import stage_dirs
 from cmmerge.io.manifest import read_manifest
 from cmmerge.io.transaction import partial_dir
-from cmmerge.stages import cpt, extract
-from cmmerge.stages.ids import stage_dirs
 
 
 def test_killed_cpt_resumes_from_its_checkpoint(tmp_path):

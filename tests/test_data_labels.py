@@ -11,14 +11,14 @@ import pytest
 from conftest import FAST, compose
 from small_task import rows, small_task, write_csv
 
+from cmmerge.commands import finetune
+from cmmerge.config.ids import stage_dirs
+from cmmerge.config.inputs import resolve_model
 from cmmerge.data import load_task_with_info
 from cmmerge.data.corpus import load_task_config
 from cmmerge.data.stats import tokenize_cached
 from cmmerge.errors import CmmergeError
 from cmmerge.models.loading import load_tokenizer
-from cmmerge.stages import finetune
-from cmmerge.stages.ids import stage_dirs
-from cmmerge.stages.inputs import resolve_model
 
 
 def custom(tmp_path: Path, **overrides: object) -> dict:

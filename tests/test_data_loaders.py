@@ -379,7 +379,7 @@ def test_sample_corpora_are_free_of_every_benchmark_evaluation_text():
         eval_texts |= {normalize_text(t) for s in ("validation", "test") for t in ds[s]["text"]}
     for corpus in ("en-hi", "en-es"):
         cfg = load_task_config  # noqa: F841 - corpus configs come from the package
-        from cmmerge.settings import load_group_config, plain
+        from cmmerge.presets import load_group_config, plain
 
         raw, info = load_corpus(plain(load_group_config("corpus", corpus)), samples_root())
         kept, stats = build_corpus(raw, eval_texts)

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import cmmerge, compose
 
-from cmmerge.stages import data as data_stage
-from cmmerge.stages.inputs import cpt_corpus, evaluation_texts, leakage_tasks
+from cmmerge.commands import data as data_stage
+from cmmerge.config.inputs import cpt_corpus, evaluation_texts, leakage_tasks
+from cmmerge.stages.data import collect_stats
 
 REPO = Path(__file__).resolve().parent.parent
 FULL_DATA = REPO.parent / "shared" / "data"
@@ -60,7 +61,7 @@ def test_data_stage_writes_stats_on_the_samples(tmp_path: Path, capsys):
 
 def test_sentimix_stats_have_code_mixing_and_the_guard_is_complete(tmp_path: Path):
     cfg = compose("data", [f"run.root={tmp_path}", "data.token_lengths=false"])
-    stats = data_stage.collect_stats(data_stage.data_job(cfg))
+    stats = collect_stats(data_stage.data_job(cfg))
     mix = stats["task"]["splits"]["train"]["code_mixing"]
     assert mix["language_share"] == {"en": 0.4217, "hi": 0.5783}
     assert stats["task"]["splits"]["test"]["mojibake_repaired"] == 218
@@ -149,7 +150,7 @@ def test_full_data_counts(tmp_path: Path, task, sizes, leakage):
             f"data.leakage_tasks=[{','.join(REPLICATION_LEAKAGE)}]",
         ],
     )
-    stats = data_stage.collect_stats(data_stage.data_job(cfg))
+    stats = collect_stats(data_stage.data_job(cfg))
     assert stats["task"]["sizes"] == sizes
     if leakage is not None:
         assert stats["corpus"]["leakage_removed"] == leakage

@@ -8,9 +8,9 @@ from conftest import FAST, compose
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from cmmerge.commands import cpt, evaluate, extract, finetune, merge
+from cmmerge.config.ids import stage_dirs
 from cmmerge.io.manifest import read_manifest
-from cmmerge.stages import cpt, evaluate, extract, finetune, merge
-from cmmerge.stages.ids import stage_dirs
 
 
 def test_tiny_llama_cpt_merge_finetune_evaluate(tmp_path):

@@ -15,12 +15,14 @@ from omegaconf import OmegaConf
 from test_cpt_training import PARAMS, TEXTS
 from test_tiny import ARCH
 
+from cmmerge.commands import pipeline
+from cmmerge.config import plan
+from cmmerge.config.values import run_context
 from cmmerge.errors import CmmergeError
 from cmmerge.io import transaction
 from cmmerge.io.manifest import read_manifest
 from cmmerge.models.tiny import build_tiny_model
-from cmmerge.stages import pipeline, plan
-from cmmerge.stages.runner import RunContext, run_transaction, stage_input
+from cmmerge.stages.runner import run_transaction, stage_input
 from cmmerge.training import cpt as cpt_training
 from cmmerge.training.arguments import INTEGRATIONS, training_arguments
 
@@ -42,7 +44,7 @@ def _model_stage(tmp_path, name="m", calls=None):
         return {"outputs": ["model/", "metrics.json"]}
 
     stage = tmp_path / "r" / name
-    run_transaction(RunContext.of(_cfg(tmp_path)), "s", stage, {"a": 1}, [], work)
+    run_transaction(run_context(_cfg(tmp_path)), "s", stage, {"a": 1}, [], work)
     return stage, work
 
 
@@ -62,7 +64,7 @@ def test_pruned_weights_leave_a_finished_stage_and_fresh_downstream_records(tmp_
     # re-running the same stage skips it (the report still counts it)
     calls: list = []
     again = run_transaction(
-        RunContext.of(_cfg(tmp_path)), "s", stage, {"a": 1}, [], lambda d: calls.append(d)
+        run_context(_cfg(tmp_path)), "s", stage, {"a": 1}, [], lambda d: calls.append(d)
     )
     assert again["skipped"] and not calls
     assert transaction.prune(stage, ["model/"]) == 0  # nothing left to delete
@@ -75,19 +77,19 @@ def test_a_pruned_merge_of_a_pruned_merge_made_again_keeps_its_users_fresh(tmp_p
     _, work = _model_stage(tmp_path, "unused")
     forced = OmegaConf.merge(_cfg(tmp_path), {"force": True})
     up, down, user = (tmp_path / "r" / name for name in ("up", "down", "user"))
-    run_transaction(RunContext.of(_cfg(tmp_path)), "merge", up, {"a": 1}, [], work)
+    run_transaction(run_context(_cfg(tmp_path)), "merge", up, {"a": 1}, [], work)
     run_transaction(
-        RunContext.of(_cfg(tmp_path)), "merge", down, {"b": 1}, [stage_input(up, "h")], work
+        run_context(_cfg(tmp_path)), "merge", down, {"b": 1}, [stage_input(up, "h")], work
     )
     first = stage_input(down, "h")["manifest_sha256"]
     run_transaction(
-        RunContext.of(_cfg(tmp_path)), "s", user, {"c": 1}, [stage_input(down, "h")], work
+        run_context(_cfg(tmp_path)), "s", user, {"c": 1}, [stage_input(down, "h")], work
     )
     for stage in (up, down):
         transaction.prune(stage, ["model/"])
-    run_transaction(RunContext.of(forced), "merge", up, {"a": 1}, [], work)
+    run_transaction(run_context(forced), "merge", up, {"a": 1}, [], work)
     again = run_transaction(
-        RunContext.of(forced), "merge", down, {"b": 1}, [stage_input(up, "h")], work
+        run_context(forced), "merge", down, {"b": 1}, [stage_input(up, "h")], work
     )
     assert again["same_as"] == [first]
     assert transaction.stale_inputs(read_manifest(user)) == []

@@ -10,10 +10,10 @@ import random
 from conftest import FAST, compose
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from cmmerge.commands import cpt, evaluate, extract, finetune, merge, prompt, report
+from cmmerge.config.ids import stage_dirs
+from cmmerge.config.specs import PromptSpec
 from cmmerge.io.manifest import read_manifest
-from cmmerge.stages import cpt, evaluate, extract, finetune, merge, prompt, report
-from cmmerge.stages.ids import stage_dirs
-from cmmerge.stages.prompt import prompt_id
 
 
 def test_custom_csv_and_jsonl_with_other_column_names(tmp_path):
@@ -74,7 +74,10 @@ def test_tiny_llama_with_lora_from_cpt_to_prompting(tmp_path):
         dirs["merge"],
         ft,
         dirs["evaluate"] / "sentiment-en-hi",
-        tmp_path / "l" / "prompt" / prompt_id(compose("prompt", [*common, "shots=2"])),
+        tmp_path
+        / "l"
+        / "prompt"
+        / PromptSpec.from_config(compose("prompt", [*common, "shots=2"])).folder_id,
     ):
         assert read_manifest(stage_dir) is not None, stage_dir
 

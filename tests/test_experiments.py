@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import cmmerge, compose
 
+from cmmerge.config import plan
 from cmmerge.errors import CmmergeError
-from cmmerge.settings import CONFIG_DIR
-from cmmerge.stages import plan
+from cmmerge.presets import CONFIG_DIR
 
 LAMBDAS = [0.1, 0.3, 0.5, 0.7, 1.0]
 
@@ -104,7 +104,7 @@ def test_the_decoder_study_is_gemma_with_lora_prompting_and_transfer():
         (0, 0), (4, 0), (4, 1), (4, 2)
     ]  # fmt: skip
     with pytest.raises(CmmergeError, match="make_gemma3_270m.sh"):
-        from cmmerge.stages.inputs import resolve_model
+        from cmmerge.config.inputs import resolve_model
 
         resolve_model(compose("pipeline", ["experiment=replicate-cpu-decoder"]))
 
@@ -184,7 +184,7 @@ def test_the_tiny_experiments_keep_their_arms(experiment, finetunes):
 
 
 def test_a_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
-    from cmmerge.stages import pipeline
+    from cmmerge.commands import pipeline
 
     cfg = compose(
         "pipeline", ["experiment=paper-xlmr", f"run.root={tmp_path}", "pipeline.dry_run=true"]

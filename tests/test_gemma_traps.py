@@ -12,6 +12,7 @@ import torch
 from conftest import FAST, compose, tiny_llama
 from safetensors.torch import save_file
 
+from cmmerge.config.specs import CptSpec, FinetuneSpec, PromptSpec
 from cmmerge.evaluation.baseline import majority_baseline_warning
 from cmmerge.evaluation.metrics import classification_metrics
 from cmmerge.evaluation.prompting import check_verbalizers, encode_rows
@@ -19,7 +20,6 @@ from cmmerge.io.checkpoint import CheckpointReader
 from cmmerge.merging.engine import merge_into_base
 from cmmerge.merging.extract import extract_task_vector, task_vector_cosines
 from cmmerge.stages.prompt import majority_baseline
-from cmmerge.stages.spec import CptSpec, FinetuneSpec
 
 LABELS = ["negative", "neutral", "positive"]
 ADAPTED = ("q_proj", "v_proj")  # what a LoRA on attention changes; the rest stays the base's
@@ -100,8 +100,8 @@ def test_a_lora_task_vector_leaves_its_zero_tensors_out_and_merges_the_same(lora
 
 
 def test_extract_records_the_final_file_not_the_partial_folder(tmp_path):
-    from cmmerge.stages import cpt, extract
-    from cmmerge.stages.ids import stage_dirs
+    from cmmerge.commands import cpt, extract
+    from cmmerge.config.ids import stage_dirs
 
     common = ["model=tiny-llama", f"run.root={tmp_path}", *FAST, "cpt.max_steps=2",
               "peft=lora"]  # fmt: skip
@@ -217,12 +217,12 @@ def test_prompting_reports_the_majority_class_beside_its_score():
 
 
 def test_the_prompt_stage_says_whether_it_beats_the_majority_class(tmp_path):
-    from cmmerge.stages import prompt
-    from cmmerge.stages.summary import closing_line
+    from cmmerge.commands import prompt
+    from cmmerge.commands.summary import closing_line
 
     cfg = compose("prompt", ["model=tiny-llama", f"run.root={tmp_path}", "run.name=p"])
     manifest = prompt.run(cfg)
-    out = tmp_path / "p" / "prompt" / prompt.prompt_id(cfg)
+    out = tmp_path / "p" / "prompt" / PromptSpec.from_config(cfg).folder_id
     metrics = json.loads((out / "metrics.json").read_text())
     counts = [c["support"] for c in metrics["per_class"].values()]
     assert metrics["majority_macro_f1"] == pytest.approx(2 * max(counts) / (300 + max(counts)) / 3)

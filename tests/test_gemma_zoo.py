@@ -12,9 +12,9 @@ import torch
 import zoo
 from conftest import FAST, compose, torch_threads
 
+from cmmerge.commands import cpt, extract, merge
+from cmmerge.config.ids import stage_dirs
 from cmmerge.io.checkpoint import CheckpointReader
-from cmmerge.stages import cpt, extract, merge
-from cmmerge.stages.ids import stage_dirs
 
 transformers = pytest.importorskip("transformers")
 

@@ -14,10 +14,10 @@ from conftest import compose
 from safetensors.torch import load_file
 
 import cmmerge.training.cpt as training_cpt
+from cmmerge.commands import cpt
+from cmmerge.config.specs import CptSpec
 from cmmerge.errors import CmmergeError
 from cmmerge.io.manifest import fingerprint
-from cmmerge.stages import cpt
-from cmmerge.stages.spec import CptSpec
 
 TINY = ["train=smoke", "cpt.max_steps=3", "cpt.batch_size=8", "cpt.max_length=32"]
 

@@ -102,7 +102,8 @@ def test_nothing_below_the_stages_imports_the_config_or_the_stages():
             bad = {
                 n
                 for n in _external_imports(path)
-                if n.split(".")[0] in ("omegaconf", "hydra") or n.startswith("cmmerge.stages")
+                if n.split(".")[0] in ("omegaconf", "hydra")
+                or n.startswith(("cmmerge.stages", "cmmerge.config", "cmmerge.commands"))
             }
             if bad:
                 offenders[str(path.relative_to(PACKAGE))] = sorted(bad)
@@ -110,7 +111,8 @@ def test_nothing_below_the_stages_imports_the_config_or_the_stages():
     assert len(list((PACKAGE / "reporting").glob("*.py"))) > 3  # the walk saw the layers
 
 
-# Stages whose body is a top-level ``work(job_or_spec, folder)`` that reads no config.
+# Stages whose body is a top-level ``work(job_or_spec, folder)`` that reads no config; their
+# commands (cmmerge/commands/<stage>.py) read the config into that job.
 TYPED_BODIES = (
     "data",
     "cpt",
@@ -132,11 +134,30 @@ def test_stage_bodies_see_only_their_typed_job():
         assert "cfg" not in names and len(work.args.args) == 2, stage
         nested = [n.name for n in ast.walk(work) if isinstance(n, ast.FunctionDef)]
         assert nested == ["work"], (stage, nested)  # no closure over the command's config
+        command = ast.parse((PACKAGE / "commands" / f"{stage}.py").read_text())
         calls = [
             n
-            for n in ast.walk(tree)
+            for n in ast.walk(command)
             if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "run_stage"
         ]
         # run_stage(run, spec, inputs, work): the folder, view and options come from the spec
         assert len(calls) == 1 and len(calls[0].args) == 4, stage
         assert ast.unparse(calls[0].args[1]) == "spec", stage
+
+
+def test_only_the_command_line_and_the_config_layer_read_the_composed_config():
+    readers = set()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if any(n.split(".")[0] in ("omegaconf", "hydra") for n in _external_imports(path)):
+            readers.add(str(path.relative_to(PACKAGE)))
+    layer = {r for r in readers if r.startswith(("config/", "commands/"))}
+    # presets.py loads the shipped YAML files (OmegaConf), and reads no composed config
+    assert readers - layer == {"cli.py", "presets.py"}
+    assert len(layer) > 10  # the walk saw the config layer and the commands
+    for path in sorted((PACKAGE / "stages").glob("*.py")):
+        imported = _external_imports(path)
+        assert not any(n.startswith("cmmerge.commands") for n in imported), path.name
+        # from the config layer, a stage reads only the typed specs
+        assert {n for n in imported if n.startswith("cmmerge.config")} <= {
+            "cmmerge.config.specs"
+        }, path.name

@@ -12,6 +12,11 @@ from conftest import FAST, compose
 from omegaconf import OmegaConf
 from run_dirs import evaluation_work
 
+from cmmerge.commands import finetune, report, sweep
+from cmmerge.commands.summary import closing_line
+from cmmerge.config import plan
+from cmmerge.config.specs import NOT_IN_ID, MergeSpec, finetune_spec, source_finetune_spec
+from cmmerge.config.values import run_context
 from cmmerge.io.manifest import (
     NOT_OUTPUT_SETTINGS,
     fingerprint,
@@ -20,10 +25,7 @@ from cmmerge.io.manifest import (
     write_json_atomic,
 )
 from cmmerge.reporting.study import chosen_scales, study
-from cmmerge.stages import finetune, plan, report, sweep
-from cmmerge.stages.runner import RunContext, run_transaction, stage_input
-from cmmerge.stages.spec import NOT_IN_ID, MergeSpec, finetune_spec, source_finetune_spec
-from cmmerge.stages.summary import closing_line
+from cmmerge.stages.runner import run_transaction, stage_input
 
 N = 300
 
@@ -45,7 +47,7 @@ def _finetune(root, ft_id, arm, seed, val, accuracy, merge_id="", config=None, t
         return {"metrics": {"macro_f1": val}, "arm": arm, "task": task, "merge_id": merge_id}
 
     run_transaction(
-        RunContext.of(cfg), "finetune", ft_dir, {"seed": seed, **(config or {})}, [], ft_work
+        run_context(cfg), "finetune", ft_dir, {"seed": seed, **(config or {})}, [], ft_work
     )
 
     gold, pred = _predictions(accuracy, seed)
@@ -53,7 +55,7 @@ def _finetune(root, ft_id, arm, seed, val, accuracy, merge_id="", config=None, t
     ev_work = evaluation_work(gold, pred, f1, accuracy)
 
     run_transaction(
-        RunContext.of(cfg), "evaluate", root / "evaluate" / ft_dir.name / task, {"task": task},
+        run_context(cfg), "evaluate", root / "evaluate" / ft_dir.name / task, {"task": task},
         [stage_input(ft_dir, "make it")], ev_work,
     )  # fmt: skip
 

@@ -153,5 +153,5 @@ def test_slurm_launcher_config_has_the_cluster_keys():
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert launcher.partition == "gpu" and launcher.gpus_per_node == 1
     assert launcher.timeout_min == 240 and launcher.array_parallelism == 16
-    assert cfg.hydra.callbacks.sweep_jobs._target_ == "cmmerge.stages.sweep.SweepJobs"
+    assert cfg.hydra.callbacks.sweep_jobs._target_ == "cmmerge.commands.sweep.SweepJobs"
     assert compose("sweep").keep_merged is False

@@ -28,8 +28,8 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
+from cmmerge.commands import pipeline
 from cmmerge.io.manifest import read_manifest
-from cmmerge.stages import pipeline
 
 pytestmark = pytest.mark.slow
 

@@ -127,7 +127,7 @@ def test_cli_bad_density_and_truncated_checkpoint(dirs, tmp_path):
 
 
 def _run_stage(tmp_path, *overrides: str) -> None:
-    from cmmerge.stages import merge
+    from cmmerge.commands import merge
 
     with initialize_config_module("cmmerge.configs", version_base="1.3"):
         cfg = compose("merge", overrides=[f"run.root={tmp_path}/runs", *overrides])

@@ -66,7 +66,7 @@ def test_the_warning_fires_on_a_constant_prediction_only(caplog):
 def test_the_tiny_xlmr_fine_tune_learns_with_its_own_settings(tmp_path):
     """``cmmerge finetune model=tiny-xlmr init=base``, no other key, beats the majority class
     (validation macro-F1 about 0.48 for seeds 0-2; train=default gave 0.16-0.24)."""
-    from cmmerge.stages import finetune
+    from cmmerge.commands import finetune
 
     manifest = finetune.run(compose("finetune", ["init=base", f"run.root={tmp_path}"]))
     counts = [c["support"] for c in manifest["metrics"]["per_class"].values()]

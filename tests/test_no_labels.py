@@ -14,11 +14,13 @@ import torch
 from conftest import FAST, compose, xlmr_pair
 from safetensors.torch import load_file
 
+from cmmerge.commands import evaluate, finetune, graft, pipeline, status
+from cmmerge.config import plan
+from cmmerge.config.ids import stage_dirs
 from cmmerge.errors import CmmergeError
 from cmmerge.io.manifest import read_manifest
 from cmmerge.merging.extract import extract_task_vector
-from cmmerge.stages import evaluate, finetune, graft, pipeline, plan, status
-from cmmerge.stages.ids import stage_dirs
+from cmmerge.stages.graft import graft_weights
 
 TASK, ENGLISH = "sentiment-en-hi", "english-sentiment-en-hi"
 LAMBDAS = [0.5, 1.0]
@@ -43,7 +45,7 @@ def test_graft_adds_lambda_tau_to_covered_tensors_and_keeps_the_head(tmp_path, s
     tau_file = tmp_path / "tau.safetensors"
     extract_task_vector(pair / "base", pair / "tuned", tau_file)
     ft = _classifier(pair)
-    stats = graft.graft_weights(ft, tau_file, scale, tmp_path / "out")
+    stats = graft_weights(ft, tau_file, scale, tmp_path / "out")
     tau, before = load_file(tau_file), load_file(ft / "model.safetensors")
     after = load_file(tmp_path / "out" / "model.safetensors")
     assert set(after) == set(before)
@@ -218,7 +220,7 @@ def test_graft_onto_a_decoder_classifier_moves_the_backbone_only(tmp_path, layou
         for p in model.parameters():
             p.add_(0.01 * torch.randn(p.shape))
     model.save_pretrained(tmp_path / "ft")
-    stats = graft.graft_weights(tmp_path / "ft", tau_file, 0.5, tmp_path / "out")
+    stats = graft_weights(tmp_path / "ft", tau_file, 0.5, tmp_path / "out")
     tau = load_file(tau_file)
     before = load_file(tmp_path / "ft" / "model.safetensors")
     after = load_file(tmp_path / "out" / "model.safetensors")

@@ -10,7 +10,7 @@ from conftest import compose, tiny_llama
 from test_cli import cmmerge
 from transformers import PrinterCallback, ProgressCallback, Trainer
 
-from cmmerge.stages.summary import closing_line
+from cmmerge.commands.summary import closing_line
 from cmmerge.training.arguments import (
     LogCallback,
     ProgressBars,

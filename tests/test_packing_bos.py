@@ -8,8 +8,8 @@ import torch
 from conftest import compose, tiny_llama
 from datasets import Dataset
 
+from cmmerge.config.inputs import resolve_model
 from cmmerge.models.loading import load_tokenizer
-from cmmerge.stages.inputs import resolve_model
 from cmmerge.training.losses import IGNORE_INDEX, causal_lm_loss
 from cmmerge.training.packing import (
     add_bos,

@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 from sklearn.metrics import f1_score
 from transformers import AutoModelForMaskedLM
 
+from cmmerge.commands import extract, merge, pipeline
+from cmmerge.config.ids import stage_dirs
+from cmmerge.config.inputs import resolve_model
 from cmmerge.io.manifest import read_manifest
-from cmmerge.stages import extract, merge, pipeline
-from cmmerge.stages.ids import stage_dirs
-from cmmerge.stages.inputs import resolve_model
 
 # The demo's arms, as pipeline.run makes them from its config.
 ARMS = {

@@ -104,9 +104,12 @@ def test_prompt_stage_records_the_scoring_and_keeps_normalised_runs_apart(tmp_pa
     assert norm["scoring"] == "mean log-prob per verbaliser token"
     assert plain["prompts_truncated"] > 0 and plain["device"] == "cpu"
     assert plain["dtype"] == "float32"
-    from cmmerge.stages.prompt import prompt_id
+    from cmmerge.config.specs import PromptSpec
 
-    names = {prompt_id(compose("prompt", o)) for o in (common, [*common, "prompt.normalize=true"])}
+    names = {
+        PromptSpec.from_config(compose("prompt", o)).folder_id
+        for o in (common, [*common, "prompt.normalize=true"])
+    }
     assert names == {
         "tiny-llama-base-sentiment-en-hi-k0-s0-607fe2",  # max_length 24 is not the default
         "tiny-llama-base-sentiment-en-hi-k0-s0-norm-607fe2",
@@ -119,7 +122,7 @@ def test_prompt_stage_records_the_scoring_and_keeps_normalised_runs_apart(tmp_pa
 
 
 def prompt_run(overrides: list[str]) -> dict:
-    from cmmerge.stages import prompt
+    from cmmerge.commands import prompt
 
     return prompt.run(compose("prompt", overrides))
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import cmmerge, compose
 
+from cmmerge.config.ids import stage_dirs
 from cmmerge.io import transaction
-from cmmerge.stages.ids import stage_dirs
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -91,16 +91,16 @@ def _promised(argv: list[str], cwd: Path) -> list[Path]:
     if stage in ("report", "pipeline"):
         return [dirs["report"]]
     if stage == "prompt":
-        from cmmerge.stages.prompt import prompt_id
+        from cmmerge.config.specs import PromptSpec
 
-        return [dirs["run"] / "prompt" / prompt_id(cfg)]
+        return [dirs["run"] / "prompt" / PromptSpec.from_config(cfg).folder_id]
     return []
 
 
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory, model_cache):
     """A scratch folder with the placeholders' models: the tiny encoder and two copies."""
-    from cmmerge.stages.inputs import resolve_model
+    from cmmerge.config.inputs import resolve_model
 
     root = tmp_path_factory.mktemp("readme")
     base = resolve_model(compose("finetune", []))

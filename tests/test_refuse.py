@@ -11,10 +11,10 @@ from conftest import FAST, cmmerge, compose
 from safetensors.torch import load_file, save_file
 from small_task import rows, small_task, write_csv
 
+from cmmerge.commands import cpt, finetune
+from cmmerge.config.ids import stage_dirs
+from cmmerge.config.inputs import resolve_model
 from cmmerge.errors import CmmergeError
-from cmmerge.stages import cpt, finetune
-from cmmerge.stages.ids import stage_dirs
-from cmmerge.stages.inputs import resolve_model
 
 SMALL = [*FAST, "finetune.max_steps=4", "finetune.batch_size=8", "init=base"]
 

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from cmmerge.settings import CONFIG_DIR
-from cmmerge.stages import spec as specs
+from cmmerge.commands.status import _stage_folders
+from cmmerge.config import specs as specs
+from cmmerge.presets import CONFIG_DIR
 from cmmerge.stages.registry import STAGES, Stage, stage_folders, stage_of
-from cmmerge.stages.status import _stage_folders
 
 
 @pytest.mark.parametrize("name", list(STAGES))
@@ -20,7 +20,7 @@ def test_every_entry_is_a_stage_with_a_config_and_a_run(name):
     stage = STAGES[name]
     assert stage.name == name and stage.help and len(stage.help) <= 90
     assert (CONFIG_DIR / f"{name}.yaml").is_file()
-    assert stage.work is stage.module.run and stage.module.__name__ == f"cmmerge.stages.{name}"
+    assert stage.run is stage.command.run and stage.command.__name__ == f"cmmerge.commands.{name}"
 
 
 def test_a_stage_with_a_folder_names_the_spec_of_that_folder():

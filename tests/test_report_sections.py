@@ -13,8 +13,9 @@ from conftest import compose
 from omegaconf import OmegaConf
 from run_dirs import BASE, TV, config, evaluation_work, finetune, predictions
 
-from cmmerge.stages import report
-from cmmerge.stages.runner import RunContext, run_transaction, stage_input
+from cmmerge.commands import report
+from cmmerge.config.values import run_context
+from cmmerge.stages.runner import run_transaction, stage_input
 
 REF = [0.60, 0.70, 0.62, 0.68, 0.65]  # Full FT's accuracy per seed: sd 0.04
 NOISY = [r + d for r, d in zip(REF, [+0.08, -0.02, +0.07, -0.03, +0.05], strict=True)]
@@ -82,15 +83,13 @@ def _graft(root, ft_id, arm, task, accuracies, val, onto=None, merge_id=""):
         result = {"metrics": {"macro_f1": val}, "arm": arm, "task": "t" if onto else task,
                   "merge_id": merge_id, **({"onto": onto} if onto else {})}  # fmt: skip
         stage = "graft" if onto else "finetune"
-        run_transaction(
-            RunContext.of(cfg), stage, ft_dir, {"seed": seed}, [], lambda d, r=result: r
-        )
+        run_transaction(run_context(cfg), stage, ft_dir, {"seed": seed}, [], lambda d, r=result: r)
 
         gold, pred = predictions(accuracy, seed)
         work = evaluation_work(gold, pred, accuracy, accuracy)
         evaluation = root / "evaluate" / ft_dir.name / "t"
         inputs = [stage_input(ft_dir, "make it")]
-        run_transaction(RunContext.of(cfg), "evaluate", evaluation, {"task": "t"}, inputs, work)
+        run_transaction(run_context(cfg), "evaluate", evaluation, {"task": "t"}, inputs, work)
 
 
 def test_no_labels_rows_carry_the_seed_level_test_and_every_lambda(tmp_path):

@@ -14,8 +14,8 @@ from run_dirs import BASE, TV
 from run_dirs import config as _cfg
 from run_dirs import finetune as _finetune
 
-from cmmerge.stages import report, status
-from cmmerge.stages.spec import CptSpec
+from cmmerge.commands import report, status
+from cmmerge.config.specs import CptSpec
 
 
 def _report(tmp_path, run, *extra):

@@ -7,9 +7,10 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
+from cmmerge.config.values import run_context
 from cmmerge.errors import CmmergeError
 from cmmerge.io.manifest import read_manifest
-from cmmerge.stages.runner import RunContext, run_transaction, stage_input
+from cmmerge.stages.runner import run_transaction, stage_input
 
 
 def _cfg(tmp_path, force=False):
@@ -28,7 +29,7 @@ def test_manifest_records_the_stage_and_is_skipped_when_unchanged(tmp_path):
 
     stage_dir = tmp_path / "r" / "s"
     first = run_transaction(
-        RunContext.of(_cfg(tmp_path)), "s", stage_dir, {"a": 1, "seed": 3}, [], work
+        run_context(_cfg(tmp_path)), "s", stage_dir, {"a": 1, "seed": 3}, [], work
     )
     on_disk = json.loads((stage_dir / "manifest.json").read_text())
     assert on_disk["stage"] == "s" and on_disk["status"] == "finished"
@@ -39,17 +40,17 @@ def test_manifest_records_the_stage_and_is_skipped_when_unchanged(tmp_path):
     assert first["skipped"] is False
 
     second = run_transaction(
-        RunContext.of(_cfg(tmp_path)), "s", stage_dir, {"a": 1, "seed": 3}, [], work
+        run_context(_cfg(tmp_path)), "s", stage_dir, {"a": 1, "seed": 3}, [], work
     )
     assert second["skipped"] is True and len(calls) == 1
 
     third = run_transaction(
-        RunContext.of(_cfg(tmp_path)), "s", stage_dir, {"a": 2, "seed": 3}, [], work
+        run_context(_cfg(tmp_path)), "s", stage_dir, {"a": 2, "seed": 3}, [], work
     )
     assert third["skipped"] is False and len(calls) == 2  # config changed: redone
 
     run_transaction(
-        RunContext.of(_cfg(tmp_path, force=True)), "s", stage_dir, {"a": 2, "seed": 3}, [], work
+        run_context(_cfg(tmp_path, force=True)), "s", stage_dir, {"a": 2, "seed": 3}, [], work
     )
     assert len(calls) == 3  # force redoes
 
@@ -60,7 +61,7 @@ def test_failed_stage_leaves_no_manifest(tmp_path):
     def ok(d):
         return {}
 
-    run_transaction(RunContext.of(_cfg(tmp_path)), "s", stage_dir, {"a": 1}, [], ok)
+    run_transaction(run_context(_cfg(tmp_path)), "s", stage_dir, {"a": 1}, [], ok)
     assert read_manifest(stage_dir) is not None
 
     def boom(d):
@@ -68,7 +69,7 @@ def test_failed_stage_leaves_no_manifest(tmp_path):
         raise CmmergeError("bad input")
 
     with pytest.raises(CmmergeError):
-        run_transaction(RunContext.of(_cfg(tmp_path)), "s", stage_dir, {"a": 2}, [], boom)
+        run_transaction(run_context(_cfg(tmp_path)), "s", stage_dir, {"a": 2}, [], boom)
     assert read_manifest(stage_dir) is None  # the old manifest is gone too: not finished
 
 
@@ -80,17 +81,17 @@ def test_upstream_change_redoes_downstream(tmp_path):
         runs.append(d.name.removeprefix(".partial-"))  # each stage works in its partial folder
         return {}
 
-    run_transaction(RunContext.of(_cfg(tmp_path)), "up", up, {"v": 1}, [], work)
+    run_transaction(run_context(_cfg(tmp_path)), "up", up, {"v": 1}, [], work)
     run_transaction(
-        RunContext.of(_cfg(tmp_path)), "down", down, {}, [stage_input(up, "make up")], work
+        run_context(_cfg(tmp_path)), "down", down, {}, [stage_input(up, "make up")], work
     )
     run_transaction(
-        RunContext.of(_cfg(tmp_path)), "down", down, {}, [stage_input(up, "make up")], work
+        run_context(_cfg(tmp_path)), "down", down, {}, [stage_input(up, "make up")], work
     )
     assert runs == ["up", "down"]
-    run_transaction(RunContext.of(_cfg(tmp_path)), "up", up, {"v": 2}, [], work)
+    run_transaction(run_context(_cfg(tmp_path)), "up", up, {"v": 2}, [], work)
     run_transaction(
-        RunContext.of(_cfg(tmp_path)), "down", down, {}, [stage_input(up, "make up")], work
+        run_context(_cfg(tmp_path)), "down", down, {}, [stage_input(up, "make up")], work
     )
     assert runs == ["up", "down", "up", "down"]
 

@@ -13,6 +13,8 @@ from run_dirs import evaluation_work
 from scipy import stats
 from sklearn.metrics import f1_score
 
+from cmmerge.commands import report
+from cmmerge.config.values import run_context
 from cmmerge.reporting.seed_stats import (
     compare_seeds,
     seed_scores,
@@ -20,8 +22,7 @@ from cmmerge.reporting.seed_stats import (
     two_level_bootstrap,
 )
 from cmmerge.reporting.stats import compare, f1_of_counts, unit_counts
-from cmmerge.stages import report
-from cmmerge.stages.runner import RunContext, run_transaction, stage_input
+from cmmerge.stages.runner import run_transaction, stage_input
 
 LABELS = ["negative", "neutral", "positive"]
 N = 600
@@ -104,13 +105,13 @@ def _finetune(root, ft_id, arm, seed, pred):
     cfg = OmegaConf.create({"run": {"root": str(root.parent), "name": root.name}, "force": False})
     ft_dir = root / "finetune" / f"{ft_id}-s{seed}"
     result = {"metrics": {"macro_f1": 0.5}, "arm": arm, "task": "t", "merge_id": ""}
-    run_transaction(RunContext.of(cfg), "finetune", ft_dir, {"seed": seed}, [], lambda d: result)
+    run_transaction(run_context(cfg), "finetune", ft_dir, {"seed": seed}, [], lambda d: result)
 
     f1 = float(f1_score(GOLD, pred, average="macro"))
     work = evaluation_work(GOLD, pred, f1, f1)
     folder = root / "evaluate" / ft_dir.name / "t"
     inputs = [stage_input(ft_dir, "make it")]
-    run_transaction(RunContext.of(cfg), "evaluate", folder, {"task": "t"}, inputs, work)
+    run_transaction(run_context(cfg), "evaluate", folder, {"task": "t"}, inputs, work)
 
 
 def test_the_report_marks_follow_the_seed_level_test_and_warns_below_five_seeds(tmp_path):

@@ -18,8 +18,8 @@ from small_task import small_task
 from transformers import DataCollatorWithPadding
 
 import cmmerge.training.finetune as finetune_training
-from cmmerge.stages import cpt, finetune
-from cmmerge.stages.ids import stage_dirs
+from cmmerge.commands import cpt, finetune
+from cmmerge.config.ids import stage_dirs
 
 SMALL = [*FAST, "finetune.max_steps=4", "finetune.batch_size=8", "init=base"]
 

@@ -1,4 +1,4 @@
-"""The stage specs (:mod:`cmmerge.stages.spec`): the folder, the fingerprint and the manifest's
+"""The stage specs (:mod:`cmmerge.config.specs`): the folder, the fingerprint and the manifest's
 config all come from one frozen spec, so a setting that changes a stage's outputs changes its
 folder or its fingerprint; the folder names are the ones finished run directories have."""
 
@@ -12,14 +12,9 @@ from typing import Any
 import pytest
 from conftest import compose
 
-from cmmerge.errors import CmmergeError
-from cmmerge.io.checkpoint import DEFAULT_MAX_SHARD_SIZE
-from cmmerge.io.manifest import NOT_OUTPUT_SETTINGS, fingerprint, output_view
-from cmmerge.settings import CONFIG_DIR, data_root, merge_scale, plain, task_config
-from cmmerge.stages import plan
-from cmmerge.stages.inputs import leakage_tasks, split_seed
-from cmmerge.stages.merge import method_params
-from cmmerge.stages.spec import (
+from cmmerge.config import plan
+from cmmerge.config.inputs import leakage_tasks, split_seed
+from cmmerge.config.specs import (
     CptSpec,
     DataSpec,
     EvaluateSpec,
@@ -35,6 +30,11 @@ from cmmerge.stages.spec import (
     spec_for,
     thaw,
 )
+from cmmerge.config.values import data_root, merge_scale, task_config
+from cmmerge.errors import CmmergeError
+from cmmerge.io.checkpoint import DEFAULT_MAX_SHARD_SIZE
+from cmmerge.io.manifest import NOT_OUTPUT_SETTINGS, fingerprint, output_view
+from cmmerge.presets import CONFIG_DIR, plain
 
 IDS = Path(__file__).parent / "fixtures" / "stage_ids.json"
 EN = "english-sentiment-en-hi"
@@ -106,7 +106,7 @@ def _legacy_view(stage: str, cfg) -> dict:
             "method": MergeSpec.from_config(cfg).method,
             "lambda": merge_scale(cfg),
             "weights": RESOLVED["source_weights"],
-            "params": method_params(cfg),
+            "params": dict(MergeSpec.from_config(cfg).params),
             "dtype": str(cfg.dtype) if cfg.get("dtype") else "float32",
             "max_shard_size": shard_bytes(cfg.get("max_shard_size") or DEFAULT_MAX_SHARD_SIZE),
             "allow_nonfinite": bool(cfg.get("allow_nonfinite")),
@@ -129,7 +129,7 @@ def _legacy_view(stage: str, cfg) -> dict:
             "onto": str(cfg.onto),
             "method": MergeSpec.from_config(cfg).method,
             "lambda": merge_scale(cfg),
-            "params": method_params(cfg),
+            "params": dict(MergeSpec.from_config(cfg).params),
             "dtype": str(cfg.dtype) if cfg.get("dtype") else "float32",
             "task": plain(cfg.task),
             "labels": RESOLVED["labels"],

@@ -8,8 +8,8 @@ import json
 
 from conftest import FAST, compose
 
-from cmmerge.stages import evaluate, finetune, report, status, sweep
-from cmmerge.stages.ids import stage_dirs
+from cmmerge.commands import evaluate, finetune, report, status, sweep
+from cmmerge.config.ids import stage_dirs
 
 
 def _cfg(tmp_path, *extra):

@@ -11,8 +11,9 @@ from conftest import compose
 from omegaconf import OmegaConf
 from run_dirs import evaluation_work
 
-from cmmerge.stages import report
-from cmmerge.stages.runner import RunContext, run_transaction, stage_input
+from cmmerge.commands import report
+from cmmerge.config.values import run_context
+from cmmerge.stages.runner import run_transaction, stage_input
 
 N = 600
 
@@ -40,13 +41,13 @@ def _finetune(root, ft_id, arm, seed, val, accuracy, merge_id="", task="t", eval
     def ft_work(d):
         return {"metrics": {"macro_f1": val}, "arm": arm, "task": task, "merge_id": merge_id}
 
-    run_transaction(RunContext.of(cfg), "finetune", ft_dir, {"seed": seed}, [], ft_work)
+    run_transaction(run_context(cfg), "finetune", ft_dir, {"seed": seed}, [], ft_work)
     for eval_task in evals:
         acc = accuracy if eval_task == task else accuracy - 0.1
 
         ev_work, _ = _evaluation(acc, seed)
         run_transaction(
-            RunContext.of(cfg),
+            run_context(cfg),
             "evaluate",
             root / "evaluate" / ft_dir.name / eval_task,
             {"task": eval_task},
@@ -158,7 +159,7 @@ def _prompt(root, seed: int, shots: int, accuracy: float) -> None:
         return {"metrics": metrics, "arm": arm, "task": "t", "seed": seed}
 
     folder = root / "prompt" / f"m-base-t-k{shots}-s{seed}"
-    run_transaction(RunContext.of(cfg), "prompt", folder, {"shots": shots}, [], work)
+    run_transaction(run_context(cfg), "prompt", folder, {"shots": shots}, [], work)
 
 
 def test_prompting_arms_are_rows_of_the_study_compared_over_their_seeds(tmp_path):

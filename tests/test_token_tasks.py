@@ -13,6 +13,9 @@ from conftest import FAST, compose
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 from transformers import AutoModelForTokenClassification
 
+from cmmerge.commands import cpt, evaluate, extract, finetune, merge
+from cmmerge.config.ids import stage_dirs
+from cmmerge.config.inputs import cpt_corpus, evaluation_texts, task_splits_with_info
 from cmmerge.data.corpus import normalize_text
 from cmmerge.data.tasks import load_task_with_info
 from cmmerge.errors import CmmergeError
@@ -20,9 +23,6 @@ from cmmerge.evaluation.baseline import majority_macro_f1
 from cmmerge.evaluation.token_metrics import token_metrics
 from cmmerge.reporting.stats import macro_f1
 from cmmerge.reporting.study import _evaluation
-from cmmerge.stages import cpt, evaluate, extract, finetune, merge
-from cmmerge.stages.ids import stage_dirs
-from cmmerge.stages.inputs import cpt_corpus, evaluation_texts, task_splits_with_info
 from cmmerge.training.token_classification import (
     IGNORE,
     aligned_labels,

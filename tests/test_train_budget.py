@@ -12,11 +12,11 @@ import pytest
 from conftest import FAST, compose
 from small_task import small_task
 
+from cmmerge.commands import finetune
+from cmmerge.config.ids import stage_dirs
+from cmmerge.config.inputs import task_splits
 from cmmerge.data.tasks import subsample
 from cmmerge.errors import CmmergeError
-from cmmerge.stages import finetune
-from cmmerge.stages.ids import stage_dirs
-from cmmerge.stages.inputs import task_splits
 from cmmerge.training.finetune import predict
 
 SMALL = [*FAST, "finetune.batch_size=8", "init=base", "finetune.epochs=2"]

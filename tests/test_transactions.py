@@ -17,11 +17,11 @@ import time
 import pytest
 from omegaconf import OmegaConf
 
+from cmmerge.config.values import run_context
 from cmmerge.errors import CmmergeError
 from cmmerge.io import hashes, transaction
 from cmmerge.io.manifest import read_manifest
 from cmmerge.stages.runner import (
-    RunContext,
     failure_file,
     folder_input,
     run_transaction,
@@ -54,7 +54,7 @@ def test_outputs_appear_only_with_their_manifest(tmp_path):
         seen["during"] = stage.exists()
         return _writes()(d)
 
-    manifest = run_transaction(RunContext.of(_cfg(tmp_path)), "s", stage, {"a": 1}, [], work)
+    manifest = run_transaction(run_context(_cfg(tmp_path)), "s", stage, {"a": 1}, [], work)
     assert seen["during"] is False  # nothing in place while the stage runs
     assert manifest["files"] == {
         "out.txt": 1,
@@ -67,11 +67,11 @@ def test_outputs_appear_only_with_their_manifest(tmp_path):
 
 def test_missing_or_resized_output_is_redone_and_refused_downstream(tmp_path):
     stage, calls = tmp_path / "r" / "s", []
-    run_transaction(RunContext.of(_cfg(tmp_path)), "s", stage, {"a": 1}, [], _writes(calls=calls))
+    run_transaction(run_context(_cfg(tmp_path)), "s", stage, {"a": 1}, [], _writes(calls=calls))
     (stage / "sub" / "w.bin").unlink()
     with pytest.raises(CmmergeError, match=r"incomplete \(sub/w.bin is missing\).*`make s`"):
         stage_input(stage, "make s")
-    run_transaction(RunContext.of(_cfg(tmp_path)), "s", stage, {"a": 1}, [], _writes(calls=calls))
+    run_transaction(run_context(_cfg(tmp_path)), "s", stage, {"a": 1}, [], _writes(calls=calls))
     assert len(calls) == 2 and (stage / "sub" / "w.bin").stat().st_size == 100
     (stage / "out.txt").write_text("longer")  # same name, other size
     assert "out.txt has 6 bytes" in transaction.problem(stage)
@@ -80,24 +80,24 @@ def test_missing_or_resized_output_is_redone_and_refused_downstream(tmp_path):
 @pytest.mark.parametrize("content", ["{not json", '{"stage": "s"}', "[]", ""])
 def test_damaged_manifest_counts_as_absent(tmp_path, content):
     stage, calls = tmp_path / "r" / "s", []
-    run_transaction(RunContext.of(_cfg(tmp_path)), "s", stage, {"a": 1}, [], _writes(calls=calls))
+    run_transaction(run_context(_cfg(tmp_path)), "s", stage, {"a": 1}, [], _writes(calls=calls))
     (stage / "manifest.json").write_text(content)
     with pytest.raises(CmmergeError, match="not a finished stage|incomplete"):
         stage_input(stage, "make s")
     again = run_transaction(
-        RunContext.of(_cfg(tmp_path)), "s", stage, {"a": 1}, [], _writes(calls=calls)
+        run_context(_cfg(tmp_path)), "s", stage, {"a": 1}, [], _writes(calls=calls)
     )
     assert len(calls) == 2 and again["skipped"] is False and read_manifest(stage)["stage"] == "s"
 
 
 def test_stale_upstream_is_refused(tmp_path):
     up, down = tmp_path / "r" / "up", tmp_path / "r" / "down"
-    run_transaction(RunContext.of(_cfg(tmp_path)), "up", up, {"v": 1}, [], _writes())
+    run_transaction(run_context(_cfg(tmp_path)), "up", up, {"v": 1}, [], _writes())
     run_transaction(
-        RunContext.of(_cfg(tmp_path)), "down", down, {}, [stage_input(up, "make up")], _writes()
+        run_context(_cfg(tmp_path)), "down", down, {}, [stage_input(up, "make up")], _writes()
     )
     run_transaction(
-        RunContext.of(_cfg(tmp_path)), "up", up, {"v": 2}, [], _writes()
+        run_context(_cfg(tmp_path)), "up", up, {"v": 2}, [], _writes()
     )  # up redone, down not
     with pytest.raises(CmmergeError, match=r"down is stale: .*up changed since it was made"):
         stage_input(down, "make down")
@@ -115,19 +115,19 @@ def test_external_folder_is_identified_by_content(tmp_path):
 
 def test_failure_is_recorded_and_leaves_nothing_in_place(tmp_path):
     stage = tmp_path / "r" / "s"
-    run_transaction(RunContext.of(_cfg(tmp_path)), "s", stage, {"a": 1}, [], _writes())
+    run_transaction(run_context(_cfg(tmp_path)), "s", stage, {"a": 1}, [], _writes())
 
     def boom(d):
         (d / "half.bin").write_bytes(b"partial")
         raise RuntimeError("a bug")
 
     with pytest.raises(RuntimeError):
-        run_transaction(RunContext.of(_cfg(tmp_path)), "s", stage, {"a": 2}, [], boom)
+        run_transaction(run_context(_cfg(tmp_path)), "s", stage, {"a": 2}, [], boom)
     assert read_manifest(stage) is None and not transaction.partial_dir(stage).exists()
     record = json.loads(failure_file(stage).read_text())
     assert record["error"] == "RuntimeError: a bug"
     assert "Traceback" in (stage.parent / ".s.failed.log").read_text()  # our bug: logged whole
-    run_transaction(RunContext.of(_cfg(tmp_path)), "s", stage, {"a": 2}, [], _writes())
+    run_transaction(run_context(_cfg(tmp_path)), "s", stage, {"a": 2}, [], _writes())
     assert not failure_file(stage).exists() and read_manifest(stage)["config"] == {"a": 2}
 
 
@@ -144,7 +144,7 @@ def test_machine_failures_become_one_line_errors(tmp_path, err, text):
         raise err
 
     with pytest.raises(CmmergeError, match=text):
-        run_transaction(RunContext.of(_cfg(tmp_path)), "s", tmp_path / "r" / "s", {}, [], work)
+        run_transaction(run_context(_cfg(tmp_path)), "s", tmp_path / "r" / "s", {}, [], work)
 
 
 def test_resumable_stage_keeps_its_partial_folder_for_the_same_attempt(tmp_path):
@@ -161,18 +161,16 @@ def test_resumable_stage_keeps_its_partial_folder_for_the_same_attempt(tmp_path)
 
     with pytest.raises(KeyboardInterrupt):
         run_transaction(
-            RunContext.of(_cfg(tmp_path)), "s", stage, {"a": 1}, [], interrupted, resumable=True
+            run_context(_cfg(tmp_path)), "s", stage, {"a": 1}, [], interrupted, resumable=True
         )
     run_transaction(
-        RunContext.of(_cfg(tmp_path)), "s", stage, {"a": 2}, [], resumes, resumable=True
+        run_context(_cfg(tmp_path)), "s", stage, {"a": 2}, [], resumes, resumable=True
     )  # other attempt
     with pytest.raises(KeyboardInterrupt):
         run_transaction(
-            RunContext.of(_cfg(tmp_path)), "s", stage, {"a": 1}, [], interrupted, resumable=True
+            run_context(_cfg(tmp_path)), "s", stage, {"a": 1}, [], interrupted, resumable=True
         )
-    run_transaction(
-        RunContext.of(_cfg(tmp_path)), "s", stage, {"a": 1}, [], resumes, resumable=True
-    )
+    run_transaction(run_context(_cfg(tmp_path)), "s", stage, {"a": 1}, [], resumes, resumable=True)
     assert seen == [None, "step 5"]
 
 
@@ -185,7 +183,7 @@ def _race(root: str, force: bool, calls_file: str) -> None:
         time.sleep(0.5)
         return _writes()(d)
 
-    run_transaction(RunContext.of(cfg), "s", transaction.Path(root) / "r" / "s", {"a": 1}, [], work)
+    run_transaction(run_context(cfg), "s", transaction.Path(root) / "r" / "s", {"a": 1}, [], work)
 
 
 @pytest.mark.parametrize("force", [False, True])
@@ -207,7 +205,8 @@ _KILLABLE = textwrap.dedent(
     import sys, time
     from pathlib import Path
     from omegaconf import OmegaConf
-    from cmmerge.stages.runner import RunContext, run_transaction
+    from cmmerge.config.values import run_context
+    from cmmerge.stages.runner import run_transaction
 
     root = sys.argv[1]
     cfg = OmegaConf.create({"run": {"root": root, "name": "r"}, "force": False})
@@ -218,7 +217,7 @@ _KILLABLE = textwrap.dedent(
             time.sleep(0.01)
         return {"outputs": ["."]}
 
-    run_transaction(RunContext.of(cfg), "s", Path(root) / "r" / "s", {"a": 1}, [], work)
+    run_transaction(run_context(cfg), "s", Path(root) / "r" / "s", {"a": 1}, [], work)
     """
 )
 
@@ -247,14 +246,14 @@ def test_sigkill_at_any_moment_then_rerun_completes(tmp_path, delay):
 
 def test_swap_cut_short_is_completed_on_the_next_run(tmp_path):
     stage = tmp_path / "r" / "s"
-    run_transaction(RunContext.of(_cfg(tmp_path)), "s", stage, {"a": 1}, [], _writes())
+    run_transaction(run_context(_cfg(tmp_path)), "s", stage, {"a": 1}, [], _writes())
     # a kill between the two renames: the old folder moved aside, the new one still partial
     partial = transaction.partial_dir(stage)
     os.replace(stage, partial)
     (stage.parent / ".old-s-deadbeef").mkdir()
     calls = []
     again = run_transaction(
-        RunContext.of(_cfg(tmp_path)), "s", stage, {"a": 1}, [], _writes(calls=calls)
+        run_context(_cfg(tmp_path)), "s", stage, {"a": 1}, [], _writes(calls=calls)
     )
     assert again["skipped"] is True and calls == []
     assert sorted(p.name for p in stage.parent.iterdir()) == [".s.lock", "s"]
@@ -263,7 +262,7 @@ def test_swap_cut_short_is_completed_on_the_next_run(tmp_path):
 def test_a_data_file_edited_in_place_redoes_the_stage(tmp_path):
     from conftest import compose
 
-    from cmmerge.stages import data
+    from cmmerge.commands import data
 
     train = tmp_path / "train.csv"
     rows = "".join(f"text {i} yaar,{'pos' if i % 2 else 'neg'}\n" for i in range(40))
@@ -322,38 +321,38 @@ def test_a_redo_killed_between_its_manifest_and_the_swap_is_completed(tmp_path, 
     new manifest is written but before the swap: the next run puts the finished new version
     in place instead of doing the work again, and never revives the old one."""
     stage = tmp_path / "r" / "s"
-    run_transaction(RunContext.of(_cfg(tmp_path)), "s", stage, {"a": 1}, [], _writes("old"))
+    run_transaction(run_context(_cfg(tmp_path)), "s", stage, {"a": 1}, [], _writes("old"))
 
     def killed(stage_dir, partial, *rest):
         raise KeyboardInterrupt  # SIGKILL stand-in: nothing after this point runs
 
     monkeypatch.setattr(transaction, "commit", killed)
     with pytest.raises(KeyboardInterrupt):
-        run_transaction(RunContext.of(_cfg(tmp_path)), "s", stage, {"a": 2}, [], _writes("new"))
+        run_transaction(run_context(_cfg(tmp_path)), "s", stage, {"a": 2}, [], _writes("new"))
     monkeypatch.undo()
     assert read_manifest(stage) is None  # the old version: no longer finished
     assert read_manifest(transaction.partial_dir(stage))["config"] == {"a": 2}
     calls: list = []
     again = run_transaction(
-        RunContext.of(_cfg(tmp_path)), "s", stage, {"a": 2}, [], _writes("new", calls=calls)
+        run_context(_cfg(tmp_path)), "s", stage, {"a": 2}, [], _writes("new", calls=calls)
     )
     assert again["skipped"] is True and calls == [] and (stage / "out.txt").read_text() == "new"
     assert sorted(p.name for p in stage.parent.iterdir()) == [".s.lock", "s"]
     # the same cut with a partial whose files were damaged since: not put in place, redone
     monkeypatch.setattr(transaction, "commit", killed)
     with pytest.raises(KeyboardInterrupt):
-        run_transaction(RunContext.of(_cfg(tmp_path)), "s", stage, {"a": 3}, [], _writes("third"))
+        run_transaction(run_context(_cfg(tmp_path)), "s", stage, {"a": 3}, [], _writes("third"))
     monkeypatch.undo()
     (transaction.partial_dir(stage) / "sub" / "w.bin").write_bytes(b"short")
     again = run_transaction(
-        RunContext.of(_cfg(tmp_path)), "s", stage, {"a": 3}, [], _writes("third", calls=calls)
+        run_context(_cfg(tmp_path)), "s", stage, {"a": 3}, [], _writes("third", calls=calls)
     )
     assert again["skipped"] is False and len(calls) == 1 and transaction.problem(stage) is None
 
 
 def test_outputs_are_recorded_by_block_digest_and_older_sha256_records_still_count(tmp_path):
     stage = tmp_path / "r" / "s"
-    manifest = run_transaction(RunContext.of(_cfg(tmp_path)), "s", stage, {"a": 1}, [], _writes())
+    manifest = run_transaction(run_context(_cfg(tmp_path)), "s", stage, {"a": 1}, [], _writes())
     assert all(d.startswith(hashes.BLOCKS) for _, d in manifest["digests"].values())
     w = stage / "sub" / "w.bin"
     older = {  # a manifest of an earlier version: plain SHA-256 of each output
@@ -381,7 +380,7 @@ def test_a_prune_beside_the_check_neither_unfinishes_the_stage_nor_raises(tmp_pa
     from pathlib import Path
 
     stage = tmp_path / "r" / "s"
-    run_transaction(RunContext.of(_cfg(tmp_path)), "s", stage, {"a": 1}, [], _writes())
+    run_transaction(run_context(_cfg(tmp_path)), "s", stage, {"a": 1}, [], _writes())
     target, real_stat, fired = stage / "sub" / "w.bin", Path.stat, []
 
     def racing_stat(self, *args, **kwargs):

@@ -26,10 +26,11 @@ from safetensors.torch import load_file
 from small_task import small_task
 
 from cmmerge.cli import main
+from cmmerge.commands import status
+from cmmerge.config.values import run_context
 from cmmerge.io import transaction
 from cmmerge.io.manifest import read_manifest
-from cmmerge.stages import status
-from cmmerge.stages.runner import RunContext, failure_file, run_transaction, stage_input
+from cmmerge.stages.runner import failure_file, run_transaction, stage_input
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def fake_stage(run: Path, stage: str, folder: str, text: str = "weights") -> Pat
         (d / "metrics.json").write_text('{"macro_f1": 0.5}')
         return {"outputs": ["model/", "metrics.json"]}
 
-    run_transaction(RunContext.of(cfg), stage, stage_dir, {"stage": stage, "text": text}, [], work)
+    run_transaction(run_context(cfg), stage, stage_dir, {"stage": stage, "text": text}, [], work)
     return stage_dir
 
 
@@ -201,7 +202,7 @@ def _downstream(tmp_path: Path, up: Path, extra: list[dict] | None = None) -> Pa
 
     inputs = [stage_input(up, "make up"), *(extra or [])]
     down = tmp_path / "r" / "evaluate" / "ft" / "task"
-    run_transaction(RunContext.of(_cfg(tmp_path)), "evaluate", down, {}, inputs, work)
+    run_transaction(run_context(_cfg(tmp_path)), "evaluate", down, {}, inputs, work)
     return down
 
 
@@ -395,7 +396,7 @@ class Payload:
 
 
 def _model_dir(tmp: Path, name: str, edit) -> Path:
-    from cmmerge.stages.inputs import resolve_model
+    from cmmerge.config.inputs import resolve_model
 
     folder = tmp / name
     shutil.copytree(resolve_model(compose("finetune", [])), folder)

@@ -12,12 +12,12 @@ import yaml
 import zoo
 from conftest import FAST, compose
 
+from cmmerge.commands import cpt, evaluate, extract, finetune, merge
+from cmmerge.config.ids import stage_dirs
 from cmmerge.errors import CmmergeError
 from cmmerge.io.checkpoint import CheckpointReader
 from cmmerge.io.manifest import read_manifest
 from cmmerge.merging.keys import backbone_map, backbone_prefix, is_head_key
-from cmmerge.stages import cpt, evaluate, extract, finetune, merge
-from cmmerge.stages.ids import stage_dirs
 
 transformers = pytest.importorskip("transformers")
 

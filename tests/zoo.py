@@ -50,7 +50,7 @@ def tokenizer_dir(family: str) -> Path:
     into the test session's cache: its tokenizer serves every zoo member of that family."""
     from conftest import compose
 
-    from cmmerge.stages.inputs import resolve_model
+    from cmmerge.config.inputs import resolve_model
 
     return resolve_model(compose("cpt", [f"model=tiny-{family}"]))
 
@@ -388,7 +388,7 @@ def perturbed(src: Path, out: Path, seed: int, scale: float = 0.02) -> Path:
 def small_data(root: Path, n_corpus: int = 240, n_task: int = 40) -> list[str]:
     """Overrides for a small custom CPT corpus and a two-label custom task (texts from the
     shipped unlabelled sample), so a whole chain runs in seconds."""
-    from cmmerge.settings import SAMPLES_DIR
+    from cmmerge.presets import SAMPLES_DIR
 
     lines = (SAMPLES_DIR / "hinglish_unlabeled/l3cube_hinglid/test.txt").read_text().split("\n")
     texts, words = [], []

@@ -103,7 +103,7 @@ def load_task_config(name: str) -> dict:
     Raises:
         CmmergeError: If the package has no such task config (the message lists the tasks).
     """
-    from cmmerge.settings import load_group_config, plain
+    from cmmerge.presets import load_group_config, plain
 
     return plain(load_group_config("task", name))
 

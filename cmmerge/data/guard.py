@@ -1,6 +1,6 @@
 """The CPT corpus with the evaluation texts of the guarded tasks kept out (the leakage guard),
 from a typed request: what the ``data`` and ``cpt`` stages read, built once from the config at
-the stage boundary (:func:`cmmerge.stages.inputs.guarded_corpus`)."""
+the stage boundary (:func:`cmmerge.config.inputs.guarded_corpus`)."""
 
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ from cmmerge.data.token_tasks import (
     word_label_counts,
 )
 from cmmerge.errors import CmmergeError
-from cmmerge.settings import SAMPLES_DIR, plain
+from cmmerge.presets import SAMPLES_DIR, plain
 
 log = logging.getLogger("cmmerge")
 

@@ -87,7 +87,7 @@ def manifest_hash(stage_dir: Path) -> str | None:
 
 # Settings of the training sections that only change how fast or how verbosely a stage runs
 # (logging, checkpoint frequency, experiment trackers): left out of the folder ids
-# (:mod:`cmmerge.stages.ids`) and of the fingerprints, so turning on TensorBoard or logging more
+# (:mod:`cmmerge.config.ids`) and of the fingerprints, so turning on TensorBoard or logging more
 # often neither renames nor redoes a finished stage.
 NOT_OUTPUT_SETTINGS = frozenset({"logging_steps", "report_to", "save_steps"})
 # The fine-tuning settings that list an arm's other tasks (Sequential FT, Joint FT): the arm's

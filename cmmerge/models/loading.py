@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from cmmerge import dist
 from cmmerge.errors import CmmergeError
-from cmmerge.settings import SAMPLES_DIR, load_group_config
+from cmmerge.presets import SAMPLES_DIR, load_group_config
 
 log = logging.getLogger("cmmerge")
 

@@ -1,6 +1,6 @@
 """Variants of an arm: the settings each fine-tune was made with, read from the config views
 its stage and every stage upstream of it recorded in their manifests (``spec.config_view()`` of
-:mod:`cmmerge.stages.spec`, less what :func:`~cmmerge.io.manifest.output_view` leaves out of the
+:mod:`cmmerge.config.specs`, less what :func:`~cmmerge.io.manifest.output_view` leaves out of the
 fingerprints), so no list of settings is kept by hand.
 
 A fine-tune's settings are flat ``{dotted key: JSON value}``: its own view (``finetune.epochs``,

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import DictConfig
-
 from cmmerge import dist
+from cmmerge.config.specs import CptSpec
 from cmmerge.errors import CmmergeError
 from cmmerge.io.manifest import write_json_atomic
 from cmmerge.io.model_card import write_model_card
-from cmmerge.models.loading import model_kind
-from cmmerge.settings import cache_dir, data_root
-from cmmerge.stages.inputs import corpus_input, cpt_corpus, data_inputs, resolve_model
-from cmmerge.stages.runner import RunContext, folder_input, run_stage
-from cmmerge.stages.spec import CptSpec
 from cmmerge.training.cpt import train_lm
 
 log = logging.getLogger("cmmerge")
@@ -106,22 +99,3 @@ def work(job: CptJob, stage_dir: Path) -> dict:
         "base_model": str(base),
         "kind": kind,
     }
-
-
-def run(cfg: DictConfig) -> dict:
-    spec = CptSpec.from_config(cfg)
-    base = resolve_model(cfg)
-    kind = model_kind(base, str(cfg.model.kind))
-    data_root(cfg)  # a missing data.root is named before anything is locked
-    texts, corpus_stats = cpt_corpus(cfg)
-    job = CptJob(
-        spec,
-        base,
-        kind,
-        model_name=str(cfg.model.name),
-        texts=texts,
-        corpus_stats=corpus_stats,
-        cache=cache_dir(cfg),
-    )
-    inputs = [folder_input(base), *data_inputs(cfg, [], corpus=True), corpus_input(cfg, texts)]
-    return run_stage(RunContext.of(cfg), spec, inputs, functools.partial(work, job))

@@ -7,15 +7,12 @@ tags exist, texts shared between splits, and the CPT corpus with duplicates and 
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig
-
+from cmmerge.config.specs import DataSpec, thaw
 from cmmerge.data import label_distribution, load_task_with_info
 from cmmerge.data.guard import GuardedCorpus
 from cmmerge.data.stats import code_mixing, split_overlap, token_lengths
@@ -23,10 +20,6 @@ from cmmerge.data.tasks import dataset_labels
 from cmmerge.errors import CmmergeError
 from cmmerge.io.manifest import write_json_atomic
 from cmmerge.models.loading import ModelSource
-from cmmerge.settings import cache_dir, data_root
-from cmmerge.stages.inputs import data_inputs, guarded_corpus, model_source
-from cmmerge.stages.runner import RunContext, run_stage
-from cmmerge.stages.spec import DataSpec, thaw
 
 log = logging.getLogger("cmmerge")
 
@@ -172,24 +165,3 @@ def work(job: DataJob, stage_dir: Path) -> dict:
         corpus_leakage_removed=stats["corpus"]["leakage_removed"],
     )
     return {"metrics": metrics, "outputs": ["stats.json"]}
-
-
-def data_job(cfg: DictConfig) -> DataJob:
-    """The job the composed config describes (a missing ``data.root``: a one-line error)."""
-    data_root(cfg)
-    return DataJob(
-        spec=DataSpec.from_config(cfg),
-        corpus=guarded_corpus(cfg),
-        model=model_source(cfg) if cfg.data.get("token_lengths", True) else None,
-        cache=cache_dir(cfg),
-    )
-
-
-def run(cfg: DictConfig) -> dict:
-    job = data_job(cfg)  # a missing data.root is named before anything is locked
-    spec = job.spec
-    inputs = data_inputs(cfg, [str(cfg.task.name)], corpus=True, guard=True)
-    manifest = run_stage(RunContext.of(cfg), spec, inputs, functools.partial(work, job))
-    stats = json.loads((spec.folder / "stats.json").read_text(encoding="utf-8"))
-    print(summary(stats), flush=True)
-    return manifest

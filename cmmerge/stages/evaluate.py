@@ -6,30 +6,18 @@ model on the test split of its task and of other tasks with the same labels (cro
 
 from __future__ import annotations
 
-import functools
 import logging
 from pathlib import Path
 
-from omegaconf import DictConfig
-
 from cmmerge import dist
+from cmmerge.config.specs import EvaluateSpec, thaw
 from cmmerge.data.tasks import load_task_with_info
 from cmmerge.data.token_tasks import is_token_task
-from cmmerge.errors import CmmergeError
 from cmmerge.io.manifest import write_json_atomic, write_jsonl_atomic
-from cmmerge.settings import plain
-from cmmerge.stages.chain import require_upstream
-from cmmerge.stages.inputs import data_inputs, task_labels
-from cmmerge.stages.runner import RunContext, run_stage, stage_input
-from cmmerge.stages.spec import EvaluateSpec, thaw
 from cmmerge.training.finetune import predict
 from cmmerge.training.token_classification import predict_tokens
 
 log = logging.getLogger("cmmerge")
-
-
-def eval_task_names(cfg: DictConfig) -> list[str]:
-    return [str(t) for t in (cfg.get("eval_tasks") or [cfg.task.name])]
 
 
 def work(spec: EvaluateSpec, stage_dir: Path) -> dict:
@@ -83,33 +71,3 @@ def work(spec: EvaluateSpec, stage_dir: Path) -> dict:
         "task": task_name,
         "test_blank_dropped": info["test"].get("blank_dropped", 0),
     }
-
-
-def evaluate_one(cfg: DictConfig, task_name: str) -> dict:
-    """Evaluate the configured fine-tuned model on the test split of ``task_name``."""
-    spec = EvaluateSpec.from_config(cfg, task_name)
-    ft_dir, ft_id = spec.model.folder, spec.model.folder_id
-    hint = spec.model.cli_hint()
-    require_upstream(cfg, "evaluate")  # every missing stage of the chain, named at once
-    inputs = [stage_input(ft_dir, hint), *data_inputs(cfg, [task_name])]
-    task = spec.task
-    labels = task_labels(cfg)  # what fine-tuning used: task.labels, or inferred from train
-    eval_labels = labels if task_name == str(cfg.task.name) else task_labels(cfg, task_name)
-    token = is_token_task(thaw(task))
-    if token != is_token_task(plain(cfg.task)):
-        raise CmmergeError(
-            f"eval task {task_name} is {'token' if token else 'sentence'}-level, the model "
-            f"{ft_id} was trained on {cfg.task.name}, which is not"
-        )
-    if eval_labels != labels:
-        raise CmmergeError(
-            f"eval task {task_name} has labels {eval_labels}, the model "
-            f"{ft_id} was trained on {labels}"
-        )
-    spec = spec.resolve(labels=labels)
-    return run_stage(RunContext.of(cfg), spec, inputs, functools.partial(work, spec))
-
-
-def run(cfg: DictConfig) -> dict:
-    results = {name: evaluate_one(cfg, name) for name in eval_task_names(cfg)}
-    return {name: r["metrics"] for name, r in results.items()}

@@ -7,20 +7,12 @@ Writes ``task_vector.safetensors`` (float32, or ``dtype=bfloat16``/``float16``),
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig
-
-from cmmerge.errors import CmmergeError
+from cmmerge.config.specs import ExtractSpec
 from cmmerge.io.manifest import write_json_atomic
-from cmmerge.io.model_files import WRITE_DTYPES
 from cmmerge.merging.extract import TASK_VECTOR_FILE, extract_task_vector, task_vector_cosines
-from cmmerge.stages.chain import require_upstream
-from cmmerge.stages.inputs import resolve_model
-from cmmerge.stages.runner import RunContext, folder_input, run_stage, stage_input
-from cmmerge.stages.spec import ExtractSpec
 
 PLOT_FILE = "norm_by_layer.png"
 
@@ -63,23 +55,3 @@ def work(job: ExtractJob, stage_dir: Path) -> dict:
     if others:
         metrics["cosine_with"] = cos[0][1:]
     return {"metrics": metrics, "outputs": [TASK_VECTOR_FILE, "stats.json", PLOT_FILE]}
-
-
-def run(cfg: DictConfig) -> dict:
-    spec = ExtractSpec.from_config(cfg)
-    cpt_dir = spec.cpt.folder
-    base = resolve_model(cfg)
-    if cfg.get("dtype") and str(cfg.dtype) not in WRITE_DTYPES:
-        raise CmmergeError(f"dtype={cfg.dtype}: choose one of {', '.join(WRITE_DTYPES)}")
-    others = [Path(p).expanduser() for p in (cfg.get("task_vectors") or [])]
-    for p in others:
-        if not p.is_file():
-            raise CmmergeError(f"task vector file {p} does not exist")
-    require_upstream(cfg, "extract")
-    inputs = [
-        folder_input(base),
-        stage_input(cpt_dir, spec.cpt.cli_hint()),
-        *({"path": str(p), "size": p.stat().st_size} for p in others),
-    ]
-    job = ExtractJob(spec, base, tuple(others), bool(cfg.get("allow_pickle")))
-    return run_stage(RunContext.of(cfg), spec, inputs, functools.partial(work, job))

@@ -8,69 +8,24 @@ finetune/<finetune-id>/model/ and metrics.json.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from datasets import DatasetDict, concatenate_datasets
-from omegaconf import DictConfig
 
 from cmmerge import dist
+from cmmerge.config.specs import FinetuneSpec
 from cmmerge.data.tasks import load_task_with_info, subsample
 from cmmerge.data.token_tasks import is_token_task, subsample_sentences
-from cmmerge.errors import CmmergeError
 from cmmerge.evaluation.baseline import majority_baseline_warning
 from cmmerge.io.manifest import write_json_atomic
 from cmmerge.io.model_card import write_model_card
-from cmmerge.models.loading import local_model_dir
-from cmmerge.settings import cache_dir, data_root, plain, task_config
-from cmmerge.stages.chain import require_upstream
-from cmmerge.stages.ids import arm_name
-from cmmerge.stages.inputs import (
-    data_inputs,
-    model_source,
-    resolve_model,
-    task_labels,
-)
-from cmmerge.stages.runner import RunContext, folder_input, run_stage, stage_input
-from cmmerge.stages.spec import FinetuneSpec, init_spec
 from cmmerge.training.finetune import train_classifier
 from cmmerge.training.token_classification import train_token_classifier
 
 log = logging.getLogger("cmmerge")
-
-
-def init_model(cfg: DictConfig) -> tuple[Path, dict]:
-    """The model folder fine-tuning starts from and its manifest input entry."""
-    init = str(cfg.init)
-    require_upstream(cfg, "finetune")  # every missing stage of the chain, named at once
-    if init == "base":
-        path = resolve_model(cfg)
-        return path, folder_input(path)
-    if init in ("cpt", "merged"):  # the stage fine-tuning starts from, by its spec
-        start = init_spec(cfg)
-        return start.folder / "model", stage_input(start.folder, start.cli_hint())
-    path = local_model_dir(init, bool(cfg.get("allow_pickle")))
-    return path, folder_input(path)
-
-
-def _same_labels(cfg: DictConfig, labels: list[str], names: list[str]) -> None:
-    token = is_token_task(plain(cfg.task))
-    for name in names:
-        if is_token_task(plain(task_config(cfg, name))) != token:
-            kind = "token-level" if token else "sentence-level"
-            raise CmmergeError(
-                f"task {name} is not {kind} like {cfg.task.name}: sequential and joint "
-                "fine-tuning need tasks of one type (task.type)"
-            )
-        other = task_labels(cfg, name)
-        if other != labels:
-            raise CmmergeError(
-                f"task {name} has labels {other}; {cfg.task.name} has {labels}: "
-                "sequential and joint fine-tuning need the same label set"
-            )
 
 
 def _data_info(info: dict) -> dict:
@@ -82,16 +37,6 @@ def _data_info(info: dict) -> dict:
         if "subsampled_from" in entry:
             out[split]["subsampled_from"] = entry["subsampled_from"]
     return out
-
-
-def train_size(cfg: DictConfig) -> int | None:
-    """``finetune.train_size``: null, or a whole number of training examples >= 1."""
-    size = cfg.finetune.get("train_size")
-    if size is None:
-        return None
-    if isinstance(size, bool) or not str(size).isdigit() or int(size) < 1:
-        raise CmmergeError(f"finetune.train_size must be a whole number >= 1 or null, got {size!r}")
-    return int(size)
 
 
 @dataclass(frozen=True)
@@ -208,29 +153,3 @@ def work(job: FinetuneJob, stage_dir: Path) -> dict:
         "task": task,
         "merge_id": spec.init_id if spec.init == "merged" else None,
     }
-
-
-def run(cfg: DictConfig) -> dict:
-    spec = FinetuneSpec.from_config(cfg)
-    size = train_size(cfg)  # a bad budget is refused before anything is locked or written
-    init_dir, init_input = init_model(cfg)
-    labels = task_labels(cfg)  # task.labels, or inferred from the train file
-    sequential, joint = spec.task_list("sequential"), spec.task_list("joint")
-    _same_labels(cfg, labels, sequential + joint)
-    spec = spec.resolve(init_dir=str(init_dir), labels=labels)
-    names = [str(cfg.task.name), *sequential, *joint]
-    job = FinetuneJob(
-        spec,
-        tasks={name: plain(task_config(cfg, name)) for name in names},
-        data_root=data_root(cfg),
-        train_size=size,
-        arm=arm_name(cfg),
-        tokens_cache=cache_dir(cfg),  # tokenize_cached keeps its files in <cache>/tokenized
-        pretrained=not model_source(cfg).is_tiny,
-    )
-    return run_stage(
-        RunContext.of(cfg),
-        spec,
-        [init_input, *data_inputs(cfg, names)],
-        functools.partial(work, job),
-    )

@@ -18,36 +18,24 @@ as one more fine-tune, and the report chooses its lambda on validation like a me
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from omegaconf import DictConfig
 
 from cmmerge import dist
+from cmmerge.config.specs import GRAFT, GraftSpec
 from cmmerge.data.tasks import load_task_with_info
-from cmmerge.errors import CmmergeError
-from cmmerge.io import transaction
 from cmmerge.io.manifest import write_json_atomic
 from cmmerge.io.model_card import write_model_card
 from cmmerge.io.model_files import (
-    WRITE_DTYPES,
     copy_model_files,
     record_dtype,
     record_grown_vocab,
 )
 from cmmerge.merging.engine import merge_into_base
-from cmmerge.merging.extract import TASK_VECTOR_FILE
-from cmmerge.settings import data_root, plain
-from cmmerge.stages.chain import require_upstream
-from cmmerge.stages.ids import arm_name, cli_hint, stage_dirs
-from cmmerge.stages.inputs import data_inputs, task_labels
-from cmmerge.stages.plan import with_values
-from cmmerge.stages.runner import RunContext, run_stage, stage_input
-from cmmerge.stages.spec import GRAFT, GraftSpec, onto_task, source_finetune_spec, source_names
 
 log = logging.getLogger("cmmerge")
 
@@ -69,28 +57,6 @@ def graft_weights(
         The merge engine's stats (``n_merged``, ``heads_copied``, ``base_only``, ``dtype``...).
     """
     return merge_into_base(finetuned, [task_vector], [1.0], method, scale, out_dir, **options)
-
-
-def _check(cfg: DictConfig, labels: list[str]) -> None:
-    if source_names(cfg) != ["cpt"] or cfg.get("weights") is not None:
-        raise CmmergeError(
-            "cmmerge graft adds tau_cpt alone: leave sources= and weights= unset "
-            "(multi-source merges: cmmerge merge sources=[...])"
-        )
-    if cfg.get("models") or cfg.get("task_vectors") or cfg.get("output") or cfg.get("base"):
-        raise CmmergeError(
-            "cmmerge graft works in a run directory: base=, models=, task_vectors= and output= "
-            "belong to a standalone cmmerge merge"
-        )
-    if cfg.get("dtype") and str(cfg.dtype) not in WRITE_DTYPES:
-        raise CmmergeError(f"dtype={cfg.dtype}: choose one of {', '.join(WRITE_DTYPES)}")
-    onto = onto_task(cfg)
-    onto_labels = task_labels(cfg, onto)
-    if onto_labels != labels:
-        raise CmmergeError(
-            f"onto={onto} has labels {onto_labels}; {cfg.task.name} has {labels}: the fine-tuned "
-            "classifier must predict the code-mixed task's labels"
-        )
 
 
 @dataclass(frozen=True)
@@ -204,37 +170,3 @@ def work(job: GraftJob, stage_dir: Path) -> dict:
         "graft": {k: v for k, v in stats.items() if k != "files"},
         "data": {"validation": info["validation"]},
     }
-
-
-def run(cfg: DictConfig) -> dict:
-    cfg = with_values(cfg, init=GRAFT)
-    dirs = stage_dirs(cfg)
-    labels = task_labels(cfg)
-    _check(cfg, labels)
-    require_upstream(cfg, "graft")  # cpt, extract and the fine-tune on onto, named at once
-    spec = GraftSpec.from_config(cfg)
-    source = dirs["onto"]
-    hint = source_finetune_spec(cfg, spec.onto).cli_hint()
-    if not (source / "model").exists() and transaction.pruned_output(source / "model"):
-        raise CmmergeError(
-            f"{source}/model was deleted after use (keep_models=false): run `{hint} force=true` "
-            "to make it again"
-        )
-    inputs = [
-        stage_input(source, hint),
-        stage_input(dirs["extract"], cli_hint(cfg, "extract")),
-        *data_inputs(cfg, [str(cfg.task.name)]),
-    ]
-    spec = spec.resolve(labels=labels)
-    job = GraftJob(
-        spec,
-        finetuned=source / "model",
-        task_vector=dirs["extract"] / TASK_VECTOR_FILE,
-        task=plain(cfg.task),
-        data_root=data_root(cfg),
-        batch_size=int(cfg.evaluate.batch_size),
-        max_length=int(cfg.evaluate.max_length),
-        arm=arm_name(cfg),
-        allow_nonfinite=bool(cfg.get("allow_nonfinite")),
-    )
-    return run_stage(RunContext.of(cfg), spec, inputs, functools.partial(work, job))

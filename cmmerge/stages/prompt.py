@@ -3,40 +3,24 @@ prompt/<model>-<init>-<task>-k<shots>-s<seed>[-norm]/ (``-norm``: length-normali
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig, open_dict
-
+from cmmerge.config.specs import PromptSpec, thaw
 from cmmerge.data.tasks import load_task
-from cmmerge.errors import CmmergeError
 from cmmerge.evaluation.baseline import majority_macro_f1
 from cmmerge.evaluation.metrics import classification_metrics
 from cmmerge.evaluation.prompting import (
     draw_shots,
     few_shot_prefix,
-    inference_device,
-    inference_dtype,
     score_prompts,
     verbalizer_list,
 )
 from cmmerge.io.manifest import write_json_atomic, write_jsonl_atomic
-from cmmerge.models.loading import load_lm, load_tokenizer, model_kind
-from cmmerge.settings import config_bool, config_int
-from cmmerge.stages.finetune import init_model
-from cmmerge.stages.inputs import task_labels
-from cmmerge.stages.runner import RunContext, run_stage
-from cmmerge.stages.spec import PromptSpec, thaw
+from cmmerge.models.loading import load_lm, load_tokenizer
 
 log = logging.getLogger("cmmerge")
-
-
-def prompt_id(cfg: DictConfig) -> str:
-    """``<model>-<init>-<task>-k<shots>-s<seed>[-norm][-<hash>]``: the folder of this prompting
-    run (:attr:`PromptSpec.folder_id`)."""
-    return PromptSpec.from_config(cfg).folder_id
 
 
 def majority_baseline(gold: list[int], pred: list[int], labels: list[str], macro_f1: float) -> dict:
@@ -145,29 +129,3 @@ def work(job: PromptJob, out_dir: Path) -> dict:
         "arm": f"Prompting ({shots}-shot{', normalised' if normalize else ''})",
         "task": str(task["name"]),
     }
-
-
-def run(cfg: DictConfig) -> dict:
-    shots = config_int(cfg, "shots")
-    config_int(cfg, "seed")  # checked here: the spec and the work read them typed
-    config_bool(cfg, "prompt.normalize")
-    batch_size = config_int(cfg, "prompt.batch_size")
-    max_length = config_int(cfg, "prompt.max_length")
-    if shots < 0:
-        raise CmmergeError(f"shots={shots}: give 0 (zero-shot) or a positive number")
-    if str(cfg.task.get("type") or "sequence") == "token":
-        raise CmmergeError(f"task {cfg.task.name} labels words: prompting scores whole texts only")
-    if batch_size < 1 or max_length < 2:
-        raise CmmergeError("prompt.batch_size must be >= 1 and prompt.max_length >= 2")
-    device = inference_device(cfg.prompt.get("device", "auto"))
-    dtype = inference_dtype(cfg.prompt.get("precision", "auto"), device)
-    init_cfg = cfg.copy()
-    with open_dict(init_cfg):
-        init_cfg.init = cfg.prompt.init
-    model_dir, model_input = init_model(init_cfg)
-    if model_kind(model_dir, str(cfg.model.kind)) != "decoder":
-        raise CmmergeError(f"prompting needs a decoder (causal LM); {model_dir} is an encoder")
-    labels = task_labels(cfg)  # task.labels, or inferred from the train file
-    spec = PromptSpec.from_config(cfg).resolve(dtype=str(dtype).removeprefix("torch."))
-    job = PromptJob(spec, model_dir, tuple(labels), str(device))
-    return run_stage(RunContext.of(cfg), spec, [model_input], functools.partial(work, job))

@@ -1,14 +1,15 @@
 """The stages of cmmerge, one entry each: the command, its line in ``cmmerge --help``, the
-run-directory folder it writes in, the spec of that folder (:mod:`cmmerge.stages.spec`), its
-work function, and what a study deletes once it is used. The command line, the pipeline, the
-planner and ``status`` read this table; a new stage is one entry here, a module
-``cmmerge.stages.<name>`` with ``run(cfg)`` and its config ``configs/<name>.yaml``.
+run-directory folder it writes in, the spec of that folder (:mod:`cmmerge.config.specs`), and
+what a study deletes once it is used. The command line, the pipeline, the planner and
+``status`` read this table. A new stage is one entry here, its spec in
+:mod:`cmmerge.config.specs`, its typed job and ``work(job, folder)`` in
+``cmmerge.stages.<name>``, the command that reads its config into that job in
+``cmmerge.commands.<name>`` (``run(cfg)``), and its config ``configs/<name>.yaml``.
 
-Importing this module imports no stage: a stage's module is imported when its work function is
-first asked for, so ``cmmerge --help`` loads no torch and a merge no training code. That is
-also why the work function is found by the stage's name: the stages that read this table
-(``pipeline``, ``sweep``, ``status``) are entries of it, so importing them here would make
-each import itself.
+Importing this module imports no command: a command's module is imported when it is first
+asked for, so ``cmmerge --help`` loads no torch and a merge no training code. That is also why
+a command is found by its name: the commands that read this table (``pipeline``, ``sweep``,
+``status``) are entries of it, so importing them here would make each import itself.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage: ``cmmerge <name>`` runs ``cmmerge.stages.<name>.run(cfg)``."""
+    """One stage: ``cmmerge <name>`` runs ``cmmerge.commands.<name>.run(cfg)``."""
 
     name: str
     help: str  # its line in `cmmerge --help`
     folder: str | None = None  # the run directory's top folder its results are in
-    spec: str | None = None  # the StageSpec class (cmmerge.stages.spec) of its folder
+    spec: str | None = None  # the StageSpec class (cmmerge.config.specs) of its folder
     prunes: tuple[str, ...] = ()  # outputs a study deletes once every stage reading them is done
     kept_by: str | None = None  # the setting that keeps them (true: nothing is deleted)
     all_ranks: bool = False  # under a multi-process launch every rank works (training, scoring)
@@ -38,14 +39,15 @@ class Stage:
             raise ValueError(f"stage {self.name}: prunes and kept_by go together")
 
     @property
-    def module(self) -> ModuleType:
-        """The stage's module, imported now if it was not yet."""
-        return import_module(f"{__package__}.{self.name}")
+    def command(self) -> ModuleType:
+        """The command's module (:mod:`cmmerge.commands`), imported now if it was not yet."""
+        return import_module(f"cmmerge.commands.{self.name}")
 
     @property
-    def work(self) -> Callable[[Any], Any]:
-        """The stage's ``run(cfg)``: does the stage with the composed config."""
-        return self.module.run
+    def run(self) -> Callable[[Any], Any]:
+        """The command's ``run(cfg)``: reads the composed config into the stage's typed job
+        and does the stage."""
+        return self.command.run
 
 
 STAGES: dict[str, Stage] = {
@@ -134,7 +136,7 @@ def stage_folders() -> set[str]:
 
 
 def stage_of(spec: object) -> Stage:
-    """The stage whose folder ``spec`` (a :class:`~cmmerge.stages.spec.StageSpec`) describes."""
+    """The stage whose folder ``spec`` (a :class:`~cmmerge.config.specs.StageSpec`) describes."""
     kind = type(spec).__name__
     for stage in STAGES.values():
         if stage.spec == kind:

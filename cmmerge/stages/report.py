@@ -10,19 +10,12 @@ study), ``study.tex`` (booktabs), ``lambda_<task>.png``, ``cpt_length_<task>.png
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
-from omegaconf import DictConfig
-
-from cmmerge.errors import CmmergeError
-from cmmerge.io import transaction
-from cmmerge.io.manifest import manifest_hash
+from cmmerge.config.specs import ReportSpec
 from cmmerge.reporting import cpt_length, curves, no_labels, paper, transfer
 from cmmerge.reporting.study import study
 from cmmerge.reporting.tables import columns, finetune_rows, markdown_table, write_csv
-from cmmerge.stages.runner import RunContext, run_stage
-from cmmerge.stages.spec import ReportSpec
 
 _PATTERNS = ("finetune/*/", "evaluate/*/*/", "prompt/*/")
 
@@ -78,24 +71,6 @@ def work(spec: ReportSpec, stage_dir: Path) -> dict:
         "lambda_selection": selections,
         "table": table,
     }
-
-
-def run(cfg: DictConfig) -> dict:
-    spec = ReportSpec.from_config(cfg)
-    finished = sorted(
-        p
-        for root in spec.runs
-        for pat in _PATTERNS
-        for p in Path(root).glob(pat)
-        if transaction.finished_manifest(p)
-    )
-    inputs = [{"path": str(p), "manifest_sha256": manifest_hash(p)} for p in finished]
-    if not inputs:
-        where = ", ".join(spec.runs)
-        raise CmmergeError(f"nothing to report in {where}: no finished finetune or prompt stage")
-    manifest = run_stage(RunContext.of(cfg), spec, inputs, functools.partial(work, spec))
-    print((spec.folder / "report.md").read_text(encoding="utf-8"))
-    return manifest
 
 
 def _section(title: str, body: str) -> str:

@@ -18,9 +18,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
-
 from cmmerge import __version__, dist
 from cmmerge.errors import CmmergeError
 from cmmerge.io import ownership, transaction
@@ -33,11 +30,10 @@ from cmmerge.io.manifest import (
     read_manifest,
     write_json_atomic,
 )
-from cmmerge.settings import check_run_name
 from cmmerge.stages.registry import stage_of
 
 if TYPE_CHECKING:
-    from cmmerge.stages.spec import StageSpec
+    from cmmerge.config.specs import StageSpec
 
 log = logging.getLogger("cmmerge")
 
@@ -45,23 +41,16 @@ log = logging.getLogger("cmmerge")
 @dataclass(frozen=True)
 class RunContext:
     """What the runner takes from a command besides the stage itself: the run directory it
-    writes into, whether ``force=true`` redoes a finished stage, and the seed it records."""
+    writes into, whether ``force=true`` redoes a finished stage, the seed it records, and the
+    command typed (its name and overrides: a pipeline's or a sweep's own when one runs the
+    stage), which a manifest records and a failed stage names for its rerun."""
 
     run_root: str
     run_name: str
     force: bool = False
     seed: int | None = None
-
-    @classmethod
-    def of(cls, cfg: DictConfig) -> RunContext:
-        """From the composed config of a command (read once, at the stage's boundary)."""
-        seed = cfg.get("seed")
-        return cls(
-            run_root=str(cfg.run.root),
-            run_name=check_run_name(cfg.run.name),
-            force=bool(cfg.get("force")),
-            seed=None if seed is None else int(seed),
-        )
+    command: str | None = None
+    overrides: tuple[str, ...] = ()
 
     @property
     def run_dir(self) -> Path:
@@ -111,23 +100,15 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
-def hydra_overrides() -> list[str]:
-    try:
-        return list(HydraConfig.get().overrides.task)
-    except ValueError:  # not running under Hydra (tests, pipeline called directly)
-        return []
-
-
 STARTED = ".started.json"  # in a partial folder: the command that is making it
 
 
 def resume_command(run: RunContext, stage: str) -> str:
     """The command that makes this stage again, from the configuration it was started with:
     the command typed (a pipeline's or a sweep's own, when one runs it) and its overrides."""
-    try:
-        hydra = HydraConfig.get()
-        job, overrides = str(hydra.job.name), list(hydra.overrides.task)
-    except ValueError:  # not under Hydra: the run directory at least
+    if run.command is not None:
+        job, overrides = run.command, list(run.overrides)
+    else:  # not from the command line: the run directory at least
         job, overrides = stage, [f"run.root={run.run_root}", f"run.name={run.run_name}"]
     kept = [o for o in overrides if not o.startswith(("force=", "debug="))]
     return " ".join(["cmmerge", job, *map(shlex.quote, kept)])
@@ -242,7 +223,7 @@ def run_transaction(
         except BaseException as err:
             user = as_user_error(err, stage_dir) if isinstance(err, Exception) else None
             if dist.is_main():
-                _record_failure(stage_dir, partial, user or err, resume_command(run, stage))
+                _record_failure(stage_dir, partial, user or err, run, resume_command(run, stage))
                 finished = transaction.problem(partial) is None  # only its swap failed
                 if not (resumable or finished):
                     transaction.discard(stage_dir)
@@ -312,7 +293,9 @@ def failure_file(stage_dir: Path) -> Path:
     return stage_dir.parent / f".{stage_dir.name}.failed.json"
 
 
-def _record_failure(stage_dir: Path, partial: Path, err: BaseException, command: str) -> None:
+def _record_failure(
+    stage_dir: Path, partial: Path, err: BaseException, run: RunContext, command: str
+) -> None:
     """Keep the error and the stage's log beside the folder, where space allows (on a full
     disk the copy of the log is the first to go, and nothing here raises); the partial folder
     may go."""
@@ -330,7 +313,7 @@ def _record_failure(stage_dir: Path, partial: Path, err: BaseException, command:
         "error": f"{type(err).__name__}: {err}",
         "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "log": str(kept) if kept else None,
-        "overrides": hydra_overrides(),
+        "overrides": list(run.overrides),
         "command": command,
     }
     with contextlib.suppress(OSError):
@@ -372,7 +355,7 @@ def _do(run, stage, stage_dir, partial, config_view, inputs, work, digest) -> di
         "run_dir": str(run.run_dir),
         "fingerprint": digest,
         "config": config_view,
-        "overrides": hydra_overrides(),
+        "overrides": list(run.overrides),
         "inputs": inputs,
         "outputs": result.pop("outputs", []),
         "metrics": result.pop("metrics", {}),
@@ -468,16 +451,6 @@ def _unreadable_model(inputs: list[dict]) -> CmmergeError | None:
                     "replace it (or choose another model), then run the same command"
                 )
     return None
-
-
-def config_folders(cfg: DictConfig) -> list[dict]:
-    """The model folders a config names (``init=DIR``, ``base=``, ``models=``,
-    ``model.name_or_path``), as inputs for :func:`as_user_error`."""
-    named = [cfg.get("init"), cfg.get("base"), *(cfg.get("models") or [])]
-    model = cfg.get("model")
-    if model is not None and hasattr(model, "get"):
-        named.append(model.get("name_or_path"))
-    return [{"path": str(p)} for p in named if p and Path(str(p)).expanduser().is_dir()]
 
 
 def _loaded_torch() -> Any:

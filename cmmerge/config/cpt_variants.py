@@ -19,10 +19,10 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from cmmerge.config.specs import CptSpec
 from cmmerge.errors import CmmergeError
 from cmmerge.io import transaction
 from cmmerge.io.manifest import output_view, read_manifest
-from cmmerge.stages.spec import CptSpec
 
 # A variant must have been made with the same values of these view entries as the config.
 MATCH_KEYS = ("model", "corpus", "peft", "data_root", "split_seed")
@@ -56,7 +56,7 @@ def take_id(overrides: list[str]) -> tuple[list[str], str | None]:
 
 def given_cpt_keys(overrides: list[str]) -> dict[str, Any]:
     """The CPT settings the command line gives (``cpt.*``, and those of an experiment), by key."""
-    from cmmerge.settings import load_group_config
+    from cmmerge.presets import load_group_config
 
     given: dict[str, Any] = {}
     for item in overrides:

@@ -1,7 +1,7 @@
 """One Hydra composition for a plain single run (``cmmerge <stage> key=value ...``).
 
 Hydra's ``main`` composes a run's config twice (once only to read ``hydra.mode``), and the
-key check of :mod:`cmmerge.config_errors` composed it a third time. For a command with no
+key check of :mod:`cmmerge.config.overrides` composed it a third time. For a command with no
 Hydra option, no ``hydra.*`` override and no stage that sets ``hydra.mode`` (only ``sweep``
 does), the mode is known to be unset, and the key check can look at the config Hydra composes
 anyway, just before it applies the command line's overrides. :func:`one_composition` arranges

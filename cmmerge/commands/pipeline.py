@@ -1,4 +1,4 @@
-"""`cmmerge pipeline`: a whole study in one run directory. The plan (:mod:`cmmerge.stages.plan`)
+"""`cmmerge pipeline`: a whole study in one run directory. The plan (:mod:`cmmerge.config.plan`)
 expands ``pipeline.*`` into data -> cpt -> extract -> merges -> fine-tuning arms (-> grafts of
 tau_cpt onto a fine-tune, ``pipeline.no_labels``) -> evaluate (-> prompting) steps over tasks,
 CPT variants, lambda grids and seeds; it is printed first (to do, done, estimated time), then
@@ -20,11 +20,12 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from cmmerge import dist
+from cmmerge.commands import evaluate
+from cmmerge.config import plan
+from cmmerge.config.plan import Step, with_values
+from cmmerge.config.values import run_dir
 from cmmerge.errors import CmmergeError
 from cmmerge.io import transaction
-from cmmerge.settings import run_dir
-from cmmerge.stages import evaluate, plan
-from cmmerge.stages.plan import Step, with_values
 from cmmerge.stages.registry import STAGES
 from cmmerge.stages.runner import as_user_error
 
@@ -36,7 +37,7 @@ def run_step(step: Step, force: bool = False) -> dict:
     cfg = with_values(step.cfg, force=True) if force else step.cfg
     if step.stage == "evaluate":
         return evaluate.evaluate_one(cfg, str(step.eval_task))
-    return STAGES[step.stage].work(cfg)
+    return STAGES[step.stage].run(cfg)
 
 
 def keeps(cfg: DictConfig, stage: str) -> bool:
@@ -129,7 +130,7 @@ def run(cfg: DictConfig) -> dict | None:
     trained = [s for s in work if s.stage in ("finetune", "graft", "prompt")]
     result: dict = {}
     if any(executor.status.get(s.folder) == "ok" for s in trained):
-        result = STAGES["report"].work(cfg)
+        result = STAGES["report"].run(cfg)
     if executor.failures:
         step, error = executor.failures[0]
         left_out = sum(1 for v in executor.status.values() if v == "blocked")

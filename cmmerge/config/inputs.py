@@ -9,18 +9,15 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
+from cmmerge.config.chain import require_upstream
+from cmmerge.config.specs import init_spec
+from cmmerge.config.values import cache_dir, data_root, leakage_tasks, split_seed, task_config
 from cmmerge.data.guard import GuardedCorpus, task_paths
 from cmmerge.data.splits import config_root
 from cmmerge.io.manifest import sha256_bytes
-from cmmerge.models.loading import ModelSource
-from cmmerge.settings import (
-    cache_dir,
-    data_root,
-    leakage_tasks,
-    plain,
-    split_seed,
-    task_config,
-)
+from cmmerge.models.loading import ModelSource, local_model_dir
+from cmmerge.presets import plain
+from cmmerge.stages.runner import folder_input, stage_input
 
 if TYPE_CHECKING:  # the data layer (datasets, pandas) is imported by the stages that read data
     from datasets import DatasetDict
@@ -126,8 +123,8 @@ def data_inputs(
 
     ``corpus`` adds the corpus sources and the task train sets it takes in, and with ``guard``
     the files of every leakage task (whose evaluation texts it leaves out)."""
+    from cmmerge.config.values import cache_dir
     from cmmerge.io.hashes import content_digest
-    from cmmerge.settings import cache_dir
 
     files: list[Path] = []
     for name in tasks:
@@ -140,3 +137,17 @@ def data_inputs(
     cache = cache_dir(cfg)
     unique = list(dict.fromkeys(files))
     return [{"path": str(f), "sha256": content_digest(f, cache)} for f in unique]
+
+
+def init_model(cfg: DictConfig) -> tuple[Path, dict]:
+    """The model folder fine-tuning starts from and its manifest input entry."""
+    init = str(cfg.init)
+    require_upstream(cfg, "finetune")  # every missing stage of the chain, named at once
+    if init == "base":
+        path = resolve_model(cfg)
+        return path, folder_input(path)
+    if init in ("cpt", "merged"):  # the stage fine-tuning starts from, by its spec
+        start = init_spec(cfg)
+        return start.folder / "model", stage_input(start.folder, start.cli_hint())
+    path = local_model_dir(init, bool(cfg.get("allow_pickle")))
+    return path, folder_input(path)

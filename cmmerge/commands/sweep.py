@@ -25,17 +25,17 @@ from filelock import FileLock
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict
 
+from cmmerge.commands import cpt, evaluate, extract, finetune, merge
+from cmmerge.commands.pipeline import prune
+from cmmerge.config.ids import stage_dirs
+from cmmerge.config.plan import is_done, with_values
+from cmmerge.config.specs import finetune_spec, method_name
+from cmmerge.config.values import merge_scale, run_dir
 from cmmerge.errors import CmmergeError
 from cmmerge.io import transaction
 from cmmerge.io.manifest import read_json, write_json_atomic
 from cmmerge.reporting.study import chosen_scales
 from cmmerge.reporting.tables import finetune_rows, markdown_table, write_csv, write_text_atomic
-from cmmerge.settings import merge_scale, run_dir
-from cmmerge.stages import cpt, evaluate, extract, finetune, merge
-from cmmerge.stages.ids import stage_dirs
-from cmmerge.stages.pipeline import prune
-from cmmerge.stages.plan import is_done, with_values
-from cmmerge.stages.spec import finetune_spec, method_name
 
 log = logging.getLogger("cmmerge")
 

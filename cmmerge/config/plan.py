@@ -1,6 +1,6 @@
 """A study as a list of stage steps: the pipeline's tasks x CPT variants x arms x lambdas x seeds
 expanded into data, cpt, extract, merge, finetune, evaluate and prompt steps in the order they
-run, each with its folder (from :mod:`cmmerge.stages.ids`) and the upstream folders it reads.
+run, each with its folder (from :mod:`cmmerge.config.ids`) and the upstream folders it reads.
 
 ``pipeline.*`` keys read here (``configs/pipeline.yaml``): ``tasks``, ``seeds``,
 ``cpt_variants``, ``baselines``, ``merges`` and ``multi_source`` (``lambda`` and ``density`` may
@@ -26,9 +26,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from cmmerge.config.ids import stage_dirs
+from cmmerge.config.specs import PromptSpec
+from cmmerge.config.values import run_dir
 from cmmerge.errors import CmmergeError
-from cmmerge.settings import CONFIG_DIR, load_group_config, plain, run_dir
-from cmmerge.stages.ids import stage_dirs
+from cmmerge.presets import CONFIG_DIR, load_group_config, plain
 from cmmerge.stages.registry import STAGES
 
 _ARM_KEYS = ("sequential", "joint", "multi_source", "no_labels")
@@ -308,11 +310,11 @@ def expand(cfg: DictConfig) -> list[Step]:
 
 
 def _prompt_step(cfg: DictConfig) -> Step:
-    from cmmerge.stages.prompt import prompt_id
-
     dirs = stage_dirs(cfg)
     needs = (dirs["cpt"],) if str(cfg.prompt.init) == "cpt" else ()
-    return Step("prompt", cfg, run_dir(cfg) / "prompt" / prompt_id(cfg), needs)
+    return Step(
+        "prompt", cfg, run_dir(cfg) / "prompt" / PromptSpec.from_config(cfg).folder_id, needs
+    )
 
 
 def is_done(folder: Path) -> bool:
@@ -328,9 +330,9 @@ def settings_changed(step: Step) -> bool:
     """Whether the finished stage in ``step``'s folder recorded other settings than ``step``
     has (one changed under the same folder name: running the step redoes it). Entries the
     stage fills in when it runs, and data files, are checked by the runner alone."""
+    from cmmerge.config.specs import spec_for
     from cmmerge.io import transaction
     from cmmerge.io.manifest import fingerprint
-    from cmmerge.stages.spec import spec_for
 
     manifest = transaction.finished_manifest(step.folder)
     recorded = manifest.get("config") if manifest else None

@@ -1,4 +1,4 @@
-"""Small helpers over the composed Hydra config: paths, group lookups, plain containers.
+"""Typed reads of the composed Hydra config: numbers, flags and the folders it names.
 
 ``lambda`` is a Python keyword: it lives only in YAML and on the command line, and Python reads it
 here, in :func:`merge_scale`, and nowhere else.
@@ -7,24 +7,15 @@ here, in :func:`merge_scale`, and nowhere else.
 from __future__ import annotations
 
 import os
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from cmmerge.errors import CmmergeError
-
-PACKAGE_ROOT = Path(str(resources.files("cmmerge")))
-CONFIG_DIR = PACKAGE_ROOT / "configs"
-SAMPLES_DIR = PACKAGE_ROOT / "samples"
-
-
-def plain(node: Any) -> Any:
-    """A resolved plain-Python copy of a config node (dicts, lists, scalars)."""
-    if isinstance(node, DictConfig) or OmegaConf.is_config(node):
-        return OmegaConf.to_container(node, resolve=True)
-    return node
+from cmmerge.presets import SAMPLES_DIR, check_run_name, load_group_config
+from cmmerge.stages.runner import RunContext
 
 
 def _typed(cfg: DictConfig, key: str, kind: type, example: str) -> Any:
@@ -83,45 +74,9 @@ def cache_dir(cfg: DictConfig) -> Path:
     return path
 
 
-def check_run_name(name: object) -> str:
-    """``run.name`` as given, when it names a folder inside ``run.root``: not absolute, not
-    empty, and not leaving ``run.root`` once normalised (``a/../..``); else one line."""
-    text = str(name)
-    normal = os.path.normpath(text) if text.strip() else ""
-    if (
-        os.path.isabs(text)
-        or text.startswith("~")
-        or normal in ("", ".")
-        or (normal == ".." or normal.startswith(".." + os.sep))
-    ):
-        raise CmmergeError(
-            f"run.name={text}: a run name must name a folder inside run.root (no absolute "
-            "path, no '..' leading out of it); set run.root to choose where runs go"
-        )
-    return text
-
-
 def run_dir(cfg: DictConfig) -> Path:
     """The run directory ``${run.root}/${run.name}`` (its name checked: :func:`check_run_name`)."""
     return Path(cfg.run.root).expanduser() / check_run_name(cfg.run.name)
-
-
-def group_options(group: str) -> list[str]:
-    """Names of the options of a config group (``task``, ``model``, ...)."""
-    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
-
-
-def load_group_config(group: str, name: str) -> DictConfig:
-    """Load ``configs/<group>/<name>.yaml`` on its own (e.g. another task for transfer)."""
-    path = CONFIG_DIR / group / f"{name}.yaml"
-    if not path.exists():
-        raise CmmergeError(
-            f"unknown {group} '{name}'; choose one of: {', '.join(group_options(group))}"
-        )
-    node = OmegaConf.load(path)
-    if "defaults" in node:
-        node = OmegaConf.masked_copy(node, [k for k in node if k != "defaults"])
-    return node
 
 
 def task_config(cfg: DictConfig, name: str) -> DictConfig:
@@ -144,3 +99,39 @@ def leakage_tasks(cfg: DictConfig) -> list[str]:
         if name not in names:
             names.append(name)
     return names
+
+
+def run_context(cfg: DictConfig) -> RunContext:
+    """What the runner takes from a command besides the stage: the run directory, ``force``
+    and the seed it records."""
+    seed = cfg.get("seed")
+    try:
+        command: str | None = str(HydraConfig.get().job.name)
+    except ValueError:  # not under Hydra (a test, a pipeline called directly)
+        command = None
+    return RunContext(
+        run_root=str(cfg.run.root),
+        run_name=check_run_name(cfg.run.name),
+        force=bool(cfg.get("force")),
+        seed=None if seed is None else int(seed),
+        command=command,
+        overrides=tuple(hydra_overrides()),
+    )
+
+
+def hydra_overrides() -> list[str]:
+    """The command line's overrides of the running Hydra job ([] outside Hydra)."""
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # not running under Hydra (tests, pipeline called directly)
+        return []
+
+
+def config_folders(cfg: DictConfig) -> list[dict]:
+    """The model folders a config names (``init=DIR``, ``base=``, ``models=``,
+    ``model.name_or_path``), as inputs for :func:`as_user_error`."""
+    named = [cfg.get("init"), cfg.get("base"), *(cfg.get("models") or [])]
+    model = cfg.get("model")
+    if model is not None and hasattr(model, "get"):
+        named.append(model.get("name_or_path"))
+    return [{"path": str(p)} for p in named if p and Path(str(p)).expanduser().is_dir()]

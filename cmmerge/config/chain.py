@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from cmmerge.config.ids import cli_hint, stage_dirs
+from cmmerge.config.specs import GRAFT, onto_task, source_names
+from cmmerge.config.values import hydra_overrides
 from cmmerge.errors import CmmergeError
 from cmmerge.io import transaction
 from cmmerge.merging.methods import get_method
-from cmmerge.stages.ids import cli_hint, stage_dirs
-from cmmerge.stages.runner import hydra_overrides
-from cmmerge.stages.spec import GRAFT, onto_task, source_names
 
 
 def _merge_keys(cfg: DictConfig) -> list[str]:
@@ -94,7 +94,7 @@ def require_upstream(cfg: DictConfig, stage: str) -> None:
     commands = " && ".join(f"`{hint}`" for _, hint in missing)
     others = ""
     if any(name == "cpt" for name, _ in missing):
-        from cmmerge.stages.cpt_variants import finished_variants
+        from cmmerge.config.cpt_variants import finished_variants
 
         made = [v.folder_id for v in finished_variants(dirs["run"])]
         if made:

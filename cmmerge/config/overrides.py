@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cmmerge.errors import CmmergeError
-from cmmerge.settings import CONFIG_DIR, check_run_name, group_options
+from cmmerge.presets import CONFIG_DIR, check_run_name, group_options
 
 # Hydra's own command-line options that take a value (``--cfg job``, ``-p PACKAGE``...).
 _OPTIONS_WITH_VALUE = {
@@ -227,7 +227,7 @@ _SEED_MAX = 2**32 - 1  # numpy's and torch's seeding take 0 .. 2**32 - 1
 
 def _check_limits(key: str, override) -> None:
     """Values no stage can use, refused before Hydra makes anything: a run name leaving
-    ``run.root`` (:func:`~cmmerge.settings.check_run_name`), a seed outside what the random
+    ``run.root`` (:func:`~cmmerge.presets.check_run_name`), a seed outside what the random
     number generators take."""
     if override.is_delete():
         return

@@ -1,6 +1,6 @@
 """Names of stage folders in a run directory (DESIGN section 3) and of the paper's arms.
 
-Each folder name is its stage's spec's (:mod:`cmmerge.stages.spec`, the one source of the
+Each folder name is its stage's spec's (:mod:`cmmerge.config.specs`, the one source of the
 folder ids, fingerprinted views and CLI hints): :func:`stage_dirs` gathers them. The readable
 part names what is usually varied (``ties-l0.5-d0.2``, ``cpt@en-hi-sentiment-en-hi-s0``); every
 other setting that differs from its preset (the method's file, the ``train`` group's presets)
@@ -15,8 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from cmmerge.settings import merge_scale
-from cmmerge.stages.spec import (
+from cmmerge.config.specs import (
     GRAFT,
     CptSpec,
     GraftSpec,
@@ -27,6 +26,7 @@ from cmmerge.stages.spec import (
     onto_task,
     source_names,
 )
+from cmmerge.config.values import merge_scale
 
 
 def is_graft_id(name: str) -> bool:
@@ -53,7 +53,7 @@ def _language_name(task: DictConfig | dict) -> str:
 
 def graft_arm(cfg: DictConfig) -> str:
     """``English FT + τ_cpt (lambda=0.5)`` (``(TIES, lambda=..)`` for other methods)."""
-    from cmmerge.settings import load_group_config
+    from cmmerge.presets import load_group_config
 
     onto = onto_task(cfg)
     task = cfg.task if str(cfg.task.name) == onto else load_group_config("task", onto)

@@ -9,18 +9,18 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from cmmerge.config.chain import chain as upstream_chain
+from cmmerge.config.chain import command_for
+from cmmerge.config.cpt_variants import differing, finished_variants, matching
+from cmmerge.config.ids import is_graft_id, stage_dirs
+from cmmerge.config.specs import GRAFT, CptSpec
+from cmmerge.config.values import hydra_overrides, run_dir
 from cmmerge.errors import CmmergeError
 from cmmerge.io import transaction
 from cmmerge.io.manifest import MANIFEST, read_json, read_manifest
 from cmmerge.reporting.tables import markdown_table
-from cmmerge.settings import run_dir
-from cmmerge.stages.chain import chain as upstream_chain
-from cmmerge.stages.chain import command_for
-from cmmerge.stages.cpt_variants import differing, finished_variants, matching
-from cmmerge.stages.ids import is_graft_id, stage_dirs
 from cmmerge.stages.registry import stage_folders
-from cmmerge.stages.runner import STARTED, failure_file, hydra_overrides
-from cmmerge.stages.spec import GRAFT, CptSpec
+from cmmerge.stages.runner import STARTED, failure_file
 
 
 def _stage_folders(root: Path) -> list[Path]:
@@ -166,9 +166,9 @@ def run(cfg: DictConfig) -> dict:
 def variant_rows(root: Path, cfg: DictConfig) -> list[dict]:
     """One row per finished arm of the run that has variants (``Full FT [epochs=2]``): its
     name with the settings it differs in, task, seeds, and whether ``cfg`` makes it."""
+    from cmmerge.config.specs import configured
     from cmmerge.reporting.study import collect, group_arms
     from cmmerge.reporting.variants import mark_configured
-    from cmmerge.stages.spec import configured
 
     arms = group_arms(collect(root, predictions=False))
     if not any(a.tag for a in arms):

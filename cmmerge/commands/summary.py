@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from cmmerge.settings import run_dir
+from cmmerge.config.values import run_dir
 
 
 def _f(value: Any, digits: int = 4) -> str:
@@ -26,7 +26,7 @@ def _g(value: Any) -> str:
 
 
 def _dirs(cfg: DictConfig) -> dict[str, Path]:
-    from cmmerge.stages.ids import stage_dirs
+    from cmmerge.config.ids import stage_dirs
 
     return stage_dirs(cfg)
 
@@ -91,10 +91,10 @@ def _evaluate(cfg: DictConfig, per_task: dict) -> str:
 
 
 def _prompt(cfg: DictConfig, m: dict) -> str:
-    from cmmerge.stages.prompt import prompt_id
+    from cmmerge.config.specs import PromptSpec
 
     x = m.get("metrics", {})
-    where = run_dir(cfg) / "prompt" / prompt_id(cfg)
+    where = run_dir(cfg) / "prompt" / PromptSpec.from_config(cfg).folder_id
     how = f" ({m['scoring']})" if m.get("scoring") else ""
     base = ""
     if m.get("majority_macro_f1") is not None:

@@ -7,7 +7,7 @@ and :class:`FrozenMap` for the free-form sections: ``task``, ``cpt``, ``finetune
 Everything that names or checks a stage is derived from it, so they cannot disagree:
 
 - ``spec.folder_id`` / ``spec.folder``: the stage's folder in the run directory
-  (:func:`cmmerge.stages.ids.stage_dirs` gathers them). The readable part names what is
+  (:func:`cmmerge.config.ids.stage_dirs` gathers them). The readable part names what is
   usually varied (``ties-l0.5-d0.2``); every other setting that differs from its preset adds
   a short hash.
 - ``spec.config_view()``: the manifest's ``config``, which
@@ -42,23 +42,21 @@ from typing import Any, ClassVar
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cmmerge.errors import CmmergeError
-from cmmerge.io.manifest import ARM_TASK_LISTS, NOT_OUTPUT_SETTINGS, fingerprint
-from cmmerge.merging.methods import get_method, resolve_params
-from cmmerge.reporting import variants
-from cmmerge.settings import (
-    CONFIG_DIR,
-    SAMPLES_DIR,
+from cmmerge.config.values import (
     config_bool,
     config_float,
     config_int,
     leakage_tasks,
-    load_group_config,
     merge_scale,
-    plain,
     split_seed,
     task_config,
 )
+from cmmerge.errors import CmmergeError
+from cmmerge.io.manifest import ARM_TASK_LISTS, NOT_OUTPUT_SETTINGS, fingerprint
+from cmmerge.io.model_files import WRITE_DTYPES
+from cmmerge.merging.methods import get_method, resolve_params
+from cmmerge.presets import CONFIG_DIR, SAMPLES_DIR, load_group_config, plain
+from cmmerge.reporting import variants
 from cmmerge.stages.registry import STAGES
 
 # Settings left out of the folder hash: those that only change how fast or how verbosely a stage
@@ -231,7 +229,7 @@ def _peft_differences(peft: FrozenMap | None) -> dict:
 
 
 def _data_root(cfg: DictConfig) -> str:
-    """``data.root`` as the stages record it (checked by :func:`cmmerge.settings.data_root`
+    """``data.root`` as the stages record it (checked by :func:`cmmerge.config.values.data_root`
     when the stage reads data; a spec only names it)."""
     root = cfg.data.get("root")
     return str(Path(root).expanduser() if root else SAMPLES_DIR)
@@ -269,8 +267,9 @@ class Setting:
     (``source``: a dotted config key, checked as ``kind`` when given, or a function of the
     config; None: the stage fills it in, or it is a default), its key in the recorded config
     (``view``; None: it names the folder instead), how it is written there (``show``), whether
-    the stage resolves it when it runs (``resolved``), and its key in the command that makes the
-    stage (``hint``: a format such as ``"seed={}"`` or a function of the value)."""
+    the stage resolves it when it runs (``resolved``), its key in the command that makes the
+    stage (``hint``: a format such as ``"seed={}"`` or a function of the value), and the values
+    a dotted key accepts (``choices``; ``low``: the smallest number), refused in one line."""
 
     source: str | Callable[[DictConfig], Any] | None = None
     kind: type | None = None
@@ -278,6 +277,8 @@ class Setting:
     show: Callable[[Any], Any] | None = None
     resolved: bool = False
     hint: str | Callable[[Any], str | None] | None = None
+    choices: tuple[str, ...] | None = None
+    low: float | None = None
 
 
 def setting(
@@ -289,9 +290,12 @@ def setting(
     show: Callable[[Any], Any] | None = None,
     resolved: bool = False,
     hint: str | Callable[[Any], str | None] | None = None,
+    choices: tuple[str, ...] | None = None,
+    low: float | None = None,
 ) -> Any:
     """A spec field declared by a :class:`Setting` (``view=True``: recorded under its own name)."""
-    declared = Setting(source, kind, None if view is False else view, show, resolved, hint)
+    shown = None if view is False else view
+    declared = Setting(source, kind, shown, show, resolved, hint, choices, low)
     return dataclasses.field(default=default, metadata={"setting": declared})
 
 
@@ -309,11 +313,24 @@ def _read(declared: Setting, cfg: DictConfig) -> Any:
         return freeze(source(cfg))
     kind = declared.kind
     if kind in _TYPED:
-        return _TYPED[kind](cfg, str(source))
-    value = OmegaConf.select(cfg, str(source))
-    if kind is str:
-        return None if value is None else str(value)
+        value = _TYPED[kind](cfg, str(source))
+    else:
+        value = OmegaConf.select(cfg, str(source))
+        if kind is str and value is not None:
+            value = str(value)
+    _check_range(declared, str(source), value)
     return freeze(value)
+
+
+def _check_range(declared: Setting, key: str, value: Any) -> None:
+    """One line when ``value`` of ``key`` is not among the declared choices or below ``low``
+    (an unset value, None or empty, is left to the default)."""
+    if value is None or value == "":
+        return
+    if declared.choices is not None and value not in declared.choices:
+        raise CmmergeError(f"{key}={value}: choose one of {', '.join(declared.choices)}")
+    if declared.low is not None and value < declared.low:
+        raise CmmergeError(f"{key}={value}: must be >= {declared.low:g}")
 
 
 def _shown_dtype(dtype: str | None) -> str:
@@ -536,7 +553,7 @@ class ExtractSpec(StageSpec):
 
     cpt: CptSpec | None = setting(source=CptSpec.from_config, view=False)
     model: FrozenMap | None = setting(source="model")
-    dtype: str | None = setting(source="dtype", kind=str)
+    dtype: str | None = setting(source="dtype", kind=str, choices=WRITE_DTYPES)
     compare_with: tuple[str, ...] = setting((), _task_vector_paths)
 
     STAGE: ClassVar[str] = "extract"
@@ -614,7 +631,7 @@ class MergeSpec(StageSpec):
     params: FrozenMap | None = setting(source=_merge_params)
     sources: tuple[str, ...] = setting(("cpt",), lambda cfg: source_names(cfg), view=False)
     weights: tuple[float, ...] | None = setting(source=_run_merge_weights, view=False)
-    dtype: str | None = setting(source="dtype", kind=str, show=_shown_dtype)
+    dtype: str | None = setting(source="dtype", kind=str, show=_shown_dtype, choices=WRITE_DTYPES)
     max_shard_size: Any = setting(source="max_shard_size", show=_shown_shard_size)
     allow_nonfinite: bool = setting(False, lambda cfg: bool(cfg.get("allow_nonfinite")))
     seed: int | None = setting(source=_task_source_seed, view=False)
@@ -896,7 +913,7 @@ class PromptSpec(StageSpec):
     task: FrozenMap | None = setting(source="task", hint=_task_hint)
     prompt: FrozenMap | None = setting(source="prompt")
     normalize: bool = setting(False, "prompt.normalize", kind=bool)
-    shots: int = setting(0, "shots", kind=int, hint="shots={}")
+    shots: int = setting(0, "shots", kind=int, hint="shots={}", low=0)
     seed: int = setting(0, "seed", kind=int, hint="seed={}")
     data_root: str = _data_root_source()
     split_seed: int = _split_seed_source()

@@ -1,0 +1,62 @@
+"""The files shipped with cmmerge: its config groups (``configs/``) and data samples, and the
+plain-Python form of a config node. Read by every layer; it reads no composed config (that is
+:mod:`cmmerge.config`).
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from cmmerge.errors import CmmergeError
+
+PACKAGE_ROOT = Path(str(resources.files("cmmerge")))
+CONFIG_DIR = PACKAGE_ROOT / "configs"
+SAMPLES_DIR = PACKAGE_ROOT / "samples"
+
+
+def plain(node: Any) -> Any:
+    """A resolved plain-Python copy of a config node (dicts, lists, scalars)."""
+    if OmegaConf.is_config(node):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
+def check_run_name(name: object) -> str:
+    """``run.name`` as given, when it names a folder inside ``run.root``: not absolute, not
+    empty, and not leaving ``run.root`` once normalised (``a/../..``); else one line."""
+    text = str(name)
+    normal = os.path.normpath(text) if text.strip() else ""
+    if (
+        os.path.isabs(text)
+        or text.startswith("~")
+        or normal in ("", ".")
+        or (normal == ".." or normal.startswith(".." + os.sep))
+    ):
+        raise CmmergeError(
+            f"run.name={text}: a run name must name a folder inside run.root (no absolute "
+            "path, no '..' leading out of it); set run.root to choose where runs go"
+        )
+    return text
+
+
+def group_options(group: str) -> list[str]:
+    """Names of the options of a config group (``task``, ``model``, ...)."""
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def load_group_config(group: str, name: str) -> Any:
+    """Load ``configs/<group>/<name>.yaml`` on its own (e.g. another task for transfer)."""
+    path = CONFIG_DIR / group / f"{name}.yaml"
+    if not path.exists():
+        raise CmmergeError(
+            f"unknown {group} '{name}'; choose one of: {', '.join(group_options(group))}"
+        )
+    node = OmegaConf.load(path)
+    if "defaults" in node:
+        node = OmegaConf.masked_copy(node, [k for k in node if k != "defaults"])
+    return node

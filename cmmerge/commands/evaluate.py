@@ -19,6 +19,7 @@ from cmmerge.stages.runner import run_stage, stage_input
 
 
 def eval_task_names(cfg: DictConfig) -> list[str]:
+    """The tasks scored: ``eval_tasks``, or the task fine-tuned on."""
     return [str(t) for t in (cfg.get("eval_tasks") or [cfg.task.name])]
 
 

@@ -165,7 +165,8 @@ def run_transaction(
     manifest whose listed files are all there.
 
     Args:
-        run: the run directory, ``force`` and the seed recorded (:meth:`RunContext.of`).
+        run: the run directory, ``force``, the seed and the command recorded
+            (:func:`cmmerge.config.values.run_context`).
         stage: stage name for the manifest.
         stage_dir: the stage's folder in the run directory.
         config_view: the part of the config that determines this stage's result.

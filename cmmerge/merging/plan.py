@@ -154,6 +154,43 @@ def _mismatch(name: str, base_shape: tuple, other: tuple, base: str, src: str) -
     )
 
 
+def _merged_item(
+    key: str,
+    name: str,
+    shape: tuple,
+    dtype: DType,
+    sources: list[Source],
+    base_dir: str,
+    vectors: list[tuple[Item, str, tuple, str]],
+) -> Item:
+    """The item merging base tensor ``key`` (backbone ``name``) with every source that stores it
+    (one that left it out, all zero, merges as zeros of the base's shape). The first source with
+    more rows grows it, and every other that grew it must agree; a grown 1-D tensor is added to
+    ``vectors`` for :func:`_check_grown_vectors`."""
+    item = Item(key, shape, dtype, [s.names.get(name) for s in sources], math.prod(shape))
+    for i, s in enumerate(sources):
+        if name not in s.names:
+            continue
+        other = tuple(s.reader.shape(s.names[name]))
+        if not s.reader.dtype(s.names[name]).is_floating_point:
+            raise CmmergeError(
+                f"{name!r} is {s.reader.dtype(s.names[name])} in {s.label} "
+                f"but floating point in {base_dir}"
+            )
+        if not check_shape(name, shape, other, base_dir, s.label, grow=True, vectors=True):
+            continue
+        if item.grown_from is None:
+            item.grown_from, item.grown_key, item.shape = i, s.names[name], other
+            if len(other) == 1:
+                vectors.append((item, name, shape, s.label))
+        elif other != item.shape:
+            raise CmmergeError(
+                f"sources grew {name!r} differently: {item.shape} in "
+                f"{sources[item.grown_from].label} vs {other} in {s.label}"
+            )
+    return item
+
+
 def plan_merge(
     base: CheckpointReader, base_dir: PathLike, sources: list[Source], dtype: DType | None
 ) -> tuple[list[Item], dict]:
@@ -219,26 +256,7 @@ def plan_merge(
                 base_only.append(key)
             items.append(Item(key, shape, out_float))
             continue
-        item = Item(key, shape, out_float, [s.names.get(name) for s in sources], math.prod(shape))
-        for i, s in enumerate(sources):
-            if name not in s.names:
-                continue  # all zero in this task vector: merged as zeros of the base's shape
-            other = tuple(s.reader.shape(s.names[name]))
-            if not s.reader.dtype(s.names[name]).is_floating_point:
-                raise CmmergeError(
-                    f"{name!r} is {s.reader.dtype(s.names[name])} in {s.label} "
-                    f"but floating point in {base_dir}"
-                )
-            if check_shape(name, shape, other, str(base_dir), s.label, grow=True, vectors=True):
-                if item.grown_from is None:
-                    item.grown_from, item.grown_key, item.shape = i, s.names[name], other
-                    if len(other) == 1:
-                        vectors.append((item, name, shape, s.label))
-                elif other != item.shape:
-                    raise CmmergeError(
-                        f"sources grew {name!r} differently: {item.shape} in "
-                        f"{sources[item.grown_from].label} vs {other} in {s.label}"
-                    )
+        item = _merged_item(key, name, shape, out_float, sources, str(base_dir), vectors)
         if item.grown_from is not None:
             grown[key] = item.shape[0]
         used.add(name)

@@ -102,20 +102,21 @@ def leakage_tasks(cfg: DictConfig) -> list[str]:
 
 
 def run_context(cfg: DictConfig) -> RunContext:
-    """What the runner takes from a command besides the stage: the run directory, ``force``
-    and the seed it records."""
+    """What the runner takes from a command besides the stage: the run directory, ``force``,
+    the seed it records, and the Hydra job's name and overrides (none outside Hydra)."""
     seed = cfg.get("seed")
     try:
-        command: str | None = str(HydraConfig.get().job.name)
+        hydra = HydraConfig.get()
+        command, overrides = str(hydra.job.name), tuple(hydra.overrides.task)
     except ValueError:  # not under Hydra (a test, a pipeline called directly)
-        command = None
+        command, overrides = None, ()
     return RunContext(
         run_root=str(cfg.run.root),
         run_name=check_run_name(cfg.run.name),
         force=bool(cfg.get("force")),
         seed=None if seed is None else int(seed),
         command=command,
-        overrides=tuple(hydra_overrides()),
+        overrides=overrides,
     )
 
 

@@ -245,17 +245,10 @@ def _check_limits(key: str, override) -> None:
             )
 
 
-def check_overrides(
-    stage: str, overrides: list[str], multirun: bool = False, defer_keys: bool = False
-) -> Callable[[DictConfig], None] | None:
-    """Refuse unknown keys, unknown group options, values of the wrong type and malformed
-    overrides of ``cmmerge <stage> ...`` with one line; anything else is left to Hydra.
-
-    Key names and value types are checked against the stage's config composed with the
-    overrides' group choices. With ``defer_keys`` that check is returned instead of run (None
-    when there is no key to check): the caller runs it on the config Hydra composes for the
-    command itself, before Hydra applies the overrides, so the config is composed once."""
-    parsed = _parse(overrides)
+def _checked_groups(parsed: list, multirun: bool) -> tuple[list[str], list]:
+    """Check each override's limits, launcher and group option; returns the group choices
+    (``group=option``, for composing) and the key overrides left to check against the config.
+    Hydra's own keys and ``~``/``+``/``++`` overrides are left to Hydra."""
     groups = set(config_groups())
     chosen, keys = [], []
     for o in parsed:
@@ -270,13 +263,27 @@ def check_overrides(
                 f"{o.input_line} gives several values, which is a sweep: use `cmmerge sweep`, "
                 "add -m, or write a list as key=[a,b]"
             )
-        if name in groups:
-            _check_group(name, o)
-            first = _values(o)[:1] or [None]
-            if first[0] is not None:
-                chosen.append(f"{name}={first[0]}")
-        else:
+        if name not in groups:
             keys.append(o)
+            continue
+        _check_group(name, o)
+        first = _values(o)[:1] or [None]
+        if first[0] is not None:
+            chosen.append(f"{name}={first[0]}")
+    return chosen, keys
+
+
+def check_overrides(
+    stage: str, overrides: list[str], multirun: bool = False, defer_keys: bool = False
+) -> Callable[[DictConfig], None] | None:
+    """Refuse unknown keys, unknown group options, values of the wrong type and malformed
+    overrides of ``cmmerge <stage> ...`` with one line; anything else is left to Hydra.
+
+    Key names and value types are checked against the stage's config composed with the
+    overrides' group choices. With ``defer_keys`` that check is returned instead of run (None
+    when there is no key to check): the caller runs it on the config Hydra composes for the
+    command itself, before Hydra applies the overrides, so the config is composed once."""
+    chosen, keys = _checked_groups(_parse(overrides), multirun)
     if not keys:
         return None
 

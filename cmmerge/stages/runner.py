@@ -191,28 +191,10 @@ def run_transaction(
         dist.barrier()
         previous = read_manifest(stage_dir)
         reason = None if previous is None else transaction.problem(stage_dir, previous)
-        if previous is not None and reason is None and _same_stage(previous, digest, inputs):
-            just_made = (stage_dir / MANIFEST).stat().st_mtime >= asked  # by another process
-            if not run.force or just_made:
-                if dist.is_main():
-                    _clear_failure(stage_dir)  # an earlier failure of it no longer stands
-                log.info("%s: up to date in %s, skipped (force=true redoes it)", stage, stage_dir)
-                previous["skipped"] = True
-                return previous
-        if dist.is_main():  # before anything in it is touched: may cmmerge replace it?
-            key = "output" if place == ownership.OUTPUT else None
-            ownership.claim(stage_dir, stage, place, run.force, key)
-        same_as = _same_version(stage, stage_dir, previous, reason, digest, inputs)
-        if previous is not None:
-            why = reason or ("force=true" if run.force else "config or inputs changed")
-            log.info("%s: redoing %s (%s)", stage, stage_dir, why)
-        dist.barrier()  # every rank has read the old manifest before rank 0 removes it
-        if dist.is_main():
-            transaction.invalidate(stage_dir)
-            transaction.prepare(stage_dir, digest, resumable)
-            command = resume_command(run, stage)
-            write_json_atomic(transaction.partial_dir(stage_dir) / STARTED, {"command": command})
-        dist.barrier()
+        done = _up_to_date(run, stage, stage_dir, previous, reason, digest, inputs, asked)
+        if done is not None:
+            return done
+        same_as = _begin(run, stage, stage_dir, previous, reason, digest, inputs, resumable, place)
         partial = transaction.partial_dir(stage_dir)
         manifest: dict = {}
         try:
@@ -222,12 +204,7 @@ def run_transaction(
             if dist.is_main():
                 _finish(run, stage, stage_dir, partial, manifest, same_as, place)
         except BaseException as err:
-            user = as_user_error(err, stage_dir) if isinstance(err, Exception) else None
-            if dist.is_main():
-                _record_failure(stage_dir, partial, user or err, run, resume_command(run, stage))
-                finished = transaction.problem(partial) is None  # only its swap failed
-                if not (resumable or finished):
-                    transaction.discard(stage_dir)
+            user = _failed(err, run, stage, stage_dir, partial, resumable)
             if user is not None and user is not err:
                 raise user from err
             raise
@@ -236,6 +213,80 @@ def run_transaction(
         manifest = read_manifest(stage_dir) or {}
     manifest["skipped"] = False
     return manifest
+
+
+def _up_to_date(
+    run: RunContext,
+    stage: str,
+    stage_dir: Path,
+    previous: dict | None,
+    reason: str | None,
+    digest: str,
+    inputs: list[dict],
+    asked: float,
+) -> dict | None:
+    """The manifest of the finished stage in ``stage_dir`` when it is whole, made from the same
+    config and inputs, and not to be redone (``force=true`` does not redo a stage another
+    process finished while this one waited for the lock); else None."""
+    if previous is None or reason is not None or not _same_stage(previous, digest, inputs):
+        return None
+    just_made = (stage_dir / MANIFEST).stat().st_mtime >= asked  # by another process
+    if run.force and not just_made:
+        return None
+    if dist.is_main():
+        _clear_failure(stage_dir)  # an earlier failure of it no longer stands
+    log.info("%s: up to date in %s, skipped (force=true redoes it)", stage, stage_dir)
+    previous["skipped"] = True
+    return previous
+
+
+def _begin(
+    run: RunContext,
+    stage: str,
+    stage_dir: Path,
+    previous: dict | None,
+    reason: str | None,
+    digest: str,
+    inputs: list[dict],
+    resumable: bool,
+    place: str,
+) -> list[str]:
+    """Claim ``stage_dir`` (refused when it is not cmmerge's to replace), set the old version
+    aside and prepare the partial folder; returns the versions the new one equals."""
+    if dist.is_main():  # before anything in it is touched: may cmmerge replace it?
+        key = "output" if place == ownership.OUTPUT else None
+        ownership.claim(stage_dir, stage, place, run.force, key)
+    same_as = _same_version(stage, stage_dir, previous, reason, digest, inputs)
+    if previous is not None:
+        why = reason or ("force=true" if run.force else "config or inputs changed")
+        log.info("%s: redoing %s (%s)", stage, stage_dir, why)
+    dist.barrier()  # every rank has read the old manifest before rank 0 removes it
+    if dist.is_main():
+        transaction.invalidate(stage_dir)
+        transaction.prepare(stage_dir, digest, resumable)
+        command = resume_command(run, stage)
+        write_json_atomic(transaction.partial_dir(stage_dir) / STARTED, {"command": command})
+    dist.barrier()
+    return same_as
+
+
+def _failed(
+    err: BaseException,
+    run: RunContext,
+    stage: str,
+    stage_dir: Path,
+    partial: Path,
+    resumable: bool,
+) -> CmmergeError | None:
+    """Record a failed attempt (and discard its partial folder unless it can be resumed or only
+    its swap into place failed); returns the error as the user should read it, if any."""
+    user = as_user_error(err, stage_dir) if isinstance(err, Exception) else None
+    if dist.is_main():
+        _record_failure(stage_dir, partial, user or err, run, resume_command(run, stage))
+        finished = transaction.problem(partial) is None  # only its swap failed
+        if not (resumable or finished):
+            transaction.discard(stage_dir)
+    return user
 
 
 def _finish(

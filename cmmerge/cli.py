@@ -173,6 +173,9 @@ def _run(stage: str, args: list[str]) -> None:
     call = next(_CALLS)  # a second command in one process gets its own folder too
     tag = str(os.getpid()) if call == 1 else f"{os.getpid()}-{call}"
     OmegaConf.register_new_resolver("cmmerge_pid", lambda: tag, replace=True, use_cache=True)
+    from cmmerge.config.keys import register
+
+    register()  # the shared keys that common.yaml lists (Hydra reads configs/ as files here)
     if stage == "sweep":
         from cmmerge.commands.sweep import FAILED
 

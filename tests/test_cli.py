@@ -42,6 +42,9 @@ def test_unknown_stage_is_one_line_and_exit_2():
 def test_stage_help_and_cfg_job(tmp_path):
     out = cmmerge("merge", "--help", cwd=tmp_path)
     assert out.returncode == 0 and "model: " in out.stdout and "tiny-llama" in out.stdout
+    # the shared keys with their defaults and what they do (cmmerge/config/keys.py)
+    assert "density = 0.2: merge: fraction of each task vector kept by ties" in out.stdout
+    assert "cache_dir = null: built tiny models; null = $CMMERGE_CACHE" in out.stdout
     out = cmmerge("cpt", "model=tiny-llama", "--cfg", "job", cwd=tmp_path)
     assert out.returncode == 0 and "name: tiny-llama" in out.stdout and "cpt:" in out.stdout
     assert not (tmp_path / "runs").exists()  # --cfg runs nothing

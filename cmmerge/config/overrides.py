@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from cmmerge.config.keys import KEYS
 from cmmerge.errors import CmmergeError
 from cmmerge.presets import CONFIG_DIR, check_run_name, group_options
 
@@ -159,8 +160,14 @@ _EXAMPLES = {"a number": "0.5", "true or false": "true", "a list": "[a,b]", "a m
 
 
 def _check_value(key: str, override, cfg: DictConfig) -> None:
-    default = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
-    expected = _expected(default)
+    """Refuse a value of the wrong type: the type a shared key declares (``keys.KEYS``), else
+    the type of the key's default in the composed config."""
+    shared = KEYS.get(key)
+    if shared is not None and shared.kind in (int, float, bool):
+        expected = _expected(shared.kind(0))
+    else:
+        default = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+        expected = _expected(default)
     if expected is None:
         return
     for value in _values(override):

@@ -42,6 +42,7 @@ from typing import Any, ClassVar
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from cmmerge.config.keys import KEYS
 from cmmerge.config.values import (
     config_bool,
     config_float,
@@ -53,7 +54,6 @@ from cmmerge.config.values import (
 )
 from cmmerge.errors import CmmergeError
 from cmmerge.io.manifest import ARM_TASK_LISTS, NOT_OUTPUT_SETTINGS, fingerprint
-from cmmerge.io.model_files import WRITE_DTYPES
 from cmmerge.merging.methods import get_method, resolve_params
 from cmmerge.presets import CONFIG_DIR, SAMPLES_DIR, load_group_config, plain
 from cmmerge.reporting import variants
@@ -293,8 +293,15 @@ def setting(
     choices: tuple[str, ...] | None = None,
     low: float | None = None,
 ) -> Any:
-    """A spec field declared by a :class:`Setting` (``view=True``: recorded under its own name)."""
+    """A spec field declared by a :class:`Setting` (``view=True``: recorded under its own name).
+    A shared top-level key (``source`` in :data:`~cmmerge.config.keys.KEYS`) brings its type and
+    allowed values from its one declaration there."""
     shown = None if view is False else view
+    shared = KEYS.get(source) if isinstance(source, str) else None
+    if shared is not None:
+        if (kind, choices, low) != (None, None, None):
+            raise TypeError(f"{source!r} is declared in cmmerge.config.keys: not again here")
+        kind, choices, low = shared.kind, shared.choices, shared.low
     declared = Setting(source, kind, shown, show, resolved, hint, choices, low)
     return dataclasses.field(default=default, metadata={"setting": declared})
 
@@ -378,8 +385,8 @@ class StageSpec:
     :meth:`resolve` and :meth:`hint_keys`. Subclasses name their stage (``STAGE``, the folder
     under the run directory) and write their folder id."""
 
-    run_root: str = setting("", "run.root", kind=str, view=False)
-    run_name: str = setting("", "run.name", kind=str, view=False)
+    run_root: str = setting("", "run.root", view=False)
+    run_name: str = setting("", "run.name", view=False)
 
     STAGE: ClassVar[str] = ""
 
@@ -503,7 +510,7 @@ class DataSpec(RunFolderSpec):
     corpus: FrozenMap | None = setting(source="corpus")
     data: FrozenMap | None = setting(source="data")
     data_root: str = _data_root_source()
-    seed: int = setting(0, "seed", kind=int)
+    seed: int = setting(0, "seed")
     cpt_seed: Any = setting(0, "cpt.seed")
     model: FrozenMap | None = setting(source=_tokenized_model)
     leakage_tasks: tuple[str, ...] = setting((), leakage_tasks)
@@ -553,7 +560,7 @@ class ExtractSpec(StageSpec):
 
     cpt: CptSpec | None = setting(source=CptSpec.from_config, view=False)
     model: FrozenMap | None = setting(source="model")
-    dtype: str | None = setting(source="dtype", kind=str, choices=WRITE_DTYPES)
+    dtype: str | None = setting(source="dtype")
     compare_with: tuple[str, ...] = setting((), _task_vector_paths)
 
     STAGE: ClassVar[str] = "extract"
@@ -631,7 +638,7 @@ class MergeSpec(StageSpec):
     params: FrozenMap | None = setting(source=_merge_params)
     sources: tuple[str, ...] = setting(("cpt",), lambda cfg: source_names(cfg), view=False)
     weights: tuple[float, ...] | None = setting(source=_run_merge_weights, view=False)
-    dtype: str | None = setting(source="dtype", kind=str, show=_shown_dtype, choices=WRITE_DTYPES)
+    dtype: str | None = setting(source="dtype", show=_shown_dtype)
     max_shard_size: Any = setting(source="max_shard_size", show=_shown_shard_size)
     allow_nonfinite: bool = setting(False, lambda cfg: bool(cfg.get("allow_nonfinite")))
     seed: int | None = setting(source=_task_source_seed, view=False)
@@ -729,12 +736,12 @@ class FinetuneSpec(StageSpec):
     the ``train`` preset, and LoRA settings other than the defaults. ``init_dir`` and
     ``labels`` are resolved by the stage."""
 
-    init: str = setting("base", "init", kind=str, hint="init={}")
+    init: str = setting("base", "init", hint="init={}")
     start: StageSpec | str = setting("base", init_spec, view=False)  # the CPT or merge read
     task: FrozenMap | None = setting(source="task", hint=_task_hint)
     finetune: FrozenMap | None = setting(source="finetune")
     peft: FrozenMap | None = setting(source="peft")
-    seed: int = setting(0, "seed", kind=int, hint="seed={}")
+    seed: int = setting(0, "seed", hint="seed={}")
     data_root: str = _data_root_source()
     split_seed: int = _split_seed_source()
     init_dir: str | None = setting(resolved=True)
@@ -804,7 +811,7 @@ class GraftSpec(StageSpec):
     evaluate: FrozenMap | None = setting(source="evaluate")
     data_root: str = _data_root_source()
     split_seed: int = _split_seed_source()
-    seed: int = setting(0, "seed", kind=int)
+    seed: int = setting(0, "seed")
     labels: tuple[str, ...] | None = setting(resolved=True)
 
     STAGE: ClassVar[str] = "finetune"
@@ -855,7 +862,7 @@ class EvaluateSpec(StageSpec):
     evaluate: FrozenMap | None = setting(source="evaluate")
     data_root: str = _data_root_source()
     split_seed: int = _split_seed_source()
-    seed: int = setting(0, "seed", kind=int)
+    seed: int = setting(0, "seed")
     labels: tuple[str, ...] | None = setting(resolved=True)
 
     STAGE: ClassVar[str] = "evaluate"
@@ -914,7 +921,7 @@ class PromptSpec(StageSpec):
     prompt: FrozenMap | None = setting(source="prompt")
     normalize: bool = setting(False, "prompt.normalize", kind=bool)
     shots: int = setting(0, "shots", kind=int, hint="shots={}", low=0)
-    seed: int = setting(0, "seed", kind=int, hint="seed={}")
+    seed: int = setting(0, "seed", hint="seed={}")
     data_root: str = _data_root_source()
     split_seed: int = _split_seed_source()
     dtype: str | None = setting(resolved=True)

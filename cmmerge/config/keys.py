@@ -1,0 +1,186 @@
+"""The top-level keys every command shares, each declared once: default, type, allowed values
+and what it does.
+
+:data:`KEYS` is the one place such a key is written. :func:`register` puts their defaults in
+Hydra's ConfigStore as the node ``keys``, which ``configs/common.yaml`` lists where its own values
+would be (so groups and experiments override them as before); a stage spec that reads a key
+(``setting(source="seed")``) takes its type and allowed values from here, and the override check
+(:mod:`cmmerge.config.overrides`) refuses a value of the wrong type with them. The keys of a
+group (``model.*``, ``task.*``...) and of the free-form sections (``cpt.*``, ``finetune.*``...)
+stay in their YAML files, where they are written once too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cmmerge.io.model_files import WRITE_DTYPES
+
+NODE = "keys"  # its name in the ConfigStore and in common.yaml's defaults list
+
+
+@dataclass(frozen=True)
+class Key:
+    """One top-level key: its dotted name, default, what it does (``doc``, shown by
+    ``cmmerge --help``), and what it accepts: ``kind`` (int, float, bool or str; None: anything,
+    e.g. a list or null), ``choices`` (for a str) and ``low`` (the smallest number)."""
+
+    name: str
+    default: Any
+    doc: str
+    kind: type | None = None
+    choices: tuple[str, ...] | None = None
+    low: float | None = None
+
+
+_LEAKAGE = [
+    "sentiment-en-hi",
+    "sentiment-en-es",
+    "hate-en-hi",
+    "sentiment-en-ta",
+    "sentiment-en-ml",
+    "lid-en-hi",
+    "lid-en-es",
+    "lid-en-hi-l3cube",
+]
+
+KEYS: dict[str, Key] = {
+    k.name: k
+    for k in (
+        Key("run.root", "runs", "run directories live in ${run.root}/${run.name}", str),
+        Key("run.name", "default", "the run directory's name under run.root", str),
+        Key("seed", 0, "fine-tuning / evaluation seed (CPT has its own: cpt.seed)", int),
+        Key("force", False, "true: redo finished stages", bool),
+        Key("debug", False, "true: full tracebacks on errors", bool),
+        Key(
+            "data.root",
+            None,
+            "a folder laid out like shared/data; null = the samples shipped with cmmerge",
+            str,
+        ),
+        Key(
+            "data.split_seed",
+            0,
+            "seed of validation splits carved from train (fixed across seeds)",
+            int,
+        ),
+        Key(
+            "data.leakage_tasks",
+            _LEAKAGE,
+            "validation and test texts of these tasks (and of task and eval_tasks) are removed "
+            "from every CPT corpus; a task whose files are missing under data.root is skipped "
+            "and reported",
+        ),
+        Key(
+            "data.token_lengths",
+            True,
+            "cmmerge data: token length percentiles with the model's tokenizer",
+            bool,
+        ),
+        Key("cache_dir", None, "built tiny models; null = $CMMERGE_CACHE or ~/.cache/cmmerge", str),
+        Key(
+            "cpt_peft",
+            None,
+            "CPT's own peft: none | lora | {name: lora, r: 16}; null = the peft group's "
+            "(cpt_peft=none peft=lora: full CPT, then LoRA fine-tuning)",
+        ),
+        Key("lambda", 1.0, "merge: the scale of the combined task vectors", float),
+        Key("density", 0.2, "merge: fraction of each task vector kept by ties (0, 1]", float),
+        Key("base", None, "standalone merge: base model folder", str),
+        Key("models", None, "standalone merge: fine-tuned model folders"),
+        Key("task_vectors", None, "standalone merge: task-vector .safetensors files"),
+        Key("weights", None, "per-source weights (default: 1 each)"),
+        Key(
+            "sources",
+            None,
+            "run-dir merge sources: [cpt] (default) and/or task names, e.g. "
+            "[cpt, english-sentiment-en-hi] = tau_cpt + tau of base fine-tuned on it",
+        ),
+        Key("output", None, "standalone merge: the output model folder", str),
+        Key(
+            "dtype",
+            None,
+            "merged weights' dtype: float32 by default (float16, bfloat16 on request)",
+            str,
+            WRITE_DTYPES,
+        ),
+        Key(
+            "max_shard_size",
+            "2GB",
+            "merged weights are written in shards of at most this (bytes, or 500MB/2GB)",
+        ),
+        Key(
+            "allow_nonfinite",
+            False,
+            "true: merge sources holding NaN/Inf instead of stopping",
+            bool,
+        ),
+        Key(
+            "allow_pickle",
+            False,
+            "true: read pickle .bin checkpoints (unpickling can run code)",
+            bool,
+        ),
+        Key(
+            "grow_vocab",
+            False,
+            "true: merge a source with more vocabulary rows than the base (its extra rows and "
+            "tokenizer are used; said in the closing line/manifest)",
+            bool,
+        ),
+        Key(
+            "init",
+            "merged",
+            "fine-tune / evaluate from: base | cpt | merged | a model folder | graft (made by "
+            "cmmerge graft)",
+            str,
+        ),
+        Key(
+            "onto",
+            "english-sentiment-en-hi",
+            "init=graft: tau_cpt is added to the base fine-tuned on this task",
+            str,
+        ),
+        Key(
+            "eval_tasks",
+            None,
+            "tasks to evaluate on (default: [task.name]); same label set",
+        ),
+    )
+}
+
+
+def defaults() -> dict[str, Any]:
+    """The keys' defaults as a nested mapping (``run.root`` under ``run``), in declared order."""
+    node: dict[str, Any] = {}
+    for key in KEYS.values():
+        *parents, leaf = key.name.split(".")
+        inner = node
+        for part in parents:
+            inner = inner.setdefault(part, {})
+        inner[leaf] = list(key.default) if isinstance(key.default, list) else key.default
+    return node
+
+
+def help_text() -> str:
+    """One line per key, ``name = default: doc``, for ``cmmerge <stage> --help``."""
+    lines = []
+    for key in KEYS.values():
+        default = "null" if key.default is None else key.default
+        if isinstance(default, bool):
+            default = str(default).lower()
+        elif isinstance(default, list):
+            default = f"[{','.join(default)}]"
+        lines.append(f"  {key.name} = {default}: {key.doc}")
+    return "\n".join(lines).replace("$", "$$")  # the help is a string.Template: $ escaped
+
+
+def register() -> None:
+    """Store :func:`defaults` in Hydra's ConfigStore as :data:`NODE` (again: the same node) and
+    the ``cmmerge_keys_help`` resolver that the help's footer shows them with."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    ConfigStore.instance().store(name=NODE, node=defaults())
+    OmegaConf.register_new_resolver("cmmerge_keys_help", help_text, replace=True)

@@ -1,12 +1,13 @@
-"""The top-level keys every command shares, each declared once: default, type, allowed values
-and what it does.
+"""The top-level keys, each declared once: default, type, allowed values, what it does and
+which commands have it (every command, or e.g. only ``prompt``).
 
 :data:`KEYS` is the one place such a key is written. :func:`register` puts their defaults in
-Hydra's ConfigStore as the node ``keys``, which ``configs/common.yaml`` lists where its own values
-would be (so groups and experiments override them as before); a stage spec that reads a key
-(``setting(source="seed")``) takes its type and allowed values from here, and the override check
-(:mod:`cmmerge.config.overrides`) refuses a value of the wrong type with them. The keys of a
-group (``model.*``, ``task.*``...) and of the free-form sections (``cpt.*``, ``finetune.*``...)
+Hydra's ConfigStore: ``keys`` (those every command has), which ``configs/common.yaml`` lists
+where its own values would be, and ``keys_<command>`` (a command's own), which that command's
+YAML lists likewise, so groups and experiments override them as before. A stage spec that reads
+a key (``setting(source="seed")``) takes its type and allowed values from here, and the override
+check (:mod:`cmmerge.config.overrides`) refuses a value of the wrong type with them. The keys of
+a group (``model.*``, ``task.*``...) and of the free-form sections (``cpt.*``, ``finetune.*``...)
 stay in their YAML files, where they are written once too.
 """
 
@@ -23,8 +24,9 @@ NODE = "keys"  # its name in the ConfigStore and in common.yaml's defaults list
 @dataclass(frozen=True)
 class Key:
     """One top-level key: its dotted name, default, what it does (``doc``, shown by
-    ``cmmerge --help``), and what it accepts: ``kind`` (int, float, bool or str; None: anything,
-    e.g. a list or null), ``choices`` (for a str) and ``low`` (the smallest number)."""
+    ``cmmerge --help``), what it accepts: ``kind`` (int, float, bool or str; None: anything,
+    e.g. a list or null), ``choices`` (for a str) and ``low`` (the smallest number), and the
+    ``commands`` that have it (none named: every command)."""
 
     name: str
     default: Any
@@ -32,6 +34,7 @@ class Key:
     kind: type | None = None
     choices: tuple[str, ...] | None = None
     low: float | None = None
+    commands: tuple[str, ...] = ()  # the commands that have it; () = every command
 
 
 _LEAKAGE = [
@@ -147,14 +150,55 @@ KEYS: dict[str, Key] = {
             None,
             "tasks to evaluate on (default: [task.name]); same label set",
         ),
+        Key(
+            "shots",
+            0,
+            "demonstrations drawn from train (with the seed) before each prompt",
+            int,
+            low=0,
+            commands=("prompt",),
+        ),
+        Key(
+            "runs",
+            None,
+            "run directories to report together (names under run.root, or folders)",
+            commands=("report",),
+        ),
+        Key(
+            "keep_merged",
+            False,
+            "false: a merged checkpoint is deleted once every fine-tune made from it here is "
+            "finished (its manifest stays; pruned.json lists what went)",
+            bool,
+            commands=("pipeline", "sweep"),
+        ),
+        Key(
+            "keep_models",
+            True,
+            "false: fine-tuned weights are deleted once evaluated (metrics and predictions "
+            "stay); a later stage that needs them has them made again",
+            bool,
+            commands=("pipeline", "sweep"),
+        ),
     )
 }
+COMMANDS_WITH_KEYS = sorted({c for k in KEYS.values() for c in k.commands})
 
 
-def defaults() -> dict[str, Any]:
-    """The keys' defaults as a nested mapping (``run.root`` under ``run``), in declared order."""
+def node_name(command: str | None = None) -> str:
+    """The ConfigStore name of the shared keys (``keys``) or of a command's own (``keys_<it>``)."""
+    return NODE if command is None else f"{NODE}_{command}"
+
+
+def _of(command: str | None) -> list[Key]:
+    return [k for k in KEYS.values() if (command in k.commands if command else not k.commands)]
+
+
+def defaults(command: str | None = None) -> dict[str, Any]:
+    """The defaults of the shared keys, or of ``command``'s own keys, as a nested mapping
+    (``run.root`` under ``run``), in declared order."""
     node: dict[str, Any] = {}
-    for key in KEYS.values():
+    for key in _of(command):
         *parents, leaf = key.name.split(".")
         inner = node
         for part in parents:
@@ -163,10 +207,10 @@ def defaults() -> dict[str, Any]:
     return node
 
 
-def help_text() -> str:
-    """One line per key, ``name = default: doc``, for ``cmmerge <stage> --help``."""
+def help_text(command: str | None = None) -> str:
+    """One line per key that ``command`` has, ``name = default: doc``, for its ``--help``."""
     lines = []
-    for key in KEYS.values():
+    for key in _of(None) + (_of(command) if command else []):
         default = "null" if key.default is None else key.default
         if isinstance(default, bool):
             default = str(default).lower()
@@ -177,10 +221,14 @@ def help_text() -> str:
 
 
 def register() -> None:
-    """Store :func:`defaults` in Hydra's ConfigStore as :data:`NODE` (again: the same node) and
-    the ``cmmerge_keys_help`` resolver that the help's footer shows them with."""
+    """Store the shared keys' defaults in Hydra's ConfigStore as ``keys`` and each command's own
+    as ``keys_<command>`` (again: the same nodes), and the ``cmmerge_keys_help`` resolver that
+    the help's footer shows them with."""
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    ConfigStore.instance().store(name=NODE, node=defaults())
+    store = ConfigStore.instance()
+    store.store(name=node_name(), node=defaults())
+    for command in COMMANDS_WITH_KEYS:
+        store.store(name=node_name(command), node=defaults(command))
     OmegaConf.register_new_resolver("cmmerge_keys_help", help_text, replace=True)

@@ -27,6 +27,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cmmerge.config.ids import stage_dirs
+from cmmerge.config.keys import KEYS
 from cmmerge.config.specs import PromptSpec
 from cmmerge.config.values import run_dir
 from cmmerge.errors import CmmergeError
@@ -130,10 +131,10 @@ def _merge_settings(spec: dict) -> Iterator[dict]:
 
 
 def _prompt_defaults(cfg: DictConfig) -> DictConfig:
-    """The ``prompt`` section and ``shots`` key of ``prompt.yaml`` under the run's own."""
+    """The ``prompt`` section of ``prompt.yaml`` under the run's own, and the default ``shots``."""
     base = OmegaConf.load(CONFIG_DIR / "prompt.yaml")
     section = OmegaConf.merge(base.prompt, cfg.get("prompt") or {})
-    return with_values(cfg, prompt=section, shots=int(base.shots))
+    return with_values(cfg, prompt=section, shots=int(KEYS["shots"].default))
 
 
 class _Plan:

@@ -920,7 +920,7 @@ class PromptSpec(StageSpec):
     task: FrozenMap | None = setting(source="task", hint=_task_hint)
     prompt: FrozenMap | None = setting(source="prompt")
     normalize: bool = setting(False, "prompt.normalize", kind=bool)
-    shots: int = setting(0, "shots", kind=int, hint="shots={}", low=0)
+    shots: int = setting(0, "shots", hint="shots={}")
     seed: int = setting(0, "seed", hint="seed={}")
     data_root: str = _data_root_source()
     split_seed: int = _split_seed_source()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +118,15 @@ def read_text(path: Path, what: str) -> str:
 def split_lines(text: str) -> list[str]:
     """Split on ``\\n`` only (tweets may hold other Unicode line separators); drop ``\\r``."""
     return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+def lines_listed(found: Mapping[str, list[int]]) -> str:
+    """``'x' (2x, line(s) 3, 9), ...``: each value found and its first lines, for an error."""
+    return ", ".join(
+        f"{value!r} ({len(lines)}x, line(s) {', '.join(map(str, lines[:3]))}"
+        f"{'...' if len(lines) > 3 else ''})"
+        for value, lines in found.items()
+    )
 
 
 def _header(fields: list[str]) -> bool:

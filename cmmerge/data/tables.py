@@ -132,6 +132,50 @@ def _missing_column(path: Path, column: str, role: str, found: Sequence[str], wh
     )
 
 
+def _jsonl_rows(
+    path: Path, what: str, text_column: str | int, label_column: str | int | None
+) -> list[Row]:
+    """The rows of a JSON lines file; every configured column must be a key of some object."""
+    rows = _jsonl(path, what)
+    found = list(dict.fromkeys(k for _, obj in rows for k in obj))
+    for column, role in ((text_column, "text"), (label_column, "label")):
+        if column is not None and str(column) not in found:
+            raise _missing_column(path, str(column), role, found, what)
+    return [
+        Row(
+            _cell(obj.get(str(text_column))) or "",
+            None if label_column is None else _cell(obj.get(str(label_column))),
+            n,
+        )
+        for n, obj in rows
+    ]
+
+
+def _header_index(
+    path: Path,
+    numbered: list[tuple[int, list[str]]],
+    text_column: str | int,
+    label_column: str | int | None,
+    header: bool,
+    what: str,
+) -> tuple[dict[str, int], list[tuple[int, list[str]]]]:
+    """The cell index of the text (and label) column, and the data rows after any header."""
+    if not header:
+        index = {"text": int(text_column)}
+        if label_column is not None:
+            index["label"] = int(label_column)
+        return index, numbered
+    names = [c.strip().removeprefix("\ufeff") for c in numbered[0][1]]
+    index = {}
+    for column, role in ((text_column, "text"), (label_column, "label")):
+        if column is None:
+            continue
+        if str(column) not in names:
+            raise _missing_column(path, str(column), role, names, what)
+        index[role] = names.index(str(column))
+    return index, numbered[1:]
+
+
 def read_table(
     path: Path,
     fmt: str,
@@ -154,38 +198,13 @@ def read_table(
         CmmergeError: On a missing column (the columns found are listed), a short row, bad JSON.
     """
     if fmt == "jsonl":
-        rows = _jsonl(path, what)
-        found = list(dict.fromkeys(k for _, obj in rows for k in obj))
-        for column, role in ((text_column, "text"), (label_column, "label")):
-            if column is not None and str(column) not in found:
-                raise _missing_column(path, str(column), role, found, what)
-        return [
-            Row(
-                _cell(obj.get(str(text_column))) or "",
-                None if label_column is None else _cell(obj.get(str(label_column))),
-                n,
-            )
-            for n, obj in rows
-        ]
+        return _jsonl_rows(path, what, text_column, label_column)
     if fmt not in ("csv", "tsv"):
         raise CmmergeError(f"{path}: unknown table format {fmt!r} (known: {TABLE_FORMATS})")
     numbered = _delimited(path, fmt, what)
     if not numbered:
         raise CmmergeError(f"empty file: {path} ({what})")
-    if header:
-        names = [c.strip().removeprefix("\ufeff") for c in numbered[0][1]]
-        numbered = numbered[1:]
-        index = {}
-        for column, role in ((text_column, "text"), (label_column, "label")):
-            if column is None:
-                continue
-            if str(column) not in names:
-                raise _missing_column(path, str(column), role, names, what)
-            index[role] = names.index(str(column))
-    else:
-        index = {"text": int(text_column)}
-        if label_column is not None:
-            index["label"] = int(label_column)
+    index, numbered = _header_index(path, numbered, text_column, label_column, header, what)
     need = max(index.values()) + 1
     out = []
     for number, cells in numbered:

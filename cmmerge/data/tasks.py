@@ -30,12 +30,17 @@ import logging
 from collections import Counter, defaultdict
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import datasets
 import ftfy
 
-from cmmerge.data.formats import parse_sentimix_conll, read_labels_csv, resolve_path
+from cmmerge.data.formats import (
+    lines_listed,
+    parse_sentimix_conll,
+    read_labels_csv,
+    resolve_path,
+)
 from cmmerge.data.hub import hub_rows
 from cmmerge.data.splits import SPLITS, carve_fractions, config_root, split_file
 from cmmerge.data.tables import FILE_FORMATS, Row, canonical_format, detect_format, read_table
@@ -180,22 +185,21 @@ def _english_share(tags: Tags, lang_of: Mapping[str, str], language: str) -> flo
     return None if not langs else langs.count(language) / len(langs)
 
 
-def _read_split(cfg: dict[str, Any], split: str, root: Path, names: list[str]) -> tuple:
-    """(texts, label ids, tags, info) of one split read from its own file."""
-    info: dict[str, Any] = {}
-    rows, source = _read_rows(cfg, split, root, info)
-    info["source"], info["read"] = source, len(rows)
-    label_map = _label_map(cfg, names)
-    if cfg.get("join_continuation_lines"):
-        rows = _join_continuations(rows, set(label_map) | set(names), info)
+def _sort_rows(
+    rows: list,
+    label_map: Mapping[str, str | None],
+    names: list[str],
+    source: str,
+    name: str,
+    split: str,
+) -> tuple[list, dict[str, list[int]], Counter[str], int]:
+    """Sort rows into kept (text, label id, tags), unknown labels, dropped labels and blanks."""
     unknown: dict[str, list[int]] = defaultdict(list)
     dropped: Counter[str] = Counter()
     kept, blank = [], 0
     for row, tags in rows:
         if row.label is None:
-            raise CmmergeError(
-                f"{source} line {row.line}: empty label (task {cfg['name']}, key {split})"
-            )
+            raise CmmergeError(f"{source} line {row.line}: empty label (task {name}, key {split})")
         label = label_map[row.label] if row.label in label_map else row.label
         if label is None:
             dropped[row.label] += 1
@@ -205,33 +209,53 @@ def _read_split(cfg: dict[str, Any], split: str, root: Path, names: list[str]) -
             blank += 1
         else:
             kept.append((row.text, names.index(label), tags))
+    return kept, unknown, dropped, blank
+
+
+def _raise_unknown(
+    unknown: dict[str, list[int]], names: list[str], source: str, name: str, split: str
+) -> NoReturn:
+    """Refuse the labels that are neither task labels nor mapped, with their first lines."""
+    raise CmmergeError(
+        f"unknown label(s) {lines_listed(unknown)} in {source} (task {name}, key "
+        f"{split}); the task's labels are {names}: set task.labels=[...] or "
+        f"map raw labels with task.label_map"
+    )
+
+
+def _filter_language(cfg: dict[str, Any], kept: list, source: str, info: dict) -> list:
+    """Keep the rows whose language-tagged words are at least ``filter_min_share`` of it."""
+    lang_of, language = cfg.get("language_tags") or {}, str(cfg["filter_language"])
+    share = float(cfg.get("filter_min_share", 0.9))
+    if not any(tags for *_, tags in kept):
+        raise CmmergeError(
+            f"task {cfg['name']}: filter_language needs word-level language "
+            f"tags (format sentimix_conll), {source} has none"
+        )
+    before = len(kept)
+    kept = [k for k in kept if (_english_share(k[2], lang_of, language) or 0.0) >= share]
+    info["filtered_out"] = before - len(kept)
+    return kept
+
+
+def _read_split(cfg: dict[str, Any], split: str, root: Path, names: list[str]) -> tuple:
+    """(texts, label ids, tags, info) of one split read from its own file."""
+    info: dict[str, Any] = {}
+    rows, source = _read_rows(cfg, split, root, info)
+    info["source"], info["read"] = source, len(rows)
+    label_map = _label_map(cfg, names)
+    if cfg.get("join_continuation_lines"):
+        rows = _join_continuations(rows, set(label_map) | set(names), info)
+    kept, unknown, dropped, blank = _sort_rows(rows, label_map, names, source, cfg["name"], split)
     if blank:
         info["blank_dropped"] = blank
         log.warning("task %s, %s: %d row(s) with blank text dropped", cfg["name"], split, blank)
     if unknown:
-        listed = ", ".join(
-            f"{label!r} ({len(lines)}x, line(s) {', '.join(map(str, lines[:3]))}"
-            f"{'...' if len(lines) > 3 else ''})"
-            for label, lines in unknown.items()
-        )
-        raise CmmergeError(
-            f"unknown label(s) {listed} in {source} (task {cfg['name']}, key "
-            f"{split}); the task's labels are {names}: set task.labels=[...] or "
-            f"map raw labels with task.label_map"
-        )
+        _raise_unknown(unknown, names, source, cfg["name"], split)
     if dropped:
         info["dropped_by_label_map"] = dict(sorted(dropped.items()))
     if cfg.get("filter_language") and not cfg.get("hub"):  # hub sets have no word tags
-        lang_of, language = cfg.get("language_tags") or {}, str(cfg["filter_language"])
-        share = float(cfg.get("filter_min_share", 0.9))
-        if not any(tags for *_, tags in kept):
-            raise CmmergeError(
-                f"task {cfg['name']}: filter_language needs word-level language "
-                f"tags (format sentimix_conll), {source} has none"
-            )
-        before = len(kept)
-        kept = [k for k in kept if (_english_share(k[2], lang_of, language) or 0.0) >= share]
-        info["filtered_out"] = before - len(kept)
+        kept = _filter_language(cfg, kept, source, info)
     texts = [text for text, _, _ in kept]
     if cfg.get("fix_mojibake"):
         fixed = [ftfy.fix_text(t, _FTFY_CONFIG) for t in texts]

@@ -31,7 +31,12 @@ from typing import Any
 import datasets
 import ftfy
 
-from cmmerge.data.formats import TaggedSentence, parse_tagged_sentences, resolve_path
+from cmmerge.data.formats import (
+    TaggedSentence,
+    lines_listed,
+    parse_tagged_sentences,
+    resolve_path,
+)
 from cmmerge.data.splits import SPLITS, carve_fractions, split_file
 from cmmerge.data.tables import TOKEN_FORMATS, canonical_token_format, detect_token_format
 from cmmerge.errors import CmmergeError
@@ -153,11 +158,7 @@ def _read_split(cfg: dict[str, Any], split: str, root: Path, names: list[str]) -
         all_tags.append(list(sentence.tags))
     if unknown:
         first = min(lines[0] for lines in unknown.values())
-        listed = ", ".join(
-            f"{tag!r} ({len(lines)}x, line(s) {', '.join(map(str, lines[:3]))}"
-            f"{'...' if len(lines) > 3 else ''})"
-            for tag, lines in unknown.items()
-        )
+        listed = lines_listed(unknown)
         raise CmmergeError(
             f"{source} line {first}: unknown tag(s) {listed} (task {cfg['name']}, key {split}); "
             f"the task's labels are {names}: set task.labels=[...] or map tags with "

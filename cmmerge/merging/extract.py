@@ -87,43 +87,20 @@ def extract_task_vector(
     out = Path(out_file)
     if out.is_dir():
         out = out / TASK_VECTOR_FILE
-    base_type, tuned_type = (read_config(d).get("model_type") for d in (base_dir, tuned_dir))
-    if base_type and tuned_type and base_type != tuned_type:
-        raise CmmergeError(
-            f"architectures differ: {base_dir} is {base_type!r} but {tuned_dir} is {tuned_type!r}"
-        )
+    base_type = _same_model_type(base_dir, tuned_dir)
     with (
         CheckpointReader(base_dir, allow_pickle) as base,
         CheckpointReader(tuned_dir, allow_pickle) as tuned,
     ):
         base_names = backbone_map(base.keys(), backbone_prefix(base_dir), str(base_dir))
         tuned_names = backbone_map(tuned.keys(), backbone_prefix(tuned_dir), str(tuned_dir))
-        layout: dict[str, tuple[DType, tuple[int, ...]]] = {}
-        non_float: list[str] = []
-        grown: dict[str, int] = {}
-        for name, bkey in base_names.items():
-            if name not in tuned_names:
-                continue
-            tkey = tuned_names[name]
-            if not (base.dtype(bkey).is_floating_point and tuned.dtype(tkey).is_floating_point):
-                non_float.append(name)
-                continue
-            shape = tuned.shape(tkey)
-            if check_shape(name, base.shape(bkey), shape, str(base_dir), str(tuned_dir), True):
-                grown[name] = shape[0]
-            layout[name] = (dtype, shape)
-        if not layout:
-            raise CmmergeError(f"no backbone tensors in common between {base_dir} and {tuned_dir}")
-
-        used_base = {base_names[n] for n in [*layout, *non_float]}
-        used_tuned = {tuned_names[n] for n in [*layout, *non_float]}
-        left_base = [k for k in base.keys() if k not in used_base]
-        left_tuned = [k for k in tuned.keys() if k not in used_tuned]
-        skipped = {
-            "base_only": [k for k in left_base if k not in tuned],
-            "tuned_only": [k for k in left_tuned if k not in base],
-            "both": [k for k in left_base if k in tuned],
-        }
+        layout, non_float, grown = _layout(
+            base, base_names, tuned, tuned_names, dtype, str(base_dir), str(tuned_dir)
+        )
+        used = [*layout, *non_float]
+        skipped = _skipped_keys(
+            base, {base_names[n] for n in used}, tuned, {tuned_names[n] for n in used}
+        )
         base_only = _base_only(base, base_dir, tuned, tuned_dir)
         metadata = {
             "format": "pt",
@@ -189,6 +166,58 @@ def extract_task_vector(
         "skipped_head_keys": skipped,
         "base_only": base_only,
         "skipped_non_float": non_float,
+    }
+
+
+def _same_model_type(base_dir: PathLike, tuned_dir: PathLike) -> str | None:
+    """The base's config ``model_type``; refuse a tuned model of another architecture."""
+    base_type, tuned_type = (read_config(d).get("model_type") for d in (base_dir, tuned_dir))
+    if base_type and tuned_type and base_type != tuned_type:
+        raise CmmergeError(
+            f"architectures differ: {base_dir} is {base_type!r} but {tuned_dir} is {tuned_type!r}"
+        )
+    return base_type
+
+
+def _layout(
+    base: CheckpointReader,
+    base_names: dict[str, str],
+    tuned: CheckpointReader,
+    tuned_names: dict[str, str],
+    dtype: DType,
+    base_dir: str,
+    tuned_dir: str,
+) -> tuple[dict[str, tuple[DType, tuple[int, ...]]], list[str], dict[str, int]]:
+    """The shared floating tensors' (dtype, shape), the shared non-float ones and grown rows."""
+    layout: dict[str, tuple[DType, tuple[int, ...]]] = {}
+    non_float: list[str] = []
+    grown: dict[str, int] = {}
+    for name, bkey in base_names.items():
+        if name not in tuned_names:
+            continue
+        tkey = tuned_names[name]
+        if not (base.dtype(bkey).is_floating_point and tuned.dtype(tkey).is_floating_point):
+            non_float.append(name)
+            continue
+        shape = tuned.shape(tkey)
+        if check_shape(name, base.shape(bkey), shape, base_dir, tuned_dir, True):
+            grown[name] = shape[0]
+        layout[name] = (dtype, shape)
+    if not layout:
+        raise CmmergeError(f"no backbone tensors in common between {base_dir} and {tuned_dir}")
+    return layout, non_float, grown
+
+
+def _skipped_keys(
+    base: CheckpointReader, used_base: set[str], tuned: CheckpointReader, used_tuned: set[str]
+) -> dict[str, list[str]]:
+    """The keys left out of the backbone (heads): in the base only, the tuned only, or both."""
+    left_base = [k for k in base.keys() if k not in used_base]
+    left_tuned = [k for k in tuned.keys() if k not in used_tuned]
+    return {
+        "base_only": [k for k in left_base if k not in tuned],
+        "tuned_only": [k for k in left_tuned if k not in base],
+        "both": [k for k in left_base if k in tuned],
     }
 
 

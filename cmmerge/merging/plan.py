@@ -221,9 +221,7 @@ def plan_merge(
     missing: list[tuple[str, str]] = []
     used: set[str] = set()
     dropped: list[str] = []
-    base_only: list[str] = []
-    partial: list[str] = []
-    heads: list[str] = []
+    copied: dict[str, list[str]] = {"base_only": [], "heads_copied": [], "not_in_every_source": []}
     unchanged: list[str] = []
     grown: dict[str, int] = {}
     vectors: list[tuple[Item, str, tuple, str]] = []  # grown 1-D tensors, checked below
@@ -248,12 +246,7 @@ def plan_merge(
         if absent:
             template = layer_template(name)
             missing += [(name, s.label) for s in absent if template in s.templates]
-            if len(absent) < len(sources):
-                partial.append(key)
-            elif is_head_key(key) and not any(s.is_model for s in sources):
-                heads.append(key)  # task vectors hold the backbone only
-            else:
-                base_only.append(key)
+            copied[_copied_as(key, absent, sources)].append(key)
             items.append(Item(key, shape, out_float))
             continue
         item = _merged_item(key, name, shape, out_float, sources, str(base_dir), vectors)
@@ -261,10 +254,7 @@ def plan_merge(
             grown[key] = item.shape[0]
         used.add(name)
         items.append(item)
-    if missing:
-        name, label = missing[0]
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CmmergeError(f"tensor {name!r} of the base is missing in {label}{more}")
+    _check_missing(missing)
     _check_grown_vectors(vectors, items, str(base_dir))
     if grown:
         _grow_heads(items, grown, base, sources)
@@ -272,15 +262,30 @@ def plan_merge(
         raise CmmergeError(f"no tensor of {base_dir} matches the sources to merge")
     unused = sorted({n for s in sources for n in [*s.names, *s.zeros]} - used)
     return items, {
-        "base_only": base_only,
-        "heads_copied": heads,
-        "not_in_every_source": partial,
+        **copied,
         "zero_in_every_source": unchanged,
         "tau_keys_missing_in_base": unused,
         "dropped_tied": dropped,
         "grown": grown,
         "dtype": str(out_float),
     }
+
+
+def _copied_as(key: str, absent: list[Source], sources: list[Source]) -> str:
+    """The info list of a base tensor copied because the ``absent`` sources lack it."""
+    if len(absent) < len(sources):
+        return "not_in_every_source"
+    if is_head_key(key) and not any(s.is_model for s in sources):
+        return "heads_copied"  # task vectors hold the backbone only
+    return "base_only"
+
+
+def _check_missing(missing: list[tuple[str, str]]) -> None:
+    """Refuse the sources lacking a numbered layer's tensor they have in other layers."""
+    if missing:
+        name, label = missing[0]
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CmmergeError(f"tensor {name!r} of the base is missing in {label}{more}")
 
 
 def _check_grown_vectors(

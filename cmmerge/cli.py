@@ -55,6 +55,7 @@ def _quiet_libraries() -> None:
 def _task(stage: str, started: list[bool], cpt_choice: tuple = (None, None)):
     def task_function(cfg) -> None:
         from cmmerge.config.cpt_variants import resolve
+        from cmmerge.config.sections import check_sections
 
         started.append(True)
         _quiet_libraries()
@@ -70,6 +71,7 @@ def _task(stage: str, started: list[bool], cpt_choice: tuple = (None, None)):
         gc.enable()
         dist.init()
         try:
+            check_sections(cfg)
             strict = stage not in ("report", "status")
             note = resolve(stage, cfg, *cpt_choice, strict=strict)
             result = command(cfg)
@@ -147,8 +149,10 @@ def _run(stage: str, args: list[str]) -> None:
     from cmmerge.config.cpt_variants import given_cpt_keys, take_id
     from cmmerge.config.overrides import check_overrides, override_args
     from cmmerge.config.single_run import is_plain_run, one_composition
+    from cmmerge.config.store import register
     from cmmerge.errors import CmmergeError
 
+    register()  # the declared keys that the YAML files list (Hydra reads configs/ as files)
     args, cpt_id = take_id(args)
     overrides = override_args(args)
     plain = is_plain_run(stage, args, overrides)
@@ -173,9 +177,6 @@ def _run(stage: str, args: list[str]) -> None:
     call = next(_CALLS)  # a second command in one process gets its own folder too
     tag = str(os.getpid()) if call == 1 else f"{os.getpid()}-{call}"
     OmegaConf.register_new_resolver("cmmerge_pid", lambda: tag, replace=True, use_cache=True)
-    from cmmerge.config.keys import register
-
-    register()  # the shared keys that common.yaml lists (Hydra reads configs/ as files here)
     if stage == "sweep":
         from cmmerge.commands.sweep import FAILED
 

@@ -45,8 +45,16 @@ def check_run_name(name: object) -> str:
 
 
 def group_options(group: str) -> list[str]:
-    """Names of the options of a config group (``task``, ``model``, ...)."""
-    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+    """Names of the options of a config group (``task``, ``model``, ...): its YAML files and
+    the options stored in Hydra's ConfigStore (``train``'s ``default``, see
+    :mod:`cmmerge.config.sections`)."""
+    from hydra.core.config_store import ConfigStore
+
+    import cmmerge.configs  # noqa: F401 - importing it stores them
+
+    stored = ConfigStore.instance().repo.get(group, {})
+    names = {p.stem for p in (CONFIG_DIR / group).glob("*.yaml")}
+    return sorted(names | {n.removesuffix(".yaml") for n in stored if isinstance(n, str)})
 
 
 def load_group_config(group: str, name: str) -> Any:

@@ -77,7 +77,7 @@ def test_specs_take_type_and_choices_from_the_declaration():
 
 
 def test_wrong_values_are_refused_in_one_line():
-    with pytest.raises(CmmergeError, match="seed=abc: seed takes a number"):
+    with pytest.raises(CmmergeError, match="seed=abc: seed takes a whole number, e.g. seed=0"):
         check_overrides("finetune", ["seed=abc"])
     with pytest.raises(CmmergeError, match="force=3: force takes true or false"):
         check_overrides("merge", ["force=3"])

@@ -36,6 +36,31 @@ class Key:
     low: float | None = None
     commands: tuple[str, ...] = ()  # the commands that have it; () = every command
 
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with ``value`` for this key (``seed takes a whole number, e.g.
+        seed=0``, ``choose one of ...``), or None when it fits: null and interpolations
+        (``${...}``) always do, and a key of no declared ``kind`` takes anything."""
+        if value is None or self.kind is None or (isinstance(value, str) and "${" in value):
+            return None
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        expected = {
+            bool: ("true or false", "true", isinstance(value, bool)),
+            int: ("a whole number", self._example(), number and isinstance(value, int)),
+            float: ("a number", "0.5", number),
+        }.get(self.kind)
+        if expected is not None and not expected[2]:
+            return f"{self.name} takes {expected[0]}, e.g. {self.name}={expected[1]}"
+        if self.choices is not None and str(value) not in self.choices:
+            return f"choose one of {', '.join(self.choices)}"
+        if self.low is not None and number and value < self.low:
+            return f"must be >= {self.low:g}"
+        return None
+
+    def _example(self) -> str:
+        default = self.default
+        whole = isinstance(default, int) and not isinstance(default, bool) and default >= 0
+        return str(default) if whole else "1"
+
 
 _LEAKAGE = [
     "sentiment-en-hi",

@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cmmerge.config.keys import KEYS
+from cmmerge.config.sections import SECTION_KEYS
 from cmmerge.errors import CmmergeError
 from cmmerge.presets import CONFIG_DIR, check_run_name, group_options
 
@@ -160,14 +161,18 @@ _EXAMPLES = {"a number": "0.5", "true or false": "true", "a list": "[a,b]", "a m
 
 
 def _check_value(key: str, override, cfg: DictConfig) -> None:
-    """Refuse a value of the wrong type: the type a shared key declares (``keys.KEYS``), else
-    the type of the key's default in the composed config."""
-    shared = KEYS.get(key)
-    if shared is not None and shared.kind in (int, float, bool):
-        expected = _expected(shared.kind(0))
-    else:
-        default = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
-        expected = _expected(default)
+    """Refuse a value of the wrong type: as a declared key says (``keys.KEYS``,
+    ``sections.SECTION_KEYS``: type, choices, lowest value), else by the type of the key's
+    default in the composed config."""
+    declared = KEYS.get(key) or SECTION_KEYS.get(key)
+    if declared is not None and declared.kind is not None:
+        for value in _values(override):
+            problem = declared.problem(value)
+            if problem:
+                raise CmmergeError(f"{key}={value}: {problem}")
+        return
+    default = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+    expected = _expected(default)
     if expected is None:
         return
     for value in _values(override):

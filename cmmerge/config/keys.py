@@ -6,9 +6,10 @@ Hydra's ConfigStore: ``keys`` (those every command has), which ``configs/common.
 where its own values would be, and ``keys_<command>`` (a command's own), which that command's
 YAML lists likewise, so groups and experiments override them as before. A stage spec that reads
 a key (``setting(source="seed")``) takes its type and allowed values from here, and the override
-check (:mod:`cmmerge.config.overrides`) refuses a value of the wrong type with them. The keys of
-a group (``model.*``, ``task.*``...) and of the free-form sections (``cpt.*``, ``finetune.*``...)
-stay in their YAML files, where they are written once too.
+check (:mod:`cmmerge.config.overrides`) refuses a value of the wrong type with them. The training
+sections' keys (``cpt.*``, ``finetune.*``, ``evaluate.*``) are declared in
+:mod:`cmmerge.config.sections`; the keys of a group (``model.*``, ``task.*``...) stay in their
+YAML files, where they are written once too.
 """
 
 from __future__ import annotations

@@ -108,7 +108,10 @@ def test_a_plain_run_composes_its_config_once_and_still_checks_its_keys(tmp_path
     out = cmmerge("status", f"run.root={tmp_path}", "run.name=r", "seed=3")
     assert out.returncode == 0, out.stderr
     assert len(calls) == 1  # not a second one for hydra.mode, nor a third for the key check
-    for override, needle in (("sed=3", "did you mean seed?"), ("seed=abc", "seed takes a whole number")):
+    for override, needle in (
+        ("sed=3", "did you mean seed?"),
+        ("seed=abc", "seed takes a whole number"),
+    ):
         calls.clear()
         out = cmmerge("status", f"run.root={tmp_path}", "run.name=r", override)
         _assert_one_line_error(out, "cmmerge status: error: ", needle)

@@ -149,11 +149,19 @@ def short_hash(obj: Any) -> str:
 
 @cache
 def _train_presets() -> dict[str, Any]:
-    """``{preset: its config}`` of every ``train`` preset (each file read once)."""
-    return {
-        path.stem: OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-        for path in sorted((CONFIG_DIR / "train").glob("*.yaml"))
-    }
+    """``{preset: its config}`` of every ``train`` preset: ``default`` (the declared defaults,
+    :mod:`cmmerge.config.sections`) and each file of ``configs/train``, over ``default`` when
+    its defaults list names it (each file read once)."""
+    from cmmerge.config.sections import OPTION, defaults
+
+    presets: dict[str, Any] = {OPTION: defaults()}
+    for path in sorted((CONFIG_DIR / "train").glob("*.yaml")):
+        node = OmegaConf.load(path)
+        own = OmegaConf.masked_copy(node, [k for k in node if k != "defaults"])
+        if OPTION in node.get("defaults", []):
+            own = OmegaConf.merge(defaults(), own)
+        presets[path.stem] = OmegaConf.to_container(own, resolve=False)
+    return dict(sorted(presets.items()))
 
 
 @cache

@@ -44,22 +44,42 @@ def check_run_name(name: object) -> str:
     return text
 
 
+_USER_DIRS: list[Path] = []  # the user's config folders of this command (hydra.searchpath)
+
+
+def use_config_dirs(dirs: list[Path]) -> None:
+    """Config folders of the user's (``hydra.searchpath=[file://DIR]``) that this command's
+    groups are read from too, after cmmerge's own (``DIR/experiment/mine.yaml``)."""
+    _USER_DIRS[:] = [Path(d) for d in dirs]
+
+
+def _group_files(group: str) -> list[Path]:
+    """The YAML files of a group: cmmerge's own, then the user's folders' (a name already
+    taken keeps cmmerge's, as Hydra's search path does)."""
+    files: dict[str, Path] = {}
+    for root in (CONFIG_DIR, *_USER_DIRS):
+        for path in sorted((root / group).glob("*.yaml")):
+            files.setdefault(path.stem, path)
+    return list(files.values())
+
+
 def group_options(group: str) -> list[str]:
-    """Names of the options of a config group (``task``, ``model``, ...): its YAML files and
-    the options stored in Hydra's ConfigStore (``train``'s ``default``, see
-    :mod:`cmmerge.config.sections`)."""
+    """Names of the options of a config group (``task``, ``model``, ...): its YAML files
+    (cmmerge's and the user's config folders') and the options stored in Hydra's ConfigStore
+    (``train``'s ``default``, see :mod:`cmmerge.config.sections`)."""
     from hydra.core.config_store import ConfigStore
 
     import cmmerge.configs  # noqa: F401 - importing it stores them
 
     stored = ConfigStore.instance().repo.get(group, {})
-    names = {p.stem for p in (CONFIG_DIR / group).glob("*.yaml")}
+    names = {p.stem for p in _group_files(group)}
     return sorted(names | {n.removesuffix(".yaml") for n in stored if isinstance(n, str)})
 
 
 def load_group_config(group: str, name: str) -> Any:
-    """Load ``configs/<group>/<name>.yaml`` on its own (e.g. another task for transfer)."""
-    path = CONFIG_DIR / group / f"{name}.yaml"
+    """Load ``configs/<group>/<name>.yaml`` (or a user's config folder's) on its own (e.g.
+    another task for transfer)."""
+    path = next((p for p in _group_files(group) if p.stem == name), CONFIG_DIR / group / name)
     if not path.exists():
         raise CmmergeError(
             f"unknown {group} '{name}'; choose one of: {', '.join(group_options(group))}"

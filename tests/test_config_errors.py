@@ -123,3 +123,29 @@ def test_a_plain_run_composes_its_config_once_and_still_checks_its_keys(tmp_path
     out = cmmerge("status", f"run.root={tmp_path}", "sed=3", "--cfg", "job")
     _assert_one_line_error(out, "did you mean seed?")
     assert len(calls) == 1  # config_errors' own composition: Hydra never started
+
+
+def test_an_experiment_in_the_users_own_config_folder_is_found(tmp_path):
+    from cmmerge.config.cpt_variants import given_cpt_keys
+    from cmmerge.presets import use_config_dirs
+
+    (tmp_path / "conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "conf" / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - demo\ncpt:\n  max_steps: 3\nrun:\n  name: mine\n"
+    )
+    searchpath = f"hydra.searchpath=[file://{tmp_path / 'conf'}]"
+    try:
+        assert check_overrides("cpt", ["experiment=mine", searchpath]) is None
+        # the CPT settings later stages pick their CPT variant with come from the user's file
+        assert given_cpt_keys(["experiment=mine"])["max_steps"] == 3
+        with pytest.raises(CmmergeError, match="did you mean experiment=mine"):
+            check_overrides("cpt", ["experiment=mien", searchpath])
+        with pytest.raises(CmmergeError, match="hydra.searchpath: no folder /nonexistent"):
+            check_overrides("cpt", ["hydra.searchpath=[file:///nonexistent/conf]"])
+        out = cmmerge("status", "experiment=mine", searchpath, f"run.root={tmp_path}", cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        assert f"{tmp_path}/mine" in out.stdout
+        with pytest.raises(CmmergeError, match="unknown experiment 'mine'"):
+            check_overrides("cpt", ["experiment=mine"])  # without the folder: not found
+    finally:
+        use_config_dirs([])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -17,7 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from cmmerge.config.keys import KEYS
 from cmmerge.config.sections import SECTION_KEYS
 from cmmerge.errors import CmmergeError
-from cmmerge.presets import CONFIG_DIR, check_run_name, group_options
+from cmmerge.presets import CONFIG_DIR, check_run_name, group_options, use_config_dirs
 
 # Hydra's own command-line options that take a value (``--cfg job``, ``-p PACKAGE``...).
 _OPTIONS_WITH_VALUE = {
@@ -257,12 +258,32 @@ def _check_limits(key: str, override) -> None:
             )
 
 
+def _dirs(override) -> list[Path]:
+    """The folders (``file://DIR``) of a ``hydra.searchpath`` override; a missing one: one line."""
+    value = override.value()
+    out = []
+    for entry in value if isinstance(value, list) else [value]:
+        text = str(entry)
+        if not text.startswith("file://"):
+            continue  # pkg:// and the like: Hydra's own
+        folder = Path(text.removeprefix("file://")).expanduser()
+        if not folder.is_dir():
+            raise CmmergeError(
+                f"hydra.searchpath: no folder {folder} (write hydra.searchpath=[file:///abs/dir],"
+                " a folder holding group folders such as experiment/)"
+            )
+        out.append(folder)
+    return out
+
+
 def _checked_groups(parsed: list, multirun: bool) -> tuple[list[str], list]:
     """Check each override's limits, launcher and group option; returns the group choices
     (``group=option``, for composing) and the key overrides left to check against the config.
     Hydra's own keys and ``~``/``+``/``++`` overrides are left to Hydra."""
     groups = set(config_groups())
-    chosen, keys = [], []
+    searchpath = [o for o in parsed if o.key_or_group == "hydra.searchpath"]
+    use_config_dirs([d for o in searchpath for d in _dirs(o)])
+    chosen, keys = [o.input_line for o in searchpath], []  # composing finds the user's files
     for o in parsed:
         name = o.key_or_group
         _check_limits(name, o)

@@ -79,8 +79,8 @@ def group_options(group: str) -> list[str]:
 def load_group_config(group: str, name: str) -> Any:
     """Load ``configs/<group>/<name>.yaml`` (or a user's config folder's) on its own (e.g.
     another task for transfer)."""
-    path = next((p for p in _group_files(group) if p.stem == name), CONFIG_DIR / group / name)
-    if not path.exists():
+    path = next((p for p in _group_files(group) if p.stem == name), None)
+    if path is None:
         raise CmmergeError(
             f"unknown {group} '{name}'; choose one of: {', '.join(group_options(group))}"
         )

@@ -19,6 +19,18 @@ from typing import Any
 
 from cmmerge.io.model_files import WRITE_DTYPES
 
+
+def range_problem(value: Any, choices: tuple[str, ...] | None, low: float | None) -> str | None:
+    """What is wrong with ``value`` for allowed ``choices`` and lowest number ``low`` (``choose
+    one of ...``, ``must be >= ...``), or None: the one wording of keys and stage specs."""
+    if choices is not None and str(value) not in choices:
+        return f"choose one of {', '.join(choices)}"
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if low is not None and number and value < low:
+        return f"must be >= {low:g}"
+    return None
+
+
 NODE = "keys"  # its name in the ConfigStore and in common.yaml's defaults list
 
 
@@ -51,11 +63,7 @@ class Key:
         }.get(self.kind)
         if expected is not None and not expected[2]:
             return f"{self.name} takes {expected[0]}, e.g. {self.name}={expected[1]}"
-        if self.choices is not None and str(value) not in self.choices:
-            return f"choose one of {', '.join(self.choices)}"
-        if self.low is not None and number and value < self.low:
-            return f"must be >= {self.low:g}"
-        return None
+        return range_problem(value, self.choices, self.low)
 
     def _example(self) -> str:
         default = self.default

@@ -27,12 +27,14 @@ _PRECISION_DOC = (
 _REPORT_DOC = "none | tensorboard | wandb, or a list of them"
 
 
-def _training(section: str, **defaults: Any) -> list[Key]:
-    """The keys that CPT and fine-tuning share, with the section's defaults."""
+def _training(section: str, *after_max_steps: Key, **defaults: Any) -> list[Key]:
+    """The keys that CPT and fine-tuning share, with the section's defaults; ``after_max_steps``
+    come in between, where the section lists them (key order is kept in composed configs)."""
     d = defaults
     return [
         Key(f"{section}.epochs", d["epochs"], "passes over the data", float, low=0),
         Key(f"{section}.max_steps", -1, "> 0 overrides epochs", int),
+        *after_max_steps,
         Key(f"{section}.batch_size", d["batch_size"], "examples per device and step", int, low=1),
         Key(f"{section}.grad_accum", 1, "steps accumulated per update", int, low=1),
         Key(f"{section}.max_length", 128, "tokens per example (longer ones are cut)", int, low=1),
@@ -80,15 +82,19 @@ SECTION_KEYS: dict[str, Key] = {
         Key("cpt.head_warmup_lr", None, "its learning rate (null: lr)", float, low=0),
         Key("cpt.precision", "auto", _PRECISION_DOC, str, _PRECISIONS),
         Key("finetune.precision", "auto", "as cpt.precision", str, _PRECISIONS),
-        *_training("finetune", epochs=3, batch_size=32, lr=2.0e-5)[:2],
-        Key(
-            "finetune.train_size",
-            None,
-            "N: train on a seeded, stratified N-example subset (data.split_seed)",
-            int,
-            low=1,
+        *_training(
+            "finetune",
+            Key(
+                "finetune.train_size",
+                None,
+                "N: train on a seeded, stratified N-example subset (data.split_seed)",
+                int,
+                low=1,
+            ),
+            epochs=3,
+            batch_size=32,
+            lr=2.0e-5,
         ),
-        *_training("finetune", epochs=3, batch_size=32, lr=2.0e-5)[2:],
         Key(
             "finetune.early_stopping_patience",
             2,

@@ -42,7 +42,7 @@ from typing import Any, ClassVar
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cmmerge.config.keys import KEYS
+from cmmerge.config.keys import KEYS, range_problem
 from cmmerge.config.values import (
     config_bool,
     config_float,
@@ -342,10 +342,9 @@ def _check_range(declared: Setting, key: str, value: Any) -> None:
     (an unset value, None or empty, is left to the default)."""
     if value is None or value == "":
         return
-    if declared.choices is not None and value not in declared.choices:
-        raise CmmergeError(f"{key}={value}: choose one of {', '.join(declared.choices)}")
-    if declared.low is not None and value < declared.low:
-        raise CmmergeError(f"{key}={value}: must be >= {declared.low:g}")
+    problem = range_problem(value, declared.choices, declared.low)
+    if problem:
+        raise CmmergeError(f"{key}={value}: {problem}")
 
 
 def _shown_dtype(dtype: str | None) -> str:

@@ -2,10 +2,11 @@
 
 Writes into ``report/`` of the run: ``report.md`` (one row per fine-tune, then the paper's
 table of arms x tasks with mean ± sd over seeds, significance marks and the comparisons with
-Full FT and CPT->FT with seed-level statistics, cross-pair transfer, the λ curves, the CPT-length
-curve, no code-mixed labels), ``report.csv`` (per fine-tune), ``study.csv`` (every number of the
-study), ``study.tex`` (booktabs), ``lambda_<task>.png``, ``cpt_length_<task>.png`` and
-``transfer.png``.
+Full FT and CPT->FT with seed-level statistics, the merge methods against each other (TV->FT vs
+TIES->FT), cross-pair transfer, the λ curves, the CPT-length curve, no code-mixed labels),
+``report.csv`` (per fine-tune), ``study.csv`` (every number of the study), ``methods.csv`` (the
+merge methods compared), ``study.tex`` (booktabs), ``lambda_<task>.png``,
+``cpt_length_<task>.png`` and ``transfer.png``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cmmerge.config.specs import ReportSpec
-from cmmerge.reporting import cpt_length, curves, no_labels, paper, transfer
+from cmmerge.reporting import cpt_length, curves, methods, no_labels, paper, transfer
 from cmmerge.reporting.study import study
 from cmmerge.reporting.tables import columns, finetune_rows, markdown_table, write_csv
 
@@ -38,6 +39,7 @@ def work(spec: ReportSpec, stage_dir: Path) -> dict:
     lengths = cpt_length.plot(arms, cells, stage_dir)
     heatmap = paper.plot_transfer(arms, cells, stage_dir)
     plots = [*lambdas.values(), *lengths.values(), *([heatmap] if heatmap else [])]
+    pairs = methods.compare(arms, spec.n_resamples)
     title = ", ".join(r.name for r in roots)
     n_resamples = spec.n_resamples
     text = (
@@ -45,6 +47,7 @@ def work(spec: ReportSpec, stage_dir: Path) -> dict:
         + paper.markdown(arms, cells)
         + "\n## Against Full FT and CPT->FT\n\n"
         + paper.comparisons_markdown(arms, cells)
+        + _section("Merge methods against each other", methods.markdown(pairs))
         + _section("Cross-pair transfer", transfer.markdown(arms, cells))
         + _section("λ curves", curves.markdown(arms, cells, lambdas))
         + _section("CPT length", cpt_length.markdown(arms, cells, lengths, n_resamples))
@@ -58,6 +61,8 @@ def work(spec: ReportSpec, stage_dir: Path) -> dict:
     write_csv(rows, stage_dir / "report.csv", cols)
     paper.write_csv(paper.long_rows(arms, cells), stage_dir / "study.csv")
     (stage_dir / "study.tex").write_text(paper.latex(arms, cells), encoding="utf-8")
+    if pairs:
+        paper.write_csv(methods.rows(pairs), stage_dir / "methods.csv")
     selections = {
         f"{Path(a.run).name}/{a.family}": a.selection for a in arms if a.chosen and a.selection
     }
@@ -67,7 +72,9 @@ def work(spec: ReportSpec, stage_dir: Path) -> dict:
             "n_arms": sum(a.chosen for a in arms),
             "n_arms_shown": sum(a.chosen and a.shown for a in arms),
         },
-        "outputs": ["report.md", "report.csv", "study.csv", "study.tex"] + [p.name for p in plots],
+        "outputs": ["report.md", "report.csv", "study.csv", "study.tex"]
+        + (["methods.csv"] if pairs else [])
+        + [p.name for p in plots],
         "lambda_selection": selections,
         "table": table,
     }

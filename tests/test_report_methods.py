@@ -6,6 +6,8 @@ another CPT are not paired. On run directories written without training (tests/r
 from __future__ import annotations
 
 import csv
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 from conftest import compose
@@ -86,3 +88,35 @@ def test_merges_of_another_cpt_or_with_three_seeds(tmp_path):
     text, (row,) = _report(tmp_path, "d")
     assert row["n_seeds"] == "3"
     assert "rest on fewer than 5 seeds (fewest: 3)" in _section(text)
+
+
+def _claims_script():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "claims_table.py"
+    spec = importlib.util.spec_from_file_location("claims_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_claims_table_is_made_from_the_reports(tmp_path):
+    """scripts/claims_table.py (the table that opens docs/results.md): one column per report,
+    the per-seed mean difference in points with the seed-level p, bold only where both
+    seed-level tests agree, TV vs TIES named by the one ahead; a claim no report has is no row."""
+    finetune(config(tmp_path, "a", "init=base"), REF, SEEDS)
+    finetune(config(tmp_path, "a", *TV), STEADY, SEEDS)
+    finetune(config(tmp_path, "a", *_ties(0.5)), NOISY, SEEDS)
+    _, (row,) = _report(tmp_path, "a")
+    claims = _claims_script()
+    text = claims.table([("steady", tmp_path / "a/report"), ("again", tmp_path / "a/report")])
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()[2:]}
+    assert sorted(lines) == ["TIES->FT beats Full FT", "TV->FT beats Full FT", "TV->FT vs TIES->FT"]
+    tv = lines["TV->FT beats Full FT"].split(" | ")[1]
+    gain = np.mean([_macro_f1(STEADY[s], s) - _macro_f1(REF[s], s) for s in SEEDS])
+    assert tv.startswith(f"**{100 * gain:+.1f} (p = 0.0") and tv.endswith(")**")
+    ties = lines["TIES->FT beats Full FT"].split(" | ")[1]
+    assert not ties.startswith("**")  # noisy: inside the seed spread
+    versus = lines["TV->FT vs TIES->FT"].split(" | ")[1]
+    numbers = (float(row[k]) for k in ("difference", "seed_p", "seed_boot_p"))
+    assert versus == f"TV {claims.cell(*numbers)}"
+    assert claims.cell(-0.066, 0.047, 0.010) == "**-6.6 (p = 0.047)**: the reverse"
+    assert claims.cell(0.032, 0.143, 0.008) == "+3.2 (p = 0.14 [0.008])"

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from cmmerge.config.ids import stage_dirs
 from cmmerge.config.keys import KEYS
 from cmmerge.config.specs import PromptSpec
+from cmmerge.config.timing import duration, estimate
 from cmmerge.config.values import run_dir
 from cmmerge.errors import CmmergeError
 from cmmerge.presets import CONFIG_DIR, load_group_config, plain
@@ -380,57 +381,6 @@ def pending(steps: list[Step]) -> list[Step]:
     return [s for s in steps if s.folder in todo]
 
 
-def _measured(root: Path) -> dict[tuple[str, str | None], list[float]]:
-    """Wall times of the finished stages of a run directory, by (stage, task) and by stage."""
-    from cmmerge.io.manifest import read_manifest
-
-    times: dict[tuple[str, str | None], list[float]] = {}
-    for path in root.glob("**/manifest.json"):
-        manifest = read_manifest(path.parent)
-        if not isinstance(manifest, dict) or manifest.get("status") != "finished":
-            continue
-        seconds = manifest.get("wall_time_s")
-        stage = manifest.get("stage")
-        if not isinstance(seconds, int | float) or not stage:
-            continue
-        times.setdefault((stage, manifest.get("task")), []).append(float(seconds))
-        times.setdefault((stage, None), []).append(float(seconds))
-    return times
-
-
-def _median(values: list[float]) -> float:
-    values = sorted(values)
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
-
-
-def _task_of(step: Step) -> str | None:
-    return step.eval_task if step.stage == "evaluate" else str(step.cfg.task.name)
-
-
-def estimate(steps: list[Step], root: Path) -> tuple[float, int, int]:
-    """Seconds the ``steps`` will take, from the median measured wall time of finished stages
-    of the same kind (and task) in ``root``; also how many steps had a measurement and how many
-    had none (left out of the total)."""
-    times = _measured(root)
-    total, known, unknown = 0.0, 0, 0
-    for step in steps:
-        values = times.get((step.stage, _task_of(step))) or times.get((step.stage, None))
-        if values:
-            total, known = total + _median(values), known + 1
-        else:
-            unknown += 1
-    return total, known, unknown
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
 def describe(steps: list[Step], root: Path, shown: int = 5) -> str:
     """The plan as text: per stage kind the steps to do and done, an estimate of the time the
     ones to do take, and the first of them."""
@@ -444,14 +394,14 @@ def describe(steps: list[Step], root: Path, shown: int = 5) -> str:
         mine = [s for s in steps if s.stage == stage]
         left = [s for s in todo if s.stage == stage]
         seconds, known, unknown = estimate(left, root)
-        when = "-" if not left else (_duration(seconds) if known else "not measured yet")
+        when = "-" if not left else (duration(seconds) if known else "not measured yet")
         if left and known and unknown:
             when += f" (+{unknown} not measured)"
         lines.append(f"  {stage:<9} {len(left):>6} {len(mine) - len(left):>6}  {when}")
     seconds, known, unknown = estimate(todo, root)
     if todo:
         basis = "measured wall times of this run's finished stages"
-        total = f"about {_duration(seconds)}" if known else "no estimate yet (nothing measured)"
+        total = f"about {duration(seconds)}" if known else "no estimate yet (nothing measured)"
         if known and unknown:
             total += f" + {unknown} stage(s) of a kind not measured yet"
         lines.append(f"  time to do: {total}" + (f" (from {basis})" if known else ""))

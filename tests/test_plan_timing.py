@@ -53,5 +53,11 @@ def test_other_stages_by_the_median_of_their_kind_and_nothing_measured(tmp_path)
         _finished(tmp_path / f"finetune/f{i}", "finetune", wall, task="t")
     _finished(tmp_path / "finetune/other", "finetune", 900.0, task="u")
     assert estimate([step], tmp_path) == (200.0, 1, 0)
+    # fine-tunes of as many epochs, where the run has them
+    config = {"finetune": {"epochs": 3}}
+    _finished(tmp_path / "finetune/e3", "finetune", 700.0, task="t", config=config)
+    three = Step("finetune", OmegaConf.create({"task": {"name": "t"}, **config}), tmp_path / "x")
+    assert estimate([three], tmp_path) == (700.0, 1, 0)
+    assert estimate([step], tmp_path) == (200.0, 1, 0)  # the three that recorded no epochs either
     assert estimate([_cpt_step(tmp_path, 300)], tmp_path) == (0.0, 0, 1)  # no CPT measured
     assert (duration(45), duration(600), duration(9000)) == ("45 s", "10 min", "2.5 h")

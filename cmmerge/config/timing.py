@@ -1,7 +1,7 @@
 """How long the stages a plan still has to do will take, from the wall times the finished stages
-of the run directory recorded in their manifests: the median of the same stage kind (and task);
-a CPT by its length, from the seconds a training step of the finished CPTs took (a 3,000-step CPT
-is not the 300-step one's time)."""
+of the run directory recorded in their manifests: the median of the same stage kind and task (a
+fine-tune of as many epochs where the run has such); a CPT by its length, from the seconds a
+training step of the finished CPTs took (a 3,000-step CPT is not the 300-step one's time)."""
 
 from __future__ import annotations
 
@@ -41,12 +41,17 @@ def cpt_rate(manifest: dict) -> tuple[float, float] | None:
     return runtime / (ran * tokens), max(0.0, float(manifest.get("wall_time_s", 0)) - runtime)
 
 
-def measured(root: Path) -> tuple[dict[tuple[str, str | None], list[float]], list[tuple]]:
-    """Wall times of the finished stages of a run directory, by (stage, task) and by stage, and
-    the :func:`cpt_rate` of each finished CPT."""
+def _epochs(config: Any) -> Any:
+    section = config.get("finetune") if hasattr(config, "get") else None
+    return section.get("epochs") if hasattr(section, "get") else None
+
+
+def measured(root: Path) -> tuple[dict[tuple, list[float]], list[tuple]]:
+    """Wall times of the finished stages of a run directory, by (stage, task), by stage and, for
+    fine-tunes, by (stage, task, epochs), and the :func:`cpt_rate` of each finished CPT."""
     from cmmerge.io.manifest import read_manifest
 
-    times: dict[tuple[str, str | None], list[float]] = {}
+    times: dict[tuple, list[float]] = {}
     rates = []
     for path in root.glob("**/manifest.json"):
         manifest = read_manifest(path.parent)
@@ -58,6 +63,9 @@ def measured(root: Path) -> tuple[dict[tuple[str, str | None], list[float]], lis
             continue
         times.setdefault((stage, manifest.get("task")), []).append(float(seconds))
         times.setdefault((stage, None), []).append(float(seconds))
+        if stage == "finetune":
+            key = (stage, manifest.get("task"), _epochs(manifest.get("config") or {}))
+            times.setdefault(key, []).append(float(seconds))
         rate = cpt_rate(manifest) if stage == "cpt" else None
         if rate is not None:
             rates.append(rate)
@@ -90,7 +98,12 @@ def estimate(steps: list[Step], root: Path) -> tuple[float, int, int]:
     for step in steps:
         seconds = _cpt_seconds(step, rates) if step.stage == "cpt" else None
         if seconds is None:
-            values = times.get((step.stage, _task_of(step))) or times.get((step.stage, None))
+            task = _task_of(step)
+            values = (
+                times.get((step.stage, task, _epochs(step.cfg)))
+                or times.get((step.stage, task))
+                or times.get((step.stage, None))
+            )
             seconds = _median(values) if values else None
         if seconds is None:
             unknown += 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 from cmmerge.reporting import comparisons, variants
-from cmmerge.reporting.paper import sort_key
+from cmmerge.reporting.paper import scale_label, sort_key
 from cmmerge.reporting.stats import Comparison
 from cmmerge.reporting.study import Arm, partner_label, row_label, versus
 
@@ -53,11 +53,6 @@ def compare(arms: list[Arm], n_resamples: int = 1000, seed: int = 0) -> list[tup
     return out
 
 
-def _scale(arm: Arm) -> str:
-    density = arm.merge.get("density")
-    return f"λ={arm.merge['lambda']:g}" + (f" d={density:g}" if density is not None else "")
-
-
 def _verdict(a: Arm, b: Arm, c: Comparison) -> str:
     """Which of the two is better over seeds (both two-sided seed-level tests below
     :data:`.comparisons.ALPHA`, the sign of the mean difference), or neither."""
@@ -80,9 +75,10 @@ def markdown(found: list[tuple]) -> str:
         "|---|---|---|" + "---|" * comparisons.N_COLUMNS + "---|",
     ]
     for a, b, task, c in found:
+        first = f"{row_label(a)} ({scale_label(a)})"
+        second = f"{partner_label(b, a)} ({scale_label(b)})"
         lines.append(
-            f"| {row_label(a)} ({_scale(a)}) | {partner_label(b, a)} ({_scale(b)}) | {task} | "
-            f"{comparisons.columns(c)} | {_verdict(a, b, c)} |"
+            f"| {first} | {second} | {task} | {comparisons.columns(c)} | {_verdict(a, b, c)} |"
         )
     note = (
         "\nThe difference is the first arm minus the second (test macro-F1), each at the λ and "

@@ -82,7 +82,7 @@ def markdown(arms: list[Arm], cells: dict[tuple, Cell]) -> str:
             text = f"{cell.mean:.4f} ± {cell.sd:.4f} (n={cell.n})"
             if label == best[task]:
                 text = f"**{text}**"
-            row.append(text + marks(cell) + _scale(arm))
+            row.append(" ".join(filter(None, (text + marks(cell), scale_label(arm)))))
         lines.append(f"| {label} | " + " | ".join(row) + " |")
     note = (
         "\nTest macro-F1, mean ± sd over seeds (n); best per task in bold; "
@@ -111,11 +111,12 @@ def variants_note(arms: list[Arm]) -> str:
     return out
 
 
-def _scale(arm: Arm) -> str:
+def scale_label(arm: Arm) -> str:
+    """``λ=0.5 d=0.2`` of a merged arm ("" for any other)."""
     if not arm.merge:
         return ""
     density = arm.merge.get("density")
-    return f" λ={arm.merge['lambda']:g}" + (f" d={density:g}" if density is not None else "")
+    return f"λ={arm.merge['lambda']:g}" + (f" d={density:g}" if density is not None else "")
 
 
 def comparisons_markdown(arms: list[Arm], cells: dict[tuple, Cell]) -> str:

@@ -5,10 +5,9 @@ examples and seeds with the statistics of the paper's table (:mod:`.comparisons`
 
 from __future__ import annotations
 
-import math
-
 from cmmerge.reporting import comparisons, variants
 from cmmerge.reporting.paper import scale_label, sort_key
+from cmmerge.reporting.seed_stats import ahead
 from cmmerge.reporting.stats import Comparison
 from cmmerge.reporting.study import Arm, partner_label, row_label, versus
 
@@ -54,14 +53,9 @@ def compare(arms: list[Arm], n_resamples: int = 1000, seed: int = 0) -> list[tup
 
 
 def _verdict(a: Arm, b: Arm, c: Comparison) -> str:
-    """Which of the two is better over seeds (both two-sided seed-level tests below
-    :data:`.comparisons.ALPHA`, the sign of the mean difference), or neither."""
-    level = c.seeds
-    if level is None or level.n_seeds < 2 or math.isnan(level.p_value):
-        return "neither"
-    if max(level.p_value, level.p_bootstrap) >= comparisons.ALPHA:
-        return "neither"
-    return row_label(a) if level.interval.estimate > 0 else row_label(b)
+    """Which of the two is better over seeds (:func:`.seed_stats.ahead`), or neither."""
+    side = ahead(c.seeds, comparisons.ALPHA)
+    return {1: row_label(a), -1: row_label(b)}.get(side, "neither")
 
 
 def markdown(found: list[tuple]) -> str:

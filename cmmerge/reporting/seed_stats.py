@@ -158,9 +158,17 @@ def compare_seeds(
     )
 
 
-def significant(level: SeedLevel | None, alpha: float) -> bool:
-    """Whether A beats B over seeds: the paired test over seeds and the two-level bootstrap
-    both below ``alpha``, and the mean difference positive (never with fewer than 2 seeds)."""
+def ahead(level: SeedLevel | None, alpha: float) -> int:
+    """Which of A and B is better over seeds: 1 (A) or -1 (B) where the paired test over seeds
+    and the two-level bootstrap are both below ``alpha`` (the sign of the mean difference), 0
+    otherwise (always with fewer than 2 seeds)."""
     if level is None or level.n_seeds < 2 or math.isnan(level.p_value):
-        return False
-    return level.p_value < alpha and level.p_bootstrap < alpha and level.interval.estimate > 0
+        return 0
+    if level.p_value >= alpha or level.p_bootstrap >= alpha or level.interval.estimate == 0:
+        return 0
+    return 1 if level.interval.estimate > 0 else -1
+
+
+def significant(level: SeedLevel | None, alpha: float) -> bool:
+    """Whether A beats B over seeds (:func:`ahead`)."""
+    return ahead(level, alpha) == 1

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from cmmerge.config.ids import stage_dirs
 from cmmerge.config.keys import KEYS
 from cmmerge.config.specs import PromptSpec
-from cmmerge.config.timing import duration, estimate
+from cmmerge.config.timing import duration, estimate, measured
 from cmmerge.config.values import run_dir
 from cmmerge.errors import CmmergeError
 from cmmerge.presets import CONFIG_DIR, load_group_config, plain
@@ -390,15 +390,16 @@ def describe(steps: list[Step], root: Path, shown: int = 5) -> str:
     ]
     lines.append(f"  {'stage':<9} {'to do':>6} {'done':>6}  estimate")
     order = ("data", "cpt", "extract", "merge", "finetune", "graft", "evaluate", "prompt", "report")
+    found = measured(root)  # the run's manifests, read once for every estimate below
     for stage in sorted({s.stage for s in steps}, key=order.index):
         mine = [s for s in steps if s.stage == stage]
         left = [s for s in todo if s.stage == stage]
-        seconds, known, unknown = estimate(left, root)
+        seconds, known, unknown = estimate(left, root, found)
         when = "-" if not left else (duration(seconds) if known else "not measured yet")
         if left and known and unknown:
             when += f" (+{unknown} not measured)"
         lines.append(f"  {stage:<9} {len(left):>6} {len(mine) - len(left):>6}  {when}")
-    seconds, known, unknown = estimate(todo, root)
+    seconds, known, unknown = estimate(todo, root, found)
     if todo:
         basis = "measured wall times of this run's finished stages"
         total = f"about {duration(seconds)}" if known else "no estimate yet (nothing measured)"

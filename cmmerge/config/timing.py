@@ -6,16 +6,11 @@ training step of the finished CPTs took (a 3,000-step CPT is not the 300-step on
 from __future__ import annotations
 
 from pathlib import Path
+from statistics import median
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from cmmerge.config.plan import Step
-
-
-def _median(values: list[float]) -> float:
-    values = sorted(values)
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
 def _tokens_per_step(section: Any) -> float | None:
@@ -42,8 +37,8 @@ def cpt_rate(manifest: dict) -> tuple[float, float] | None:
 
 
 def _epochs(config: Any) -> Any:
-    section = config.get("finetune") if hasattr(config, "get") else None
-    return section.get("epochs") if hasattr(section, "get") else None
+    """``finetune.epochs`` of a recorded config or a step's config (None if it has none)."""
+    return (config.get("finetune") or {}).get("epochs")
 
 
 def measured(root: Path) -> tuple[dict[tuple, list[float]], list[tuple]]:
@@ -85,15 +80,18 @@ def _cpt_seconds(step: Step, rates: list[tuple]) -> float | None:
     if not rates or not tokens or not isinstance(steps, int) or steps <= 0:
         return None
     steps += int(section.get("head_warmup_steps") or 0)
-    per_token = _median([r[0] for r in rates])
-    return per_token * tokens * steps + _median([r[1] for r in rates])
+    per_token = median([r[0] for r in rates])
+    return per_token * tokens * steps + median([r[1] for r in rates])
 
 
-def estimate(steps: list[Step], root: Path) -> tuple[float, int, int]:
+def estimate(
+    steps: list[Step], root: Path, found: tuple[dict, list] | None = None
+) -> tuple[float, int, int]:
     """Seconds the ``steps`` will take, from the median measured wall time of finished stages
     of the same kind (and task) in ``root``, a CPT by its length (:func:`_cpt_seconds`); also
-    how many steps had a measurement and how many had none (left out of the total)."""
-    times, rates = measured(root)
+    how many steps had a measurement and how many had none (left out of the total).
+    ``found``: :func:`measured` of ``root`` already read (one pass over its manifests)."""
+    times, rates = measured(root) if found is None else found
     total, known, unknown = 0.0, 0, 0
     for step in steps:
         seconds = _cpt_seconds(step, rates) if step.stage == "cpt" else None
@@ -104,7 +102,7 @@ def estimate(steps: list[Step], root: Path) -> tuple[float, int, int]:
                 or times.get((step.stage, task))
                 or times.get((step.stage, None))
             )
-            seconds = _median(values) if values else None
+            seconds = median(values) if values else None
         if seconds is None:
             unknown += 1
         else:

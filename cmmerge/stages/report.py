@@ -39,9 +39,9 @@ def work(spec: ReportSpec, stage_dir: Path) -> dict:
     lengths = cpt_length.plot(arms, cells, stage_dir)
     heatmap = paper.plot_transfer(arms, cells, stage_dir)
     plots = [*lambdas.values(), *lengths.values(), *([heatmap] if heatmap else [])]
-    pairs = methods.compare(arms, spec.n_resamples)
     title = ", ".join(r.name for r in roots)
     n_resamples = spec.n_resamples
+    pairs = methods.compare(arms, n_resamples)
     text = (
         f"# cmmerge report: {title}\n\n## The study\n\n"
         + paper.markdown(arms, cells)
